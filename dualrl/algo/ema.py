@@ -1,0 +1,81 @@
+"""Exponential moving average of named tensors (the dual loop's teacher weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def _check_names(expected: Iterable[str], got: Iterable[str], what: str) -> None:
+    """Raise a KeyError naming every missing and unexpected tensor name."""
+    expected, got = set(expected), set(got)
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise KeyError(f"{what}: names do not match the EMA; missing={missing}, unexpected={unexpected}")
+
+
+class EMA:
+    """Float32 exponential moving average of a fixed set of named tensors.
+
+    After each optimiser step ``update`` applies, per tensor,
+
+        ema <- decay * ema + (1 - decay) * param  =  lerp(ema, param, 1 - decay)
+
+    The copy is kept in float32 so that small ``(1 - decay)`` increments (1e-3 at the dual loop's 0.999)
+    are not rounded away, as they would be in bf16.
+
+    Args:
+        named_params: name -> tensor, usually ``{n: p for n, p in model.named_parameters() if p.requires_grad}``.
+        decay: in [0, 1); 0 copies the parameters at every update.
+    """
+
+    def __init__(self, named_params: Mapping[str, Tensor], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self._shadow: dict[str, Tensor] = {
+            name: p.detach().to(torch.float32, copy=True) for name, p in named_params.items()
+        }
+
+    @torch.no_grad()
+    def update(self, named_params: Mapping[str, Tensor]) -> None:
+        """``ema <- lerp(ema, param, 1 - decay)`` for every name, in place, as one foreach call."""
+        _check_names(self._shadow, named_params, "EMA.update")
+        if not self._shadow:
+            return
+        names = list(self._shadow)
+        shadow = [self._shadow[n] for n in names]
+        # lerp_ needs matching dtype/device; bf16 params are upcast to the float32 copy.
+        params = [named_params[n].detach().to(device=s.device, dtype=s.dtype) for n, s in zip(names, shadow)]
+        # torch.lerp uses end - (end - start) * (1 - w) for w >= 0.5, so decay = 0 copies exactly.
+        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The live float32 EMA tensors by name (not copies)."""
+        return dict(self._shadow)
+
+    @torch.no_grad()
+    def copy_to(self, named_params: Mapping[str, Tensor]) -> None:
+        """Write the EMA values into ``named_params`` in place (e.g. a teacher model's parameters)."""
+        _check_names(self._shadow, named_params, "EMA.copy_to")
+        for name, p in named_params.items():
+            p.copy_(self._shadow[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Checkpoint state: name -> float32 EMA tensor (detached references, like ``nn.Module``)."""
+        return dict(self._shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy a ``state_dict`` into the EMA in place; names and shapes must match exactly."""
+        _check_names(self._shadow, state, "EMA.load_state_dict")
+        for name, value in state.items():
+            if value.shape != self._shadow[name].shape:
+                raise ValueError(
+                    f"EMA.load_state_dict: shape mismatch for {name!r}: "
+                    f"{tuple(value.shape)} in state vs {tuple(self._shadow[name].shape)} in EMA"
+                )
+        for name, value in state.items():
+            self._shadow[name].copy_(value)

@@ -1,0 +1,148 @@
+"""Build a GroundedVLM from a recipe's `model` section; save and load dualrl model directories.
+
+A model directory holds `model.safetensors` (every weight the image-level model uses), `tokenizer.json`
+and `arch.json` (the architecture it was built with). Nothing is ever downloaded: the tiny default is built
+from sizes in the recipe with a tokenizer trained offline; real weights come from user paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+from dualrl.model import sam as samlib
+from dualrl.model.grounded_vlm import GroundedVLM
+from dualrl.model.tokenizer import SA2VA_TOKENS, build_tiny_tokenizer, wrap_tokenizer
+
+log = logging.getLogger(__name__)
+
+ARCH_KEYS = ("vision", "text", "sam")
+
+
+def _arch(spec) -> dict:
+    arch = {k: getattr(spec, k).model_dump(mode="json") for k in ARCH_KEYS}
+    arch["sam"].pop("checkpoint", None)
+    return arch
+
+
+def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
+    v, t = spec.vision, spec.text
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden_size, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+        intermediate_size=v.intermediate_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
+    )
+    text = Qwen2Config(
+        hidden_size=t.hidden_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
+        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=4096,
+    )
+    tokens = (v.image_size // v.patch_size) ** 2 // 4
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                          downsample_ratio=0.5, image_seq_length=tokens,
+                          tie_word_embeddings=t.tie_word_embeddings)
+
+
+def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
+    """Random init from `spec` (seeded), then the pretrained directory if any, then the trainable set."""
+    if spec.pretrained:
+        check_arch(spec, Path(spec.pretrained))
+        tokenizer = wrap_tokenizer(Tokenizer.from_file(str(Path(spec.pretrained) / "tokenizer.json")))
+    else:
+        tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
+    if len(tokenizer) > spec.text.vocab_size:
+        raise ValueError(f"model.text.vocab_size={spec.text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        vlm = InternVLForConditionalGeneration(_internvl_config(spec, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")))
+        sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint)
+        model = GroundedVLM(vlm, sam, tokenizer, spec)
+    if spec.pretrained:
+        load_weights(model, Path(spec.pretrained) / "model.safetensors")
+    apply_trainable(model, spec.trainable)
+    return model.to(device)
+
+
+def check_arch(spec, directory: Path) -> None:
+    saved = json.loads((directory / "arch.json").read_text())
+    wanted = _arch(spec)
+    diffs = [f"model.{sec}.{k}: recipe {wanted[sec].get(k)!r} vs checkpoint {v!r}"
+             for sec in ARCH_KEYS for k, v in saved.get(sec, {}).items() if wanted[sec].get(k) != v]
+    if diffs:
+        raise ValueError(f"model.pretrained={str(directory)!r} was built with another architecture:\n  "
+                         + "\n  ".join(diffs))
+
+
+def _is_video_only(name: str) -> bool:
+    return name.startswith("sam.") and name[4:].startswith(samlib.VIDEO_ONLY_PREFIXES)
+
+
+def save_pretrained(model: GroundedVLM, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write a model directory (atomically: a temp dir renamed into place)."""
+    if any("lora_" in n or "token_adapter" in n for n, _ in model.named_parameters()):
+        raise ValueError("save_pretrained takes a model without adapters (LoRA weights are not merged here)")
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()
+             if not _is_video_only(n) and t.is_floating_point()}
+    # Tied embeddings appear under two names; safetensors stores shared memory once.
+    if model.vlm.config.tie_word_embeddings:
+        state.pop("vlm.lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"))
+    model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "arch.json").write_text(json.dumps(_arch(model.spec), indent=1))
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        directory.rename(old)
+        tmp.rename(directory)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(directory)
+
+
+def load_weights(model: GroundedVLM, path: Path) -> None:
+    state = load_file(str(path))
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not _is_video_only(k) and k != "vlm.lm_head.weight"]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def apply_trainable(model: GroundedVLM, spec) -> None:
+    """Freeze everything, then open Sa2VA's trainable set (or whatever the recipe asks)."""
+    model.requires_grad_(False)
+    inner = model.vlm.model
+    if spec.lora:
+        new_ids = model.tokenizer.convert_tokens_to_ids(list(SA2VA_TOKENS)) if spec.new_token_rows else None
+        targets = "|".join(spec.lora_targets)
+        config = LoraConfig(
+            r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+            target_modules=rf".*language_model.*\.({targets})",
+            trainable_token_indices={"embed_tokens": new_ids} if new_ids else None,
+        )
+        model.vlm = inject_adapter_in_model(config, model.vlm)
+    elif spec.llm:
+        inner.language_model.requires_grad_(True)
+        model.vlm.lm_head.requires_grad_(True)
+    model.vlm.model.vision_tower.requires_grad_(spec.vision)
+    model.vlm.model.multi_modal_projector.requires_grad_(spec.projector)
+    model.sam.image_encoder.requires_grad_(spec.sam_encoder)
+    model.sam.sam_mask_decoder.requires_grad_(spec.sam_decoder)
+    model.sam.sam_prompt_encoder.requires_grad_(spec.sam_decoder)
+    model.sam.no_mem_embed.requires_grad_(spec.sam_decoder)
+    model.text_hidden_fcs.requires_grad_(spec.seg_projection)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %.2f M of %.2f M", n_train / 1e6, n_all / 1e6)

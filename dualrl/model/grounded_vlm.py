@@ -1,0 +1,217 @@
+"""GroundedVLM: a transformers-native InternVL + official SAM2, joined by the `[SEG]` token (Sa2VA).
+
+Two directions share one model:
+- `describe(images, masks)`: region prompt (the image tokens under the mask appended as `<vp>` region
+  tokens) -> batched generation with a KV cache -> captions, token ids, per-token log-probs;
+- `segment(images, texts)`: referring prompt -> "Sure, [SEG]." -> hidden state at `[SEG]` ->
+  `text_hidden_fcs` -> SAM2 mask decoder -> low-res mask logits.
+Image features are computed by `encode_images` once and passed to any number of prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualrl.model import sam as samlib
+from dualrl.model.prompts import PromptBuilder
+from dualrl.model.sequence import Assembler, Batch, Ids, Piece
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image features, computed once per step: the vision tower's tokens (before mlp1, which trains)
+    and SAM2's encoder output."""
+
+    vision: Tensor  # [B, T, Hv] pixel-shuffled ViT tokens
+    sam: samlib.SamFeatures
+
+    def __len__(self) -> int:
+        return self.vision.shape[0]
+
+
+@dataclass
+class Captions:
+    texts: list[str]
+    ids: list[Tensor]  # generated ids per caption, eos excluded
+    logprobs: list[Tensor]  # log-prob of each generated id under the sampling distribution
+
+
+class GroundedVLM(nn.Module):
+    def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec):
+        super().__init__()
+        self.vlm = vlm
+        self.sam = sam
+        self.tokenizer = tokenizer
+        self.spec = spec
+        hidden = vlm.config.text_config.hidden_size
+        # Sa2VA's projection of the [SEG] hidden state into SAM2's prompt space.
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, sam.sam_prompt_embed_dim),
+            nn.Dropout(0.0),
+        )
+        self.seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.prompts = PromptBuilder(spec.prompts, tokenizer.eos_token)
+        self._assembler: Assembler | None = None
+
+    # ------------------------------------------------------------------------------------ plumbing
+    @property
+    def lm(self) -> nn.Module:
+        return self.vlm.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_hidden_fcs[0].weight.device
+
+    @property
+    def assemble(self) -> Assembler:
+        # Rebuilt lazily: LoRA / trainable-token wrappers replace the embedding module after __init__.
+        embed = self.vlm.get_input_embeddings()
+        if self._assembler is None or self._assembler.embed is not embed:
+            self._assembler = Assembler(self.tokenizer, embed)
+        return self._assembler
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        unknown = [n for n in state if n not in params]
+        if missing or unknown:
+            raise KeyError(f"trainable weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {unknown[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    # -------------------------------------------------------------------------------------- images
+    def encode_images(self, images: Tensor) -> ImageFeatures:
+        """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd."""
+        images = images.to(self.device)
+        inner = self.vlm.model
+        vspec = self.spec.vision
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.vision):
+            px = samlib.sam_pixels(images, vspec.image_size).to(self.text_hidden_fcs[0].weight.dtype)
+            tokens = inner.vision_tower(pixel_values=px).last_hidden_state[:, 1:]  # drop CLS
+            b, n, c = tokens.shape
+            side = int(n**0.5)
+            grid = inner.pixel_shuffle(tokens.reshape(b, side, side, c), scale_factor=inner.config.downsample_ratio)
+            vision = grid.reshape(b, -1, grid.shape[-1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
+            sam_feats = samlib.encode(self.sam, samlib.sam_pixels(images, self.spec.sam.image_size))
+        return ImageFeatures(vision=vision, sam=sam_feats)
+
+    def project(self, feats: ImageFeatures) -> Tensor:
+        """InternVL's mlp1 on the vision tokens -> LLM-space image tokens [B, T, H]."""
+        return self.vlm.model.multi_modal_projector(feats.vision)
+
+    @staticmethod
+    def region_tokens(image_tokens: Tensor, masks: Tensor) -> list[Tensor]:
+        """Sa2VA region prompt: the image tokens whose grid cell the mask covers (>= half, i.e. a nearest
+        downsample). A region smaller than one cell keeps its best-covered cell instead of vanishing."""
+        side = int(image_tokens.shape[1] ** 0.5)
+        cover = F.adaptive_avg_pool2d(masks.float().unsqueeze(1).to(image_tokens.device), side).flatten(1)
+        keep = cover >= 0.5
+        empty = ~keep.any(dim=1)
+        if empty.any():
+            keep[empty, cover[empty].argmax(dim=1)] = True
+        return [image_tokens[b][keep[b]] for b in range(image_tokens.shape[0])]
+
+    # ------------------------------------------------------------------------------------ language
+    def lm_hidden(self, batch: Batch) -> Tensor:
+        """Last-layer hidden states of the LLM on an assembled batch (right padding)."""
+        out = self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        return out.last_hidden_state
+
+    def logits_at(self, hidden: Tensor) -> Tensor:
+        """lm_head on selected hidden states only (vocab 150k x full sequence would waste memory)."""
+        return self.vlm.lm_head(hidden)
+
+    def lm_loss(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100."""
+        labels = batch.labels[:, 1:]
+        rows, cols = (labels != -100).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return hidden.sum() * 0.0
+        logits = self.logits_at(hidden[rows, cols])
+        return F.cross_entropy(logits.float(), labels[rows, cols])
+
+    # ------------------------------------------------------------------------------- segmentation
+    def seg_queries(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Hidden state at the `[SEG]` input position of each sequence -> SAM prompt embedding [N, 256]."""
+        rows, cols = batch.positions_of(self.seg_id)
+        if rows.numel() != batch.input_ids.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            raise ValueError("each segmentation prompt must contain exactly one [SEG] token")
+        return self.text_hidden_fcs(hidden[rows, cols])
+
+    def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures, image_index: Tensor) -> Tensor:
+        logits, _ = samlib.decode(self.sam, sam_feats.select(image_index), queries, self.spec.multimask)
+        return logits
+
+    def segment_prompts(self, image_tokens: Tensor, image_index: Tensor, texts: list[str | Ids]) -> list[list[Piece]]:
+        return [self.prompts.segment(image_tokens[i], t) for i, t in zip(image_index.tolist(), texts)]
+
+    def segment(
+        self, images: Tensor | None, texts: list[str | Ids], feats: ImageFeatures | None = None,
+        image_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Batch, Tensor]:
+        """Referring segmentation. Returns (low-res mask logits [N,h,w], LLM hidden states, batch,
+        image tokens). `texts[i]` is a string or an `Ids` piece (a caption, possibly with soft embeddings);
+        `image_index[i]` says which image of `feats` it refers to (default: i)."""
+        feats = feats if feats is not None else self.encode_images(images)
+        if image_index is None:
+            image_index = torch.arange(len(texts))
+        image_tokens = self.project(feats)
+        batch = self.assemble(self.segment_prompts(image_tokens, image_index, texts))
+        hidden = self.lm_hidden(batch)
+        queries = self.seg_queries(hidden, batch)
+        return self.decode_masks(queries, feats.sam, image_index.to(self.device)), hidden, batch, image_tokens
+
+    # ---------------------------------------------------------------------------------- captioning
+    def region_prompts(self, image_tokens: Tensor, masks: Tensor, image_index: Tensor,
+                       answers: list[str | Ids | None] | None = None) -> list[list[Piece]]:
+        regions = self.region_tokens(image_tokens[image_index], masks)
+        answers = answers if answers is not None else [None] * len(regions)
+        return [self.prompts.region(image_tokens[i], r, a)
+                for i, r, a in zip(image_index.tolist(), regions, answers)]
+
+    @torch.no_grad()
+    def describe(
+        self, images: Tensor | None, masks: Tensor, feats: ImageFeatures | None = None,
+        image_index: Tensor | None = None, *, sample: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, max_new_tokens: int | None = None,
+    ) -> Captions:
+        """Caption each (image, mask) region; batched generation with the KV cache of `generate`."""
+        feats = feats if feats is not None else self.encode_images(images)
+        if image_index is None:
+            image_index = torch.arange(masks.shape[0])
+        image_tokens = self.project(feats)
+        batch = self.assemble(self.region_prompts(image_tokens, masks, image_index), pad_left=True)
+        max_new = max_new_tokens or self.spec.max_caption_tokens
+        gen_kwargs = {"do_sample": sample, "max_new_tokens": max_new}
+        if sample:
+            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        out = self.vlm.generate(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_logits=True,
+            return_dict_in_generate=True, **gen_kwargs,
+        )
+        seqs = out.sequences[:, -len(out.logits):]  # only the new tokens
+        logits = torch.stack(out.logits, dim=1).float()
+        if sample:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+        ids, lps, texts = [], [], []
+        for row, lp in zip(seqs, logp):
+            stop = (row == self.eos_id).nonzero()
+            n = int(stop[0]) if len(stop) else len(row)
+            ids.append(row[:n].cpu())
+            lps.append(lp[:n].cpu())
+            texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+        return Captions(texts=texts, ids=ids, logprobs=lps)

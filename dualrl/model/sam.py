@@ -1,0 +1,111 @@
+"""SAM2 as the mask head of a grounded VLM: build it with the official `sam2` package, encode images once,
+decode many language queries against the cached encoding.
+
+The split between `encode` and `decode` is the main speed lever of the dual loop: the image encoder (frozen
+in Sa2VA) runs once per image, and every caption or referring expression of that image only pays for the
+light mask decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Parts of SAM2 that only the video (memory) path uses. Image-level grounding never runs them, so the
+# tiny default neither trains nor stores them (they are rebuilt from the config, as any fresh SAM2 is).
+VIDEO_ONLY_PREFIXES = (
+    "memory_attention.",
+    "memory_encoder.",
+    "mask_downsample.",
+    "obj_ptr_proj.",
+    "obj_ptr_tpos_proj.",
+    "maskmem_tpos_enc",
+    "no_mem_pos_enc",
+    "no_obj_ptr",
+    "no_obj_embed_spatial",
+)
+
+
+def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: str | None) -> SAM2Base:
+    """Compose SAM2 from one of the package's configs plus hydra overrides; load a `.pt` if given.
+
+    `apply_postprocessing` is off: its dynamic multimask fallback changes outputs between train and eval
+    mode, which would make the EMA segmenter's reward depend on a mode flag.
+    """
+    extra = [f"++model.image_size={image_size}", *overrides]
+    model = build_sam2(
+        config, ckpt_path=checkpoint, device="cpu", mode="train", hydra_overrides_extra=extra,
+        apply_postprocessing=False,
+    )
+    return model
+
+
+@dataclass
+class SamFeatures:
+    """Frozen image-encoder output for a batch of images (no grad; reusable by any number of queries)."""
+
+    image_embed: torch.Tensor  # [B, C, h, w] last FPN level (stride 16)
+    high_res: list[torch.Tensor]  # FPN levels at stride 4 and 8, before the decoder's conv_s0/conv_s1
+
+    def select(self, index: torch.Tensor) -> SamFeatures:
+        return SamFeatures(self.image_embed[index], [f[index] for f in self.high_res])
+
+
+def sam_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B,3,H,W] → float SAM input: plain square resize (aspect squashed, as Sa2VA), ImageNet norm."""
+    x = images.float().div(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def encode(sam: SAM2Base, pixels: torch.Tensor) -> SamFeatures:
+    """Run SAM2's image encoder. Gradients flow only if the encoder itself is trainable."""
+    out = sam.image_encoder(pixels)
+    fpn = out["backbone_fpn"]
+    return SamFeatures(image_embed=fpn[-1], high_res=list(fpn[:2]))
+
+
+def decode(
+    sam: SAM2Base, feats: SamFeatures, queries: torch.Tensor, multimask: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one mask per query; `feats` must already be aligned with `queries` (see `SamFeatures.select`).
+
+    Follows Sa2VA's grounding path: `no_mem_embed` added to the last level (no memory in training), the
+    query embedding appended to the sparse prompt after a padding point (label -1), no dense prompt. With
+    `multimask`, the three candidate masks are decoded and the one with the highest predicted IoU kept.
+    The object-score gate of the video path is not applied: it would cut the gradient of a whole sample.
+
+    Returns low-res mask logits [N, 4h, 4w] and the predicted IoU of the returned masks [N].
+    """
+    n = queries.shape[0]
+    image_embed = feats.image_embed + sam.no_mem_embed.view(1, -1, 1, 1)
+    decoder = sam.sam_mask_decoder
+    high_res = None
+    if sam.use_high_res_features_in_sam:
+        high_res = [decoder.conv_s0(feats.high_res[0]), decoder.conv_s1(feats.high_res[1])]
+    coords = queries.new_zeros(n, 1, 2)
+    labels = -torch.ones(n, 1, dtype=torch.int32, device=queries.device)
+    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    sparse = torch.cat([sparse, queries.unsqueeze(1).to(sparse.dtype)], dim=1)
+    masks, iou_pred, _, _ = decoder(
+        image_embeddings=image_embed,
+        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        repeat_image=False,
+        high_res_features=high_res,
+    )
+    best = iou_pred.argmax(dim=1)
+    rows = torch.arange(n, device=masks.device)
+    return masks[rows, best].float(), iou_pred[rows, best].float()

@@ -1,0 +1,331 @@
+"""Typed recipes: the YAML a run is described by, mirrored by pydantic models.
+
+Every field carries its default and its help text here, in one place. `load_recipe` reads a YAML file,
+applies `dotted.key=value` overrides (later ones win) and validates everything — unknown keys, wrong types,
+values out of range, missing files — before any model is built, naming the key path in the error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class VisionSpec(Section):
+    """InternViT-shaped vision tower (tiny sizes by default; real ones come with a pretrained directory)."""
+
+    hidden_size: int = Field(64, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    image_size: int = Field(128, gt=0, description="VLM input tile size in pixels (448 for InternVL).")
+    patch_size: int = Field(8, gt=0, description="ViT patch size; token grid = (image/patch) * 0.5.")
+
+
+class TextSpec(Section):
+    """Qwen2-shaped language model."""
+
+    hidden_size: int = Field(128, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    vocab_size: int = Field(512, gt=0, description="Size of the tiny offline BPE vocabulary.")
+    tie_word_embeddings: bool = True
+
+
+NANO_SAM_OVERRIDES = [
+    "++model.image_encoder.trunk.embed_dim=32",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+]
+
+
+class SamSpec(Section):
+    """SAM2 built by the official `sam2` package from one of its configs."""
+
+    config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 package config name.")
+    image_size: int = Field(128, gt=0, description="Square SAM input size (1024 for real SAM2).")
+    overrides: list[str] = Field(default_factory=lambda: list(NANO_SAM_OVERRIDES),
+                                 description="Hydra overrides composed onto the config (tiny trunk).")
+    checkpoint: str | None = Field(None, description="Official SAM2 `.pt` to load (real use).")
+
+
+class TrainableSpec(Section):
+    """What trains. Defaults are Sa2VA's set: LoRA on the LLM, mask decoder, projection, mlp1, new rows."""
+
+    lora: bool = True
+    lora_r: int = Field(128, gt=0)
+    lora_alpha: int = Field(256, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    llm: bool = Field(False, description="Train the whole LLM (no LoRA); used by tiny pretraining.")
+    vision: bool = False
+    projector: bool = Field(True, description="InternVL's mlp1 (multi_modal_projector).")
+    sam_encoder: bool = False
+    sam_decoder: bool = True
+    seg_projection: bool = Field(True, description="text_hidden_fcs: [SEG] hidden state -> SAM prompt.")
+    new_token_rows: bool = Field(True, description="Embedding rows of the added special tokens.")
+
+    @model_validator(mode="after")
+    def _one_llm_mode(self) -> TrainableSpec:
+        if self.lora and self.llm:
+            raise ValueError("lora and llm are exclusive: LoRA adapts a frozen LLM, llm trains all of it")
+        return self
+
+
+class PromptSpec(Section):
+    """Sa2VA's prompt texts. `{input}`, `{expression}` are filled in; `<image>` marks the image tokens."""
+
+    chat: str = Field("<|user|>\n{input}<|end|>\n<|assistant|>\n", description="phi3-style turn template.")
+    region: str = "<image>\nThere are 1 part regions in the picture: region1<region>.\n{question}"
+    region_question: str = "Please give me a short description of the region in the picture marked by region1."
+    segment_question: str = "<image>\nPlease segment {expression} in this image."
+    segment_answer: str = "Sure, [SEG]."
+
+
+class ModelSpec(Section):
+    pretrained: str | None = Field(None, description="A dualrl model directory to start from "
+                                   "(model.safetensors + tokenizer.json + arch.json).")
+    vision: VisionSpec = Field(default_factory=VisionSpec)
+    text: TextSpec = Field(default_factory=TextSpec)
+    sam: SamSpec = Field(default_factory=SamSpec)
+    trainable: TrainableSpec = Field(default_factory=TrainableSpec)
+    prompts: PromptSpec = Field(default_factory=PromptSpec)
+    multimask: bool = Field(True, description="Decode 3 masks, keep the best by predicted IoU (Sa2VA); "
+                            "False: single-mask output, steadier from scratch.")
+    max_caption_tokens: int = Field(24, gt=0, le=512)
+    seed: int = Field(0, description="Seed of the random init.")
+
+
+# ----------------------------------------------------------------------------------------------- data
+class ShapesSpec(Section):
+    image_size: int = Field(128, ge=64)
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(6, ge=1)
+    train_size: int = Field(1_000_000, gt=0, description="Regions in the train split (drawn on the fly).")
+    val_size: int = Field(64, gt=0)
+    test_size: int = Field(256, gt=0)
+    seed: int = 0
+
+
+class DataSpec(Section):
+    source: Literal["shapes"] = "shapes"
+    shapes: ShapesSpec = Field(default_factory=ShapesSpec)
+    expression_fraction: float = Field(0.3, ge=0, le=1, description="Share of training regions that carry "
+                                       "a referring expression (RefCOCO-like); the rest are mask-only.")
+    batch_size: int = Field(8, gt=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+# ------------------------------------------------------------------------------------------ algorithm
+class LossSpec(Section):
+    """Sa2VA's mask losses."""
+
+    bce_weight: float = Field(2.0, ge=0)
+    dice_weight: float = Field(0.5, ge=0)
+    llm_weight: float = Field(1.0, ge=0)
+    point_sampling: bool = True
+    num_points: int = Field(12544, gt=0)
+    oversample_ratio: float = Field(3.0, ge=1)
+    importance_sample_ratio: float = Field(0.75, ge=0, le=1)
+
+
+class SftDualSpec(Section):
+    """The differentiable dual loop: EMA caption -> student soft tokens -> [SEG] -> SAM2 -> mask loss."""
+
+    dual_weight: float = Field(1.0, ge=0, description="Weight of the soft-caption segmentation loss.")
+    ref_weight: float = Field(1.0, ge=0, description="Weight of supervised referring segmentation.")
+    caption_weight: float = Field(0.5, ge=0, description="LM loss of the student describing regions that "
+                                  "carry a reference (anchors the captioner to language).")
+    gumbel_tau: float = Field(0.7, gt=0)
+    gumbel_top_k: int = Field(128, gt=0)
+    caption_token_dropout: float = Field(0.25, ge=0, lt=1, description="Share of teacher caption tokens "
+                                         "replaced by padding in the student's teacher-forced input.")
+
+
+class PretrainSpec(Section):
+    """Supervised referring segmentation + region captioning (Sa2VA's own kind of training)."""
+
+    ref_weight: float = Field(1.0, ge=0)
+    caption_weight: float = Field(1.0, ge=0)
+
+
+class AlgoSpec(Section):
+    name: Literal["pretrain", "sft_dual"] = "sft_dual"
+    loss: LossSpec = Field(default_factory=LossSpec)
+    sft_dual: SftDualSpec = Field(default_factory=SftDualSpec)
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+
+class OptimSpec(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TrainSpec(Section):
+    steps: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    sync_every: int = Field(1, gt=0, description="Steps between weight syncs to the rollout/reward workers.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (None: torch's default).")
+    stop_at_step: int | None = Field(None, gt=0, description="Stop early at this step as if interrupted "
+                                     "(for resume tests); the schedule still spans `steps`.")
+
+
+class EvalSpec(Section):
+    every: int = Field(100, gt=0)
+    at_start: bool = True
+    batch_size: int = Field(32, gt=0)
+
+
+class RuntimeSpec(Section):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray address to join; None starts a local instance.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
+    worker_cpus: float = Field(0.0, ge=0, description="num_cpus of each actor (0 lets 3 actors share 2 cores).")
+    worker_gpus: float = Field(0.0, ge=0)
+
+
+class WandbSpec(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dualrl"
+    name: str | None = None
+    table_rows: int = Field(8, ge=0, description="Regions shown in the eval overlay table.")
+
+
+class Recipe(Section):
+    output_dir: str
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    algo: AlgoSpec = Field(default_factory=AlgoSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.data.shapes.min_objects > self.data.shapes.max_objects:
+            raise ValueError("data.shapes.min_objects must not exceed data.shapes.max_objects")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is read as YAML, so `x=[1,2]`, `x=null`, `x=true` work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}: value {raw!r} is not valid YAML ({err})") from err
+    return key, value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            section = _section_at(e["loc"][:-1])
+            if section is not None:
+                msg += f"; allowed here: {', '.join(section.model_fields)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg += f" (got {e.get('input')!r})"
+        lines.append(f"  {path}: {msg}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[Section] | None:
+    cls: type[Section] = Recipe
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return None
+        cls = ann
+    return cls
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Files the recipe names must exist before anything is built."""
+    pretrained = recipe.model.pretrained
+    if pretrained is not None and not (Path(pretrained) / "model.safetensors").is_file():
+        raise RecipeError(f"model.pretrained: no dualrl model at {pretrained!r} (expected model.safetensors "
+                          "there). Build it with `python -m dualrl.launch recipes/pretrain_tiny.yaml` or set "
+                          "model.pretrained=null to start from random init.")
+    ckpt = recipe.model.sam.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise RecipeError(f"model.sam.checkpoint: file not found: {ckpt!r}")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `base`), apply overrides, validate, check paths."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {str(path)!r}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err)) from None
+    check_paths(recipe)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
