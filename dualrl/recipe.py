@@ -119,11 +119,11 @@ class ModelSpec(Section):
 class ShapesSpec(Section):
     image_size: int = Field(128, ge=64)
     min_objects: int = Field(1, ge=1)
-    max_objects: int = Field(6, ge=1)
+    max_objects: int = Field(6, ge=1, le=6)
     train_size: int = Field(1_000_000, gt=0, description="Regions in the train split (drawn on the fly).")
     val_size: int = Field(64, gt=0)
     test_size: int = Field(256, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class DataSpec(Section):

@@ -27,7 +27,8 @@ class EMA:
     are not rounded away, as they would be in bf16.
 
     Args:
-        named_params: name -> tensor, usually ``{n: p for n, p in model.named_parameters() if p.requires_grad}``.
+        named_params: name -> tensor, usually the model's trainable parameters
+            (``{n: p for n, p in model.named_parameters() if p.requires_grad}``).
         decay: in [0, 1); 0 copies the parameters at every update.
     """
 

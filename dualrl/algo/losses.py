@@ -125,7 +125,7 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _resize_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """``[N, H, W]`` masks -> ``[N, h, w]`` float, nearest neighbour (Sa2VA resizes GT to the logits' size)."""
+    """``[N, H, W]`` -> ``[N, h, w]`` float, nearest neighbour (Sa2VA resizes GT to the logits' size)."""
     masks = masks.float().unsqueeze(1)
     if masks.shape[-2:] != size:
         masks = F.interpolate(masks, size=size, mode="nearest")
@@ -244,4 +244,5 @@ def soft_mask_iou(pred_logits: Tensor, gt: Tensor) -> Tensor:
     target = gt.to(device=probs.device, dtype=probs.dtype).flatten(1)
     inter = (probs * target).sum(-1)
     union = probs.sum(-1) + target.sum(-1) - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.ones_like(union))
+    tiny = torch.finfo(union.dtype).tiny
+    return torch.where(union > 0, inter / union.clamp(min=tiny), torch.ones_like(union))

@@ -23,12 +23,12 @@ from torch.utils.data import Dataset
 
 # Saturated and far apart in RGB (pairwise L2 > 100), and far from the grey backgrounds.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
+    "red": (210, 30, 40),
     "green": (40, 175, 60),
     "blue": (40, 90, 235),
-    "yellow": (240, 220, 40),
+    "yellow": (240, 230, 50),
     "purple": (160, 50, 190),
-    "orange": (245, 140, 30),
+    "orange": (250, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
@@ -364,10 +364,11 @@ class ShapesDataset(Dataset):
 
 
 def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images [B, 3, H, W] and masks [B, H, W]; every other key becomes a list in item order."""
+    """Stack images into `images` [B, 3, H, W] and masks into `masks` [B, H, W]; every other key becomes a
+    list in item order."""
     if not items:
         raise ValueError("collate_regions needs at least one item")
     batch: dict[str, Any] = {key: [item[key] for item in items] for key in items[0]}
-    batch["image"] = torch.stack(batch["image"])
-    batch["mask"] = torch.stack(batch["mask"])
+    batch["images"] = torch.stack(batch.pop("image"))
+    batch["masks"] = torch.stack(batch.pop("mask"))
     return batch

@@ -32,7 +32,7 @@ TARGETS = [1.0, 0.0, 1.0, 0.0]
 
 
 def test_dense_bce_and_dice_match_hand_computation() -> None:
-    """On a 2x2 map without point sampling: loss_mask = 2 * sum BCE / (4 + 1e-4), loss_dice = 0.5 * dice / (1 + 1e-4)."""
+    """Dense 2x2 map: loss_mask = 2 * sum BCE / (4 + 1e-4), loss_dice = 0.5 * dice / (1 + 1e-4)."""
     pred = torch.tensor(LOGITS, dtype=torch.float64).view(1, 2, 2)
     gt = torch.tensor(TARGETS, dtype=torch.float64).view(1, 2, 2)
     out = mask_losses(pred, gt, point_sampling=False)
@@ -44,10 +44,10 @@ def test_dense_bce_and_dice_match_hand_computation() -> None:
 
     p = [_sigmoid(x) for x in LOGITS]  # 0.880797, 0.268941, 0.5, 0.952574
     s_pt = p[0] * 1.0 + p[2] * 1.0  # 1.380797
-    s_p = sum(p)  # 2.602312
+    s_p = sum(p)  # 2.602313
     s_t = 2.0
-    dice = 1.0 - (2.0 * s_pt + 1.0) / (s_p + s_t + 1.0)  # 1 - 3.761594 / 5.602312 = 0.328563
-    assert dice == pytest.approx(0.328563, abs=1e-6)
+    dice = 1.0 - (2.0 * s_pt + 1.0) / (s_p + s_t + 1.0)  # 1 - 3.761594 / 5.602313 = 0.328564
+    assert dice == pytest.approx(0.328564, abs=1e-6)
     expected_dice = 0.5 * dice / (1 + 1e-4)
 
     assert out["loss_mask"].item() == pytest.approx(expected_mask, rel=1e-12)
@@ -71,7 +71,7 @@ def test_reductions_divide_sums_by_count_plus_1e_4() -> None:
 
 
 def test_gt_is_nearest_resized_to_prediction_size() -> None:
-    """A 4x4 GT is reduced to 2x2 by nearest (source pixels (0,0), (0,2), (2,0), (2,2)), not by area or vote."""
+    """A 4x4 GT becomes 2x2 by nearest (source pixels (0,0), (0,2), (2,0), (2,2)), not by area or vote."""
     gt4 = torch.tensor(
         [
             [1, 0, 0, 1],  # block (0,0): only its top-left is 1 -> 1 (area would give 0.25)
@@ -92,8 +92,10 @@ def test_gt_is_nearest_resized_to_prediction_size() -> None:
 def test_point_sample_hits_pixel_centres_and_interpolates() -> None:
     """point_sample maps (x, y) in [0,1] with align_corners=False: pixel j's centre is (j + 0.5) / W."""
     x = torch.arange(6, dtype=torch.float64).view(1, 1, 2, 3)  # [[0, 1, 2], [3, 4, 5]]
-    coords = torch.tensor([[[0.5 / 3, 0.5 / 2], [2.5 / 3, 1.5 / 2], [1.0 / 3, 0.5 / 2], [1.5 / 3, 1.0 / 2]]])
-    out = point_sample(x, coords.to(torch.float64))
+    w, h = 3, 2
+    xy = [[0.5 / w, 0.5 / h], [2.5 / w, 1.5 / h], [1.0 / w, 0.5 / h], [1.5 / w, 1.0 / h]]
+    coords = torch.tensor([xy], dtype=torch.float64)
+    out = point_sample(x, coords)
     assert out.shape == (1, 1, 4)
     # (col 0, row 0) = 0; (col 2, row 1) = 5; halfway between cols 0 and 1 = 0.5; centre of the 4 middle = 2.5
     assert out.flatten().tolist() == pytest.approx([0.0, 5.0, 0.5, 2.5], abs=1e-12)
@@ -144,8 +146,9 @@ def test_point_sampling_is_deterministic_with_a_generator() -> None:
     gt = torch.rand(2, 32, 32) > 0.5
 
     def run(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pts = sample_points_by_uncertainty(logits, num_points=50, generator=torch.Generator().manual_seed(seed))
-        losses = mask_losses(logits, gt, num_points=50, generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed
+        pts = sample_points_by_uncertainty(logits, num_points=50, generator=gen(seed))
+        losses = mask_losses(logits, gt, num_points=50, generator=gen(seed))
         return pts, losses
 
     (p1, l1), (p2, l2), (p3, _) = run(1), run(1), run(2)
@@ -155,13 +158,17 @@ def test_point_sampling_is_deterministic_with_a_generator() -> None:
 
 
 def test_point_sampled_losses_are_close_to_dense_and_differentiable() -> None:
-    """Point-sampled losses are finite, positive, backpropagate to the logits and approximate the dense loss."""
+    """Uniform points on smooth maps approximate the dense losses; gradients reach the logits."""
     torch.manual_seed(0)
-    pred = (torch.randn(2, 32, 32) * 3).requires_grad_()
-    gt = torch.rand(2, 64, 64) > 0.5
+    # Smooth logits and a disk GT: bilinear sampling then differs from the pixel grid only near edges.
+    pred = torch.nn.functional.interpolate(torch.randn(2, 1, 4, 4) * 3, size=(32, 32), mode="bilinear")
+    pred = pred.squeeze(1).requires_grad_()
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    gt = (((yy - 30) ** 2 + (xx - 34) ** 2) < 20**2).expand(2, 64, 64)
     out = mask_losses(pred, gt, num_points=4000, importance_sample_ratio=0.0)  # uniform points: unbiased
     dense = mask_losses(pred, gt, point_sampling=False)
     assert out["loss_mask"].item() == pytest.approx(dense["loss_mask"].item(), rel=0.1)
+    assert out["loss_dice"].item() == pytest.approx(dense["loss_dice"].item(), rel=0.1)
     (out["loss_mask"] + out["loss_dice"]).backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert sample_points_by_uncertainty(pred).requires_grad is False
@@ -201,7 +208,7 @@ def test_mask_iou_hand_cases() -> None:
 
 
 def test_mask_iou_upsamples_logits_bilinearly() -> None:
-    """2x2 logits [[5,-5],[-5,5]] upsample (bilinear, align_corners=False) to a 2x2-block checkerboard on 4x4."""
+    """Logits [[5,-5],[-5,5]] upsample (bilinear, align_corners=False) to a 2x2-block checkerboard."""
     pred = torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]])
     # Output pixel 1 samples source 0.25 -> 5*0.75 - 5*0.25 = 2.5 > 0; pixel 2 samples 0.75 -> -2.5.
     block = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
@@ -210,7 +217,7 @@ def test_mask_iou_upsamples_logits_bilinearly() -> None:
 
 
 def test_soft_mask_iou_hand_cases() -> None:
-    """Soft IoU = S_pt / (S_p + S_t - S_pt): logits 0 on GT [1, 0] gives 0.5 / 1.5; saturated logits give the hard IoU."""
+    """Soft IoU = S_pt / (S_p + S_t - S_pt): logits 0 vs GT [1, 0] -> 0.5 / 1.5; saturated -> hard IoU."""
     pred = torch.zeros(1, 1, 2, requires_grad=True)
     gt = torch.tensor([[[1.0, 0.0]]])
     iou = soft_mask_iou(pred, gt)

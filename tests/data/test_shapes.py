@@ -248,8 +248,8 @@ def test_collate_regions_stacks_tensors_and_keeps_lists():
     """Images stack to [B, 3, H, W], masks to [B, H, W]; the other keys become lists in item order."""
     ds = ShapesDataset("train", 4, image_size=64, expression_fraction=0.5)
     batch = collate_regions([ds[i] for i in range(4)])
-    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.uint8
-    assert batch["mask"].shape == (4, 64, 64) and batch["mask"].dtype == torch.bool
+    assert batch["images"].shape == (4, 3, 64, 64) and batch["images"].dtype == torch.uint8
+    assert batch["masks"].shape == (4, 64, 64) and batch["masks"].dtype == torch.bool
     assert batch["index"] == [0, 1, 2, 3] and batch["source"] == ["shapes"] * 4
     assert len(batch["expression"]) == len(batch["references"]) == len(batch["attributes"]) == 4
     with pytest.raises(ValueError):

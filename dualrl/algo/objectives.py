@@ -1,0 +1,176 @@
+"""Training objectives: what one learner step optimises, given a batch of regions (and captions, for the
+dual loop). Each objective is a small class with one `__call__`; the learner and the driver loop do not
+branch on the algorithm.
+
+- `Pretrain`: Sa2VA's supervised training at tiny scale: referring segmentation (text -> mask, LM loss on
+  "Sure, [SEG].") and region captioning (mask -> reference expression).
+- `SftDual`: the differentiable dual loop. The EMA model's caption of each region is teacher-forced
+  through the student; the student's next-token logits become straight-through top-k Gumbel-softmax soft
+  tokens; those tokens are the expression of a referring prompt; `[SEG]` -> SAM2 -> BCE + dice against the
+  original mask. The mask loss thus trains the segmenter and, through the soft tokens, the captioner.
+  Regions that carry a reference also get the supervised terms, which anchor both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dualrl.algo.losses import mask_iou, mask_losses
+from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
+from dualrl.model.grounded_vlm import GroundedVLM
+from dualrl.model.sequence import Ids
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+def _pick_references(batch: dict, rows: list[int], generator: torch.Generator) -> list[str]:
+    """One reference per region for referring segmentation: any of its references (RefCOCO keeps several
+    sentences per object), drawn with the step's generator so a resumed run draws the same."""
+    out = []
+    for r in rows:
+        refs = batch["references"][r] or [batch["expression"][r]]
+        out.append(refs[int(torch.randint(len(refs), (1,), generator=generator))])
+    return out
+
+
+class _MaskTerms:
+    """BCE + dice (Sa2VA parity) on a group of predicted masks, plus the training IoU for logging."""
+
+    def __init__(self, loss_spec):
+        self.spec = loss_spec
+
+    def __call__(self, logits: Tensor, gt: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.spec
+        terms = mask_losses(
+            logits, gt, num_points=s.num_points, oversample_ratio=s.oversample_ratio,
+            importance_sample_ratio=s.importance_sample_ratio, bce_weight=s.bce_weight,
+            dice_weight=s.dice_weight, point_sampling=s.point_sampling, generator=generator,
+        )
+        with torch.no_grad():
+            iou = mask_iou(logits.detach(), gt).mean() if len(gt) else logits.new_zeros(())
+        return terms["loss_mask"], terms["loss_dice"], iou
+
+
+def _ref_rows(batch: dict) -> list[int]:
+    return [i for i, e in enumerate(batch["expression"]) if e]
+
+
+class Pretrain:
+    needs_rollout = False
+
+    def __init__(self, algo_spec):
+        self.spec = algo_spec.pretrain
+        self.llm_weight = algo_spec.loss.llm_weight
+        self.mask_terms = _MaskTerms(algo_spec.loss)
+
+    def __call__(self, model: GroundedVLM, batch: dict, rollout, generator: torch.Generator) -> StepOutput:
+        device = model.device
+        rows = _ref_rows(batch)
+        if not rows:  # nothing supervised in this batch: a zero loss still connected to the graph
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return StepOutput(zero, {})
+        index = torch.tensor(rows)
+        feats = model.encode_images(batch["images"][index])
+        local = torch.arange(len(rows))
+        logits, hidden, seq, image_tokens = model.segment(
+            None, _pick_references(batch, rows, generator), feats=feats, image_index=local)
+        gt = batch["masks"][index].to(device)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
+        llm_loss = model.lm_loss(hidden, seq)
+        captions = [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
+        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, captions))
+        caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
+        loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
+                + self.spec.caption_weight * caption_loss)
+        return StepOutput(loss, {
+            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
+            "train/llm_loss": llm_loss.item(), "train/caption_loss": caption_loss.item(),
+            "train/ref_iou": iou.item(),
+        })
+
+
+class SftDual:
+    needs_rollout = True
+
+    def __init__(self, algo_spec, pad_id: int):
+        self.spec = algo_spec.sft_dual
+        self.llm_weight = algo_spec.loss.llm_weight
+        self.mask_terms = _MaskTerms(algo_spec.loss)
+        self.pad_id = pad_id
+
+    def _teacher_forced(self, ids: Tensor, generator: torch.Generator) -> Tensor:
+        """The EMA caption as the student's input, with a share of tokens replaced by padding so the
+        student must predict them from the region rather than copy them."""
+        keep = torch.rand(ids.shape, generator=generator) >= self.spec.caption_token_dropout
+        return torch.where(keep, ids, torch.full_like(ids, self.pad_id))
+
+    def __call__(self, model: GroundedVLM, batch: dict, rollout, generator: torch.Generator) -> StepOutput:
+        device = model.device
+        n = len(batch["expression"])
+        rows = _ref_rows(batch)
+        feats = model.encode_images(batch["images"])  # once, for every prompt below
+        image_tokens = model.project(feats)
+        masks = batch["masks"].to(device)
+        all_idx = torch.arange(n)
+
+        # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions).
+        answers: list = [Ids(self._teacher_forced(c, generator), mark="caption") for c in rollout.ids]
+        answers += [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
+        cap_index = torch.cat([all_idx, torch.tensor(rows, dtype=torch.long)])
+        cap_seq = model.assemble(model.region_prompts(image_tokens, masks[cap_index], cap_index, answers))
+        cap_hidden = model.lm_hidden(cap_seq)
+        caption_loss = model.lm_loss(cap_hidden, cap_seq)
+
+        # 2) Soft tokens from the student's next-token logits at each caption position.
+        r, c = cap_seq.marks.get("caption", (torch.zeros(0, dtype=torch.long),) * 2)
+        logits = model.logits_at(cap_hidden[r, c - 1])
+        weights, indices = topk_gumbel_softmax(logits.float(), self.spec.gumbel_top_k, self.spec.gumbel_tau,
+                                               hard=True, generator=generator)
+        soft = soft_embeddings(weights.to(logits.dtype), indices, model.vlm.get_input_embeddings())
+        ids = hard_ids(weights, indices)
+        lengths = [len(x) for x in rollout.ids]
+        soft_captions = [Ids(i, embeds=e) for i, e in zip(ids.split(lengths), soft.split(lengths))]
+
+        # 3) One referring pass: reference expressions (supervised) and soft captions (dual).
+        texts = _pick_references(batch, rows, generator) + soft_captions
+        seg_index = torch.cat([torch.tensor(rows, dtype=torch.long), all_idx])
+        seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=feats, image_index=seg_index)
+        llm_loss = model.lm_loss(seg_hidden, seg_seq)
+        k = len(rows)
+        ref_mask, ref_dice, ref_iou = self.mask_terms(seg_logits[:k], masks[torch.tensor(rows, dtype=torch.long)], generator)
+        dual_mask, dual_dice, dual_iou = self.mask_terms(seg_logits[k:], masks, generator)
+
+        s = self.spec
+        loss_mask = s.ref_weight * ref_mask + s.dual_weight * dual_mask
+        loss_dice = s.ref_weight * ref_dice + s.dual_weight * dual_dice
+        loss = loss_mask + loss_dice + self.llm_weight * llm_loss + s.caption_weight * caption_loss
+        metrics = {
+            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
+            "train/llm_loss": llm_loss.item(), "train/caption_loss": caption_loss.item(),
+            "train/dual_iou": dual_iou.item(), "train/soft_token_agreement": _agreement(ids, rollout.ids),
+        }
+        if k:
+            metrics["train/ref_iou"] = ref_iou.item()
+        return StepOutput(loss, metrics)
+
+
+def _agreement(ids: Tensor, teacher: list[Tensor]) -> float:
+    """Share of soft-token positions whose forward token equals the EMA caption's token."""
+    if ids.numel() == 0:
+        return 0.0
+    return (ids.cpu() == torch.cat(teacher)).float().mean().item()
+
+
+def build_objective(algo_spec, model: GroundedVLM):
+    if algo_spec.name == "pretrain":
+        return Pretrain(algo_spec)
+    return SftDual(algo_spec, model.pad_id)
+
+OBJECTIVES = {"pretrain": Pretrain, "sft_dual": SftDual}

@@ -1,0 +1,49 @@
+"""Held-out evaluation during training.
+
+- `eval/ref_miou`: the student segments each region from its reference expression (RefCOCO-style).
+- `eval/cycle_miou`: the student describes each region (greedy), the EMA segmenter segments that caption,
+  IoU with the original mask — the dual loop's own measure of grounded captioning.
+IoU is computed at the mask's full resolution (logits upsampled), not at the low-res logit size, where
+nearest-downsampled targets would cap it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dualrl.algo.losses import mask_iou
+
+
+def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], list[dict]]:
+    ref_ious, cycle_ious, soft_ious, exact, lengths, examples = [], [], [], [], [], []
+    for batch in batches:
+        ref_iou, ref_logits = runtime.learner.refer(batch)
+        captions = runtime.learner.describe(batch)
+        scores = runtime.reward.score(batch, captions.ids)
+        ref_ious.append(ref_iou)
+        cycle_ious.append(scores["mask_iou"])
+        soft_ious.append(scores["mask_soft_iou"])
+        exact += [c == e for c, e in zip(captions.texts, batch["expression"])]
+        lengths += [len(i) for i in captions.ids]
+        for i in range(min(table_rows - len(examples), len(captions.texts))):
+            pred = _full_res(scores["logits"][i], batch["masks"].shape[-2:])
+            examples.append({"image": batch["images"][i].numpy(), "mask": batch["masks"][i].numpy(),
+                             "pred": pred.numpy(), "reference": batch["expression"][i],
+                             "caption": captions.texts[i], "cycle_iou": float(scores["mask_iou"][i]),
+                             "ref_iou": float(ref_iou[i])})
+    metrics = {
+        "eval/ref_miou": torch.cat(ref_ious).mean().item(),
+        "eval/cycle_miou": torch.cat(cycle_ious).mean().item(),
+        "eval/cycle_soft_miou": torch.cat(soft_ious).mean().item(),
+        "eval/caption_exact": sum(exact) / max(1, len(exact)),
+        "eval/caption_tokens": sum(lengths) / max(1, len(lengths)),
+    }
+    return metrics, examples
+
+
+def _full_res(logits: torch.Tensor, size) -> torch.Tensor:
+    up = torch.nn.functional.interpolate(logits[None, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0, 0] > 0
+
+
+__all__ = ["evaluate", "mask_iou"]

@@ -1,0 +1,95 @@
+"""Run outputs: `metrics.jsonl`, wandb (offline by default) with overlay tables, and a console progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    def __init__(self, recipe, output_dir: Path, start_step: int, config: dict):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.file = self.path.open("a")
+        self.wandb = _start_wandb(recipe.wandb, Path(output_dir), config)
+        self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.algo.name, dynamic_ncols=True,
+                        mininterval=1.0)
+        self.last: dict[str, float] = {}
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines a crashed run logged after its last checkpoint: they will be logged again."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+        self.last.update(clean)
+        shown = {k.split("/")[-1]: f"{self.last[k]:.3g}" for k in
+                 ("train/loss", "train/dual_iou", "train/ref_iou", "eval/ref_miou", "eval/cycle_miou")
+                 if k in self.last}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def table(self, step: int, rows: list[dict]) -> None:
+        """Eval examples as a wandb table: image with the region (green) and the EMA's mask' (red)."""
+        if self.wandb is None or not rows:
+            return
+        import wandb
+
+        columns = ["overlay", "reference", "caption", "cycle_iou", "ref_iou"]
+        table = wandb.Table(columns=columns)
+        for r in rows:
+            table.add_data(wandb.Image(overlay(r["image"], r["mask"], r["pred"])), r["reference"], r["caption"],
+                           r["cycle_iou"], r["ref_iou"])
+        self.wandb.log({"eval/examples": table}, step=step)
+
+    def close(self, summary: dict | None = None) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            if summary:
+                self.wandb.summary.update(summary)
+            self.wandb.finish()
+
+
+def overlay(image, mask, pred) -> np.ndarray:
+    """uint8 HxWx3: the region tinted green, the predicted mask tinted red (both: yellow)."""
+    img = np.asarray(image, dtype=np.float32).transpose(1, 2, 0) if image.shape[0] == 3 else np.asarray(image)
+    out = img.copy()
+    m, p = np.asarray(mask, bool), np.asarray(pred, bool)
+    out[m] = 0.5 * out[m] + 0.5 * np.array([0, 255, 0])
+    out[p] = 0.5 * out[p] + 0.5 * np.array([255, 0, 0])
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _start_wandb(spec, output_dir: Path, config: dict):
+    if spec.mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: metrics go to metrics.jsonl only")
+        return None
+    id_file = output_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=spec.project, name=spec.name, mode=spec.mode, dir=str(output_dir), config=config,
+                     id=run_id, resume="allow")
+    id_file.write_text(run.id)
+    return run

@@ -1,0 +1,24 @@
+"""Where the workers live: in this process (`local`) or as Ray actors (`ray`). The only package that
+imports Ray; everything it hosts is a plain class from `dualrl.workers`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return name
+
+
+def start_runtime(recipe):
+    if recipe.runtime.kind == "ray":
+        from dualrl.runtime.ray_runtime import RayRuntime
+
+        return RayRuntime(recipe)
+    from dualrl.runtime.local import LocalRuntime
+
+    return LocalRuntime(recipe)

@@ -1,0 +1,62 @@
+"""Ray runtime: learner, rollout and reward workers as Ray actors.
+
+The driver talks to them through `_Proxy`, which makes a remote call look like a local one, so the driver
+loop is the same code for both runtimes. Weights travel once through the object store: the learner's
+result is handed by reference to both workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from dualrl.runtime import resolve_device
+from dualrl.workers import Learner, RewardWorker, RolloutWorker
+
+
+class _Proxy:
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, name):
+        method = getattr(self._actor, name)
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+
+def _in_actor(cls, threads: int | None):
+    class Hosted(cls):
+        def __init__(self, *args, **kwargs):
+            # Ray sets OMP_NUM_THREADS=1 for actors without CPUs; the workers take turns, so each may
+            # use the machine's cores while it runs.
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+            super().__init__(*args, **kwargs)
+
+    Hosted.__name__ = Hosted.__qualname__ = cls.__name__
+    return Hosted
+
+
+class RayRuntime:
+    def __init__(self, recipe):
+        spec = recipe.runtime
+        if not ray.is_initialized():
+            ray.init(address=spec.address, num_cpus=spec.num_cpus if spec.address is None else None,
+                     include_dashboard=False, log_to_driver=True)
+        device = resolve_device(recipe.train.device)
+        opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
+        threads = recipe.train.threads
+        self.learner = _Proxy(ray.remote(**opts)(_in_actor(Learner, threads)).remote(recipe, device))
+        self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe, device))
+        self.reward = _Proxy(ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe, device))
+
+    def sync(self) -> dict[str, float]:
+        """EMA weights straight from the learner actor to both workers: the driver only passes the ref."""
+        t0 = time.perf_counter()
+        ref = self.learner._actor.sync_state.remote("ema")
+        ray.get([self.rollout._actor.load_weights.remote(ref), self.reward._actor.load_weights.remote(ref)])
+        return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
+
+    def shutdown(self) -> None:
+        ray.shutdown()

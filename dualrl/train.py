@@ -1,0 +1,107 @@
+"""The driver loop: one dual-loop step after another, for every algorithm and runtime.
+
+    batch ─ rollout.describe ─ captions ─ reward.score ─ cycle IoU ─ learner.step ─ metrics
+                                                      sync EMA weights -> rollout/reward every k steps
+
+Algorithms differ inside `learner.step` (the objective), runtimes inside `start_runtime`; this file reads
+top to bottom the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from dualrl.algo.objectives import OBJECTIVES
+from dualrl.checkpoint import load_latest, save_checkpoint, set_rng_state
+from dualrl.data.loader import build_datasets, eval_batches, train_stream
+from dualrl.evaluate import evaluate
+from dualrl.logger import RunLogger
+from dualrl.recipe import Recipe, dump_recipe
+from dualrl.runtime import start_runtime
+
+log = logging.getLogger("dualrl")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The randomness of one step (Gumbel noise, point sampling, reference choice), a function of the step
+    alone, so a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def run(recipe: Recipe) -> dict:
+    t_start = time.time()
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    torch.manual_seed(recipe.train.seed)
+
+    train_set, val_set = build_datasets(recipe.data)
+    runtime = start_runtime(recipe)
+    start_step, position = 0, 0
+    resumed = load_latest(out)
+    if resumed is not None:
+        learner_state, run_state = resumed
+        runtime.learner.load_state_dict(learner_state)
+        start_step, position = run_state["step"], run_state["data_position"]
+        set_rng_state(run_state["rng"])
+        log.info("resumed from %s at step %d", out / "checkpoints", start_step)
+    logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"))
+    runtime.sync()
+
+    def run_eval(step: int) -> dict:
+        metrics, examples = evaluate(runtime, eval_batches(val_set, recipe.eval.batch_size), recipe.wandb.table_rows)
+        logger.log(step, metrics)
+        logger.table(step, examples)
+        log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    first_eval = run_eval(0) if start_step == 0 and recipe.eval.at_start else {}
+    needs_rollout = OBJECTIVES[recipe.algo.name].needs_rollout
+    stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
+    batches = train_stream(train_set, recipe.data.batch_size, position, stop - start_step, recipe.data.num_workers)
+    metrics: dict[str, float] = {}
+    t_loop, step = time.time(), start_step
+    for step in range(start_step + 1, stop + 1):
+        batch = next(batches)
+        position += len(batch["expression"])
+        metrics = {}
+        rollout = None
+        if needs_rollout:
+            rollout = runtime.rollout.describe(batch)
+            scores = runtime.reward.score(batch, rollout.ids)
+            metrics["reward/mask_iou"] = scores["mask_iou"].mean().item()
+            metrics["train/cycle_iou"] = metrics["reward/mask_iou"]
+            metrics["train/caption_tokens"] = sum(len(i) for i in rollout.ids) / len(rollout.ids)
+        metrics.update(runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step)))
+        if step % recipe.train.sync_every == 0:
+            metrics.update(runtime.sync())
+        logger.advance()
+        if step % recipe.train.log_every == 0 or step == stop:
+            logger.log(step, metrics)
+        if step % recipe.eval.every == 0 or step == recipe.train.steps:
+            metrics.update(run_eval(step))
+        if step % recipe.train.save_every == 0 or step == stop:
+            save_checkpoint(out, step, runtime.learner.state_dict(), {"data_position": position},
+                            recipe.train.keep_checkpoints)
+
+    steps_run = step - start_step
+    loop_s = time.time() - t_loop
+    summary = {
+        "steps": step, "steps_this_run": steps_run, "wall_time_s": time.time() - t_start,
+        "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
+        "start": {k: v for k, v in first_eval.items()},
+        "final": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+        "skipped_nonfinite_steps": metrics.get("train/skipped_nonfinite", 0.0),
+        "runtime": recipe.runtime.kind, "algo": recipe.algo.name,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.close(summary["final"])
+    runtime.shutdown()
+    return summary

@@ -1,0 +1,115 @@
+"""Learner: owns the student model, its optimizer and schedule, and the EMA of its trainable weights.
+
+`step` runs one objective on one batch. A non-finite loss or gradient skips the update and is counted;
+gradients are clipped. Weights leave the learner only through `sync_state` (trainable tensors only: the
+frozen base never travels).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from dualrl.algo.ema import EMA
+from dualrl.algo.losses import mask_iou
+from dualrl.algo.objectives import build_objective
+from dualrl.model.build import build_model
+
+log = logging.getLogger(__name__)
+
+
+def _schedule(optim_spec, total_steps: int):
+    warmup = int(optim_spec.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim_spec.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Learner:
+    def __init__(self, recipe, device: str):
+        self.recipe = recipe
+        self.device = device
+        self.model = build_model(recipe.model, device)
+        self.model.train()
+        self.objective = build_objective(recipe.algo, self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = recipe.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                                           fused=device.startswith("cuda"))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, recipe.train.steps))
+        self.ema = EMA(self.model.trainable_state(), recipe.algo.ema_decay)
+        self.skipped_steps = 0
+
+    @property
+    def needs_rollout(self) -> bool:
+        return self.objective.needs_rollout
+
+    def step(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.objective(self.model, batch, rollout, generator)
+        out.loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+        metrics = dict(out.metrics)
+        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
+            self.skipped_steps += 1
+            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
+                        out.loss.item(), grad_norm.item())
+        else:
+            self.optimizer.step()
+            self.ema.update(self.model.trainable_state())
+        self.scheduler.step()
+        metrics.update({
+            "train/loss": out.loss.item(), "train/grad_norm": grad_norm.item(),
+            "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_nonfinite": float(self.skipped_steps),
+        })
+        return metrics
+
+    # ----------------------------------------------------------------------------- weights out
+    def sync_state(self, which: str) -> dict[str, torch.Tensor]:
+        """Trainable tensors to send to a worker: the student's ("policy") or the EMA's ("ema")."""
+        state = self.ema.tensors() if which == "ema" else self.model.trainable_state()
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def sync_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.ema.tensors().values())
+
+    # ----------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def describe(self, batch: dict):
+        self.model.eval()
+        return self.model.describe(batch["images"], batch["masks"])
+
+    @torch.no_grad()
+    def refer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment each region from its expression; returns (IoU per region, low-res logits)."""
+        self.model.eval()
+        logits, *_ = self.model.segment(batch["images"], list(batch["expression"]))
+        return mask_iou(logits, batch["masks"].to(logits.device)).cpu(), logits.cpu()
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.trainable_state(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_trainable(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state["skipped_steps"])

@@ -1,0 +1,96 @@
+"""Tests for dualrl.algo.ema.EMA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualrl.algo.ema import EMA
+
+
+def _params() -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[-4.0]])}
+
+
+def test_one_update_matches_hand_computation() -> None:
+    """ema = 0.9 * ema + 0.1 * param: w [1, 2] -> [3, 4] gives [1.2, 2.2]; b -4 -> 6 gives -2.6."""
+    ema = EMA(_params(), decay=0.9)
+    ema.update({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([[6.0]])})
+    out = ema.tensors()
+    torch.testing.assert_close(out["w"], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 4]))
+    torch.testing.assert_close(out["b"], torch.tensor([[0.9 * -4 + 0.1 * 6]]))
+
+
+def test_copy_is_float32_and_independent_of_the_params() -> None:
+    """The EMA holds float32 copies: bf16 params are upcast, and later in-place param edits do not leak in."""
+    params = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    ema = EMA(params, decay=0.5)
+    params["w"].add_(10.0)
+    assert ema.tensors()["w"].dtype == torch.float32
+    assert ema.tensors()["w"].tolist() == [1.0, 2.0]
+    ema.update(params)  # bf16 params upcast for the lerp
+    assert ema.tensors()["w"].tolist() == [6.0, 7.0]
+
+
+def test_decay_zero_copies_exactly() -> None:
+    """decay = 0 makes every update an exact copy of the parameters (lerp with weight 1 is exact)."""
+    ema = EMA(_params(), decay=0.0)
+    new = {"w": torch.randn(2), "b": torch.randn(1, 1) * 1e6}
+    ema.update(new)
+    for name, value in new.items():
+        assert torch.equal(ema.tensors()[name], value)
+
+
+def test_params_keep_their_grads_and_values() -> None:
+    """update reads trainable params under no_grad and leaves them and the autograd graph untouched."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = EMA({"p": p}, decay=0.99)
+    ema.update({"p": p})
+    assert not ema.tensors()["p"].requires_grad
+    assert p.tolist() == [1.0, 2.0] and p.grad is None
+
+
+def test_decay_outside_unit_interval_is_rejected() -> None:
+    """decay must be in [0, 1): 1.0 (frozen) and negative values raise ValueError."""
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="decay"):
+            EMA(_params(), decay=bad)
+
+
+def test_state_dict_round_trip() -> None:
+    """state_dict -> load_state_dict into a fresh EMA reproduces the tensors, and the copy is independent."""
+    ema = EMA(_params(), decay=0.9)
+    ema.update({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([[6.0]])})
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+
+    other = EMA({"w": torch.zeros(2), "b": torch.zeros(1, 1)}, decay=0.9)
+    other.load_state_dict(state)
+    for name in state:
+        assert torch.equal(other.tensors()[name], ema.tensors()[name])
+    state["w"].fill_(0.0)
+    assert other.tensors()["w"].tolist() != [0.0, 0.0]
+
+
+def test_name_mismatch_lists_missing_and_unexpected() -> None:
+    """A state or update with different names raises KeyError listing the missing and unexpected names."""
+    ema = EMA(_params(), decay=0.9)
+    with pytest.raises(KeyError, match=r"missing=\['b'\], unexpected=\['c'\]"):
+        ema.load_state_dict({"w": torch.zeros(2), "c": torch.zeros(1)})
+    with pytest.raises(KeyError, match=r"missing=\['w'\], unexpected=\[\]"):
+        ema.update({"b": torch.zeros(1, 1)})
+
+
+def test_shape_mismatch_on_load_is_an_error() -> None:
+    """load_state_dict refuses a tensor of another shape, naming it, and changes nothing."""
+    ema = EMA(_params(), decay=0.9)
+    with pytest.raises(ValueError, match="'w'"):
+        ema.load_state_dict({"w": torch.zeros(3), "b": torch.zeros(1, 1)})
+    assert ema.tensors()["w"].tolist() == [1.0, 2.0]
+
+
+def test_copy_to_writes_the_average_into_a_model() -> None:
+    """copy_to loads the EMA values into another set of parameters (e.g. the teacher) in place."""
+    ema = EMA({"weight": torch.full((2, 3), 5.0)}, decay=0.9)
+    teacher = torch.nn.Linear(3, 2, bias=False)
+    ema.copy_to(dict(teacher.named_parameters()))
+    assert torch.equal(teacher.weight.detach(), torch.full((2, 3), 5.0))
