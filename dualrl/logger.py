@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, recipe, output_dir: Path, start_step: int, config: dict):
+    def __init__(self, recipe, output_dir: Path, start_step: int, config: dict, resumed: bool):
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._truncate_after(start_step)
+        self._truncate_after(start_step if resumed else -1)
         self.file = self.path.open("a")
         self.wandb = _start_wandb(recipe.wandb, Path(output_dir), config)
         self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.algo.name, dynamic_ncols=True,
@@ -25,7 +25,8 @@ class RunLogger:
         self.last: dict[str, float] = {}
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines a crashed run logged after its last checkpoint: they will be logged again."""
+        """Drop lines logged after the checkpoint this run starts from (all of them on a fresh start): the
+        steps after it run again and log again."""
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

@@ -52,7 +52,7 @@ def run(recipe: Recipe) -> dict:
         start_step, position = run_state["step"], run_state["data_position"]
         set_rng_state(run_state["rng"])
         log.info("resumed from %s at step %d", out / "checkpoints", start_step)
-    logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"))
+    logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"), resumed=resumed is not None)
     runtime.sync()
 
     def run_eval(step: int) -> dict:

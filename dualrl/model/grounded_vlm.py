@@ -144,10 +144,14 @@ class GroundedVLM(nn.Module):
 
     # ------------------------------------------------------------------------------- segmentation
     def seg_queries(self, hidden: Tensor, batch: Batch) -> Tensor:
-        """Hidden state at the `[SEG]` input position of each sequence -> SAM prompt embedding [N, 256]."""
-        rows, cols = batch.positions_of(self.seg_id)
-        if rows.numel() != batch.input_ids.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
-            raise ValueError("each segmentation prompt must contain exactly one [SEG] token")
+        """Hidden state at the answer's `[SEG]` input position -> SAM prompt embedding [N, 256]. The answer
+        comes last, so its `[SEG]` is the last one in the row (a caption may contain the token too)."""
+        is_seg = batch.input_ids == self.seg_id
+        if not is_seg.any(dim=1).all():
+            raise ValueError("each segmentation prompt must contain a [SEG] token")
+        width = is_seg.shape[1]
+        cols = width - 1 - is_seg.flip(1).int().argmax(dim=1)
+        rows = torch.arange(len(cols), device=cols.device)
         return self.text_hidden_fcs(hidden[rows, cols])
 
     def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures, image_index: Tensor) -> Tensor:

@@ -48,9 +48,6 @@ class Batch:
     input_ids: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
-    def positions_of(self, token_id: int) -> tuple[Tensor, Tensor]:
-        return (self.input_ids == token_id).nonzero(as_tuple=True)
-
 
 class Assembler:
     def __init__(self, tokenizer, embed: torch.nn.Module):
