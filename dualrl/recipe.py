@@ -124,6 +124,8 @@ class ShapesSpec(Section):
     val_size: int = Field(64, gt=0)
     test_size: int = Field(256, gt=0)
     seed: int = Field(0, ge=0)
+    regions_per_scene: int = Field(1, ge=1, description="Consecutive training regions drawn from one scene "
+                                   "(Sa2VA packs several referred objects per image).")
 
 
 class DataSpec(Section):
@@ -166,6 +168,9 @@ class PretrainSpec(Section):
 
     ref_weight: float = Field(1.0, ge=0)
     caption_weight: float = Field(1.0, ge=0)
+    point_weight: float = Field(0.0, ge=0, description="Mask loss of SAM2 prompted by one click inside each "
+                                "region (SAM's interactive training): teaches the from-scratch mask head to "
+                                "segment whatever it is pointed at, as pretrained SAM2 already can.")
 
 
 class AlgoSpec(Section):

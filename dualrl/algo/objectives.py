@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dualrl.algo.losses import mask_iou, mask_losses
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
+from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
 
@@ -89,11 +90,18 @@ class Pretrain:
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
                 + self.spec.caption_weight * caption_loss)
-        return StepOutput(loss, {
+        metrics = {
             "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
             "train/llm_loss": llm_loss.item(), "train/caption_loss": caption_loss.item(),
             "train/ref_iou": iou.item(),
-        })
+        }
+        if self.spec.point_weight > 0:
+            clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
+            point_logits, _ = samlib.decode(model.sam, feats.sam, None, model.spec.multimask, points=clicks)
+            p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
+            loss = loss + self.spec.point_weight * (p_mask + p_dice)
+            metrics["train/point_iou"] = p_iou.item()
+        return StepOutput(loss, metrics)
 
 
 class SftDual:

@@ -16,7 +16,8 @@ from dualrl.data.shapes import ShapesDataset, collate_regions
 def build_datasets(data_spec) -> tuple[Dataset, Dataset]:
     s = data_spec.shapes
     common = {"image_size": s.image_size, "seed": s.seed, "min_objects": s.min_objects, "max_objects": s.max_objects}
-    train = ShapesDataset("train", s.train_size, expression_fraction=data_spec.expression_fraction, **common)
+    train = ShapesDataset("train", s.train_size, expression_fraction=data_spec.expression_fraction,
+                          regions_per_scene=s.regions_per_scene, **common)
     val = ShapesDataset("val", s.val_size, expression_fraction=1.0, **common)
     return train, val
 

@@ -317,6 +317,7 @@ class ShapesDataset(Dataset):
         max_objects: int = 6,
         expression_fraction: float = 1.0,
         noise: int = 8,
+        regions_per_scene: int = 1,
     ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -326,7 +327,10 @@ class ShapesDataset(Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 0.0 <= expression_fraction <= 1.0:  # also rejects NaN
             raise ValueError(f"expression_fraction must be in [0, 1], got {expression_fraction}")
+        if regions_per_scene < 1:
+            raise ValueError(f"regions_per_scene must be >= 1, got {regions_per_scene}")
         _check_scene_args(image_size, min_objects, max_objects, noise)
+        self.regions_per_scene = regions_per_scene
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self.min_objects, self.max_objects, self.noise = min_objects, max_objects, noise
         self.expression_fraction = expression_fraction
@@ -343,14 +347,22 @@ class ShapesDataset(Dataset):
 
     def scene(self, index: int) -> Scene:
         """The whole scene behind item `index`."""
-        return draw_scene(self._rng(index), self.image_size, self.min_objects, self.max_objects, self.noise)
+        return draw_scene(self._rng(index // self.regions_per_scene), self.image_size, self.min_objects,
+                          self.max_objects, self.noise)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.split} split of size {self.size}")
+        # `regions_per_scene` consecutive items are different objects of one scene (cycling when it has
+        # fewer), as Sa2VA packs several referred objects per image: one image, several queries.
+        k = self.regions_per_scene
+        rng = self._rng(index // k)
         scene = draw_scene(rng, self.image_size, self.min_objects, self.max_objects, self.noise)
         # Drawn after the scene from the same stream, so neither choice changes the scene.
-        obj = int(rng.integers(len(scene.objects)))
-        has_text = rng.random() < self.expression_fraction
+        order = rng.permutation(len(scene.objects))
+        text_draws = rng.random(k)
+        obj = int(order[(index % k) % len(order)])
+        has_text = text_draws[index % k] < self.expression_fraction
         target = scene.objects[obj]
         return {
             "image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),

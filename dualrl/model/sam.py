@@ -76,27 +76,31 @@ def encode(sam: SAM2Base, pixels: torch.Tensor) -> SamFeatures:
 
 
 def decode(
-    sam: SAM2Base, feats: SamFeatures, queries: torch.Tensor, multimask: bool
+    sam: SAM2Base, feats: SamFeatures, queries: torch.Tensor | None, multimask: bool,
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one mask per query; `feats` must already be aligned with `queries` (see `SamFeatures.select`).
+    """Decode one mask per prompt; `feats` must already be aligned with the prompts (`SamFeatures.select`).
 
     Follows Sa2VA's grounding path: `no_mem_embed` added to the last level (no memory in training), the
-    query embedding appended to the sparse prompt after a padding point (label -1), no dense prompt. With
+    language query appended to the sparse prompt after a padding point (label -1), no dense prompt. `points`
+    (coords [N,P,2] in SAM input pixels, labels [N,P]) replace the padding point for click prompts. With
     `multimask`, the three candidate masks are decoded and the one with the highest predicted IoU kept.
     The object-score gate of the video path is not applied: it would cut the gradient of a whole sample.
 
     Returns low-res mask logits [N, 4h, 4w] and the predicted IoU of the returned masks [N].
     """
-    n = queries.shape[0]
+    n = feats.image_embed.shape[0]
+    device = feats.image_embed.device
     image_embed = feats.image_embed + sam.no_mem_embed.view(1, -1, 1, 1)
     decoder = sam.sam_mask_decoder
     high_res = None
     if sam.use_high_res_features_in_sam:
         high_res = [decoder.conv_s0(feats.high_res[0]), decoder.conv_s1(feats.high_res[1])]
-    coords = queries.new_zeros(n, 1, 2)
-    labels = -torch.ones(n, 1, dtype=torch.int32, device=queries.device)
-    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    sparse = torch.cat([sparse, queries.unsqueeze(1).to(sparse.dtype)], dim=1)
+    if points is None:
+        points = (torch.zeros(n, 1, 2, device=device), -torch.ones(n, 1, dtype=torch.int32, device=device))
+    sparse, dense = sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+    if queries is not None:
+        sparse = torch.cat([sparse, queries.unsqueeze(1).to(sparse.dtype)], dim=1)
     masks, iou_pred, _, _ = decoder(
         image_embeddings=image_embed,
         image_pe=sam.sam_prompt_encoder.get_dense_pe(),
@@ -109,3 +113,13 @@ def decode(
     best = iou_pred.argmax(dim=1)
     rows = torch.arange(n, device=masks.device)
     return masks[rows, best].float(), iou_pred[rows, best].float()
+
+
+def click_inside(masks: torch.Tensor, sam_size: int, generator: torch.Generator | None = None):
+    """One positive click per mask, uniform over its pixels, in SAM input pixel coordinates (x, y)."""
+    n, h, w = masks.shape
+    score = torch.rand(n, h * w, generator=generator).to(masks.device) * masks.flatten(1).float()
+    flat = score.argmax(dim=1)
+    ys, xs = (flat // w).float(), (flat % w).float()
+    coords = torch.stack([(xs + 0.5) * sam_size / w, (ys + 0.5) * sam_size / h], dim=-1).unsqueeze(1)
+    return coords, torch.ones(n, 1, dtype=torch.int32, device=masks.device)
