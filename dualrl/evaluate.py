@@ -17,7 +17,7 @@ from dualrl.algo.losses import mask_iou
 def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], list[dict]]:
     ref_ious, cycle_ious, soft_ious, exact, lengths, examples = [], [], [], [], [], []
     for batch in batches:
-        ref_iou, ref_logits = runtime.learner.refer(batch)
+        ref_iou, _ = runtime.learner.refer(batch)
         captions = runtime.learner.describe(batch)
         scores = runtime.reward.score(batch, captions.ids)
         ref_ious.append(ref_iou)

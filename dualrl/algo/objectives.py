@@ -152,7 +152,8 @@ class SftDual:
         seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=feats, image_index=seg_index)
         llm_loss = model.lm_loss(seg_hidden, seg_seq)
         k = len(rows)
-        ref_mask, ref_dice, ref_iou = self.mask_terms(seg_logits[:k], masks[torch.tensor(rows, dtype=torch.long)], generator)
+        ref_gt = masks[torch.tensor(rows, dtype=torch.long)]
+        ref_mask, ref_dice, ref_iou = self.mask_terms(seg_logits[:k], ref_gt, generator)
         dual_mask, dual_dice, dual_iou = self.mask_terms(seg_logits[k:], masks, generator)
 
         s = self.spec

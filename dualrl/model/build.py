@@ -57,7 +57,8 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
     if len(tokenizer) > spec.text.vocab_size:
-        raise ValueError(f"model.text.vocab_size={spec.text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        raise ValueError(f"model.text.vocab_size={spec.text.vocab_size} is smaller than the tokenizer "
+                         f"({len(tokenizer)} tokens)")
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         vlm = InternVLForConditionalGeneration(_internvl_config(spec, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")))
