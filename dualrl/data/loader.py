@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dualrl.data.shapes import ShapesDataset, collate_regions
@@ -37,8 +38,10 @@ class _FromPosition(Sampler[int]):
 
 def train_stream(dataset: Dataset, batch_size: int, position: int, steps: int, num_workers: int = 0):
     sampler = _FromPosition(len(dataset), position, steps * batch_size)
+    # Its own generator: creating the iterator must not draw from the global RNG, which a resumed run
+    # restores and must find exactly as the uninterrupted run had it.
     return iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_regions,
-                           num_workers=num_workers, persistent_workers=False,
+                           num_workers=num_workers, persistent_workers=False, generator=torch.Generator(),
                            prefetch_factor=4 if num_workers else None))
 
 

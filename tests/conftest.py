@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny model and tiny-run overrides that keep every test in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+# Small everything: batch, eval split, caption length, point count; no pretrained checkpoint needed.
+TINY = [
+    "model.pretrained=null",
+    "model.max_caption_tokens=6",
+    "model.multimask=false",
+    "model.trainable.lora_r=8",
+    "model.trainable.lora_alpha=16",
+    "data.batch_size=4",
+    "data.shapes.val_size=8",
+    "eval.batch_size=8",
+    "algo.loss.num_points=256",
+    "train.log_every=1",
+    "wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from dualrl.recipe import load_recipe
+
+    return load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=unused"]).model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_spec):
+    from dualrl.model.build import build_model
+
+    model = build_model(tiny_spec)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def region_batch():
+    from dualrl.data.shapes import ShapesDataset, collate_regions
+
+    ds = ShapesDataset("val", 8)
+    return collate_regions([ds[i] for i in range(4)])

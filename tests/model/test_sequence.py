@@ -1,0 +1,51 @@
+"""Sequence assembly: pieces of text, features and soft embeddings become one padded batch."""
+
+from __future__ import annotations
+
+import torch
+
+from dualrl.model.sequence import Assembler, Feats, Ids, Text
+from dualrl.model.tokenizer import build_tiny_tokenizer
+
+
+def _assembler():
+    tok = build_tiny_tokenizer()
+    embed = torch.nn.Embedding(len(tok), 4)
+    return tok, embed, Assembler(tok, embed)
+
+
+def test_pieces_land_in_order_with_labels_and_marks():
+    """Features go in verbatim, labelled text gets its ids as labels, marks point at their positions."""
+    tok, _, asm = _assembler()
+    feats = torch.full((2, 4), 7.0)
+    ids = torch.tensor(tok("red circle", add_special_tokens=False)["input_ids"])
+    prompt = [Text("<|user|>"), Feats(feats), Ids(ids, mark="cap"), Text("<|end|>", label=True)]
+    batch = asm([prompt, [Text("<|user|>")]])
+    n_ids = len(ids)
+    assert batch.inputs_embeds.shape == (2, 1 + 2 + n_ids + 1, 4)
+    assert torch.equal(batch.inputs_embeds[0, 1:3], feats)
+    rows, cols = batch.marks["cap"]
+    assert rows.tolist() == [0] * n_ids and cols.tolist() == list(range(3, 3 + n_ids))
+    assert batch.labels[0, -1].item() == tok.convert_tokens_to_ids("<|end|>")
+    assert (batch.labels[0, :-1] == -100).all()
+    assert batch.attention_mask.tolist()[1] == [1] + [0] * (batch.inputs_embeds.shape[1] - 1)
+
+
+def test_left_padding_shifts_marks():
+    """With left padding, marks still point at their tokens."""
+    _tok, _, asm = _assembler()
+    ids = torch.tensor([10, 11])
+    batch = asm([[Text("<|user|>"), Ids(ids, mark="m")], [Ids(ids, mark="m")]], pad_left=True)
+    rows, cols = batch.marks["m"]
+    assert batch.input_ids[rows, cols].tolist() == [10, 11, 10, 11]
+    assert batch.attention_mask[1].tolist() == [0, 1, 1]
+
+
+def test_soft_embeddings_replace_ids_and_carry_gradient():
+    """An Ids piece with embeds uses those embeddings (not the table's), and gradients reach them."""
+    _tok, _, asm = _assembler()
+    soft = torch.randn(2, 4, requires_grad=True)
+    batch = asm([[Text("<|user|>"), Ids(torch.tensor([10, 11]), embeds=soft)]])
+    assert torch.equal(batch.inputs_embeds[0, 1:], soft)
+    batch.inputs_embeds.sum().backward()
+    assert torch.equal(soft.grad, torch.ones(2, 4))
