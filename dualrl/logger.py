@@ -44,6 +44,16 @@ class RunLogger:
                  if k in self.last}
         self.bar.set_postfix(shown, refresh=False)
 
+    def logged(self, step: int, prefix: str) -> dict[str, float]:
+        """What this run (or the run it resumes) logged at `step` under `prefix`, e.g. the step-0 eval."""
+        self.file.flush()
+        found: dict[str, float] = {}
+        for line in self.path.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["step"] == step:
+                found.update({k: v for k, v in entry.items() if k.startswith(prefix)})
+        return found
+
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)
 

@@ -62,7 +62,8 @@ def run(recipe: Recipe) -> dict:
         log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    first_eval = run_eval(0) if start_step == 0 and recipe.eval.at_start else {}
+    if start_step == 0 and recipe.eval.at_start:
+        run_eval(0)
     needs_rollout = OBJECTIVES[recipe.algo.name].needs_rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
     batches = train_stream(train_set, recipe.data.batch_size, position, stop - start_step, recipe.data.num_workers)
@@ -96,7 +97,7 @@ def run(recipe: Recipe) -> dict:
     summary = {
         "steps": step, "steps_this_run": steps_run, "wall_time_s": time.time() - t_start,
         "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
-        "start": {k: v for k, v in first_eval.items()},
+        "start": logger.logged(0, "eval/"),
         "final": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "skipped_nonfinite_steps": metrics.get("train/skipped_nonfinite", 0.0),
         "runtime": recipe.runtime.kind, "algo": recipe.algo.name,

@@ -47,6 +47,8 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["steps"] == 2
     run(_recipe(tmp_path / "split", *steps))
     whole, split = _lines(tmp_path / "whole"), _lines(tmp_path / "split")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "split")]
+    assert summaries[0]["start"] == summaries[1]["start"] and "eval/ref_miou" in summaries[1]["start"]
     assert [m["step"] for m in whole] == [m["step"] for m in split]
     for a, b in zip(whole, split):
         assert a.keys() == b.keys()
