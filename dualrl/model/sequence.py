@@ -62,67 +62,69 @@ class Assembler:
         return list(self._encode(text))
 
     def __call__(self, prompts: list[list[Piece]], pad_left: bool = False) -> Batch:
-        device = self.embed.weight.device if hasattr(self.embed, "weight") else None
-        # Tokenize all text pieces, embed all ids of the batch in one call.
-        id_chunks: list[Tensor] = []
-        for prompt in prompts:
-            for piece in prompt:
-                if isinstance(piece, Text):
-                    id_chunks.append(torch.tensor(self.encode(piece.text), dtype=torch.long))
-                elif isinstance(piece, Ids) and piece.embeds is None:
-                    id_chunks.append(piece.ids.detach().long().cpu())
-        flat = torch.cat(id_chunks) if id_chunks else torch.zeros(0, dtype=torch.long)
-        if device is None:
-            device = next(self.embed.parameters()).device
-        flat_embeds = self.embed(flat.to(device).unsqueeze(0))[0]
-        chunks = iter(torch.split(flat_embeds, [len(c) for c in id_chunks]))
-
-        rows_embeds, rows_ids, rows_labels = [], [], []
+        """Pad and stack the prompts. Every output row is one row of a single source matrix (the embedded
+        ids of the whole batch, then the dense pieces, then a zero row for padding), gathered with one
+        index: a handful of kernels for any batch size, and one scatter-add in the backward pass."""
+        text_ids: list[int] = []  # every id that takes its embedding from the table, batch-wide
+        dense: list[Tensor] = []  # features and soft embeddings, in order
+        n_dense = 0
+        rows: list[tuple[list[tuple[bool, int, int]], list[int], list[int]]] = []
         marks: dict[str, list[tuple[int, int, int]]] = {}
         for b, prompt in enumerate(prompts):
-            embeds, ids, labels, cursor = [], [], [], 0
+            spans, ids, labels = [], [], []
             for piece in prompt:
                 if isinstance(piece, Feats):
                     n = piece.feats.shape[0]
-                    embeds.append(piece.feats)
-                    ids.append(torch.full((n,), -1, dtype=torch.long))
-                    labels.append(torch.full((n,), -100, dtype=torch.long))
+                    spans.append((True, n_dense, n))
+                    dense.append(piece.feats)
+                    n_dense += n
+                    ids += [-1] * n
+                    labels += [-100] * n
+                    continue
+                tok = self.encode(piece.text) if isinstance(piece, Text) else piece.ids.tolist()
+                n = len(tok)
+                if isinstance(piece, Ids) and piece.mark is not None:
+                    marks.setdefault(piece.mark, []).append((b, len(ids), n))
+                if isinstance(piece, Ids) and piece.embeds is not None:
+                    spans.append((True, n_dense, n))
+                    dense.append(piece.embeds)
+                    n_dense += n
                 else:
-                    if isinstance(piece, Text):
-                        tok = torch.tensor(self.encode(piece.text), dtype=torch.long)
-                        embeds.append(next(chunks))
-                    else:
-                        tok = piece.ids.detach().long().cpu()
-                        embeds.append(piece.embeds if piece.embeds is not None else next(chunks))
-                        if piece.mark is not None:
-                            marks.setdefault(piece.mark, []).append((b, cursor, len(tok)))
-                    n = len(tok)
-                    ids.append(tok)
-                    labels.append(tok.clone() if piece.label else torch.full((n,), -100, dtype=torch.long))
-                cursor += n
-            rows_embeds.append(torch.cat(embeds).to(flat_embeds.dtype))
-            rows_ids.append(torch.cat(ids))
-            rows_labels.append(torch.cat(labels))
+                    spans.append((False, len(text_ids), n))
+                    text_ids += tok
+                ids += tok
+                labels += tok if piece.label else [-100] * n
+            rows.append((spans, ids, labels))
 
-        width = max(r.shape[0] for r in rows_ids)
-        hidden = rows_embeds[0].shape[-1]
-        bsz = len(prompts)
-        out_embeds = flat_embeds.new_zeros(bsz, width, hidden)
-        out_ids = torch.full((bsz, width), -1, dtype=torch.long)
-        out_labels = torch.full((bsz, width), -100, dtype=torch.long)
-        attn = torch.zeros(bsz, width, dtype=torch.long)
-        offsets = []
-        for b in range(bsz):
-            n = rows_ids[b].shape[0]
-            start = width - n if pad_left else 0
-            offsets.append(start)
-            out_embeds[b, start:start + n] = rows_embeds[b]
-            out_ids[b, start:start + n] = rows_ids[b]
-            out_labels[b, start:start + n] = rows_labels[b]
-            attn[b, start:start + n] = 1
+        device = next(self.embed.parameters()).device
+        table = self.embed(torch.tensor([text_ids], dtype=torch.long, device=device))[0]
+        pad_row = len(text_ids) + n_dense
+        source = torch.cat([table, *[d.to(table.dtype) for d in dense], table.new_zeros(1, table.shape[-1])])
+
+        width = max(len(ids) for _, ids, _ in rows)
+        index, all_ids, all_labels, attention, offsets = [], [], [], [], []
+        for spans, ids, labels in rows:
+            gather = []
+            for is_dense, start, n in spans:
+                first = start + (len(text_ids) if is_dense else 0)
+                gather.extend(range(first, first + n))
+            pad = width - len(ids)
+            offsets.append(pad if pad_left else 0)
+            if pad_left:
+                index.append([pad_row] * pad + gather)
+                all_ids.append([-1] * pad + ids)
+                all_labels.append([-100] * pad + labels)
+                attention.append([0] * pad + [1] * len(ids))
+            else:
+                index.append(gather + [pad_row] * pad)
+                all_ids.append(ids + [-1] * pad)
+                all_labels.append(labels + [-100] * pad)
+                attention.append([1] * len(ids) + [0] * pad)
+        embeds = source[torch.tensor(index, device=device)]
         mark_index = {}
         for name, spans in marks.items():
-            r = torch.cat([torch.full((n,), b, dtype=torch.long) for b, _, n in spans])
-            c = torch.cat([torch.arange(offsets[b] + s, offsets[b] + s + n) for b, s, n in spans])
-            mark_index[name] = (r.to(device), c.to(device))
-        return Batch(out_embeds, attn.to(device), out_labels.to(device), out_ids.to(device), mark_index)
+            r = [b for b, _, n in spans for _ in range(n)]
+            c = [offsets[b] + s + k for b, s, n in spans for k in range(n)]
+            mark_index[name] = (torch.tensor(r, device=device), torch.tensor(c, device=device))
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return Batch(embeds, as_tensor(attention), as_tensor(all_labels), as_tensor(all_ids), mark_index)
