@@ -54,6 +54,10 @@ NANO_SAM_OVERRIDES = [
     "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
     "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
     "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    # From scratch, the stride-4/8 skip features let the decoder reach an "every object" mask without
+    # reading its prompt, and it then never learns to (measured: identical IoU for true and random
+    # clicks after 400 steps). Real SAM2 checkpoints keep the skip path.
+    "++model.use_high_res_features_in_sam=false",
 ]
 
 
@@ -65,6 +69,9 @@ class SamSpec(Section):
     overrides: list[str] = Field(default_factory=lambda: list(NANO_SAM_OVERRIDES),
                                  description="Hydra overrides composed onto the config (tiny trunk).")
     checkpoint: str | None = Field(None, description="Official SAM2 `.pt` to load (real use).")
+    pe_gain: float = Field(1.0, gt=0, description="Gain on the prompt encoder's random-Fourier positional "
+                           "encodings. From scratch, 3 shortens the plateau before the mask decoder starts "
+                           "using its prompt; keep 1 for pretrained SAM2.")
 
 
 class TrainableSpec(Section):

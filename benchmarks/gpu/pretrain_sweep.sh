@@ -14,7 +14,7 @@ pids=()
 for spec in "$@"; do
   name=${spec%%=*}; over=${spec#*=}
   bs=$(echo "$over" | grep -o 'data.batch_size=[0-9]*' | cut -d= -f2); bs=${bs:-64}
-  steps=$(python3 -c "print(max(100, int($rate*0.4*$budget*64/$bs)//100*100))")
+  steps=$(python3 -c "print(max(100, int($rate*${FACTOR:-0.4}*$budget*64/$bs)//100*100))")
   echo "$name: $steps steps, overrides: $over"
   ( python3 -m dualrl.launch recipes/pretrain_tiny.yaml $common train.steps=$steps eval.every=$((steps/4)) \
       train.save_every=$((steps/4)) output_dir=/tmp/runs/$name $over > /tmp/runs_$name.log 2>&1

@@ -62,7 +62,8 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         vlm = InternVLForConditionalGeneration(_internvl_config(spec, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")))
-        sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint)
+        sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint,
+                               spec.sam.pe_gain)
         model = GroundedVLM(vlm, sam, tokenizer, spec)
     if spec.pretrained:
         load_weights(model, Path(spec.pretrained) / "model.safetensors")

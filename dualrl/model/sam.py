@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from sam2.build_sam import build_sam2
+from sam2.modeling.position_encoding import PositionEmbeddingRandom
 from sam2.modeling.sam2_base import SAM2Base
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +34,20 @@ VIDEO_ONLY_PREFIXES = (
 )
 
 
-def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: str | None) -> SAM2Base:
+class ScaledPositionEmbedding(PositionEmbeddingRandom):
+    """SAM2's random-Fourier positional encoding with a gain on its output (same buffers and state_dict).
+
+    Prompt and image encodings both pass through it, so the gain strengthens the position match the
+    decoder's attention must learn; from scratch this shortens the plateau before prompts are used."""
+
+    pe_gain: float = 1.0
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.pe_gain * super()._pe_encoding(coords)
+
+
+def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: str | None,
+              pe_gain: float = 1.0) -> SAM2Base:
     """Compose SAM2 from one of the package's configs plus hydra overrides; load a `.pt` if given.
 
     `apply_postprocessing` is off: its dynamic multimask fallback changes outputs between train and eval
@@ -44,6 +58,10 @@ def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: st
         config, ckpt_path=checkpoint, device="cpu", mode="train", hydra_overrides_extra=extra,
         apply_postprocessing=False,
     )
+    if pe_gain != 1.0:
+        pe = model.sam_prompt_encoder.pe_layer
+        pe.__class__ = ScaledPositionEmbedding  # a class swap keeps deepcopy and pickling working
+        pe.pe_gain = pe_gain
     return model
 
 
