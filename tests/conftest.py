@@ -15,6 +15,7 @@ TINY = [
     "model.pretrained=null",
     "model.max_caption_tokens=6",
     "model.multimask=false",
+    "model.sam.image_size=128",
     "model.trainable.lora_r=8",
     "model.trainable.lora_alpha=16",
     "data.batch_size=4",

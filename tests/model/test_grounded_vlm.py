@@ -98,3 +98,19 @@ def test_architecture_mismatch_is_refused(tmp_path, tiny_spec):
         assert "model.text.layers: recipe 3 vs checkpoint 2" in str(err)
     else:
         raise AssertionError("mismatch not detected")
+
+
+def test_committed_pretrained_checkpoint_refers():
+    """The committed tiny checkpoint loads into the default recipe's model and segments held-out regions
+    from their expressions far better than random init does (random init: mIoU about 0.05)."""
+    from dualrl.algo.losses import mask_iou
+    from dualrl.data.shapes import ShapesDataset, collate_regions
+    from dualrl.recipe import load_recipe
+
+    spec = load_recipe("recipes/sft_dual.yaml", ["output_dir=unused"]).model
+    model = build_model(spec).eval()
+    ds = ShapesDataset("val", 32)
+    batch = collate_regions([ds[i] for i in range(32)])
+    with torch.no_grad():
+        logits, *_ = model.segment(batch["images"], batch["expression"])
+    assert mask_iou(logits, batch["masks"]).mean() > 0.35
