@@ -45,7 +45,7 @@ def save_checkpoint(output_dir: Path, step: int, learner_state: dict, run_state:
     tmp.mkdir()
     _save_tensors(learner_state["model"], tmp / "trainable.safetensors")
     _save_tensors(learner_state["ema"], tmp / "ema.safetensors")
-    rng = rng_state()
+    rng = learner_state["rng"]
     torch.save({
         "optimizer": learner_state["optimizer"], "scheduler": learner_state["scheduler"],
         "rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
@@ -77,8 +77,7 @@ def load_latest(output_dir: Path) -> tuple[dict, dict] | None:
         "optimizer": opt["optimizer"], "scheduler": opt["scheduler"],
         "skipped_steps": meta.pop("skipped_steps"),
     }
-    rng = {"torch": opt["rng_torch"], "python": meta.pop("rng_python")}
+    learner_state["rng"] = {"torch": opt["rng_torch"], "python": meta.pop("rng_python")}
     if opt.get("rng_cuda") is not None:
-        rng["cuda"] = opt["rng_cuda"]
-    meta["rng"] = rng
+        learner_state["rng"]["cuda"] = opt["rng_cuda"]
     return learner_state, meta

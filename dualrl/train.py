@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dualrl.algo.objectives import OBJECTIVES
-from dualrl.checkpoint import load_latest, save_checkpoint, set_rng_state
+from dualrl.checkpoint import load_latest, save_checkpoint
 from dualrl.data.loader import build_datasets, eval_batches, train_stream
 from dualrl.evaluate import evaluate
 from dualrl.logger import RunLogger
@@ -40,7 +40,6 @@ def run(recipe: Recipe) -> dict:
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    torch.manual_seed(recipe.train.seed)
 
     train_set, val_set = build_datasets(recipe.data)
     runtime = start_runtime(recipe)
@@ -50,7 +49,6 @@ def run(recipe: Recipe) -> dict:
         learner_state, run_state = resumed
         runtime.learner.load_state_dict(learner_state)
         start_step, position = run_state["step"], run_state["data_position"]
-        set_rng_state(run_state["rng"])
         log.info("resumed from %s at step %d", out / "checkpoints", start_step)
     logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"), resumed=resumed is not None)
     runtime.sync()

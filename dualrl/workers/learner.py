@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 
 import torch
 
 from dualrl.algo.ema import EMA
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.objectives import build_objective
+from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class Learner:
     def __init__(self, recipe, device: str):
         self.recipe = recipe
         self.device = device
+        # The learner's process owns the randomness of training (LoRA init and dropout): seeded here, and
+        # saved with its checkpoints, so a run is the same in-process or in a Ray actor, and on resume.
+        torch.manual_seed(recipe.train.seed)
+        random.seed(recipe.train.seed)
         self.model = build_model(recipe.model, device)
         self.model.train()
         self.objective = build_objective(recipe.algo, self.model)
@@ -105,6 +111,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,3 +120,4 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state["skipped_steps"])
+        set_rng_state(state["rng"])
