@@ -41,6 +41,11 @@ def _pick_references(batch: dict, rows: list[int], generator: torch.Generator) -
     return out
 
 
+def _canonical(batch: dict, rows: list[int]) -> list[str]:
+    """The caption target of each region: its first (canonical) reference."""
+    return [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
+
+
 class _MaskTerms:
     """BCE + dice (Sa2VA parity) on a group of predicted masks, plus the training IoU for logging."""
 
@@ -85,8 +90,7 @@ class Pretrain:
         gt = batch["masks"][index].to(device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
-        captions = [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
-        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, captions))
+        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, _canonical(batch, rows)))
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
                 + self.spec.caption_weight * caption_loss)
@@ -130,7 +134,7 @@ class SftDual:
 
         # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions).
         answers: list = [Ids(self._teacher_forced(c, generator), mark="caption") for c in rollout.ids]
-        answers += [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
+        answers += _canonical(batch, rows)
         cap_index = torch.cat([all_idx, torch.tensor(rows, dtype=torch.long)])
         cap_seq = model.assemble(model.region_prompts(image_tokens, masks[cap_index], cap_index, answers))
         cap_hidden = model.lm_hidden(cap_seq)

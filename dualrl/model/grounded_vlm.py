@@ -97,14 +97,14 @@ class GroundedVLM(nn.Module):
         inner = self.vlm.model
         vspec = self.spec.vision
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.vision):
-            px = samlib.sam_pixels(images, vspec.image_size).to(self.text_hidden_fcs[0].weight.dtype)
+            px = samlib.imagenet_pixels(images, vspec.image_size).to(self.text_hidden_fcs[0].weight.dtype)
             tokens = inner.vision_tower(pixel_values=px).last_hidden_state[:, 1:]  # drop CLS
             b, n, c = tokens.shape
             side = int(n**0.5)
             grid = inner.pixel_shuffle(tokens.reshape(b, side, side, c), scale_factor=inner.config.downsample_ratio)
             vision = grid.reshape(b, -1, grid.shape[-1])
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
-            sam_feats = samlib.encode(self.sam, samlib.sam_pixels(images, self.spec.sam.image_size))
+            sam_feats = samlib.encode(self.sam, samlib.imagenet_pixels(images, self.spec.sam.image_size))
         return ImageFeatures(vision=vision, sam=sam_feats)
 
     def project(self, feats: ImageFeatures) -> Tensor:

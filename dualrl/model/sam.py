@@ -76,8 +76,9 @@ class SamFeatures:
         return SamFeatures(self.image_embed[index], [f[index] for f in self.high_res])
 
 
-def sam_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B,3,H,W] → float SAM input: plain square resize (aspect squashed, as Sa2VA), ImageNet norm."""
+def imagenet_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B,3,H,W] → float input of either encoder (SAM2 and InternViT both use ImageNet statistics):
+    plain square resize (aspect squashed, as Sa2VA does for SAM2), ImageNet normalisation."""
     x = images.float().div(255.0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
