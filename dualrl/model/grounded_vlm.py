@@ -58,6 +58,7 @@ class GroundedVLM(nn.Module):
         self.pad_id = tokenizer.pad_token_id
         self.prompts = PromptBuilder(spec.prompts, tokenizer.eos_token)
         self._assembler: Assembler | None = None
+        self._features: tuple[Tensor, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -89,10 +90,18 @@ class GroundedVLM(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
+        self._features = None
 
     # -------------------------------------------------------------------------------------- images
     def encode_images(self, images: Tensor) -> ImageFeatures:
-        """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd."""
+        """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd.
+
+        Without autograd, the last result is kept for the same images tensor (identity, held until
+        replaced, so it cannot be a recycled object): describing and then scoring one batch with one model
+        — the teacher in the local runtime, or eval — encodes each image once."""
+        if not torch.is_grad_enabled() and self._features is not None and self._features[0] is images:
+            return self._features[1]
+        key = images
         images = images.to(self.device)
         inner = self.vlm.model
         vspec = self.spec.vision
@@ -105,7 +114,10 @@ class GroundedVLM(nn.Module):
             vision = grid.reshape(b, -1, grid.shape[-1])
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
             sam_feats = samlib.encode(self.sam, samlib.imagenet_pixels(images, self.spec.sam.image_size))
-        return ImageFeatures(vision=vision, sam=sam_feats)
+        feats = ImageFeatures(vision=vision, sam=sam_feats)
+        if not torch.is_grad_enabled():
+            self._features = (key, feats)
+        return feats
 
     def project(self, feats: ImageFeatures) -> Tensor:
         """InternVL's mlp1 on the vision tokens -> LLM-space image tokens [B, T, H]."""

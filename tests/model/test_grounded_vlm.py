@@ -114,3 +114,22 @@ def test_committed_pretrained_checkpoint_refers():
     with torch.no_grad():
         logits, *_ = model.segment(batch["images"], batch["expression"])
     assert mask_iou(logits, batch["masks"]).mean() > 0.35
+
+
+def test_images_are_encoded_once_for_describe_and_segment(tiny_model, region_batch, monkeypatch):
+    """Describing and then segmenting the same batch without autograd encodes the images once; new weights
+    or a new images tensor encode again."""
+    from dualrl.model import sam as samlib
+
+    calls = []
+    original = samlib.encode
+    monkeypatch.setattr(samlib, "encode", lambda *a: calls.append(1) or original(*a))
+    images = region_batch["images"].clone()
+    with torch.no_grad():
+        tiny_model.describe(images, region_batch["masks"], max_new_tokens=2)
+        tiny_model.segment(images, region_batch["expression"])
+        assert len(calls) == 1
+        tiny_model.load_trainable(tiny_model.trainable_state())
+        tiny_model.segment(images, region_batch["expression"])
+        tiny_model.segment(images.clone(), region_batch["expression"])
+    assert len(calls) == 3
