@@ -40,6 +40,10 @@ class Captions:
     logprobs: list[Tensor]  # log-prob of each generated id under the sampling distribution
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
+
+
 class GroundedVLM(nn.Module):
     def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec):
         super().__init__()
@@ -58,7 +62,7 @@ class GroundedVLM(nn.Module):
         self.pad_id = tokenizer.pad_token_id
         self.prompts = PromptBuilder(spec.prompts, tokenizer.eos_token)
         self._assembler: Assembler | None = None
-        self._features: tuple[Tensor, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
+        self._features: tuple[tuple, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -97,11 +101,12 @@ class GroundedVLM(nn.Module):
         """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd.
 
         Without autograd, the last result is kept for the same images tensor (identity, held until
-        replaced, so it cannot be a recycled object): describing and then scoring one batch with one model
-        — the teacher in the local runtime, or eval — encodes each image once."""
-        if not torch.is_grad_enabled() and self._features is not None and self._features[0] is images:
+        replaced, so it cannot be a recycled object) and unchanged encoder weights (their in-place version
+        counters, which optimizer steps bump): describing and then scoring one batch with one model — the
+        teacher in the local runtime, or eval — encodes each image once."""
+        key = (images, self._encoder_versions())
+        if not torch.is_grad_enabled() and self._features is not None and _same_key(self._features[0], key):
             return self._features[1]
-        key = images
         images = images.to(self.device)
         inner = self.vlm.model
         vspec = self.spec.vision
@@ -118,6 +123,11 @@ class GroundedVLM(nn.Module):
         if not torch.is_grad_enabled():
             self._features = (key, feats)
         return feats
+
+    def _encoder_versions(self) -> tuple[int, int]:
+        vision = next(self.vlm.model.vision_tower.parameters())
+        sam = next(self.sam.image_encoder.parameters())
+        return vision._version, sam._version
 
     def project(self, feats: ImageFeatures) -> Tensor:
         """InternVL's mlp1 on the vision tokens -> LLM-space image tokens [B, T, H]."""

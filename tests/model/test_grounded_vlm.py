@@ -133,3 +133,14 @@ def test_images_are_encoded_once_for_describe_and_segment(tiny_model, region_bat
         tiny_model.segment(images, region_batch["expression"])
         tiny_model.segment(images.clone(), region_batch["expression"])
     assert len(calls) == 3
+
+
+def test_encoding_is_not_reused_after_encoder_weights_change(tiny_model, region_batch):
+    """An optimizer-style in-place update of an encoder weight invalidates the kept encoding."""
+    images = region_batch["images"].clone()
+    with torch.no_grad():
+        first = tiny_model.encode_images(images)
+        assert tiny_model.encode_images(images) is first
+        weight = next(tiny_model.sam.image_encoder.parameters())
+        weight.add_(0.0)  # bumps the version counter as an optimizer step does
+        assert tiny_model.encode_images(images) is not first
