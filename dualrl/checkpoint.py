@@ -81,3 +81,26 @@ def load_latest(output_dir: Path) -> tuple[dict, dict] | None:
     if opt.get("rng_cuda") is not None:
         learner_state["rng"]["cuda"] = opt["rng_cuda"]
     return learner_state, meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run's output_dir, its checkpoints/ folder or a step_N folder -> the step folder to read."""
+    path = Path(path)
+    if (path / "trainable.safetensors").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        if pointer.is_file():
+            step = root / pointer.read_text().strip()
+            if (step / "trainable.safetensors").is_file():
+                return step
+    raise FileNotFoundError(
+        f"no dualrl checkpoint at {str(path)!r} (expected an output_dir with checkpoints/latest, or a step_N "
+        "folder with trainable.safetensors). Run the recipe that makes it first, e.g. `python -m dualrl.launch "
+        "recipes/sft_dual.yaml` writes outputs/sft_dual/checkpoints/.")
+
+
+def load_trainable_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """The EMA's or the student's trainable tensors of a checkpoint (see `resolve_checkpoint`)."""
+    step = resolve_checkpoint(path)
+    return load_file(str(step / ("ema.safetensors" if which == "ema" else "trainable.safetensors")))

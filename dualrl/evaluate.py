@@ -3,23 +3,32 @@
 - `eval/ref_miou`: the student segments each region from its reference expression (RefCOCO-style).
 - `eval/cycle_miou`: the student describes each region (greedy), the EMA segmenter segments that caption,
   IoU with the original mask — the dual loop's own measure of grounded captioning.
+- `eval/meteor`: METEOR of the student's captions against the regions' references (real WordNet); left
+  out, with one warning, where WordNet is not installed.
 IoU is computed at the mask's full resolution (logits upsampled), not at the low-res logit size, where
 nearest-downsampled targets would cap it.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dualrl.algo.losses import mask_iou
 
+log = logging.getLogger(__name__)
+
 
 def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], list[dict]]:
     ref_ious, cycle_ious, soft_ious, exact, lengths, examples = [], [], [], [], [], []
+    texts, references = [], []
     for batch in batches:
         ref_iou, _ = runtime.learner.refer(batch)
         captions = runtime.learner.describe(batch)
-        scores = runtime.reward.score(batch, captions.ids)
+        scores = runtime.reward.segment(batch, captions.ids)
+        texts += captions.texts
+        references += [list(r) for r in batch["references"]]
         ref_ious.append(ref_iou)
         cycle_ious.append(scores["mask_iou"])
         soft_ious.append(scores["mask_soft_iou"])
@@ -38,7 +47,21 @@ def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], l
         "eval/caption_exact": sum(exact) / max(1, len(exact)),
         "eval/caption_tokens": sum(lengths) / max(1, len(lengths)),
     }
+    metrics.update(_meteor(texts, references))
     return metrics, examples
+
+
+def _meteor(texts: list[str], references: list[list[str]]) -> dict[str, float]:
+    try:
+        from rewards.meteor import meteor_scores
+
+        scores = [s for s in meteor_scores(texts, references) if s is not None]
+    except (ImportError, RuntimeError) as err:  # nltk or WordNet missing: the message says how to get it
+        if not getattr(_meteor, "warned", False):
+            log.warning("eval/meteor left out: %s", err)
+            _meteor.warned = True
+        return {}
+    return {"eval/meteor": sum(scores) / len(scores)} if scores else {}
 
 
 def _full_res(logits: torch.Tensor, size) -> torch.Tensor:

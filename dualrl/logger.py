@@ -40,7 +40,8 @@ class RunLogger:
             self.wandb.log(clean, step=step)
         self.last.update(clean)
         shown = {k.split("/")[-1]: f"{self.last[k]:.3g}" for k in
-                 ("train/loss", "train/dual_iou", "train/ref_iou", "eval/ref_miou", "eval/cycle_miou")
+                 ("train/loss", "train/dual_iou", "train/ref_iou", "reward/total", "eval/ref_miou",
+                  "eval/cycle_miou")
                  if k in self.last}
         self.bar.set_postfix(shown, refresh=False)
 
@@ -69,6 +70,31 @@ class RunLogger:
             table.add_data(wandb.Image(overlay(r["image"], r["mask"], r["pred"])), r["reference"], r["caption"],
                            r["cycle_iou"], r["ref_iou"])
         self.wandb.log({"eval/examples": table}, step=step)
+
+    def groups(self, step: int, batch: dict, rollout, scored, regions: int = 2) -> None:
+        """A few regions with all G of their sampled captions, each reward's score and the total: appended
+        to `rollouts.jsonl` and logged as the wandb table `train/rollouts`."""
+        g = rollout.group_size
+        rows = []
+        for r in range(min(regions, len(batch["masks"]))):
+            for i in range(r * g, r * g + g):
+                rows.append({"step": step, "region": r, "reference": batch["expression"][r],
+                             "caption": rollout.captions.texts[i], "total": float(scored.total[i]),
+                             **{k: v[i] for k, v in scored.scores.items()}})
+        with (self.path.parent / "rollouts.jsonl").open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.wandb is None or not rows:
+            return
+        import wandb
+
+        keys = list(scored.scores)
+        table = wandb.Table(columns=["region", "overlay", "reference", "caption", "total", *keys])
+        for row in rows:
+            r = row["region"]
+            empty = np.zeros_like(batch["masks"][r].numpy())
+            image = wandb.Image(overlay(batch["images"][r].numpy(), batch["masks"][r].numpy(), empty))
+            table.add_data(r, image, row["reference"], row["caption"], row["total"], *[row[k] for k in keys])
+        self.wandb.log({"train/rollouts": table}, step=step)
 
     def close(self, summary: dict | None = None) -> None:
         self.bar.close()

@@ -111,6 +111,11 @@ class PromptSpec(Section):
 class ModelSpec(Section):
     pretrained: str | None = Field(None, description="A dualrl model directory to start from "
                                    "(model.safetensors + tokenizer.json + arch.json).")
+    init_from: str | None = Field(None, description="A dualrl training run (its output_dir, its checkpoints/ "
+                                  "folder or one step_N folder) whose trainable weights start this run, on top "
+                                  "of `pretrained`: how grpo continues from an sft_dual run.")
+    init_weights: Literal["ema", "policy"] = Field("ema", description="Which weights of `init_from` to take: "
+                                                   "the EMA teacher's or the student's.")
     vision: VisionSpec = Field(default_factory=VisionSpec)
     text: TextSpec = Field(default_factory=TextSpec)
     sam: SamSpec = Field(default_factory=SamSpec)
@@ -180,11 +185,36 @@ class PretrainSpec(Section):
                                 "segment whatever it is pointed at, as pretrained SAM2 already can.")
 
 
+class GrpoSpec(Section):
+    """GRPO on the captioner (knob names as TRL's GRPOConfig); the segmenter keeps its SFT mask loss."""
+
+    num_generations: int = Field(8, ge=2, description="G: captions sampled per region.")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_length: int | None = Field(None, gt=0, description="Caption tokens per sample "
+                                              "(None: model.max_caption_tokens).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip: 1 + epsilon_high (None: epsilon; "
+                                       "DAPO's clip-higher uses e.g. 0.28).")
+    beta: float = Field(0.0, ge=0, description="k3 KL to a frozen copy of the starting captioner (0: none, "
+                        "and no reference model is built).")
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    num_iterations: int = Field(1, ge=1, description="Optimizer updates per rollout batch (the first pass's "
+                                "log-probs are kept as the old policy's for the ratios).")
+    policy_weight: float = Field(1.0, ge=0, description="Weight of the GRPO term in the learner's loss.")
+    seg_target: Literal["reference_or_best", "reference", "best"] = Field(
+        "reference_or_best", description="What the segmenter's SFT mask loss segments from: a region's "
+        "reference expression, its best-rewarded caption, or the reference where there is one, else the best.")
+    seg_weight: float = Field(1.0, ge=0, description="Weight of the segmenter's BCE + dice loss.")
+
+
 class AlgoSpec(Section):
-    name: Literal["pretrain", "sft_dual"] = "sft_dual"
+    name: Literal["pretrain", "sft_dual", "grpo"] = "sft_dual"
     loss: LossSpec = Field(default_factory=LossSpec)
     sft_dual: SftDualSpec = Field(default_factory=SftDualSpec)
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
     ema_decay: float = Field(0.999, ge=0, lt=1)
 
 
@@ -231,6 +261,27 @@ class WandbSpec(Section):
     table_rows: int = Field(8, ge=0, description="Regions shown in the eval overlay table.")
 
 
+class RewardSpec(BaseModel):
+    """One reward plugin: a built-in `name`, a `module:attr`, or `path` (a .py file) + `name` (a function or
+    class in it). Keys other than the ones below are the plugin's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    path: str | None = None
+    weight: float = 1.0
+    timeout_s: float = Field(60.0, gt=0, description="A call that takes longer is a failure of that step.")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def key(self) -> str:
+        """The name metrics are logged under (`reward/<key>`)."""
+        return self.name.rpartition(":")[2]
+
+
 class Recipe(Section):
     output_dir: str
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -241,24 +292,41 @@ class Recipe(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="mask_iou")], description=
+                                      "Reward plugins and their weights; their weighted sum drives grpo and is "
+                                      "logged as reward/total by every algorithm.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.data.shapes.min_objects > self.data.shapes.max_objects:
             raise ValueError("data.shapes.min_objects must not exceed data.shapes.max_objects")
+        keys = [r.key for r in self.rewards]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"rewards: two plugins log under the same name ({keys})")
+        if self.algo.name == "grpo" and not any(r.weight for r in self.rewards):
+            raise ValueError("algo.name=grpo needs at least one reward with a non-zero weight in `rewards`")
         return self
 
 
 # ------------------------------------------------------------------------------------------- loading
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """`a.b=v` sets a nested key; a numeric part indexes a list (`rewards.1.weight=0.5`)."""
     parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"override {key}: {part!r} is not an index of a {len(node)}-entry list")
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"override {key}: {parts[i - 1]} is a value, not a section")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -312,6 +380,24 @@ def check_paths(recipe: Recipe) -> None:
     ckpt = recipe.model.sam.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         raise RecipeError(f"model.sam.checkpoint: file not found: {ckpt!r}")
+    if recipe.model.init_from is not None:
+        from dualrl.checkpoint import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(recipe.model.init_from)
+        except FileNotFoundError as err:
+            raise RecipeError(f"model.init_from: {err}") from None
+
+
+def check_rewards(recipe: Recipe) -> None:
+    """Every reward plugin can be found and takes the options the recipe gives it."""
+    from rewards.registry import RewardConfigError, resolve_plugin
+
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            resolve_plugin(spec)
+        except RewardConfigError as err:
+            raise RecipeError(f"rewards[{i}] ({spec.key}): {err}") from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
@@ -336,6 +422,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
     except ValidationError as err:
         raise RecipeError(_format_errors(err)) from None
     check_paths(recipe)
+    check_rewards(recipe)
     return recipe
 
 

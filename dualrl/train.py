@@ -1,7 +1,7 @@
 """The driver loop: one dual-loop step after another, for every algorithm and runtime.
 
-    batch ─ rollout.describe ─ captions ─ reward.score ─ cycle IoU ─ learner.step ─ metrics
-                                                      sync EMA weights -> rollout/reward every k steps
+    batch ─ rollout.describe ─ captions ─ reward.score ─ rewards ─ learner.step ─ metrics
+                                               sync weights -> rollout/reward every k steps
 
 Algorithms differ inside `learner.step` (the objective), runtimes inside `start_runtime`; this file reads
 top to bottom the same way for all of them.
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.rollout import Rollout
 from dualrl.checkpoint import load_latest, save_checkpoint
 from dualrl.data.loader import build_datasets, eval_batches, train_stream
 from dualrl.evaluate import evaluate
@@ -27,10 +28,18 @@ from dualrl.runtime import start_runtime
 log = logging.getLogger("dualrl")
 
 
+ROLLOUT_SEED = 1 << 40  # offsets the rollout's seeds from the learner's generator seeds of the same step
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The randomness of one step (caption sampling, Gumbel noise, point sampling, reference choice) is a
+    function of the step alone, so a resumed run draws exactly what an uninterrupted one would, and a
+    rollout worker in another process samples what an in-process one would."""
+    return seed * 1_000_003 + step
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The randomness of one step (Gumbel noise, point sampling, reference choice), a function of the step
-    alone, so a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 def run(recipe: Recipe) -> dict:
@@ -62,7 +71,7 @@ def run(recipe: Recipe) -> dict:
 
     if start_step == 0 and recipe.eval.at_start:
         run_eval(0)
-    needs_rollout = OBJECTIVES[recipe.algo.name].needs_rollout
+    plan = OBJECTIVES[recipe.algo.name].plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
     batches = train_stream(train_set, recipe.data.batch_size, position, stop - start_step, recipe.data.num_workers)
     metrics: dict[str, float] = {}
@@ -72,12 +81,12 @@ def run(recipe: Recipe) -> dict:
         position += len(batch["expression"])
         metrics = {}
         rollout = None
-        if needs_rollout:
-            rollout = runtime.rollout.describe(batch)
-            scores = runtime.reward.score(batch, rollout.ids)
-            metrics["reward/mask_iou"] = scores["mask_iou"].mean().item()
-            metrics["train/cycle_iou"] = metrics["reward/mask_iou"]
-            metrics["train/caption_tokens"] = sum(len(i) for i in rollout.ids) / len(rollout.ids)
+        if plan is not None:
+            captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(recipe.train.seed, step))
+            scored = runtime.reward.score(batch, captions, plan.group_size)
+            rollout = Rollout(captions, plan.group_size, scored.total)
+            metrics.update(scored.metrics)
+            metrics["train/caption_tokens"] = sum(len(i) for i in captions.ids) / len(captions)
         metrics.update(runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step)))
         if step % recipe.train.sync_every == 0:
             metrics.update(runtime.sync())
@@ -85,6 +94,8 @@ def run(recipe: Recipe) -> dict:
         if step % recipe.train.log_every == 0 or step == stop:
             logger.log(step, metrics)
         if step % recipe.eval.every == 0 or step == recipe.train.steps:
+            if rollout is not None and plan.group_size > 1:
+                logger.groups(step, batch, rollout, scored)
             metrics.update(run_eval(step))
         if step % recipe.train.save_every == 0 or step == stop:
             save_checkpoint(out, step, runtime.learner.state_dict(), {"data_position": position},

@@ -56,4 +56,35 @@ def test_launch_rejects_before_building(capsys):
     assert main(["recipes/sft_dual.yaml", "algo.name=ppo"]) == 2
     assert time.time() - t0 < 5
     err = capsys.readouterr().err
-    assert err.startswith("error: invalid recipe") and "algo.name" in err and "'pretrain' or 'sft_dual'" in err
+    assert err.startswith("error: invalid recipe") and "algo.name" in err and "'pretrain', 'sft_dual' or 'grpo'" in err
+
+
+def test_grpo_recipe_needs_its_starting_run():
+    """grpo_dual continues from the sft_dual default's output; when that run is missing, the message says
+    which key, what was expected and the command that makes it."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe("recipes/grpo_dual.yaml", ["model.init_from=/no/such/run"])
+    msg = str(err.value)
+    assert msg.startswith("model.init_from: no dualrl checkpoint at '/no/such/run'")
+    assert "python -m dualrl.launch recipes/sft_dual.yaml" in msg
+
+
+def test_reward_entries_are_checked_at_load():
+    """A reward that cannot be found or takes other options fails the recipe with its list position."""
+    with pytest.raises(RecipeError, match=r"rewards\[1\] \(lenght\): unknown reward 'lenght'"):
+        load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: lenght}]"])
+    with pytest.raises(RecipeError, match=r"rewards\[0\] \(mask_iou\): unknown option\(s\) \['sof'\]"):
+        load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou, sof: true}]"])
+    with pytest.raises(RecipeError, match="two plugins log under the same name"):
+        load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: length}, {name: rewards.shaping:length}]"])
+    with pytest.raises(RecipeError, match="needs at least one reward with a non-zero weight"):
+        load_recipe("recipes/sft_dual.yaml", ["algo.name=grpo", "rewards=[{name: length, weight: 0}]"])
+
+
+def test_list_entries_take_indexed_overrides():
+    """`rewards.1.weight=0.5` reaches into the list; an index past its end is refused."""
+    r = load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: length}]", "rewards.1.weight=0.5",
+                                              "rewards.1.max_words=9"])
+    assert r.rewards[1].weight == 0.5 and r.rewards[1].options == {"max_words": 9}
+    with pytest.raises(RecipeError, match="'2' is not an index of a 2-entry list"):
+        load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: length}]", "rewards.2.weight=1"])

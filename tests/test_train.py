@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dualrl.recipe import load_recipe
 from dualrl.train import run
@@ -53,7 +54,7 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
     for a, b in zip(whole, split):
         assert a.keys() == b.keys()
         for key in a:
-            if key.startswith("sync/"):  # wall-clock timings
+            if key.startswith("sync/") or key.endswith("/ms"):  # wall-clock timings
                 continue
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
@@ -65,3 +66,36 @@ def test_pretrain_runs_without_rollout(tmp_path):
                 "model.trainable.lora=false", "model.trainable.llm=true"))
     train = [m for m in _lines(out) if "train/loss" in m]
     assert "train/caption_loss" in train[-1] and "reward/mask_iou" not in train[-1]
+
+
+def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):
+    """grpo starts from an sft_dual run's EMA weights (model.init_from), samples G captions per region,
+    logs every reward, the GRPO diagnostics and a rollouts table, and resumes to the same metrics."""
+    from safetensors.torch import load_file
+
+    from dualrl.model.build import build_model
+
+    run(_recipe(tmp_path / "sft", "train.steps=1", "eval.at_start=false"))
+    grpo = ["algo.name=grpo", f"model.init_from={tmp_path / 'sft'}", "algo.grpo.num_generations=2",
+            "rewards=[{name: mask_iou}, {name: length, weight: 0.1}, {name: repetition, weight: 0.1}]",
+            "train.steps=3", "eval.every=3", "train.save_every=1"]
+    recipe = _recipe(tmp_path / "whole", *grpo)
+    ema = load_file(str(tmp_path / "sft" / "checkpoints" / "step_1" / "ema.safetensors"))
+    start = build_model(recipe.model).trainable_state()
+    assert start.keys() == ema.keys() and all(torch.equal(start[k], ema[k]) for k in ema)
+
+    run(recipe)
+    run(_recipe(tmp_path / "split", *grpo, "train.stop_at_step=2"))
+    run(_recipe(tmp_path / "split", *grpo))
+    whole, split = _lines(tmp_path / "whole"), _lines(tmp_path / "split")
+    train = [m for m in whole if "train/loss" in m]
+    for key in ("reward/total", "reward/mask_iou", "reward/length", "reward/repetition/failures", "grpo/clip_frac",
+                "grpo/adv_std", "grpo/zero_spread_frac", "grpo/caption_len", "train/seg_iou"):
+        assert key in train[-1], key
+    assert [m["step"] for m in whole] == [m["step"] for m in split]
+    for a, b in zip(whole, split):
+        for key in a:
+            if not (key.startswith("sync/") or key.endswith("/ms")):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and {"caption", "total", "mask_iou", "length"} <= rows[0].keys()

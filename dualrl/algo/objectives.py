@@ -4,6 +4,7 @@ branch on the algorithm.
 
 - `Pretrain`: Sa2VA's supervised training at tiny scale: referring segmentation (text -> mask, LM loss on
   "Sure, [SEG].") and region captioning (mask -> reference expression).
+- `Grpo` (`grpo_objective.py`): GRPO on the captioner from rewarded samples, SFT mask loss on the segmenter.
 - `SftDual`: the differentiable dual loop. The EMA model's caption of each region is teacher-forced
   through the student; the student's next-token logits become straight-through top-k Gumbel-softmax soft
   tokens; those tokens are the expression of a referring prompt; `[SEG]` -> SAM2 -> BCE + dice against the
@@ -13,72 +14,34 @@ branch on the algorithm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from dualrl.algo.losses import mask_iou, mask_losses
+from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows
+from dualrl.algo.grpo_objective import Grpo
+from dualrl.algo.rollout import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
 
 
-@dataclass
-class StepOutput:
-    loss: Tensor
-    metrics: dict[str, float]
-
-
-def _pick_references(batch: dict, rows: list[int], generator: torch.Generator) -> list[str]:
-    """One reference per region for referring segmentation: any of its references (RefCOCO keeps several
-    sentences per object), drawn with the step's generator so a resumed run draws the same."""
-    out = []
-    for r in rows:
-        refs = batch["references"][r] or [batch["expression"][r]]
-        out.append(refs[int(torch.randint(len(refs), (1,), generator=generator))])
-    return out
-
-
-def _canonical(batch: dict, rows: list[int]) -> list[str]:
-    """The caption target of each region: its first (canonical) reference."""
-    return [batch["references"][r][0] if batch["references"][r] else batch["expression"][r] for r in rows]
-
-
-class _MaskTerms:
-    """BCE + dice (Sa2VA parity) on a group of predicted masks, plus the training IoU for logging."""
-
-    def __init__(self, loss_spec):
-        self.spec = loss_spec
-
-    def __call__(self, logits: Tensor, gt: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        s = self.spec
-        terms = mask_losses(
-            logits, gt, num_points=s.num_points, oversample_ratio=s.oversample_ratio,
-            importance_sample_ratio=s.importance_sample_ratio, bce_weight=s.bce_weight,
-            dice_weight=s.dice_weight, point_sampling=s.point_sampling, generator=generator,
-        )
-        with torch.no_grad():
-            iou = mask_iou(logits.detach(), gt).mean() if len(gt) else logits.new_zeros(())
-        return terms["loss_mask"], terms["loss_dice"], iou
-
-
-def _ref_rows(batch: dict) -> list[int]:
-    return [i for i, e in enumerate(batch["expression"]) if e]
-
-
 class Pretrain:
     needs_rollout = False
+    iterations = 1
+
+    @classmethod
+    def plan(cls, recipe) -> RolloutPlan | None:
+        return None
 
     def __init__(self, algo_spec):
         self.spec = algo_spec.pretrain
         self.llm_weight = algo_spec.loss.llm_weight
-        self.mask_terms = _MaskTerms(algo_spec.loss)
+        self.mask_terms = MaskTerms(algo_spec.loss)
 
     def __call__(self, model: GroundedVLM, batch: dict, rollout, generator: torch.Generator) -> StepOutput:
         device = model.device
-        rows = _ref_rows(batch)
+        rows = ref_rows(batch)
         if not rows:  # nothing supervised in this batch: a zero loss still connected to the graph
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(zero, {})
@@ -86,11 +49,11 @@ class Pretrain:
         feats = model.encode_images(batch["images"][index])
         local = torch.arange(len(rows))
         logits, hidden, seq, image_tokens = model.segment(
-            None, _pick_references(batch, rows, generator), feats=feats, image_index=local)
+            None, pick_references(batch, rows, generator), feats=feats, image_index=local)
         gt = batch["masks"][index].to(device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
-        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, _canonical(batch, rows)))
+        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, canonical(batch, rows)))
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
                 + self.spec.caption_weight * caption_loss)
@@ -110,11 +73,18 @@ class Pretrain:
 
 class SftDual:
     needs_rollout = True
+    rollout_weights = "ema"
+    iterations = 1
+
+    @classmethod
+    def plan(cls, recipe) -> RolloutPlan:
+        """One greedy caption per region by the EMA teacher."""
+        return RolloutPlan(weights=cls.rollout_weights)
 
     def __init__(self, algo_spec, pad_id: int):
         self.spec = algo_spec.sft_dual
         self.llm_weight = algo_spec.loss.llm_weight
-        self.mask_terms = _MaskTerms(algo_spec.loss)
+        self.mask_terms = MaskTerms(algo_spec.loss)
         self.pad_id = pad_id
 
     def _teacher_forced(self, ids: Tensor, generator: torch.Generator) -> Tensor:
@@ -126,7 +96,7 @@ class SftDual:
     def __call__(self, model: GroundedVLM, batch: dict, rollout, generator: torch.Generator) -> StepOutput:
         device = model.device
         n = len(batch["expression"])
-        rows = _ref_rows(batch)
+        rows = ref_rows(batch)
         feats = model.encode_images(batch["images"])  # once, for every prompt below
         image_tokens = model.project(feats)
         masks = batch["masks"].to(device)
@@ -134,7 +104,7 @@ class SftDual:
 
         # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions).
         answers: list = [Ids(self._teacher_forced(c, generator), mark="caption") for c in rollout.ids]
-        answers += _canonical(batch, rows)
+        answers += canonical(batch, rows)
         cap_index = torch.cat([all_idx, torch.tensor(rows, dtype=torch.long)])
         cap_seq = model.assemble(model.region_prompts(image_tokens, masks[cap_index], cap_index, answers))
         cap_hidden = model.lm_hidden(cap_seq)
@@ -151,7 +121,7 @@ class SftDual:
         soft_captions = [Ids(i, embeds=e) for i, e in zip(ids.split(lengths), soft.split(lengths))]
 
         # 3) One referring pass: reference expressions (supervised) and soft captions (dual).
-        texts = _pick_references(batch, rows, generator) + soft_captions
+        texts = pick_references(batch, rows, generator) + soft_captions
         seg_index = torch.cat([torch.tensor(rows, dtype=torch.long), all_idx])
         seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=feats, image_index=seg_index)
         llm_loss = model.lm_loss(seg_hidden, seg_seq)
@@ -181,9 +151,12 @@ def _agreement(ids: Tensor, teacher: list[Tensor]) -> float:
     return (ids.cpu() == torch.cat(teacher)).float().mean().item()
 
 
-def build_objective(algo_spec, model: GroundedVLM):
+def build_objective(algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
     if algo_spec.name == "pretrain":
         return Pretrain(algo_spec)
+    if algo_spec.name == "grpo":
+        return Grpo(algo_spec, model, reference)
     return SftDual(algo_spec, model.pad_id)
 
-OBJECTIVES = {"pretrain": Pretrain, "sft_dual": SftDual}
+
+OBJECTIVES = {"pretrain": Pretrain, "sft_dual": SftDual, "grpo": Grpo}

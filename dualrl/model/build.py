@@ -68,7 +68,22 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     if spec.pretrained:
         load_weights(model, Path(spec.pretrained) / "model.safetensors")
     apply_trainable(model, spec.trainable)
+    if spec.init_from:
+        _init_trainable(model, spec)
     return model.to(device)
+
+
+def _init_trainable(model: GroundedVLM, spec) -> None:
+    """Start from the trainable weights of an earlier run (e.g. grpo from the sft_dual default's EMA)."""
+    from dualrl.checkpoint import load_trainable_weights, resolve_checkpoint
+
+    state = load_trainable_weights(spec.init_from, spec.init_weights)
+    try:
+        model.load_trainable(state)
+    except KeyError as err:
+        raise ValueError(f"model.init_from={spec.init_from!r}: its trainable weights do not fit this recipe's "
+                         f"model (model.trainable must match the run that wrote it): {err}") from None
+    log.info("trainable weights (%s) from %s", spec.init_weights, resolve_checkpoint(spec.init_from))
 
 
 def check_arch(spec, directory: Path) -> None:

@@ -38,6 +38,10 @@ class Captions:
     texts: list[str]
     ids: list[Tensor]  # generated ids per caption, eos excluded
     logprobs: list[Tensor]  # log-prob of each generated id under the sampling distribution
+    finished: list[bool]  # ended with eos (False: cut at max_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -233,11 +237,12 @@ class GroundedVLM(nn.Module):
         if sample:
             logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
-        ids, lps, texts = [], [], []
+        ids, lps, texts, finished = [], [], [], []
         for row, lp in zip(seqs, logp):
             stop = (row == self.eos_id).nonzero()
             n = int(stop[0]) if len(stop) else len(row)
             ids.append(row[:n].cpu())
             lps.append(lp[:n].cpu())
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-        return Captions(texts=texts, ids=ids, logprobs=lps)
+            finished.append(bool(len(stop)))
+        return Captions(texts=texts, ids=ids, logprobs=lps, finished=finished)

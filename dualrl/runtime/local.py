@@ -1,10 +1,13 @@
-"""In-process runtime: the three workers as plain objects. The rollout and reward workers both hold the
-EMA weights, so here they share one model instead of keeping two identical copies."""
+"""In-process runtime: the three workers as plain objects, sharing models where their weights are the same:
+- `sft_dual`: rollout and reward both run the EMA teacher: one teacher model serves both;
+- `grpo`: rollout samples from the current policy: it runs the learner's own model (nothing to sync), and
+  the reward worker holds the EMA teacher."""
 
 from __future__ import annotations
 
 import time
 
+from dualrl.algo.objectives import OBJECTIVES
 from dualrl.model.build import build_model
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
@@ -15,15 +18,15 @@ class LocalRuntime:
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe, device)
         teacher = build_model(recipe.model, device)
-        self.rollout = RolloutWorker(recipe, device, model=teacher)
+        on_policy = getattr(OBJECTIVES[recipe.algo.name], "rollout_weights", "ema") == "policy"
+        self.rollout = RolloutWorker(recipe, device, model=self.learner.model if on_policy else teacher)
         self.reward = RewardWorker(recipe, device, model=teacher)
 
     def sync(self) -> dict[str, float]:
-        """EMA weights -> the teacher model shared by rollout and reward (trainable tensors only)."""
+        """EMA weights -> the teacher model (trainable tensors only)."""
         t0 = time.perf_counter()
-        state = self.learner.sync_state("ema")
-        self.rollout.load_weights(state)
+        self.reward.load_weights(self.learner.sync_state("ema"))
         return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def shutdown(self) -> None:
-        pass
+        self.reward.close()

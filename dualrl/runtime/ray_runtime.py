@@ -13,6 +13,7 @@ import time
 import ray
 import torch
 
+from dualrl.algo.objectives import OBJECTIVES
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
 
@@ -51,12 +52,17 @@ class RayRuntime:
         self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe, device))
         self.reward = _Proxy(ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe, device))
 
+        self.rollout_weights = getattr(OBJECTIVES[recipe.algo.name], "rollout_weights", "ema")
+
     def sync(self) -> dict[str, float]:
-        """EMA weights straight from the learner actor to both workers: the driver only passes the ref."""
+        """Weights straight from the learner actor to the workers (the driver only passes refs): the EMA to
+        the reward worker, and to the rollout worker the EMA (`sft_dual`) or the policy (`grpo`)."""
         t0 = time.perf_counter()
-        ref = self.learner._actor.sync_state.remote("ema")
-        ray.get([self.rollout._actor.load_weights.remote(ref), self.reward._actor.load_weights.remote(ref)])
+        ema = self.learner._actor.sync_state.remote("ema")
+        policy = ema if self.rollout_weights == "ema" else self.learner._actor.sync_state.remote("policy")
+        ray.get([self.rollout._actor.load_weights.remote(policy), self.reward._actor.load_weights.remote(ema)])
         return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def shutdown(self) -> None:
+        self.reward.close()
         ray.shutdown()

@@ -46,7 +46,7 @@ class Learner:
         random.seed(recipe.train.seed)
         self.model = build_model(recipe.model, device)
         self.model.train()
-        self.objective = build_objective(recipe.algo, self.model)
+        self.objective = build_objective(recipe.algo, self.model, self._reference(recipe, device))
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = recipe.optim
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
@@ -55,18 +55,35 @@ class Learner:
         self.ema = EMA(self.model.trainable_state(), recipe.algo.ema_decay)
         self.skipped_steps = 0
 
-    @property
-    def needs_rollout(self) -> bool:
-        return self.objective.needs_rollout
+    @staticmethod
+    def _reference(recipe, device: str):
+        """A frozen copy of the starting model, only for GRPO's KL term (beta > 0)."""
+        if recipe.algo.name != "grpo" or recipe.algo.grpo.beta == 0:
+            return None
+        reference = build_model(recipe.model, device).eval()
+        reference.requires_grad_(False)
+        return reference
 
     def step(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
+        """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
+        then one scheduler step. Metrics are the mean over the updates."""
         self.model.train()
+        sums: dict[str, float] = {}
+        for _ in range(self.objective.iterations):
+            for k, v in self._update(batch, rollout, generator).items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.scheduler.step()
+        metrics = {k: v / self.objective.iterations for k, v in sums.items()}
+        metrics.update({"train/lr": self.scheduler.get_last_lr()[0],
+                        "train/skipped_nonfinite": float(self.skipped_steps)})
+        return metrics
+
+    def _update(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.objective(self.model, batch, rollout, generator)
         out.loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
-        metrics = dict(out.metrics)
         if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
             self.skipped_steps += 1
             log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
@@ -74,12 +91,7 @@ class Learner:
         else:
             self.optimizer.step()
             self.ema.update(self.model.trainable_state())
-        self.scheduler.step()
-        metrics.update({
-            "train/loss": out.loss.item(), "train/grad_norm": grad_norm.item(),
-            "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_nonfinite": float(self.skipped_steps),
-        })
-        return metrics
+        return {**out.metrics, "train/loss": out.loss.item(), "train/grad_norm": grad_norm.item()}
 
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:

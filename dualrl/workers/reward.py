@@ -1,8 +1,10 @@
-"""RewardWorker: owns the EMA segmenter; scores captions by how well they let it find the region again.
+"""RewardWorker: owns the EMA segmenter and the reward plugins.
 
-For each caption: EMA `segment(image, caption)` -> mask' -> IoU(mask', original mask). Each image is
-encoded once for all the captions of its regions. The cycle IoU is reported whether or not a reward drives
-learning (`sft_dual` learns from the differentiable loss and logs this as a diagnostic).
+`segment`: for each caption, EMA `segment(image, caption)` -> mask' -> IoU(mask', original mask); each image
+is encoded once for all the captions of its regions (G captions of a region cost one encoding).
+`score`: that, then every reward plugin of the recipe on the captions (`rewards.registry.RewardSet`): the
+weighted total per caption, each plugin's scores and the `reward/*` metrics. The cycle IoU is reported by
+every algorithm (`sft_dual` learns from its differentiable loss and logs it as a diagnostic).
 """
 
 from __future__ import annotations
@@ -11,28 +13,54 @@ import torch
 
 from dualrl.algo.losses import mask_iou, soft_mask_iou
 from dualrl.model.build import build_model
+from dualrl.model.grounded_vlm import Captions
 from dualrl.model.sequence import Ids
+from rewards.base import RewardInput
+from rewards.registry import RewardResult, RewardSet
+
+_NOT_COLUMNS = ("images", "masks", "references")
 
 
 class RewardWorker:
     def __init__(self, recipe, device: str, model=None):
         self.model = model if model is not None else build_model(recipe.model, device)
         self.model.eval()
+        self.rewards = RewardSet(recipe.rewards)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_trainable(state)
 
     @torch.no_grad()
-    def score(self, batch: dict, caption_ids: list[torch.Tensor], image_index: torch.Tensor | None = None) -> dict:
-        """`caption_ids[i]` describes region `image_index[i]` of the batch (default: i). Returns per-caption
+    def segment(self, batch: dict, caption_ids: list[torch.Tensor], region: torch.Tensor | None = None) -> dict:
+        """`caption_ids[i]` describes region `region[i]` of the batch (default: i). Returns per-caption
         `mask_iou` (thresholded), `mask_soft_iou` and the EMA's low-res mask logits."""
-        if image_index is None:
-            image_index = torch.arange(len(caption_ids))
+        if region is None:
+            region = torch.arange(len(caption_ids))
         feats = self.model.encode_images(batch["images"])
-        logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=image_index)
-        gt = batch["masks"][image_index].to(logits.device)
+        logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=region)
+        gt = batch["masks"][region].to(logits.device)
         return {
             "mask_iou": mask_iou(logits, gt).cpu(),
             "mask_soft_iou": soft_mask_iou(logits, gt).cpu(),
             "logits": logits.cpu(),
         }
+
+    def score(self, batch: dict, captions: Captions, group_size: int = 1) -> RewardResult:
+        """Every reward plugin on the captions; `group_size` consecutive captions per region."""
+        region = torch.arange(len(batch["masks"])).repeat_interleave(group_size)
+        seg = self.segment(batch, captions.ids, region)
+        rows = region.tolist()
+        columns = {k: [v[r] for r in rows] for k, v in batch.items()
+                   if k not in _NOT_COLUMNS and isinstance(v, list) and len(v) == len(batch["masks"])}
+        references = batch.get("references") or [[] for _ in batch["masks"]]
+        inputs = RewardInput(
+            captions=captions.texts, caption_ids=captions.ids, region=region, images=batch["images"],
+            masks=batch["masks"], references=[list(references[r]) for r in rows], group_size=group_size,
+            columns=columns, segmentation={"mask_iou": seg["mask_iou"], "mask_soft_iou": seg["mask_soft_iou"]},
+        )
+        result = self.rewards(inputs)
+        result.metrics["train/cycle_iou"] = seg["mask_iou"].mean().item()
+        return result
+
+    def close(self) -> None:
+        self.rewards.close()

@@ -1,9 +1,11 @@
-"""RolloutWorker: mask -> caption with the weights it was last sent (the EMA teacher in `sft_dual`)."""
+"""RolloutWorker: mask -> captions with the weights it was last sent (the EMA teacher in `sft_dual`, the
+current policy in `grpo`). G captions of one region share one image encoding."""
 
 from __future__ import annotations
 
 import torch
 
+from dualrl.algo.rollout import RolloutPlan
 from dualrl.model.build import build_model
 from dualrl.model.grounded_vlm import Captions
 
@@ -18,6 +20,16 @@ class RolloutWorker:
         self.model.load_trainable(state)
 
     @torch.no_grad()
-    def describe(self, batch: dict, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Captions:
-        return self.model.describe(batch["images"], batch["masks"], sample=sample, temperature=temperature,
-                                   top_p=top_p, max_new_tokens=self.max_new_tokens)
+    def describe(self, batch: dict, plan: RolloutPlan | None = None, seed: int | None = None) -> Captions:
+        """Captions for every region of the batch as `plan` says. With `seed`, sampling draws from its own
+        seeded generator state, so a step samples the same captions in any process and after a resume."""
+        plan = plan or RolloutPlan()
+        self.model.eval()  # the in-process grpo rollout shares the learner's model, which trains between calls
+        region = torch.arange(len(batch["masks"])).repeat_interleave(plan.group_size)
+        cuda = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.model.describe(batch["images"], batch["masks"][region], image_index=region,
+                                       sample=plan.sample, temperature=plan.temperature, top_p=plan.top_p,
+                                       max_new_tokens=plan.max_new_tokens or self.max_new_tokens)

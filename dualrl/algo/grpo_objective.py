@@ -1,0 +1,159 @@
+"""`Grpo`: GRPO on the captioner, SFT mask loss on the segmenter, in one learner step.
+
+The rollout worker sampled G captions per region with the current policy; the reward worker scored them
+(weighted total of the recipe's plugins, EMA mask IoU first among them). Here:
+
+1. the policy's per-token log-probs of every caption (+ its eos when it ended) under the region prompt,
+   teacher-forced in one batch that shares each image's encoding (`selective_log_softmax` from TRL, at the
+   sampling temperature);
+2. group advantages and the clipped GRPO loss (`dualrl.algo.grpo`), with k3 KL to a frozen copy of the
+   starting captioner when `beta > 0`;
+3. the segmenter's BCE + dice (+ LM loss on "Sure, [SEG].") on each region's reference expression where it
+   has one, else on its best-rewarded caption (`algo.grpo.seg_target`).
+
+With `num_iterations > 1` the learner calls this several times on one rollout: the first call's log-probs
+are kept as the old policy's (`Rollout.old_logprobs`), so the ratios of later calls measure the drift.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from dualrl.algo.common import MaskTerms, StepOutput, pick_references
+from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
+from dualrl.algo.rollout import Rollout, RolloutPlan
+from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
+from dualrl.model.sequence import Ids
+
+
+def completion_logprobs(model: GroundedVLM, feats: ImageFeatures, masks: Tensor, region: Tensor,
+                        completions: list[Tensor], temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token log-probs of `completions[i]` as the answer to the region prompt of `region[i]`.
+    Returns (logp [N, T] zero-padded, mask [N, T], the logits they came from [sum(T_i), V])."""
+    image_tokens = model.project(feats)
+    answers = [Ids(c, mark="caption") for c in completions]
+    seq = model.assemble(model.region_prompts(image_tokens, masks[region], region, answers))
+    hidden = model.lm_hidden(seq)
+    rows, cols = seq.marks["caption"]
+    logits = model.logits_at(hidden[rows, cols - 1]).float()  # the position before a token predicts it
+    targets = torch.cat(completions).to(logits.device)
+    logp = selective_log_softmax(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature)[0]
+    lengths = [len(c) for c in completions]
+    padded = pad_sequence(list(logp.split(lengths)), batch_first=True)
+    mask = pad_sequence([torch.ones(n, dtype=torch.bool, device=logp.device) for n in lengths], batch_first=True)
+    return padded, mask, logits
+
+
+class Grpo:
+    needs_rollout = True
+    rollout_weights = "policy"
+
+    def __init__(self, algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
+        self.spec = algo_spec.grpo
+        self.llm_weight = algo_spec.loss.llm_weight
+        self.mask_terms = MaskTerms(algo_spec.loss)
+        self.eos_id = model.eos_id
+        self.max_new_tokens = self.spec.max_completion_length or model.spec.max_caption_tokens
+        if self.spec.beta > 0 and reference is None:
+            raise ValueError("algo.grpo.beta > 0 needs a frozen reference model")
+        self.reference = reference
+
+    @classmethod
+    def plan(cls, recipe) -> RolloutPlan:
+        g = recipe.algo.grpo
+        return RolloutPlan(weights=cls.rollout_weights, group_size=g.num_generations, sample=True,
+                           temperature=g.temperature, top_p=g.top_p,
+                           max_new_tokens=g.max_completion_length or recipe.model.max_caption_tokens)
+
+    @property
+    def iterations(self) -> int:
+        return self.spec.num_iterations
+
+    def _completions(self, rollout: Rollout) -> list[Tensor]:
+        """Caption ids plus the eos that ended them: stopping is part of what the policy chose."""
+        eos = torch.tensor([self.eos_id])
+        return [torch.cat([ids, eos]) if done else ids
+                for ids, done in zip(rollout.captions.ids, rollout.captions.finished)]
+
+    def __call__(self, model: GroundedVLM, batch: dict, rollout: Rollout, generator: torch.Generator) -> StepOutput:
+        s = self.spec
+        device = model.device
+        feats = model.encode_images(batch["images"])  # once: every caption and every seg prompt below
+        masks = batch["masks"].to(device)
+        region = rollout.region
+        completions = self._completions(rollout)
+
+        logp, mask, logits = completion_logprobs(model, feats, masks, region, completions, s.temperature)
+        if rollout.old_logprobs is None:
+            rollout.old_logprobs = logp.detach()
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp, _, _ = completion_logprobs(self.reference, feats, masks, region, completions, s.temperature)
+        rewards = rollout.rewards.to(device)
+        adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
+        pg_loss, pg = grpo_loss(
+            logp, rollout.old_logprobs, adv, mask, epsilon=s.epsilon, epsilon_high=s.epsilon_high, beta=s.beta,
+            ref_logp=ref_logp, loss_type=s.loss_type, max_completion_length=self.max_new_tokens + 1,
+        )
+
+        loss_mask, loss_dice, llm_loss, seg_iou = self._segmenter_terms(model, feats, batch, rollout, rewards,
+                                                                        generator)
+
+        loss = s.policy_weight * pg_loss + s.seg_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits).mean().item() if len(logits) else 0.0
+        metrics = {
+            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
+            "train/llm_loss": llm_loss.item(), "train/seg_iou": seg_iou.item(),
+            "grpo/loss": pg_loss.item(), "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+            "grpo/zero_spread_frac": zero_spread_fraction(rewards, rollout.group_size),
+            "grpo/caption_len": mask.sum(dim=1).float().mean().item(),
+            "grpo/truncated_frac": 1.0 - sum(rollout.captions.finished) / len(completions),
+            "grpo/entropy": entropy,
+            "grpo/rollout_logp_gap": _logp_gap(logp.detach(), rollout.captions.logprobs),
+            **{f"grpo/{k}": v for k, v in pg.items()},
+        }
+        return StepOutput(loss, metrics)
+
+    def _segmenter_terms(self, model: GroundedVLM, feats: ImageFeatures, batch: dict, rollout: Rollout,
+                         rewards: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        texts, rows = self._seg_targets(batch, rollout, rewards, generator)
+        if not rows:  # seg_target=reference and no region in the batch has one
+            zero = model.text_hidden_fcs[0].weight.sum() * 0.0
+            return zero, zero, zero, zero
+        index = torch.tensor(rows, dtype=torch.long)
+        logits, hidden, seq, _ = model.segment(None, texts, feats=feats, image_index=index)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, batch["masks"][index].to(model.device), generator)
+        return loss_mask, loss_dice, model.lm_loss(hidden, seq), iou
+
+    def _seg_targets(self, batch: dict, rollout: Rollout, rewards: Tensor,
+                     generator: torch.Generator) -> tuple[list, list[int]]:
+        """Per region: its reference expression, or its best-rewarded caption, as `seg_target` says."""
+        g = rollout.group_size
+        n = len(batch["masks"])
+        has_ref = [bool(batch["expression"][r]) for r in range(n)]
+        use_ref = [h and self.spec.seg_target != "best" for h in has_ref]
+        ref_rows = [r for r in range(n) if use_ref[r]]
+        refs = dict(zip(ref_rows, pick_references(batch, ref_rows, generator)))
+        best = rewards.view(n, g).argmax(dim=1).tolist()
+        texts, rows = [], []
+        for r in range(n):
+            if use_ref[r]:
+                texts.append(refs[r])
+            elif self.spec.seg_target != "reference":
+                texts.append(Ids(rollout.captions.ids[r * g + best[r]]))
+            else:
+                continue
+            rows.append(r)
+        return texts, rows
+
+
+def _logp_gap(logp: Tensor, sampled: list[Tensor]) -> float:
+    """Mean |learner log-prob - sampler log-prob| over caption tokens: 0 up to dropout and float noise when
+    the rollout ran the learner's weights; grows when rollouts lag the policy."""
+    gaps = [(logp[i, : len(lp)].cpu() - lp).abs() for i, lp in enumerate(sampled) if len(lp)]
+    return torch.cat(gaps).mean().item() if gaps else 0.0

@@ -1,0 +1,139 @@
+"""The grpo objective on the tiny model: the learner's log-probs are the sampler's, the policy gradient
+moves probability towards better-rewarded captions, and the segmenter keeps its supervised mask loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualrl.algo.grpo_objective import Grpo, completion_logprobs
+from dualrl.algo.rollout import Rollout
+from dualrl.model.build import build_model
+from dualrl.recipe import AlgoSpec
+
+G = 2
+
+
+def _algo(llm_weight: float = 1.0, **grpo) -> AlgoSpec:
+    return AlgoSpec(name="grpo", grpo={"num_generations": G, **grpo},
+                    loss={"num_points": 128, "llm_weight": llm_weight})
+
+
+@pytest.fixture
+def policy(tiny_spec):
+    torch.manual_seed(0)
+    return build_model(tiny_spec).train()
+
+
+def _sample(model, batch, temperature=1.0):
+    region = torch.arange(len(batch["masks"])).repeat_interleave(G)
+    model.eval()
+    with torch.no_grad():
+        caps = model.describe(batch["images"], batch["masks"][region], image_index=region, sample=True,
+                              temperature=temperature, max_new_tokens=6)
+    model.train()
+    return caps
+
+
+def test_learner_logprobs_equal_the_samplers(tiny_model, region_batch):
+    """Teacher-forcing the sampled captions gives the log-probs `generate` sampled them with (same
+    temperature); the appended eos of a finished caption gets a log-prob of its own."""
+    torch.manual_seed(1)
+    caps = _sample(tiny_model, region_batch, temperature=0.7)
+    region = torch.arange(4).repeat_interleave(G)
+    eos = torch.tensor([tiny_model.eos_id])
+    completions = [torch.cat([i, eos]) if f else i for i, f in zip(caps.ids, caps.finished)]
+    with torch.no_grad():
+        feats = tiny_model.encode_images(region_batch["images"])
+        logp, mask, logits = completion_logprobs(tiny_model, feats, region_batch["masks"], region, completions, 0.7)
+    assert mask.sum(dim=1).tolist() == [len(c) for c in completions] and len(logits) == sum(map(len, completions))
+    for i, lp in enumerate(caps.logprobs):
+        torch.testing.assert_close(logp[i, : len(lp)], lp, atol=1e-4, rtol=1e-4)
+    assert (logp[mask] <= 0).all() and (logp[~mask] == 0).all()
+
+
+def test_policy_gradient_moves_probability_to_the_better_caption(policy, region_batch):
+    """One SGD step on the GRPO term alone (rewards 1 and 0 inside each group) raises the log-prob of
+    each group's rewarded caption relative to the other one."""
+    caps = _sample(policy, region_batch)
+    rewards = torch.tensor([1.0, 0.0] * 4)
+    objective = Grpo(_algo(seg_weight=0.0, llm_weight=0.0, loss_type="grpo"), policy)
+    rollout = Rollout(caps, G, rewards)
+    gen = torch.Generator().manual_seed(0)
+    out = objective(policy, region_batch, rollout, gen)
+    before = rollout.old_logprobs.clone()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    policy.zero_grad(set_to_none=True)
+    out.loss.backward()
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= 0.5 * p.grad / max(1e-8, max(q.grad.abs().max().item() for q in params if q.grad is not None))
+    policy.eval()
+    with torch.no_grad():
+        after, _, _ = completion_logprobs(policy, policy.encode_images(region_batch["images"]),
+                                          region_batch["masks"], rollout.region, objective._completions(rollout), 1.0)
+    seq_gain = (after - before).sum(dim=1).view(4, G)
+    distinct = [r for r in range(4) if not torch.equal(caps.ids[2 * r], caps.ids[2 * r + 1])]
+    assert distinct
+    for r in distinct:
+        assert seq_gain[r, 0] > seq_gain[r, 1], (r, seq_gain[r])
+    assert out.metrics["grpo/ratio_mean"] == pytest.approx(1.0)
+
+
+def test_metrics_iterations_and_segmenter_terms(policy, region_batch):
+    """The step reports the GRPO diagnostics; a second update on the same rollout keeps the first pass's
+    log-probs as the old policy's (the ratio drifts from 1); the segmenter's loss reaches the SAM decoder."""
+    caps = _sample(policy, region_batch)
+    objective = Grpo(_algo(num_iterations=2), policy)
+    rollout = Rollout(caps, G, torch.tensor([0.2, 0.9, 0.5, 0.5, 0.0, 1.0, 0.3, 0.1]))
+    out = objective(policy, region_batch, rollout, torch.Generator().manual_seed(0))
+    for key in ("grpo/clip_frac", "grpo/adv_std", "grpo/zero_spread_frac", "grpo/caption_len", "grpo/entropy",
+                "train/loss_mask", "train/loss_dice", "train/seg_iou"):
+        assert key in out.metrics
+    assert out.metrics["grpo/zero_spread_frac"] == 0.25
+    policy.zero_grad(set_to_none=True)
+    out.loss.backward()
+    decoder = [p.grad for n, p in policy.named_parameters() if "sam_mask_decoder" in n and p.grad is not None]
+    assert decoder and any(g.abs().sum() > 0 for g in decoder)
+    old = rollout.old_logprobs.clone()
+    torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.05).step()
+    second = objective(policy, region_batch, rollout, torch.Generator().manual_seed(1))
+    assert torch.equal(rollout.old_logprobs, old)
+    assert abs(second.metrics["grpo/ratio_mean"] - 1.0) > 1e-4
+
+
+@pytest.mark.parametrize(("target", "rows", "captions"), [
+    ("reference_or_best", [0, 1, 2, 3], {1: 3, 3: 7}),
+    ("best", [0, 1, 2, 3], {0: 0, 1: 3, 2: 5, 3: 7}),
+    ("reference", [0, 2], {}),
+])
+def test_segmenter_targets(policy, region_batch, target, rows, captions):
+    """Regions with a reference segment from it (unless seg_target=best); the others from the caption of
+    their group with the highest reward."""
+    caps = _sample(policy, region_batch)
+    batch = dict(region_batch, expression=["the red circle", "", "a blue square", ""])
+    rewards = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.0, 0.4, 0.3, 0.6])
+    texts, got = Grpo(_algo(seg_target=target), policy)._seg_targets(batch, Rollout(caps, G, rewards), rewards,
+                                                                     torch.Generator().manual_seed(0))
+    assert got == rows
+    for text, r in zip(texts, got):
+        if r in captions:
+            assert torch.equal(text.ids, caps.ids[captions[r]])
+        else:
+            assert isinstance(text, str) and text in batch["references"][r] + [batch["expression"][r]]
+
+
+def test_kl_to_the_reference_starts_at_zero(tiny_spec, region_batch):
+    """With beta > 0 the learner compares with a frozen copy of the starting model: identical at first."""
+    torch.manual_seed(0)
+    policy = build_model(tiny_spec).eval()  # eval: no LoRA dropout, so policy == reference exactly
+    reference = build_model(tiny_spec).eval()
+    reference.load_state_dict(policy.state_dict())
+    caps = _sample(policy, region_batch)
+    policy.eval()
+    out = Grpo(_algo(beta=0.04), policy, reference)(policy, region_batch, Rollout(caps, G, torch.rand(8)),
+                                                     torch.Generator().manual_seed(0))
+    assert out.metrics["grpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="beta > 0 needs a frozen reference"):
+        Grpo(_algo(beta=0.04), policy)
