@@ -3,7 +3,8 @@
 - `length`: 0 inside [min_words, max_words], falling linearly outside (-1 at an empty caption or at twice
   the maximum and beyond). Keeps GRPO from drifting to one-word or run-on captions.
 - `repetition`: minus the share of repeated word n-grams ("the red the red circle" with n=2: 1 of 4
-  bigrams repeats -> -0.25). Sampling at high temperature loves loops; this notices them.
+  bigrams repeats -> -0.25). Sampling at high temperature loves loops; this notices them. The default is
+  bigrams: with single words, ordinary captions ("the circle at the top") would already pay for "the".
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def length(batch: RewardInput, min_words: int = 2, max_words: int = 16) -> list[
     return out
 
 
-def repetition(batch: RewardInput, n: int = 1) -> list[float]:
+def repetition(batch: RewardInput, n: int = 2) -> list[float]:
     if n < 1:
         raise ValueError(f"repetition: n must be >= 1, got {n}")
     out = []

@@ -164,7 +164,7 @@ def test_shaping_rewards():
     batch = _batch(["", "red", "the red circle", " ".join(["w"] * 24), " ".join(["w"] * 40)])
     assert length(batch, min_words=2, max_words=16) == [-1.0, -0.5, 0.0, -0.5, -1.0]
     batch = _batch(["the red the red circle", "a b c", ""])
-    assert repetition(batch, n=2) == [-0.25, 0.0, 0.0]
+    assert repetition(batch) == repetition(batch, n=2) == [-0.25, 0.0, 0.0]
     assert repetition(batch, n=1) == [-0.4, 0.0, 0.0]
     with pytest.raises(ValueError, match="min_words <= max_words"):
         length(batch, min_words=5, max_words=2)

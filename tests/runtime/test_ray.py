@@ -40,3 +40,19 @@ def test_ray_runtime_matches_local_and_syncs_only_trainable_weights(tmp_path):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert last["sync/bytes"] == trainable < total / 2
+
+
+def test_ray_grpo_samples_from_the_synced_policy(tmp_path):
+    """Under Ray, grpo's rollout actor gets the learner's policy weights and the reward actor the EMA's;
+    with per-step sampling seeds it draws the captions the in-process runtime draws (which samples from
+    the learner's own model), so rewards and losses match the local run."""
+    common = [*TINY, "runtime.num_cpus=2", "train.steps=2", "eval.every=2", "eval.at_start=false",
+              "algo.name=grpo", "algo.grpo.num_generations=2", "rewards=[{name: mask_iou}, {name: length}]"]
+    run(load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'ray'}", "runtime.kind=ray"]))
+    run(load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'local'}"]))
+    ray_lines, local = _lines(tmp_path / "ray"), _lines(tmp_path / "local")
+    assert [m["step"] for m in ray_lines] == [m["step"] for m in local] == [1, 2, 2]
+    for key in ("reward/mask_iou", "reward/total", "grpo/loss", "train/loss", "eval/cycle_miou"):
+        for a, b in zip(ray_lines, local):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=2e-3, abs=1e-4), key
