@@ -61,7 +61,8 @@ class RayRuntime:
         ema = self.learner._actor.sync_state.remote("ema")
         policy = ema if self.rollout_weights == "ema" else self.learner._actor.sync_state.remote("policy")
         ray.get([self.rollout._actor.load_weights.remote(policy), self.reward._actor.load_weights.remote(ema)])
-        return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
+        copies = 1 if policy is ema else 2
+        return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def shutdown(self) -> None:
         self.reward.close()
