@@ -3,6 +3,7 @@
 - `eval/ref_miou`: the student segments each region from its reference expression (RefCOCO-style).
 - `eval/cycle_miou`: the student describes each region (greedy), the EMA segmenter segments that caption,
   IoU with the original mask — the dual loop's own measure of grounded captioning.
+- `eval/reward_total`, `eval/reward/<name>`: the recipe's rewards of those captions.
 - `eval/meteor`: METEOR of the student's captions against the regions' references (real WordNet); left
   out, with one warning, where WordNet is not installed.
 IoU is computed at the mask's full resolution (logits upsampled), not at the low-res logit size, where
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 
 def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], list[dict]]:
     ref_ious, cycle_ious, soft_ious, exact, lengths, examples = [], [], [], [], [], []
-    texts, references = [], []
+    texts, references, totals, rewards = [], [], [], {}
     for batch in batches:
         ref_iou, _ = runtime.learner.refer(batch)
         captions = runtime.learner.describe(batch)
-        scores = runtime.reward.segment(batch, captions.ids)
+        scored = runtime.reward.score(batch, captions)
+        scores = scored.segmentation
+        totals.append(scored.total)
+        for key, values in scored.scores.items():
+            rewards.setdefault(key, []).extend(v for v in values if v is not None)
         texts += captions.texts
         references += [list(r) for r in batch["references"]]
         ref_ious.append(ref_iou)
@@ -46,6 +51,8 @@ def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], l
         "eval/cycle_soft_miou": torch.cat(soft_ious).mean().item(),
         "eval/caption_exact": sum(exact) / max(1, len(exact)),
         "eval/caption_tokens": sum(lengths) / max(1, len(lengths)),
+        "eval/reward_total": torch.cat(totals).mean().item(),
+        **{f"eval/reward/{k}": sum(v) / len(v) for k, v in rewards.items() if v},
     }
     metrics.update(_meteor(texts, references))
     return metrics, examples

@@ -139,6 +139,7 @@ class RewardResult:
     total: torch.Tensor
     scores: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
+    segmentation: dict[str, torch.Tensor] | None = None  # the EMA segmenter's IoUs and logits, when it ran
 
 
 @dataclass

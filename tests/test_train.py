@@ -32,6 +32,8 @@ def test_run_writes_the_output_contract(tmp_path):
         assert key in train[-1]
     evals = [m for m in lines if "eval/ref_miou" in m]
     assert [m["step"] for m in evals] == [0, 3] and "eval/cycle_miou" in evals[0]
+    assert evals[0]["eval/reward_total"] == pytest.approx(evals[0]["eval/reward/mask_iou"])  # mask_iou alone, weight 1
+    assert evals[0]["eval/reward/mask_iou"] == pytest.approx(evals[0]["eval/cycle_miou"])
     assert (out / "checkpoints" / "latest").read_text() == "step_3"
     assert (out / "checkpoints" / "step_3" / "trainable.safetensors").is_file()
     assert load_recipe(out / "recipe.yaml").train.steps == 3

@@ -60,6 +60,7 @@ class RewardWorker:
         )
         result = self.rewards(inputs)
         result.metrics["train/cycle_iou"] = seg["mask_iou"].mean().item()
+        result.segmentation = seg
         return result
 
     def close(self) -> None:
