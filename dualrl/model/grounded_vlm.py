@@ -104,12 +104,14 @@ class GroundedVLM(nn.Module):
     def encode_images(self, images: Tensor) -> ImageFeatures:
         """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd.
 
-        Without autograd, the last result is kept for the same images tensor (identity, held until
-        replaced, so it cannot be a recycled object) and unchanged encoder weights (their in-place version
-        counters, which optimizer steps bump): describing and then scoring one batch with one model — the
-        teacher in the local runtime, or eval — encodes each image once."""
+        When no gradient can flow into the encoders (autograd off, or both encoders frozen, as by default),
+        the last result is kept for the same images tensor (identity, held until replaced, so it cannot be a
+        recycled object) and unchanged encoder weights (their in-place version counters, which optimizer
+        steps bump): describing and then scoring one batch with one model — the teacher in the local
+        runtime, eval, or in-process grpo's rollout and learner step — encodes each image once."""
         key = (images, self._encoder_versions())
-        if not torch.is_grad_enabled() and self._features is not None and _same_key(self._features[0], key):
+        reusable = not torch.is_grad_enabled() or self._encoders_frozen()
+        if reusable and self._features is not None and _same_key(self._features[0], key):
             return self._features[1]
         images = images.to(self.device)
         inner = self.vlm.model
@@ -124,9 +126,12 @@ class GroundedVLM(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
             sam_feats = samlib.encode(self.sam, samlib.imagenet_pixels(images, self.spec.sam.image_size))
         feats = ImageFeatures(vision=vision, sam=sam_feats)
-        if not torch.is_grad_enabled():
+        if reusable:
             self._features = (key, feats)
         return feats
+
+    def _encoders_frozen(self) -> bool:
+        return not (self.spec.trainable.vision or self.spec.trainable.sam_encoder)
 
     def _encoder_versions(self) -> tuple[int, int]:
         vision = next(self.vlm.model.vision_tower.parameters())

@@ -137,3 +137,18 @@ def test_kl_to_the_reference_starts_at_zero(tiny_spec, region_batch):
     assert out.metrics["grpo/kl"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="beta > 0 needs a frozen reference"):
         Grpo(_algo(beta=0.04), policy)
+
+
+def test_learner_step_reuses_the_rollouts_encoding(policy, region_batch):
+    """In-process grpo samples with the learner's own model: with both encoders frozen, the learner step
+    reuses that encoding of the batch (gradients only start at mlp1 and the SAM decoder)."""
+    calls = []
+    policy.vlm.model.vision_tower.register_forward_hook(lambda *args: calls.append("vision"))
+    policy.sam.image_encoder.register_forward_hook(lambda *args: calls.append("sam"))
+    caps = _sample(policy, region_batch)
+    assert calls == ["vision", "sam"]
+    out = Grpo(_algo(), policy)(policy, region_batch, Rollout(caps, G, torch.rand(8)), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert calls == ["vision", "sam"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.named_parameters() if "multi_modal_projector" in n)
