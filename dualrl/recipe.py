@@ -128,7 +128,19 @@ class ModelSpec(Section):
 
 
 # ----------------------------------------------------------------------------------------------- data
-class ShapesSpec(Section):
+class SourceSpec(Section):
+    """What every source has: its share of the mixture and an optional cap on the samples it contributes."""
+
+    weight: float = Field(1.0, ge=0, description="Relative share of training draws (0: off).")
+    max_samples: int | None = Field(None, gt=0, description="Use only this many samples of the source (a "
+                                    "fixed seeded subset, reshuffled each epoch).")
+    min_area: int = Field(0, ge=0, description="Masks under this many pixels (at the file's resolution) "
+                          "are skipped.")
+
+
+class ShapesSpec(SourceSpec):
+    """The built-in procedural referring data (no files)."""
+
     image_size: int = Field(128, ge=64)
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(6, ge=1, le=6)
@@ -140,13 +152,72 @@ class ShapesSpec(Section):
                                    "(Sa2VA packs several referred objects per image).")
 
 
+class RefCocoSpec(SourceSpec):
+    """RefCOCO / RefCOCO+ / RefCOCOg in the `refer` layout: <root>/<dataset>/instances.json + refs(<by>).p."""
+
+    root: str = Field(..., description="Folder holding refcoco/, refcoco+/, refcocog/ (or the dataset folder).")
+    images: str = Field(..., description="COCO train2014 images (COCO_train2014_<id:012>.jpg).")
+    dataset: Literal["refcoco", "refcoco+", "refcocog"] = "refcoco"
+    split_by: str | None = Field(None, description="refs(<split_by>).p; default unc (refcoco, refcoco+), "
+                                 "umd (refcocog).")
+    split: str = Field("train", description="Training split: train, val, testA, testB (unc) or test (umd).")
+    eval_split: str = "val"
+
+
+class Sa1bSpec(SourceSpec):
+    """SA-1B: sa_<n>.jpg + sa_<n>.json with COCO RLE masks; one sample per annotation, mask-only."""
+
+    root: str = Field(..., description="Folder of sa_*.jpg/json, or of their extracted tar folders (shards).")
+    min_area: int = Field(1024, ge=0, description="Masks under this many pixels are skipped (SA-1B has many "
+                          "tiny parts).")
+    files_per_shard: int = Field(1000, gt=0, description="Index shard size for a flat folder of files.")
+
+
+class SavSpec(SourceSpec):
+    """SA-V: sav_<n>.mp4 + sav_<n>_manual.json / _auto.json masklets; or pre-extracted .npz frame pairs."""
+
+    root: str = Field(..., description="Folder of sav_*.mp4 and their JSON (or sav_000/ style sub-folders), "
+                      "or of .npz pairs (frame1, mask1, frame2, mask2).")
+    annotations: Literal["manual", "auto", "both"] = "manual"
+    pairs: float = Field(0.5, ge=0, le=1, description="Share of samples that are frame pairs (describe frame "
+                         "t, segment frame t+k); the rest are single frames.")
+    pair_gap: int = Field(4, gt=0, description="k of a pair, in annotated frames (each 4 video frames).")
+    min_area: int = Field(256, ge=0)
+
+
+class OpenImagesSpec(SourceSpec):
+    """OpenImages v7 segmentation: annotation CSV, class CSV, images, binary mask PNGs (or their zips)."""
+
+    annotations: str = Field(..., description="train-annotations-object-segmentation.csv")
+    classes: str = Field(..., description="oidv7-class-descriptions.csv (LabelName, DisplayName)")
+    images: str = Field(..., description="Folder of <ImageID>.jpg")
+    masks: str = Field(..., description="Folder of mask PNGs, or of train-masks-<c>.zip files")
+    min_area: int = Field(256, ge=0)
+
+
 class DataSpec(Section):
-    source: Literal["shapes"] = "shapes"
-    shapes: ShapesSpec = Field(default_factory=ShapesSpec)
-    expression_fraction: float = Field(0.3, ge=0, le=1, description="Share of training regions that carry "
-                                       "a referring expression (RefCOCO-like); the rest are mask-only.")
+    shapes: ShapesSpec | None = Field(default_factory=ShapesSpec, description="Built-in data; null: off.")
+    refcoco: RefCocoSpec | None = None
+    sa1b: Sa1bSpec | None = None
+    sav: SavSpec | None = None
+    openimages: OpenImagesSpec | None = None
+    expression_fraction: float = Field(0.3, ge=0, le=1, description="Share of shapes training regions that "
+                                       "carry a referring expression (RefCOCO-like); the rest are mask-only.")
     batch_size: int = Field(8, gt=0)
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(0, ge=0, description="Loader worker processes (decoding, resizing).")
+    prefetch: int = Field(4, gt=0, description="Samples in flight per worker.")
+    seed: int = Field(0, ge=0, description="Seed of the mixture and of every source's order.")
+    image_size: int | None = Field(None, gt=0, description="Square working size of every region. Default: "
+                                   "model.sam.image_size (1024 at real scale); shapes-only: shapes.image_size.")
+    aspect: Literal["squash", "pad"] = Field("squash", description="squash: plain resize to the square "
+                                             "(Sa2VA); pad: keep aspect, pad bottom/right.")
+    max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are skipped unread.")
+    cache_dir: str | None = Field("~/.cache/dualrl/index", description="Where shard indexes are cached; "
+                                  "null: rebuild every run.")
+    all_bad_after: int = Field(64, gt=0, description="A source whose first N draws are all bad stops the run.")
+    eval_source: Literal["auto", "shapes", "refcoco"] = Field("auto", description="Held-out referring data: "
+                                                              "auto = refcoco when configured, else shapes.")
+    eval_size: int = Field(256, gt=0, description="Regions of the refcoco eval split used (shapes: val_size).")
 
 
 # ------------------------------------------------------------------------------------------ algorithm
@@ -298,7 +369,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.data.shapes.min_objects > self.data.shapes.max_objects:
+        if self.data.shapes is not None and self.data.shapes.min_objects > self.data.shapes.max_objects:
             raise ValueError("data.shapes.min_objects must not exceed data.shapes.max_objects")
         keys = [r.key for r in self.rewards]
         if len(set(keys)) != len(keys):
@@ -324,7 +395,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         elif isinstance(node, dict):
             if last:
                 node[part] = value
-            node = node.setdefault(part, {})
+            elif node.get(part) is None:  # a section switched off with null comes back with its defaults
+                node[part] = {}
+            node = node[part]
         else:
             raise RecipeError(f"override {key}: {parts[i - 1]} is a value, not a section")
 
@@ -387,6 +460,33 @@ def check_paths(recipe: Recipe) -> None:
             resolve_checkpoint(recipe.model.init_from)
         except FileNotFoundError as err:
             raise RecipeError(f"model.init_from: {err}") from None
+    check_data_paths(recipe.data)
+
+
+# Recipe keys of each source that name files or folders, and what is expected there.
+DATA_PATHS = {
+    "refcoco": {"root": "the folder of refcoco/, refcoco+/, refcocog/ (instances.json + refs(*).p)",
+                "images": "the COCO train2014 image folder"},
+    "sa1b": {"root": "the SA-1B folder (sa_*.jpg + sa_*.json, or their extracted tar folders)"},
+    "sav": {"root": "the SA-V folder (sav_*.mp4 + sav_*_manual.json, or .npz frame pairs)"},
+    "openimages": {"annotations": "train-annotations-object-segmentation.csv",
+                   "classes": "oidv7-class-descriptions.csv", "images": "the folder of <ImageID>.jpg",
+                   "masks": "the folder of mask PNGs or train-masks-<c>.zip files"},
+}
+
+
+def check_data_paths(data: DataSpec) -> None:
+    """Every data path of an enabled source exists; the message names the recipe key."""
+    for name, keys in DATA_PATHS.items():
+        spec = getattr(data, name)
+        if spec is None or spec.weight == 0 and not (name == "refcoco" and data.eval_source != "shapes"):
+            continue
+        for key, what in keys.items():
+            path = Path(getattr(spec, key)).expanduser()
+            if not path.exists():
+                raise RecipeError(f"data.{name}.{key}: {what} not found at '{path}'. Set it in the recipe or "
+                                  f"with data.{name}.{key}=/path/to/it, or switch the source off with "
+                                  f"data.{name}=null.")
 
 
 def check_rewards(recipe: Recipe) -> None:

@@ -19,7 +19,7 @@ import torch
 from dualrl.algo.objectives import OBJECTIVES
 from dualrl.algo.rollout import Rollout
 from dualrl.checkpoint import load_latest, save_checkpoint
-from dualrl.data.loader import build_datasets, eval_batches, train_stream
+from dualrl.data.loader import EvalBatches, train_batches
 from dualrl.evaluate import evaluate
 from dualrl.logger import RunLogger
 from dualrl.recipe import Recipe, dump_recipe
@@ -50,20 +50,21 @@ def run(recipe: Recipe) -> dict:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
 
-    train_set, val_set = build_datasets(recipe.data)
+    val_batches = EvalBatches(recipe)
     runtime = start_runtime(recipe)
-    start_step, position = 0, 0
+    start_step, position, skipped = 0, 0, {}
     resumed = load_latest(out)
     if resumed is not None:
         learner_state, run_state = resumed
         runtime.learner.load_state_dict(learner_state)
         start_step, position = run_state["step"], run_state["data_position"]
+        skipped = run_state.get("data_skipped", {})
         log.info("resumed from %s at step %d", out / "checkpoints", start_step)
     logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"), resumed=resumed is not None)
     runtime.sync()
 
     def run_eval(step: int) -> dict:
-        metrics, examples = evaluate(runtime, eval_batches(val_set, recipe.eval.batch_size), recipe.wandb.table_rows)
+        metrics, examples = evaluate(runtime, val_batches, recipe.wandb.table_rows)
         logger.log(step, metrics)
         logger.table(step, examples)
         log.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -73,13 +74,12 @@ def run(recipe: Recipe) -> dict:
         run_eval(0)
     plan = OBJECTIVES[recipe.algo.name].plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
-    batches = train_stream(train_set, recipe.data.batch_size, position, stop - start_step, recipe.data.num_workers)
+    batches = train_batches(recipe, position, skipped)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
     for step in range(start_step + 1, stop + 1):
         batch = next(batches)
-        position += len(batch["expression"])
-        metrics = {}
+        metrics = batches.metrics()
         rollout = None
         if plan is not None:
             captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(recipe.train.seed, step))
@@ -98,9 +98,9 @@ def run(recipe: Recipe) -> dict:
                 logger.groups(step, batch, rollout, scored)
             metrics.update(run_eval(step))
         if step % recipe.train.save_every == 0 or step == stop:
-            save_checkpoint(out, step, runtime.learner.state_dict(), {"data_position": position},
-                            recipe.train.keep_checkpoints)
+            save_checkpoint(out, step, runtime.learner.state_dict(), batches.state(), recipe.train.keep_checkpoints)
 
+    batches.close()
     steps_run = step - start_step
     loop_s = time.time() - t_loop
     summary = {
@@ -109,7 +109,7 @@ def run(recipe: Recipe) -> dict:
         "start": logger.logged(0, "eval/"),
         "final": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "skipped_nonfinite_steps": metrics.get("train/skipped_nonfinite", 0.0),
-        "runtime": recipe.runtime.kind, "algo": recipe.algo.name,
+        "runtime": recipe.runtime.kind, "algo": recipe.algo.name, "data_skipped": batches.skipped(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     logger.close(summary["final"])

@@ -1,49 +1,264 @@
-"""Datasets from the recipe and a resumable training stream.
+"""The data of a run: sources from the recipe, the training stream of batches, and the eval batches.
 
-The stream is a function of (dataset, batch size, position): a resumed run asks for the batches from the
-saved position on, so it neither replays nor skips data.
+    recipe.data ─ sources (shapes, refcoco, sa1b, sav, openimages) ─ SourceStream each ─ Mixture
+    training process: draw p -> (source, key)  ──►  loader workers: key -> decoded, squared sample
+    training process: good samples -> batches; bad ones counted by reason, first of each logged
+
+Decoding happens in `data.num_workers` processes with `data.prefetch` samples in flight per worker. A
+bad sample never stops the run: it is skipped and the next draw taken, so every batch is full. A source
+whose first `data.all_bad_after` draws (or whole epoch, if smaller) are all bad stops the run with a
+message naming the source and the reasons: then it is the data's path or format, not a bad sample.
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dualrl.data.shapes import ShapesDataset, collate_regions
+from dualrl.data.batch import collate_regions
+from dualrl.data.decode import BadSample
+from dualrl.data.sources.base import Source
+from dualrl.data.stream import DataError, Mixture, SourceStream
+
+log = logging.getLogger("dualrl.data")
+
+REAL_SOURCES = ("refcoco", "sa1b", "sav", "openimages")
+SOURCE_NAMES = ("shapes", *REAL_SOURCES)
 
 
-def build_datasets(data_spec) -> tuple[Dataset, Dataset]:
-    s = data_spec.shapes
-    common = {"image_size": s.image_size, "seed": s.seed, "min_objects": s.min_objects, "max_objects": s.max_objects}
-    train = ShapesDataset("train", s.train_size, expression_fraction=data_spec.expression_fraction,
-                          regions_per_scene=s.regions_per_scene, **common)
-    val = ShapesDataset("val", s.val_size, expression_fraction=1.0, **common)
-    return train, val
+def source_class(name: str) -> type[Source]:
+    if name == "shapes":
+        from dualrl.data.sources.shapes import ShapesSource as cls
+    elif name == "refcoco":
+        from dualrl.data.sources.refcoco import RefCocoSource as cls
+    elif name == "sa1b":
+        from dualrl.data.sources.sa1b import Sa1bSource as cls
+    elif name == "sav":
+        from dualrl.data.sources.sav import SavSource as cls
+    elif name == "openimages":
+        from dualrl.data.sources.openimages import OpenImagesSource as cls
+    else:
+        raise ValueError(f"unknown data source {name!r}; known: {SOURCE_NAMES}")
+    return cls
 
 
-class _FromPosition(Sampler[int]):
-    """Indices position, position+1, ... wrapping around the dataset (items are already shuffled scenes)."""
-
-    def __init__(self, size: int, position: int, count: int):
-        self.size, self.position, self.count = size, position, count
-
-    def __iter__(self) -> Iterator[int]:
-        return ((self.position + k) % self.size for k in range(self.count))
-
-    def __len__(self) -> int:
-        return self.count
+def enabled(data) -> list[tuple[str, Any]]:
+    """(name, spec) of the sources a training run mixes: configured, weight > 0."""
+    return [(n, getattr(data, n)) for n in SOURCE_NAMES if getattr(data, n) is not None and getattr(data, n).weight > 0]
 
 
-def train_stream(dataset: Dataset, batch_size: int, position: int, steps: int, num_workers: int = 0):
-    sampler = _FromPosition(len(dataset), position, steps * batch_size)
-    # Its own generator: creating the iterator must not draw from the global RNG, which a resumed run
-    # restores and must find exactly as the uninterrupted run had it.
-    return iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_regions,
-                           num_workers=num_workers, persistent_workers=False, generator=torch.Generator(),
-                           prefetch_factor=4 if num_workers else None))
+def working_size(recipe) -> int:
+    """The square every region is brought to: `data.image_size`, else SAM2's input size; a shapes-only run
+    keeps the shapes' own size."""
+    data = recipe.data
+    if data.image_size:
+        return data.image_size
+    names = [n for n, _ in enabled(data)]
+    if names == ["shapes"] or (not names and data.shapes is not None):
+        return data.shapes.image_size
+    return recipe.model.sam.image_size
 
 
-def eval_batches(dataset: Dataset, batch_size: int):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_regions)
+def build_source(name: str, spec, recipe, split: str = "train") -> Source:
+    data = recipe.data
+    kw = {"size": working_size(recipe), "aspect": data.aspect, "max_pixels": data.max_image_pixels,
+          "cache_dir": data.cache_dir}
+    if name == "shapes":
+        fraction = data.expression_fraction if split == "train" else 1.0
+        return source_class(name)(spec, split=split, expression_fraction=fraction, **kw)
+    return source_class(name)(spec, split=split, **kw)
+
+
+# ----------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+    detail: str
+
+
+class _Load(Dataset):
+    """Runs in the loader workers: a drawn key -> (draw, sample or Skipped)."""
+
+    def __init__(self, sources: dict[str, Source]):
+        self.sources = sources
+
+    def __getitem__(self, item: tuple) -> tuple[int, Any]:
+        p, name, key, seed = item
+        try:
+            return p, self.sources[name].load(key, seed)
+        except BadSample as bad:
+            return p, Skipped(name, bad.reason, bad.detail)
+        except Exception as err:  # a loader bug or a failure nobody foresaw: one sample, not the run
+            return p, Skipped(name, "load_error", f"key {key}: {err!r}\n{traceback.format_exc()}")
+
+    def __len__(self) -> int:  # not used: the sampler decides
+        raise TypeError("drawn by key")
+
+
+class _Draws(Sampler):
+    """Runs in the training process: draw p -> (p, source, key, seed) from `position` on."""
+
+    def __init__(self, mixture: Mixture, streams: list[SourceStream], position: int, seed: int):
+        self.mixture, self.streams, self.position, self.seed = mixture, streams, position, seed
+
+    def __iter__(self) -> Iterator[tuple]:
+        for p, s, count in self.mixture.draws(self.position):
+            stream = self.streams[s]
+            yield p, stream.source.name, stream.key(count), self.seed * 1_000_003 + p
+
+
+class SkipLog:
+    """Skips by reason and source: counted, the first of each (source, reason) logged with its detail."""
+
+    def __init__(self, counts: dict[str, int] | None = None):
+        self.counts: dict[str, int] = dict(counts or {})
+        self.seen: set[tuple[str, str]] = set()
+
+    def add(self, skip: Skipped) -> None:
+        self.counts[skip.reason] = self.counts.get(skip.reason, 0) + 1
+        if (skip.source, skip.reason) not in self.seen:
+            self.seen.add((skip.source, skip.reason))
+            log.warning("%s: skipping a sample (%s): %s (further ones are counted in data/skipped/%s)",
+                        skip.source, skip.reason, skip.detail, skip.reason)
+
+
+class TrainBatches:
+    """Full batches of good samples from draw `position` on. `position` and `skipped` go into checkpoints."""
+
+    def __init__(self, streams: list[SourceStream], mixture: Mixture, batch_size: int, position: int = 0,
+                 seed: int = 0, num_workers: int = 0, prefetch: int = 4, all_bad_after: int = 64,
+                 skipped: dict[str, int] | None = None):
+        self.streams, self.batch_size, self.position = streams, batch_size, position
+        self.all_bad_after = all_bad_after
+        self.skips = SkipLog(skipped)
+        self.tried = {s.source.name: 0 for s in streams}
+        self.good = dict.fromkeys(self.tried, 0)
+        self.reasons: dict[str, dict[str, int]] = {n: {} for n in self.tried}
+        loader = DataLoader(_Load({s.source.name: s.source for s in streams}), batch_size=None,
+                            sampler=_Draws(mixture, streams, position, seed), num_workers=num_workers,
+                            prefetch_factor=prefetch if num_workers else None, collate_fn=_identity,
+                            persistent_workers=False, generator=torch.Generator())
+        # ^ its own generator: starting the iterator must not draw from the global RNG, which a resumed run
+        # restores and must find exactly as the uninterrupted run had it.
+        self._loader = loader
+        self._it = iter(loader)
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        items = []
+        while len(items) < self.batch_size:
+            p, out = next(self._it)
+            self.position = p + 1
+            if isinstance(out, Skipped):
+                self.skips.add(out)
+                self._count(out.source, out.reason)
+                continue
+            self.tried[out["source"]] += 1
+            self.good[out["source"]] += 1
+            items.append(out)
+        return collate_regions(items)
+
+    def _count(self, name: str, reason: str) -> None:
+        self.tried[name] += 1
+        self.reasons[name][reason] = self.reasons[name].get(reason, 0) + 1
+        stream = next(s for s in self.streams if s.source.name == name)
+        limit = min(self.all_bad_after, stream.epoch_size or self.all_bad_after)
+        if self.good[name] == 0 and self.tried[name] >= limit:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.reasons[name].items(), key=lambda x: -x[1]))
+            raise DataError(f"{stream.source.describe()}: all {self.tried[name]} samples tried were bad "
+                            f"({reasons}); check its paths and format (the first of each reason is logged above)")
+
+    def skipped(self) -> dict[str, int]:
+        """Load-time skips of this run (and the runs it resumed) plus index-time skips of shards read."""
+        total = dict(self.skips.counts)
+        for stream in self.streams:
+            for reason, n in stream.skipped.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def metrics(self) -> dict[str, float]:
+        skipped = self.skipped()
+        out = {f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())}
+        out["data/skipped_total"] = float(sum(skipped.values()))
+        out["data/position"] = float(self.position)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"data_position": self.position, "data_skipped": dict(self.skips.counts)}
+
+    def close(self) -> None:
+        self._it = None
+        self._loader = None
+
+
+def _identity(x):
+    return x
+
+
+def train_batches(recipe, position: int = 0, skipped: dict[str, int] | None = None) -> TrainBatches:
+    data = recipe.data
+    streams, weights = [], []
+    for name, spec in enabled(data):
+        streams.append(SourceStream(build_source(name, spec, recipe), data.seed, spec.max_samples))
+        weights.append(spec.weight)
+    mixture = Mixture(streams, weights, data.seed)
+    return TrainBatches(streams, mixture, data.batch_size, position, data.seed, data.num_workers, data.prefetch,
+                        data.all_bad_after, skipped)
+
+
+# -------------------------------------------------------------------------------------------- eval
+def eval_source_name(data) -> str:
+    if data.eval_source != "auto":
+        return data.eval_source
+    return "refcoco" if data.refcoco is not None else "shapes"
+
+
+class EvalBatches:
+    """The held-out regions, in file order, the same ones at every eval: `size` good samples of the eval
+    source's eval split, bad ones skipped and counted."""
+
+    def __init__(self, recipe):
+        data = recipe.data
+        name = eval_source_name(data)
+        spec = getattr(data, name)
+        if spec is None:
+            if name != "shapes":
+                raise DataError(f"data.eval_source={name} but data.{name} is not configured")
+            from dualrl.recipe import ShapesSpec
+
+            spec = ShapesSpec()
+        source = build_source(name, spec, recipe, split="val")
+        source.shuffle = False
+        self.stream = SourceStream(source, data.seed)
+        self.size = spec.val_size if name == "shapes" else min(data.eval_size, self.stream.size())
+        self.batch_size = recipe.eval.batch_size
+        self.skips = SkipLog()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        items, good, count = [], 0, 0
+        total = self.stream.size()
+        while good < self.size and count < total:
+            key = self.stream.key(count)
+            count += 1
+            try:
+                items.append(self.stream.source.load(key, count))
+            except BadSample as bad:
+                self.skips.add(Skipped(self.stream.source.name, bad.reason, bad.detail))
+                continue
+            good += 1
+            if len(items) == self.batch_size:
+                yield collate_regions(items)
+                items = []
+        if items:
+            yield collate_regions(items)
+        if good == 0:
+            raise DataError(f"{self.stream.source.describe()}: no usable eval sample in {count} tried")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dualrl.data.batch import collate_regions  # noqa: F401  (re-exported: the shapes tests and tools use it)
+
 # Saturated and far apart in RGB (pairwise L2 > 100), and far from the grey backgrounds.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 30, 40),
@@ -373,14 +375,3 @@ class ShapesDataset(Dataset):
             "source": "shapes",
             "index": index,
         }
-
-
-def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images into `images` [B, 3, H, W] and masks into `masks` [B, H, W]; every other key becomes a
-    list in item order."""
-    if not items:
-        raise ValueError("collate_regions needs at least one item")
-    batch: dict[str, Any] = {key: [item[key] for item in items] for key in items[0]}
-    batch["images"] = torch.stack(batch.pop("image"))
-    batch["masks"] = torch.stack(batch.pop("mask"))
-    return batch

@@ -1,0 +1,31 @@
+"""Batches of regions: what the workers and the learner receive.
+
+    images  uint8 [B, 3, S, S]    masks  bool [B, S, S]     the region to describe (and, by default, to segment)
+    expression, references, source, index, ...: one list entry per region (None where a source has no value)
+    seg_images, seg_masks: only when some region is a frame pair (SA-V): the frame to segment, t + k; a
+        region without a pair repeats its own image and mask there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TENSORS = ("image", "mask", "seg_image", "seg_mask")
+
+
+def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and masks; every other key becomes a list in item order (keys of all items, None where
+    an item lacks one, so mixed sources batch together)."""
+    if not items:
+        raise ValueError("collate_regions needs at least one item")
+    keys = list(dict.fromkeys(k for item in items for k in item if k not in TENSORS))
+    batch: dict[str, Any] = {key: [item.get(key) for item in items] for key in keys}
+    batch["references"] = [r or [] for r in batch.get("references", [None] * len(items))]
+    batch["images"] = torch.stack([item["image"] for item in items])
+    batch["masks"] = torch.stack([item["mask"] for item in items])
+    if any("seg_image" in item for item in items):
+        batch["seg_images"] = torch.stack([item.get("seg_image", item["image"]) for item in items])
+        batch["seg_masks"] = torch.stack([item.get("seg_mask", item["mask"]) for item in items])
+    return batch

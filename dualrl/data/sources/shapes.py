@@ -1,0 +1,39 @@
+"""The built-in procedural data as a source: one shard of `train_size` regions, already in random order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dualrl.data.shapes import ShapesDataset
+from dualrl.data.sources.base import Shard, Source
+from dualrl.data.transforms import square
+
+
+class ShapesSource(Source):
+    name = "shapes"
+    shuffle = False  # item i is an independent random scene already
+
+    def __init__(self, spec, size: int, split: str = "train", expression_fraction: float = 1.0, **kw):
+        super().__init__(spec, size, **kw)
+        n = spec.train_size if split == "train" else spec.val_size if split == "val" else spec.test_size
+        self.dataset = ShapesDataset(
+            split, n, image_size=spec.image_size, seed=spec.seed, min_objects=spec.min_objects,
+            max_objects=spec.max_objects, expression_fraction=expression_fraction,
+            regions_per_scene=spec.regions_per_scene if split == "train" else 1)
+        self.cache_dir = None  # nothing to index
+
+    def shards(self) -> list[str]:
+        return [self.dataset.split]
+
+    def build_shard(self, shard: str) -> Shard:
+        return Shard(len(self.dataset))
+
+    def key(self, index: Shard, shard: str, i: int) -> tuple:
+        return (i,)
+
+    def load(self, key: tuple, seed: int) -> dict[str, Any]:
+        item = self.dataset[key[0]]
+        if item["image"].shape[-1] != self.size:  # mixed with real data at another working size
+            image, mask = square(item["image"].permute(1, 2, 0).numpy(), item["mask"].numpy(), self.size, self.aspect)
+            item.update(image=image, mask=mask)
+        return item

@@ -1,0 +1,85 @@
+"""From a decoded region (any size, any aspect) to the square tensors a batch is made of.
+
+Every region is brought to one square working size (`data.image_size`, by default SAM2's input size, 1024
+at real scale) in the loader's worker processes, so batches stack and the model's two encoders each take
+their input from it: SAM2's by a plain resize to `model.sam.image_size`, the VLM's by a resize to the tile
+size (448 for InternVL). Two aspect-ratio policies (`data.aspect`):
+
+- `squash` (default): a plain resize to the square, aspect not kept. This is what Sa2VA feeds both SAM2
+  (its 1024 "direct resize") and the VLM on referring data (one 448 tile), so pretrained weights see what
+  they were trained on, and every pixel of the mask keeps a place in the input.
+- `pad`: the long side is resized to the square, the short side padded at the bottom/right with the
+  ImageNet mean colour (zero after normalisation) and the mask with background. Shapes keep their aspect;
+  the padding costs resolution.
+
+The image is resized with antialiased bilinear filtering. The mask is resized by area and kept where at
+least half of an output pixel is covered; a region that would vanish (thinner than a pixel after the
+resize) keeps every output pixel it touches instead, and a region that is still empty is a bad sample.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dualrl.data.decode import BadSample, check_mask
+
+Aspect = Literal["squash", "pad"]
+PAD_COLOUR = (124, 116, 104)  # ImageNet mean in 8 bits
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR, reducing_gap=3.0))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool [h, w] -> bool [size] by covered area (>= 1/2), never dropping a non-empty region."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    cover = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX))
+    out = cover >= 128
+    if not out.any() and mask.any():
+        out = cover > 0
+    return out
+
+
+def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool [h, w] -> bool [size] by nearest neighbour (how OpenImages masks are brought to their image)."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+
+
+def square(image: np.ndarray, mask: np.ndarray, size: int, aspect: Aspect = "squash"
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [H, W, 3] + bool [H, W] -> uint8 [3, size, size] + bool [size, size]."""
+    if image.shape[:2] != mask.shape:
+        raise BadSample("mask_size_mismatch", f"image {image.shape[:2]} vs mask {mask.shape}")
+    h, w = mask.shape
+    if aspect == "squash":
+        out_image, out_mask = _resize_image(image, (size, size)), resize_mask(mask, (size, size))
+    elif aspect == "pad":
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        out_image = np.empty((size, size, 3), dtype=np.uint8)
+        out_image[:] = PAD_COLOUR
+        out_image[:nh, :nw] = _resize_image(image, (nh, nw))
+        out_mask = np.zeros((size, size), dtype=bool)
+        out_mask[:nh, :nw] = resize_mask(mask, (nh, nw))
+    else:
+        raise ValueError(f"aspect must be 'squash' or 'pad', got {aspect!r}")
+    check_mask(out_mask)
+    return _tensor(out_image).permute(2, 0, 1).contiguous(), _tensor(out_mask)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """PIL hands out read-only arrays; torch wants writable ones."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())

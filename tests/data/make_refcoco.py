@@ -1,0 +1,88 @@
+"""Format-exact RefCOCO fixtures: instances.json, a Python-2-style refs(unc).p, COCO train2014 JPEGs."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def py2_pickle(obj) -> bytes:
+    """Pickle as Python 2's cPickle (protocol 2) did: `bytes` become py2 `str` (SHORT_BINSTRING /
+    BINSTRING), `str` py2 `unicode` (BINUNICODE). The refer pickles hold both."""
+    out = bytearray(b"\x80\x02")
+
+    def put(x):
+        if x is None:
+            out.extend(b"N")
+        elif isinstance(x, bool):
+            out.extend(b"\x88" if x else b"\x89")
+        elif isinstance(x, int):
+            out.extend(b"J" + struct.pack("<i", x))
+        elif isinstance(x, float):
+            out.extend(b"G" + struct.pack(">d", x))
+        elif isinstance(x, bytes):
+            out.extend((b"U" + bytes([len(x)])) if len(x) < 256 else (b"T" + struct.pack("<I", len(x))))
+            out.extend(x)
+        elif isinstance(x, str):
+            data = x.encode("utf-8")
+            out.extend(b"X" + struct.pack("<I", len(data)) + data)
+        elif isinstance(x, list):
+            out.extend(b"](")
+            for v in x:
+                put(v)
+            out.extend(b"e")
+        elif isinstance(x, dict):
+            out.extend(b"}(")
+            for k, v in x.items():
+                put(k)
+                put(v)
+            out.extend(b"u")
+        else:
+            raise TypeError(type(x))
+
+    put(obj)
+    out.extend(b".")
+    return bytes(out)
+
+
+def sentence(sent_id: int, text) -> dict:
+    raw = text if isinstance(text, (str, bytes)) else ""
+    tokens = raw.split() if isinstance(raw, (str, bytes)) else []
+    return {b"tokens": tokens, b"raw": raw, b"sent_id": sent_id, b"sent": raw}
+
+
+def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """Two COCO images with three objects (a polygon, a multi-part polygon, an RLE crowd region) and refs
+    in the train and val splits. Returns (refer root, image folder)."""
+    folder, images = root / "refcoco", root / "train2014"
+    folder.mkdir(parents=True)
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing", "supercategory": "x"}]}
+    for image_id in (9, 581857):
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(images / name, quality=95)
+        coco["images"].append({"id": image_id, "file_name": name, "height": h, "width": w, "license": 1})
+    square = [[4.0, 4.0, 24.0, 4.0, 24.0, 24.0, 4.0, 24.0]]
+    two_parts = [[30.0, 2.0, 40.0, 2.0, 40.0, 12.0, 30.0, 12.0], [44.0, 2.0, 54.0, 2.0, 54.0, 12.0]]
+    crowd = {"size": [h, w], "counts": [h * 10 + 5, 10, h * w - h * 10 - 15]}  # uncompressed RLE
+    for ann_id, image_id, seg in ((1, 9, square), (2, 9, two_parts), (3, 581857, crowd)):
+        coco["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": seg,
+                                    "area": 100.0, "bbox": [0, 0, 1, 1], "iscrowd": int(isinstance(seg, dict))})
+    refs = [
+        {b"sent_ids": [0, 1], b"file_name": b"COCO_train2014_000000000009_1.jpg", b"ann_id": 1, b"ref_id": 0,
+         b"image_id": 9, b"split": b"train", b"category_id": 1,
+         b"sentences": [sentence(0, b"left square"), sentence(1, "the box on the left")]},
+        {b"sent_ids": [2], b"file_name": b"x.jpg", b"ann_id": 2, b"ref_id": 1, b"image_id": 9, b"split": b"train",
+         b"category_id": 1, b"sentences": [sentence(2, "two small boxes")]},
+        {b"sent_ids": [3], b"file_name": b"y.jpg", b"ann_id": 3, b"ref_id": 2, b"image_id": 581857,
+         b"split": b"val", b"category_id": 1, b"sentences": [sentence(3, "the crowd stripe")]},
+    ]
+    (folder / "instances.json").write_text(json.dumps(coco))
+    (folder / "refs(unc).p").write_bytes(py2_pickle(refs))
+    return root, images
