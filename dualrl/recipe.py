@@ -479,7 +479,7 @@ def check_data_paths(data: DataSpec) -> None:
     """Every data path of an enabled source exists; the message names the recipe key."""
     for name, keys in DATA_PATHS.items():
         spec = getattr(data, name)
-        if spec is None or spec.weight == 0 and not (name == "refcoco" and data.eval_source != "shapes"):
+        if spec is None or (spec.weight == 0 and not (name == "refcoco" and data.eval_source != "shapes")):
             continue
         for key, what in keys.items():
             path = Path(getattr(spec, key)).expanduser()

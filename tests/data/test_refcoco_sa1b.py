@@ -11,7 +11,7 @@ import torch
 from dualrl.data.decode import BadSample
 from dualrl.data.sources.refcoco import PlainUnpickler, RefCocoSource, load_refs
 from dualrl.data.sources.sa1b import Sa1bSource
-from dualrl.data.stream import SourceStream
+from dualrl.data.stream import DataError, SourceStream
 from dualrl.recipe import RefCocoSpec, Sa1bSpec
 from tests.data.make_refcoco import make_refcoco, py2_pickle
 from tests.data.make_sa1b import annotation, boxes_image, make_sa1b, rle, write_image
@@ -89,7 +89,7 @@ def test_refcoco_broken_files(tmp_path):
     (root / "refcoco" / "instances.json").write_text("{not json")
     source = RefCocoSource(RefCocoSpec(root=str(root), images=str(images)), size=32)
     stream = SourceStream(source, 0)
-    with pytest.raises(Exception, match="no usable sample.*annotation_corrupt 1"):
+    with pytest.raises(DataError, match=r"no usable sample.*annotation_corrupt 1"):
         stream.key(0)
 
 
