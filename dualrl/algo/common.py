@@ -51,3 +51,12 @@ class MaskTerms:
 
 def ref_rows(batch: dict) -> list[int]:
     return [i for i, e in enumerate(batch["expression"]) if e]
+
+
+def segment_view(model, batch: dict, feats):
+    """What the dual loop segments: the described frames themselves, or, when the batch holds frame pairs
+    (SA-V: describe frame t, segment frame t+k), the later frames and their masks. Regions without a pair
+    repeat their own frame there, so one pass serves the whole batch."""
+    if "seg_images" not in batch:
+        return feats, batch["masks"]
+    return model.encode_images(batch["seg_images"]), batch["seg_masks"]

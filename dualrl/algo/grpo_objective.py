@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from dualrl.algo.common import MaskTerms, StepOutput, pick_references
+from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
 from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
 from dualrl.algo.rollout import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
@@ -126,8 +126,9 @@ class Grpo:
             zero = model.text_hidden_fcs[0].weight.sum() * 0.0
             return zero, zero, zero, zero
         index = torch.tensor(rows, dtype=torch.long)
-        logits, hidden, seq, _ = model.segment(None, texts, feats=feats, image_index=index)
-        loss_mask, loss_dice, iou = self.mask_terms(logits, batch["masks"][index].to(model.device), generator)
+        seg_feats, seg_masks = segment_view(model, batch, feats)  # frame t+k of a frame pair
+        logits, hidden, seq, _ = model.segment(None, texts, feats=seg_feats, image_index=index)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, seg_masks[index].to(model.device), generator)
         return loss_mask, loss_dice, model.lm_loss(hidden, seq), iou
 
     def _seg_targets(self, batch: dict, rollout: Rollout, rewards: Tensor,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows
+from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows, segment_view
 from dualrl.algo.grpo_objective import Grpo
 from dualrl.algo.rollout import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
@@ -120,15 +120,18 @@ class SftDual:
         lengths = [len(x) for x in rollout.ids]
         soft_captions = [Ids(i, embeds=e) for i, e in zip(ids.split(lengths), soft.split(lengths))]
 
-        # 3) One referring pass: reference expressions (supervised) and soft captions (dual).
+        # 3) One referring pass: reference expressions (supervised) and soft captions (dual), on the frames
+        #    to segment (the same frames, except for frame pairs).
+        seg_feats, seg_masks = segment_view(model, batch, feats)
+        seg_masks = seg_masks.to(device)
         texts = pick_references(batch, rows, generator) + soft_captions
         seg_index = torch.cat([torch.tensor(rows, dtype=torch.long), all_idx])
-        seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=feats, image_index=seg_index)
+        seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=seg_feats, image_index=seg_index)
         llm_loss = model.lm_loss(seg_hidden, seg_seq)
         k = len(rows)
-        ref_gt = masks[torch.tensor(rows, dtype=torch.long)]
+        ref_gt = seg_masks[torch.tensor(rows, dtype=torch.long)]
         ref_mask, ref_dice, ref_iou = self.mask_terms(seg_logits[:k], ref_gt, generator)
-        dual_mask, dual_dice, dual_iou = self.mask_terms(seg_logits[k:], masks, generator)
+        dual_mask, dual_dice, dual_iou = self.mask_terms(seg_logits[k:], seg_masks, generator)
 
         s = self.spec
         loss_mask = s.ref_weight * ref_mask + s.dual_weight * dual_mask

@@ -36,9 +36,11 @@ class RewardWorker:
         `mask_iou` (thresholded), `mask_soft_iou` and the EMA's low-res mask logits."""
         if region is None:
             region = torch.arange(len(caption_ids))
-        feats = self.model.encode_images(batch["images"])
+        # The frames to segment: the described ones, or the later frame of a frame pair (SA-V).
+        images, masks = batch.get("seg_images", batch["images"]), batch.get("seg_masks", batch["masks"])
+        feats = self.model.encode_images(images)
         logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=region)
-        gt = batch["masks"][region].to(logits.device)
+        gt = masks[region].to(logits.device)
         return {
             "mask_iou": mask_iou(logits, gt).cpu(),
             "mask_soft_iou": soft_mask_iou(logits, gt).cpu(),

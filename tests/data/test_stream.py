@@ -1,0 +1,144 @@
+"""Source orders, the weighted mixture, and the training stream: deterministic, resumable, lazy, and never
+stopped by one bad sample."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from dualrl.data.decode import BadSample
+from dualrl.data.loader import TrainBatches
+from dualrl.data.sources.base import Shard, Source
+from dualrl.data.stream import DataError, Mixture, SourceStream
+
+
+class Toy(Source):
+    """Shards of given sizes; sample (shard, row) is a 4x4 image whose value encodes it. Rows in `bad` raise."""
+
+    def __init__(self, name, sizes, bad=(), reason="image_corrupt"):
+        super().__init__(None, size=4)
+        self.name, self.sizes, self.bad, self.reason = name, sizes, set(bad), reason
+        self.built = []
+
+    def shards(self):
+        return [str(i) for i in range(len(self.sizes))]
+
+    def build_shard(self, shard):
+        self.built.append(shard)
+        return Shard(np.arange(self.sizes[int(shard)])[:, None], skipped={"annotation_corrupt": 1})
+
+    def key(self, index, shard, i):
+        return int(shard), int(index.rows[i, 0])
+
+    def load(self, key, seed):
+        if key in self.bad or "all" in self.bad:
+            raise BadSample(self.reason, f"row {key} is broken")
+        mask = torch.zeros(4, 4, dtype=torch.bool)
+        mask[0, 0] = True
+        return {"image": torch.full((3, 4, 4), key[0] * 100 + key[1], dtype=torch.uint8), "mask": mask,
+                "expression": None, "references": [], "source": self.name, "index": f"{key}"}
+
+
+def _keys(stream, n):
+    return [stream.key(c) for c in range(n)]
+
+
+def test_epoch_covers_every_row_once_and_reshuffles():
+    stream = SourceStream(Toy("t", [5, 0, 7, 3]), seed=1)
+    assert stream.size() == 15
+    first, second = _keys(stream, 30)[:15], _keys(stream, 30)[15:]
+    assert sorted(first) == sorted(second) and len(set(first)) == 15
+    assert first != second
+    assert _keys(SourceStream(Toy("t", [5, 0, 7, 3]), seed=1), 30) == first + second  # deterministic
+    assert _keys(SourceStream(Toy("t", [5, 0, 7, 3]), seed=2), 15) != first
+
+
+def test_max_samples_is_a_fixed_subset_and_indexes_lazily():
+    toy = Toy("t", [4] * 50)
+    stream = SourceStream(toy, seed=0, max_samples=6)
+    keys = _keys(stream, 18)
+    assert stream.size() == 6 and len(toy.built) == 2  # 2 of 50 shards read
+    assert set(keys[:6]) == set(keys[6:12]) == set(keys[12:]) and len(set(keys)) == 6
+    assert stream.skipped == {"annotation_corrupt": 2}
+
+
+def test_unshuffled_source_keeps_file_order():
+    toy = Toy("t", [3, 2])
+    toy.shuffle = False
+    assert _keys(SourceStream(toy, seed=5), 6) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (0, 0)]
+
+
+def test_empty_source_stops_with_its_name():
+    with pytest.raises(DataError, match=r"t: no usable sample in 2 shard\(s\).*annotation_corrupt 2"):
+        SourceStream(Toy("t", [0, 0]), seed=0).key(0)
+
+
+def test_mixture_follows_weights_and_replays_counts():
+    streams = [SourceStream(Toy(n, [100]), 0) for n in "abc"]
+    mix = Mixture(streams, [1.0, 2.0, 5.0], seed=3)
+    draws = []
+    for d in mix.draws(0):
+        draws.append(d)
+        if len(draws) == 16000:
+            break
+    share = Counter(s for _, s, _ in draws)
+    assert [round(share[i] / 16000, 2) for i in range(3)] == pytest.approx([0.125, 0.25, 0.625], abs=0.02)
+    for p in (0, 1, 4095, 4096, 9000):  # resuming at p continues with the same (source, count) pairs
+        assert next(iter(mix.draws(p))) == draws[p]
+        assert next(iter(mix.draws(p)))[2] == sum(1 for _, s, _ in draws[:p] if s == draws[p][1])
+
+
+def _batches(position=0, workers=0, bad=(), all_bad_after=64):
+    a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
+    streams = [SourceStream(a, 0), SourceStream(b, 0)]
+    return TrainBatches(streams, Mixture(streams, [1, 1], 0), batch_size=4, position=position, seed=0,
+                        num_workers=workers, all_bad_after=all_bad_after)
+
+
+def _ids(batches, n):
+    return [tuple(next(batches)["index"]) for _ in range(n)]
+
+
+def test_resumed_stream_neither_replays_nor_skips():
+    whole = _batches()
+    ids = _ids(whole, 6)
+    head = _batches()
+    assert _ids(head, 3) == ids[:3]
+    resumed = _batches(position=head.state()["data_position"])
+    assert _ids(resumed, 3) == ids[3:]
+
+
+def test_worker_processes_give_the_same_batches():
+    ids = _ids(_batches(), 5)
+    loader = _batches(workers=2)
+    assert _ids(loader, 5) == ids
+    loader.close()
+
+
+def test_bad_samples_are_skipped_counted_and_logged_once(caplog):
+    bad = {(0, i) for i in range(20)}  # every row of a's first shard
+    with caplog.at_level(logging.WARNING, logger="dualrl.data"):
+        batches = _batches(bad=bad)
+        batch_list = [next(batches) for _ in range(10)]
+    assert all(len(b["index"]) == 4 for b in batch_list)  # always full
+    assert not any(i.startswith("(0, ") and b["source"][k] == "a" for b in batch_list for k, i in enumerate(b["index"]))
+    metrics = batches.metrics()
+    assert metrics["data/skipped/image_corrupt"] > 0
+    assert metrics["data/skipped/annotation_corrupt"] == 3  # index-time, one per shard indexed
+    assert metrics["data/skipped_total"] == metrics["data/skipped/image_corrupt"] + 3
+    warnings = [r for r in caplog.records if "image_corrupt" in r.getMessage()]
+    assert len(warnings) == 1 and "row (0," in warnings[0].getMessage()
+    resumed = _batches(bad=bad, position=batches.state()["data_position"])
+    resumed.skips.counts.update(batches.state()["data_skipped"])
+    assert resumed.metrics()["data/skipped/image_corrupt"] == metrics["data/skipped/image_corrupt"]
+
+
+def test_a_source_with_only_bad_samples_stops_the_run():
+    batches = _batches(bad={"all"}, all_bad_after=10)
+    with pytest.raises(DataError, match=r"a: all 10 samples tried were bad \(image_corrupt 10\)"):
+        for _ in range(20):
+            next(batches)
