@@ -52,13 +52,12 @@ def run(recipe: Recipe) -> dict:
 
     val_batches = EvalBatches(recipe)
     runtime = start_runtime(recipe)
-    start_step, position, skipped = 0, 0, {}
+    start_step, position, run_state = 0, 0, {}
     resumed = load_latest(out)
     if resumed is not None:
         learner_state, run_state = resumed
         runtime.learner.load_state_dict(learner_state)
         start_step, position = run_state["step"], run_state["data_position"]
-        skipped = run_state.get("data_skipped", {})
         log.info("resumed from %s at step %d", out / "checkpoints", start_step)
     logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"), resumed=resumed is not None)
     runtime.sync()
@@ -74,7 +73,7 @@ def run(recipe: Recipe) -> dict:
         run_eval(0)
     plan = OBJECTIVES[recipe.algo.name].plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
-    batches = train_batches(recipe, position, skipped)
+    batches = train_batches(recipe, position, run_state)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
     for step in range(start_step + 1, stop + 1):

@@ -108,6 +108,8 @@ def read_mask_png(source: str | os.PathLike | bytes) -> np.ndarray:
             arr = np.asarray(img)
     except FileNotFoundError:
         raise BadSample("mask_missing", f"{name} does not exist") from None
+    except Image.DecompressionBombError as err:
+        raise BadSample("image_too_large", f"mask {name}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadSample("mask_missing", f"{name} is not a readable PNG: {err}") from None
     if arr.ndim == 3:

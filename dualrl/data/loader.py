@@ -134,12 +134,12 @@ class TrainBatches:
 
     def __init__(self, streams: list[SourceStream], mixture: Mixture, batch_size: int, position: int = 0,
                  seed: int = 0, num_workers: int = 0, prefetch: int = 4, all_bad_after: int = 64,
-                 skipped: dict[str, int] | None = None):
+                 skipped: dict[str, int] | None = None, samples: dict[str, int] | None = None):
         self.streams, self.batch_size, self.position = streams, batch_size, position
         self.all_bad_after = all_bad_after
         self.skips = SkipLog(skipped)
         self.tried = {s.source.name: 0 for s in streams}
-        self.good = dict.fromkeys(self.tried, 0)
+        self.good = {name: int((samples or {}).get(name, 0)) for name in self.tried}
         self.reasons: dict[str, dict[str, int]] = {n: {} for n in self.tried}
         loader = DataLoader(_Load({s.source.name: s.source for s in streams}), batch_size=None,
                             sampler=_Draws(mixture, streams, position, seed), num_workers=num_workers,
@@ -190,10 +190,12 @@ class TrainBatches:
         out = {f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())}
         out["data/skipped_total"] = float(sum(skipped.values()))
         out["data/position"] = float(self.position)
+        out.update({f"data/samples/{name}": float(n) for name, n in self.good.items()})
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"data_position": self.position, "data_skipped": dict(self.skips.counts)}
+        return {"data_position": self.position, "data_skipped": dict(self.skips.counts),
+                "data_samples": dict(self.good)}
 
     def close(self) -> None:
         self._it = None
@@ -204,7 +206,9 @@ def _identity(x):
     return x
 
 
-def train_batches(recipe, position: int = 0, skipped: dict[str, int] | None = None) -> TrainBatches:
+def train_batches(recipe, position: int = 0, state: dict | None = None) -> TrainBatches:
+    """The training stream from draw `position`; `state` is a checkpoint's run state (skip and sample counts)."""
+    state = state or {}
     data = recipe.data
     streams, weights = [], []
     for name, spec in enabled(data):
@@ -212,7 +216,7 @@ def train_batches(recipe, position: int = 0, skipped: dict[str, int] | None = No
         weights.append(spec.weight)
     mixture = Mixture(streams, weights, data.seed)
     return TrainBatches(streams, mixture, data.batch_size, position, data.seed, data.num_workers, data.prefetch,
-                        data.all_bad_after, skipped)
+                        data.all_bad_after, state.get("data_skipped"), state.get("data_samples"))
 
 
 # -------------------------------------------------------------------------------------------- eval

@@ -83,16 +83,9 @@ class Source(ABC):
         return {}
 
     def shard_stamp(self, shard: str) -> list:
-        """What changes when the shard's files change: default, the (size, mtime) of its path."""
-        path = self.shard_path(shard)
-        try:
-            st = path.stat()
-        except OSError:
-            return [str(path), None]
-        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-    def shard_path(self, shard: str) -> Path:
-        return Path(shard)
+        """What changes when the shard's files change (paths, sizes, modification times): part of the index
+        cache key. Every source that caches its index says what that is."""
+        raise NotImplementedError(f"{type(self).__name__} caches its index but defines no shard_stamp")
 
     @abstractmethod
     def key(self, index: Shard, shard: str, i: int) -> tuple:
@@ -114,7 +107,7 @@ class Source(ABC):
                 with np.load(path, allow_pickle=False) as z:
                     rows = z["rows"] if z["rows"].ndim else int(z["rows"])
                     meta = json.loads(str(z["meta"]))
-                    return Shard(rows, list(z["names"]) if len(z["names"]) else [], meta["skipped"])
+                    return Shard(rows, [str(n) for n in z["names"]], meta["skipped"])
             except (OSError, ValueError, KeyError) as err:
                 log.warning("%s: index cache %s unreadable (%s); rebuilding", self.name, path, err)
         built = self.build_shard(shard)
