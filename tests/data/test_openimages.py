@@ -5,7 +5,6 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import make_openimages as mk
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from dualrl.data.decode import BadSample
 from dualrl.data.sources.openimages import OpenImagesSource, ZipTable, read_classes
 from dualrl.data.stream import SourceStream
 from dualrl.recipe import OpenImagesSpec
+from tests.data import make_openimages as mk
 
 SIZE = 80  # with aspect="pad", an 80x60 image is not resized: the mask can be compared pixel for pixel
 

@@ -9,7 +9,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from make_sav import (
+
+from dualrl.data.decode import BadSample
+from dualrl.data.loader import TrainBatches
+from dualrl.data.sources.sav import SavSource
+from dualrl.data.stream import Mixture, SourceStream
+from dualrl.data.transforms import square
+from dualrl.recipe import SavSpec
+from tests.data.make_sav import (
     ANNOTATED,
     HIDDEN,
     frame_of,
@@ -21,13 +28,6 @@ from make_sav import (
     write_npz,
     write_video_sample,
 )
-
-from dualrl.data.decode import BadSample
-from dualrl.data.loader import TrainBatches
-from dualrl.data.sources.sav import SavSource
-from dualrl.data.stream import Mixture, SourceStream
-from dualrl.data.transforms import square
-from dualrl.recipe import SavSpec
 
 S, GAP = 32, 2
 
