@@ -147,10 +147,12 @@ def rle_counts(counts: str | bytes) -> list[int]:
     return runs
 
 
-def rle_mask(rle: Any, height: int | None = None, width: int | None = None) -> np.ndarray:
+def rle_mask(rle: Any, height: int | None = None, width: int | None = None, max_pixels: int = 1 << 28
+             ) -> np.ndarray:
     """A COCO RLE (compressed string or uncompressed list counts) -> bool [h, w]. Raises `BadSample`
     ("bad_rle") unless the runs are non-negative and add up to exactly h*w; ("mask_size_mismatch") when
-    `height`/`width` are given and differ from the RLE's own size."""
+    `height`/`width` are given and differ from the RLE's own size; ("image_too_large") over `max_pixels`,
+    before anything is allocated."""
     try:
         h, w = (int(v) for v in rle["size"])
         counts = rle["counts"]
@@ -162,6 +164,8 @@ def rle_mask(rle: Any, height: int | None = None, width: int | None = None) -> n
             raise ValueError(f"counts of type {type(counts).__name__}")
     except (KeyError, TypeError, ValueError) as err:
         raise BadSample("bad_rle", f"malformed RLE: {err}") from None
+    if h * w > max_pixels:
+        raise BadSample("image_too_large", f"RLE of {h}x{w} pixels, over {max_pixels}")
     if h <= 0 or w <= 0 or any(r < 0 for r in runs) or sum(runs) != h * w:
         raise BadSample("bad_rle", f"RLE runs sum to {sum(runs)} with min {min(runs, default=0)}, size {h}x{w} "
                         f"needs {h * w}")
@@ -185,17 +189,21 @@ def polygon_mask(polygons: Any, height: int, width: int) -> np.ndarray:
                 xy = np.asarray(part, dtype=np.float64)
             except (TypeError, ValueError):
                 continue
-            if xy.ndim == 1 and len(xy) >= 6 and len(xy) % 2 == 0 and np.isfinite(xy).all():
+            reach = 4 * max(height, width)  # COCO polygons overshoot the border by a few pixels, not by this
+            if (xy.ndim == 1 and len(xy) >= 6 and len(xy) % 2 == 0 and np.isfinite(xy).all()
+                    and np.abs(xy).max() <= reach):  # pycocotools overflows (and crashes) on huge coordinates
                 parts.append(xy.tolist())
     if not parts:
-        raise BadSample("bad_polygon", f"no polygon with >= 3 finite points in {str(polygons)[:80]}")
+        raise BadSample("bad_polygon", f"no polygon with >= 3 finite points near the image in {str(polygons)[:80]}")
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, height, width))).astype(bool)
 
 
-def coco_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+def coco_segmentation(segmentation: Any, height: int, width: int, max_pixels: int = 1 << 28) -> np.ndarray:
     """A COCO `segmentation` field in any of its three forms (polygons, uncompressed or compressed RLE)."""
+    if height * width > max_pixels:
+        raise BadSample("image_too_large", f"annotation of {height}x{width} pixels, over {max_pixels}")
     if isinstance(segmentation, dict):
-        return rle_mask(segmentation, height, width)
+        return rle_mask(segmentation, height, width, max_pixels)
     return polygon_mask(segmentation, height, width)
 
 

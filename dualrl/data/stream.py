@@ -81,6 +81,8 @@ class SourceStream:
             self.epoch_size = self.starts[-1]
             return False
         self.starts.append(self.starts[k] + self._used(k, self._index(k)))
+        if k + 1 == len(self.names) or (self.max_samples is not None and self.starts[-1] >= self.max_samples):
+            self.epoch_size = self.starts[-1]  # known now, not one draw later
         return True
 
     def _locate(self, r: int) -> int:

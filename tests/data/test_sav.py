@@ -75,7 +75,8 @@ def test_index_rows(sav_root):
     source = make_source(sav_root)
     assert source.shards() == ["sav_000", "sav_001"]
     shard = source.build_shard("sav_000")
-    assert shard.names == ["sav_000001", "sav_000002"] and shard.skipped == {}
+    # obj2's 2x2 box is under min_area in all 10 annotations of both videos: counted, not indexed
+    assert shard.names == ["sav_000001", "sav_000002"] and shard.skipped == {"mask_too_small": 20}
     assert shard.rows.dtype == np.uint32 and shard.rows.shape == (34, 5)
     assert rows(shard) == expected_rows(0, 0) | expected_rows(1, 0)
 
@@ -209,7 +210,7 @@ def test_bad_videos_and_annotations(sav_root, tmp_path):
 
     source = make_source(tmp_path, pairs=0.0)
     shard = source.build_shard("sav_000")
-    assert shard.skipped == {"video_missing": 1, "annotation_corrupt": 2, "bad_rle": 2}
+    assert shard.skipped == {"video_missing": 1, "annotation_corrupt": 2, "bad_rle": 2, "mask_too_small": 40}
     assert shard.names == ["sav_000010", "sav_000014", "sav_000015", "sav_000016", "sav_000017", "sav_000018"]
     assert rows(shard) >= expected_rows(0, 0)
     assert {(j, k) for v, _, j, k, _ in rows(shard) if v == 1} == {(j, k) for _, _, j, k, _ in expected_rows(1, 0)} - {
@@ -252,4 +253,4 @@ def test_source_stream_and_batches(sav_root):
     batches = TrainBatches([stream], Mixture([stream], [1.0], seed=0), batch_size=4)
     batch = next(batches)
     assert batch["images"].shape == (4, 3, S, S) and batch["masks"].shape == (4, S, S)
-    assert batch["source"] == ["sav"] * 4 and batches.skipped() == {}
+    assert batch["source"] == ["sav"] * 4 and batches.skipped() == {"mask_too_small": 20}  # obj2, at index time

@@ -51,11 +51,11 @@ class Shard:
         return rows + sum(len(n) for n in self.names)
 
 
-def skip(skipped: dict[str, int], reason: str, detail: str, source: str) -> None:
-    """Count an index-time skip; the first of each reason is logged with its detail."""
+def skip(skipped: dict[str, int], reason: str, detail: str, source: str, n: int = 1) -> None:
+    """Count `n` index-time skips; the first of each reason is logged with its detail."""
     if reason not in skipped:
         log.warning("%s: skipping while indexing (%s): %s", source, reason, detail)
-    skipped[reason] = skipped.get(reason, 0) + 1
+    skipped[reason] = skipped.get(reason, 0) + n
 
 
 class Source(ABC):

@@ -116,7 +116,7 @@ class RefCocoSource(Source):
     def load(self, key: tuple, seed: int) -> dict[str, Any]:
         path, h, w, segmentation, texts, ref_id = key
         image = read_image(path, self.max_pixels, expect_hw=(h, w))
-        mask = check_mask(coco_segmentation(segmentation, h, w), self.spec.min_area)
+        mask = check_mask(coco_segmentation(segmentation, h, w, self.max_pixels), self.spec.min_area)
         expression = texts[int(np.random.default_rng(seed).integers(len(texts)))]
         return self.region(image, mask, index=f"{self.spec.dataset}:{ref_id}", expression=expression,
                            references=list(texts))

@@ -85,8 +85,8 @@ class Sa1bSource(Source):
                 continue
             keep = np.flatnonzero(areas >= max(1, self.spec.min_area))
             if len(keep) < len(areas):
-                small = len(areas) - len(keep)
-                skipped["mask_too_small"] = skipped.get("mask_too_small", 0) + small
+                skip(skipped, "mask_too_small", f"{folder / stem}.json: {len(areas) - len(keep)} masks under "
+                     f"min_area={self.spec.min_area}", self.name, n=len(areas) - len(keep))
             if len(keep):
                 rows.append(np.stack([np.full(len(keep), len(kept), dtype=np.uint32), keep.astype(np.uint32)], 1))
                 kept.append(stem)
@@ -110,6 +110,6 @@ class Sa1bSource(Source):
             raise BadSample("annotation_corrupt", f"{stem}.json disappeared after indexing") from None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
             raise BadSample("annotation_corrupt", f"{stem}.json annotation {ann_index}: {err!r}") from None
-        mask = check_mask(rle_mask(segmentation, h, w), self.spec.min_area)
+        mask = check_mask(rle_mask(segmentation, h, w, self.max_pixels), self.spec.min_area)
         image = read_image(f"{stem}.jpg", self.max_pixels, expect_hw=(h, w))
         return self.region(image, mask, index=f"{Path(stem).name}:{ann.get('id', ann_index)}")

@@ -185,6 +185,11 @@ class SavSource(Source):
         area = mask_utils.area([{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles])
         visible = np.zeros((len(masklet), int(j.max()) + 1), dtype=bool)
         visible[k, j] = (area >= max(1, self.spec.min_area)) & (area < pixels)
+        # An all-zero RLE is an object out of view (normal); full and tiny masks are counted skips.
+        small = (area > 0) & (area < self.spec.min_area)
+        for reason, bad in (("full_mask", area >= pixels), ("mask_too_small", small)):
+            if bad.any():
+                skip(skipped, reason, f"{path}: {int(bad.sum())} mask(s)", self.name, n=int(bad.sum()))
         gap = self.spec.pair_gap
         later = np.zeros_like(visible)
         later[:-gap] = visible[gap:]
@@ -212,7 +217,7 @@ class SavSource(Source):
             raise BadSample("annotation_corrupt", f"{annotations} does not exist") from None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
             raise BadSample("annotation_corrupt", f"{annotations}: annotation {k}, object {obj}: {err!r}") from None
-        masks = [check_mask(rle_mask(rle), self.spec.min_area) for rle in rles]
+        masks = [check_mask(rle_mask(rle, max_pixels=self.max_pixels), self.spec.min_area) for rle in rles]
         frames = [STEP * (k + step) for step in steps]
         images = self._read_frames(video, frames, masks[0].shape)
         stem = Path(video).stem + (":auto" if annotations.endswith("_auto.json") else "")
