@@ -175,7 +175,7 @@ def rle_mask(rle: Any, height: int | None = None, width: int | None = None, max_
         encoded = mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w)
     else:
         encoded = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(encoded).astype(bool)
+    return mask_utils.decode(encoded).view(bool)  # 0/1 bytes: a bool view, no copy
 
 
 def polygon_mask(polygons: Any, height: int, width: int) -> np.ndarray:
@@ -209,7 +209,7 @@ def coco_segmentation(segmentation: Any, height: int, width: int, max_pixels: in
 
 def check_mask(mask: np.ndarray, min_area: int = 1) -> np.ndarray:
     """Reject masks with no region to describe: empty, every pixel, or under `min_area` pixels."""
-    area = int(mask.sum())
+    area = int(np.count_nonzero(mask))
     if area == 0:
         raise BadSample("empty_mask", "the mask has no foreground pixel")
     if area == mask.size:

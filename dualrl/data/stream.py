@@ -118,7 +118,7 @@ class SourceStream:
             return j
         if self._perm is None or self._perm[:2] != (k, epoch):
             used = self.starts[k + 1] - self.starts[k]
-            subset = _rng(self.seed, 2, k).permutation(len(shard))[:used]
+            subset = _rng(self.seed, 2, k).permutation(len(shard))[:used].astype(np.uint32)  # 4 bytes a row
             self._perm = (k, epoch, subset[_rng(self.seed, 3, k, epoch).permutation(used)])
         return int(self._perm[2][j])
 

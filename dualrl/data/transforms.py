@@ -43,7 +43,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if mask.shape == (h, w):
         return mask
-    cover = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX))
+    cover = np.asarray(Image.fromarray(_u8(mask)).resize((w, h), Image.BOX))
     out = cover >= 128
     if not out.any() and mask.any():
         out = cover > 0
@@ -55,7 +55,12 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if mask.shape == (h, w):
         return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    return np.asarray(Image.fromarray(_u8(mask)).resize((w, h), Image.NEAREST)) > 0
+
+
+def _u8(mask: np.ndarray) -> np.ndarray:
+    """bool -> 0/255 uint8 without a widening copy (a bool array is already one byte per pixel)."""
+    return np.ascontiguousarray(mask, dtype=bool).view(np.uint8) * np.uint8(255)
 
 
 def square(image: np.ndarray, mask: np.ndarray, size: int, aspect: Aspect = "squash"
@@ -77,9 +82,6 @@ def square(image: np.ndarray, mask: np.ndarray, size: int, aspect: Aspect = "squ
     else:
         raise ValueError(f"aspect must be 'squash' or 'pad', got {aspect!r}")
     check_mask(out_mask)
-    return _tensor(out_image).permute(2, 0, 1).contiguous(), _tensor(out_mask)
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """PIL hands out read-only arrays; torch wants writable ones."""
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+    # HWC -> CHW in numpy: the copy stays off torch's intra-op thread pool, which the training process shares.
+    chw = np.ascontiguousarray(out_image.transpose(2, 0, 1))
+    return torch.from_numpy(chw), torch.from_numpy(out_mask if out_mask.flags.writeable else out_mask.copy())
