@@ -83,3 +83,16 @@ def test_missing_paths_name_their_recipe_key(fixtures):
         load_recipe("recipes/full_data/sft_dual_mixture.yaml", [*TINY, *fixtures, "data.sa1b.root=/nope"])
     with pytest.raises(RecipeError, match=r"data.openimages.masks: .* not found"):
         load_recipe("recipes/full_data/sft_dual_mixture.yaml", [*TINY, *fixtures, "data.openimages.masks=/nope"])
+
+
+def test_index_command_builds_every_shard_in_parallel(tmp_path, fixtures, capsys):
+    from dualrl.data.index import main
+
+    overrides = [*TINY, *[f for f in fixtures if not f.startswith("data.cache_dir")], f"data.cache_dir={tmp_path}"]
+    assert main(["recipes/full_data/sft_dual_mixture.yaml", *overrides, "--workers", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"refcoco", "sa1b", "sav", "openimages"}
+    assert report["sa1b"] == {"shards": 1, "samples": 6, "skipped": {"mask_too_small": 3},
+                              "seconds": report["sa1b"]["seconds"]}
+    assert report["openimages"]["skipped"]["annotation_corrupt"] == 3
+    assert {p.parent.name for p in tmp_path.rglob("*.npz")} == {"sa1b", "sav", "openimages"}  # refcoco: in memory
