@@ -96,3 +96,12 @@ def test_index_command_builds_every_shard_in_parallel(tmp_path, fixtures, capsys
                               "seconds": report["sa1b"]["seconds"]}
     assert report["openimages"]["skipped"]["annotation_corrupt"] == 3
     assert {p.parent.name for p in tmp_path.rglob("*.npz")} == {"sa1b", "sav", "openimages"}  # refcoco: in memory
+
+
+def test_full_data_recipe_builds_its_model_as_written(fixtures):
+    """The recipe's model section matches the checkpoint it names (only the data paths are overridden)."""
+    from dualrl.model.build import build_model
+
+    recipe = load_recipe("recipes/full_data/sft_dual_mixture.yaml", [*fixtures, "output_dir=unused"])
+    assert recipe.data.image_size == 1024 and recipe.optim.lr == 1e-5 and recipe.algo.ema_decay == 0.999
+    build_model(recipe.model)
