@@ -1,0 +1,179 @@
+"""`python -m dualrl.eval CHECKPOINT [dotted.key=value ...]` — evaluate a model on held-out regions.
+
+CHECKPOINT is a training run (its output_dir, checkpoints/ folder or one step_N folder: the run's
+recipe.yaml says how to build the model, the checkpoint's EMA or student weights go into it) or a dualrl
+model directory (model.safetensors + arch.json, built with `recipes/sft_dual.yaml`'s model section).
+Overrides apply to that recipe, e.g. `data.refcoco.root=/data/refer data.refcoco.images=/data/coco/train2014`.
+
+Three measures, on `--data refcoco` (a RefCOCO/+/g split in the `refer` layout) or `--data shapes`:
+- referring segmentation, RefCOCO protocol: every sentence of every object is one query; cIoU = total
+  intersection / total union over the split, gIoU = mean of the per-query IoUs;
+- region captioning: the model's greedy caption of each object, METEOR (nltk, WordNet) against all its
+  sentences;
+- cycle IoU: the model segments its own caption of each object; mean IoU with the object's mask.
+IoUs are computed at the loader's working resolution (`data.image_size`, the SAM2 input size at real
+scale), on the square the image was brought to, not at the file's original size.
+Prints a short table and writes the numbers as JSON (`--out`, default CHECKPOINT/eval_<data>_<split>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dualrl.data.batch import collate_regions
+from dualrl.data.decode import BadSample
+from dualrl.data.loader import SkipLog, Skipped, build_source
+from dualrl.data.stream import SourceStream
+from dualrl.model.build import build_model
+from dualrl.recipe import RecipeError, ShapesSpec, load_recipe
+
+log = logging.getLogger("dualrl.eval")
+
+
+def eval_recipe(checkpoint: Path, overrides: list[str], weights: str):
+    """The recipe a checkpoint's model is built with, the checkpoint's weights on top."""
+    if (checkpoint / "model.safetensors").is_file():
+        return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "sft_dual.yaml",
+                           [f"model.pretrained={checkpoint}", "output_dir=unused", *overrides])
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (folder / "recipe.yaml").is_file():
+            return load_recipe(folder / "recipe.yaml", [f"model.init_from={checkpoint}",
+                                                        f"model.init_weights={weights}", *overrides])
+    raise RecipeError(f"{checkpoint}: neither a dualrl model directory (model.safetensors) nor a training run "
+                      "(recipe.yaml in it or two folders up)")
+
+
+def regions(recipe, data: str, split: str, limit: int | None):
+    """Good samples of the split in file order (bad ones skipped, counted and logged once per reason)."""
+    spec = getattr(recipe.data, data) or (ShapesSpec() if data == "shapes" else None)
+    if spec is None:
+        raise RecipeError(f"--data {data}: set data.{data}.* (its paths) in the recipe or as overrides")
+    if data == "refcoco":
+        spec = spec.model_copy(update={"eval_split": split})
+    source = build_source(data, spec, recipe, split="val" if data == "refcoco" else split)
+    source.shuffle = False
+    stream, skips = SourceStream(source, seed=0), SkipLog()
+    total = stream.size() if limit is None else min(limit, stream.size())
+    for count in range(total):
+        try:
+            yield source.load(stream.key(count), seed=count)
+        except BadSample as bad:
+            skips.add(Skipped(data, bad.reason, bad.detail))
+    if skips.counts:
+        log.warning("skipped %s", skips.counts)
+
+
+def _inter_union(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = F.interpolate(logits[:, None].float(), size=tuple(gt.shape[-2:]), mode="bilinear",
+                         align_corners=False)[:, 0] > 0
+    gt = gt.to(pred.device).bool()
+    return (pred & gt).flatten(1).sum(1).double(), (pred | gt).flatten(1).sum(1).double()
+
+
+@torch.no_grad()
+def evaluate_model(model, samples, batch_size: int) -> dict:
+    inter, union, cycle, captions, references, lengths = [], [], [], [], [], []
+    items: list[dict] = []
+
+    def flush():
+        if not items:
+            return
+        batch = collate_regions(items)
+        feats = model.encode_images(batch["images"])
+        sentences = [refs or [batch["expression"][r]] for r, refs in enumerate(batch["references"])]
+        queries = [(r, s) for r, group in enumerate(sentences) for s in group if s]
+        if queries:
+            index = torch.tensor([r for r, _ in queries])
+            logits, *_ = model.segment(None, [s for _, s in queries], feats=feats, image_index=index)
+            i, u = _inter_union(logits, batch["masks"][index])
+            inter.append(i.cpu())
+            union.append(u.cpu())
+        described = model.describe(None, batch["masks"], feats=feats)
+        logits, *_ = model.segment(None, described.texts, feats=feats)
+        i, u = _inter_union(logits, batch["masks"])
+        cycle.append((i / u.clamp(min=1)).cpu())
+        captions.extend(described.texts)
+        lengths.extend(len(ids) for ids in described.ids)
+        references.extend(list(r) for r in batch["references"])
+        items.clear()
+
+    for sample in samples:
+        items.append(sample)
+        if len(items) == batch_size:
+            flush()
+    flush()
+    if not captions:
+        raise RuntimeError("no usable region in the split")
+    out = {"regions": len(captions), "cycle_miou": torch.cat(cycle).mean().item(),
+           "caption_tokens": sum(lengths) / len(lengths), "examples": [
+               {"caption": c, "references": r} for c, r in list(zip(captions, references))[:5]]}
+    if inter:
+        i, u = torch.cat(inter), torch.cat(union)
+        out.update(queries=len(i), ref_ciou=(i.sum() / u.sum().clamp(min=1)).item(),
+                   ref_giou=(i / u.clamp(min=1)).mean().item())
+    out.update(_meteor(captions, references))
+    return out
+
+
+def _meteor(captions: list[str], references: list[list[str]]) -> dict:
+    try:
+        from rewards.meteor import meteor_scores
+    except ImportError as err:
+        return {"caption_meteor_error": str(err)}
+    try:
+        scores = [s for s in meteor_scores(captions, references) if s is not None]
+    except RuntimeError as err:  # WordNet missing: the message says how to install it
+        return {"caption_meteor_error": str(err)}
+    return {"caption_meteor": sum(scores) / len(scores)} if scores else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dualrl.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
+    parser.add_argument("--data", choices=("refcoco", "shapes"), default="refcoco")
+    parser.add_argument("--split", default="val", help="refcoco: val, testA, testB, test; shapes: val, test")
+    parser.add_argument("--weights", choices=("ema", "policy"), default="ema")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--max-regions", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = eval_recipe(args.checkpoint, args.overrides, args.weights)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    t0 = time.time()
+    model = build_model(recipe.model, device).eval()
+    try:
+        result = evaluate_model(model, regions(recipe, args.data, args.split, args.max_regions), args.batch_size)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result.update(checkpoint=str(args.checkpoint), data=args.data, split=args.split, weights=args.weights,
+                  device=device, seconds=round(time.time() - t0, 2))
+    folder = args.checkpoint if args.checkpoint.is_dir() else Path(".")
+    out = args.out or folder / f"eval_{args.data}_{args.split}.json"
+    out.write_text(json.dumps(result, indent=1))
+    rows = [("regions", result["regions"]), ("queries", result.get("queries", 0)),
+            ("ref cIoU", result.get("ref_ciou")), ("ref gIoU", result.get("ref_giou")),
+            ("caption METEOR", result.get("caption_meteor")), ("cycle mIoU", result["cycle_miou"])]
+    for name, value in rows:
+        print(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
