@@ -160,6 +160,20 @@ def apply_trainable(model: GroundedVLM, spec) -> None:
     model.sam.sam_prompt_encoder.requires_grad_(spec.sam_decoder)
     model.sam.no_mem_embed.requires_grad_(spec.sam_decoder)
     model.text_hidden_fcs.requires_grad_(spec.seg_projection)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %.2f M of %.2f M", n_train / 1e6, n_all / 1e6)
+    log.info("%s", memory_estimate(model))
+
+
+def memory_estimate(model: GroundedVLM) -> str:
+    """Parameters, trainable parameters and the memory they take before any activation: the weights as
+    stored, plus for the trainable ones their gradients, AdamW's two moments and the EMA copy (fp32). Not
+    counted: activations, and grpo's frozen KL reference when beta > 0 (a second copy of the model)."""
+    params = list(model.parameters())
+    n_all = sum(p.numel() for p in params)
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    training = sum(p.numel() * (p.element_size() + 12) for p in trainable)  # grad + exp_avg, exp_avg_sq, EMA
+    gib = 1024**3
+    return (f"parameters {n_all / 1e6:.2f} M, trainable {n_train / 1e6:.2f} M ({100 * n_train / max(1, n_all):.1f} %); "
+            f"memory before activations: weights {weights / gib:.2f} GiB + grads, AdamW states and EMA "
+            f"{training / gib:.2f} GiB = {(weights + training) / gib:.2f} GiB")
