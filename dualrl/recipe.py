@@ -32,6 +32,8 @@ class VisionSpec(Section):
     intermediate_size: int = Field(256, gt=0)
     image_size: int = Field(128, gt=0, description="VLM input tile size in pixels (448 for InternVL).")
     patch_size: int = Field(8, gt=0, description="ViT patch size; token grid = (image/patch) * 0.5.")
+    qkv_bias: bool = Field(False, description="Biases on the attention projections (InternViT-300M: true).")
+    layer_norm_eps: float = Field(1e-6, gt=0)
 
 
 class TextSpec(Section):
@@ -44,6 +46,9 @@ class TextSpec(Section):
     intermediate_size: int = Field(512, gt=0)
     vocab_size: int = Field(512, gt=0, description="Size of the tiny offline BPE vocabulary.")
     tie_word_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (Qwen2.5: 1e6).")
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    max_position_embeddings: int = Field(4096, gt=0)
 
 
 NANO_SAM_OVERRIDES = [

@@ -37,11 +37,13 @@ def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
     vision = InternVLVisionConfig(
         hidden_size=v.hidden_size, num_hidden_layers=v.layers, num_attention_heads=v.heads,
         intermediate_size=v.intermediate_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
+        attention_bias=v.qkv_bias, layer_norm_eps=v.layer_norm_eps,
     )
     text = Qwen2Config(
         hidden_size=t.hidden_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
         num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
-        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=4096,
+        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"}, rms_norm_eps=t.rms_norm_eps,
     )
     tokens = (v.image_size // v.patch_size) ** 2 // 4
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
@@ -137,6 +139,12 @@ def load_weights(model: GroundedVLM, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
+def _token_rows(model: GroundedVLM, ids: list[int] | None) -> dict[str, list[int]] | None:
+    if not ids:
+        return None
+    return {"embed_tokens": ids} if model.vlm.config.tie_word_embeddings else {"embed_tokens": ids, "lm_head": ids}
+
+
 def apply_trainable(model: GroundedVLM, spec) -> None:
     """Freeze everything, then open Sa2VA's trainable set (or whatever the recipe asks)."""
     model.requires_grad_(False)
@@ -147,7 +155,8 @@ def apply_trainable(model: GroundedVLM, spec) -> None:
         config = LoraConfig(
             r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
             target_modules=rf".*language_model.*\.({targets})",
-            trainable_token_indices={"embed_tokens": new_ids} if new_ids else None,
+            # The new tokens' input rows and, for an untied LLM, their output rows too ([SEG] must be generated).
+            trainable_token_indices=_token_rows(model, new_ids),
         )
         model.vlm = inject_adapter_in_model(config, model.vlm)
     elif spec.llm:
