@@ -1,8 +1,10 @@
 """`python -m dualrl.eval CHECKPOINT [dotted.key=value ...]` — evaluate a model on held-out regions.
 
 CHECKPOINT is a training run (its output_dir, checkpoints/ folder or one step_N folder: the run's
-recipe.yaml says how to build the model, the checkpoint's EMA or student weights go into it) or a dualrl
-model directory (model.safetensors + arch.json, built with `recipes/sft_dual.yaml`'s model section).
+recipe.yaml says how to build the model, the checkpoint's EMA or student weights go into it), a dualrl
+model directory (model.safetensors + arch.json) or a Sa2VA Hugging Face directory (config.json +
+safetensors + tokenizer); a directory is built with the model section of `--recipe` (default
+`recipes/sft_dual.yaml`).
 Overrides apply to that recipe, e.g. `data.refcoco.root=/data/refer data.refcoco.images=/data/coco/train2014`.
 
 Three measures, on `--data refcoco` (a RefCOCO/+/g split in the `refer` layout) or `--data shapes`:
@@ -38,17 +40,24 @@ from dualrl.recipe import RecipeError, ShapesSpec, load_recipe
 log = logging.getLogger("dualrl.eval")
 
 
-def eval_recipe(checkpoint: Path, overrides: list[str], weights: str):
-    """The recipe a checkpoint's model is built with, the checkpoint's weights on top."""
-    if (checkpoint / "model.safetensors").is_file():
-        return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "sft_dual.yaml",
-                           [f"model.pretrained={checkpoint}", "output_dir=unused", *overrides])
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sft_dual.yaml"
+
+
+def eval_recipe(checkpoint: Path, overrides: list[str], weights: str, recipe: Path | None = None):
+    """The recipe a checkpoint's model is built with, the checkpoint's weights on top. A model directory
+    (dualrl's arch.json, or a Sa2VA checkpoint's config.json) is built with `recipe`'s model section."""
+    base = recipe or DEFAULT_RECIPE
+    if (checkpoint / "arch.json").is_file():
+        return load_recipe(base, [f"model.pretrained={checkpoint}", "output_dir=unused", *overrides])
+    if (checkpoint / "config.json").is_file():
+        return load_recipe(base, ["model.pretrained=null", f"model.sa2va={checkpoint}", "output_dir=unused",
+                                  *overrides])
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         if (folder / "recipe.yaml").is_file():
             return load_recipe(folder / "recipe.yaml", [f"model.init_from={checkpoint}",
                                                         f"model.init_weights={weights}", *overrides])
-    raise RecipeError(f"{checkpoint}: neither a dualrl model directory (model.safetensors) nor a training run "
-                      "(recipe.yaml in it or two folders up)")
+    raise RecipeError(f"{checkpoint}: neither a model directory (dualrl's arch.json or a Sa2VA config.json) "
+                      "nor a training run (recipe.yaml in it or two folders up)")
 
 
 def regions(recipe, data: str, split: str, limit: int | None):
@@ -146,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--max-regions", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--recipe", type=Path, default=None, help="whose model section builds a model directory "
+                        "(default recipes/sft_dual.yaml; a Sa2VA-4B checkpoint needs a 4B-shaped one)")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recipe = eval_recipe(args.checkpoint, args.overrides, args.weights)
+        recipe = eval_recipe(args.checkpoint, args.overrides, args.weights, args.recipe)
     except (RecipeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -116,6 +116,10 @@ class PromptSpec(Section):
 class ModelSpec(Section):
     pretrained: str | None = Field(None, description="A dualrl model directory to start from "
                                    "(model.safetensors + tokenizer.json + arch.json).")
+    sa2va: str | None = Field(None, description="A Sa2VA Hugging Face checkpoint directory (model.safetensors "
+                              "or its sharded index, tokenizer files, config.json) whose weights start the model. "
+                              "vision/text/sam must describe its architecture; a mismatch is refused with a key "
+                              "report. Exclusive with `pretrained`.")
     init_from: str | None = Field(None, description="A dualrl training run (its output_dir, its checkpoints/ "
                                   "folder or one step_N folder) whose trainable weights start this run, on top "
                                   "of `pretrained`: how grpo continues from an sft_dual run.")
@@ -455,6 +459,14 @@ def check_paths(recipe: Recipe) -> None:
         raise RecipeError(f"model.pretrained: no dualrl model at {pretrained!r} (expected model.safetensors "
                           "there). Build it with `python -m dualrl.launch recipes/pretrain_tiny.yaml` or set "
                           "model.pretrained=null to start from random init.")
+    sa2va = recipe.model.sa2va
+    if sa2va is not None:
+        if pretrained is not None:
+            raise RecipeError("model.sa2va and model.pretrained are exclusive: set one of them")
+        folder = Path(sa2va).expanduser()
+        if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise RecipeError(f"model.sa2va: no Sa2VA checkpoint at {sa2va!r} (expected model.safetensors or "
+                              "model.safetensors.index.json there)")
     ckpt = recipe.model.sam.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         raise RecipeError(f"model.sam.checkpoint: file not found: {ckpt!r}")

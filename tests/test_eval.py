@@ -60,3 +60,13 @@ def test_cli_on_a_run_with_refcoco_data(tmp_path):
     assert result["regions"] == 1 and result["queries"] == 1 and result["weights"] == "policy"
     assert main([str(tmp_path / "nowhere"), "--data", "shapes"]) == 2
     assert main([str(tmp_path / "run"), "--data", "refcoco"]) == 2  # no refcoco paths given
+
+
+def test_cli_on_a_sa2va_directory(tiny_model, tmp_path):
+    from dualrl.model.sa2va_format import save_sa2va
+
+    save_sa2va(tiny_model, tiny_model.tokenizer, tmp_path / "sa2va")
+    out = tmp_path / "e.json"
+    assert main([str(tmp_path / "sa2va"), "--data", "shapes", "--max-regions", "2", "--out", str(out),
+                 "model.sam.image_size=128", "model.multimask=false"]) == 0
+    assert json.loads(out.read_text())["regions"] == 2

@@ -19,7 +19,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Inter
 
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
-from dualrl.model.tokenizer import SA2VA_TOKENS, build_tiny_tokenizer, wrap_tokenizer
+from dualrl.model.tokenizer import SA2VA_TOKENS, build_tiny_tokenizer, ensure_special_tokens, wrap_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
         tokenizer = wrap_tokenizer(Tokenizer.from_file(str(Path(spec.pretrained) / "tokenizer.json")))
+    elif spec.sa2va:
+        tokenizer = _hf_tokenizer(Path(spec.sa2va).expanduser())
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
     if len(tokenizer) > spec.text.vocab_size:
@@ -69,10 +71,24 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
         model = GroundedVLM(vlm, sam, tokenizer, spec)
     if spec.pretrained:
         load_weights(model, Path(spec.pretrained) / "model.safetensors")
+    elif spec.sa2va:
+        from dualrl.model.sa2va_format import from_sa2va, load_sa2va_state
+
+        report = from_sa2va(model, load_sa2va_state(Path(spec.sa2va).expanduser()))  # raises on a real mismatch
+        log.info("model.sa2va=%s: %s", spec.sa2va, report)
     apply_trainable(model, spec.trainable)
     if spec.init_from:
         _init_trainable(model, spec)
     return model.to(device)
+
+
+def _hf_tokenizer(directory: Path):
+    """A checkpoint's own tokenizer, from local files only, with dualrl's special tokens ensured."""
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return ensure_special_tokens(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+    return wrap_tokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")))
 
 
 def _init_trainable(model: GroundedVLM, spec) -> None:

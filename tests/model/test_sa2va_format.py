@@ -210,3 +210,20 @@ def test_sharded_directory_and_config(trained, tmp_path):
 def test_no_pickle_loading():
     source = inspect.getsource(sa2va_format)
     assert "torch.load" not in source and "pickle" not in source
+
+
+def test_recipe_starts_from_a_sa2va_directory(trained, tiny_spec, region_batch, tmp_path):
+    """`model.sa2va: DIR` builds the model with the directory's tokenizer and weights (fresh LoRA on top)."""
+    from dualrl.recipe import RecipeError, load_recipe
+    from tests.conftest import TINY
+
+    model, _ = trained
+    save_sa2va(model, model.tokenizer, tmp_path / "sa2va")
+    spec = load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x", f"model.sa2va={tmp_path / 'sa2va'}"]).model
+    loaded = build_model(spec).eval()
+    diff = _max_diff(_outputs(model, region_batch), _outputs(loaded, region_batch))
+    assert all(v < 1e-5 for v in diff.values()), diff
+    with pytest.raises(RecipeError, match=r"model\.sa2va: no Sa2VA checkpoint"):
+        load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x", f"model.sa2va={tmp_path}"])
+    with pytest.raises(RecipeError, match="exclusive"):
+        load_recipe("recipes/sft_dual.yaml", ["output_dir=x", f"model.sa2va={tmp_path / 'sa2va'}"])
