@@ -114,11 +114,12 @@ def evaluate_model(model, samples, batch_size: int) -> dict:
         references.extend(list(r) for r in batch["references"])
         items.clear()
 
-    for sample in samples:
-        items.append(sample)
-        if len(items) == batch_size:
-            flush()
-    flush()
+    with model.autocast():
+        for sample in samples:
+            items.append(sample)
+            if len(items) == batch_size:
+                flush()
+        flush()
     if not captions:
         raise RuntimeError("no usable region in the split")
     out = {"regions": len(captions), "cycle_miou": torch.cat(cycle).mean().item(),

@@ -134,6 +134,13 @@ class ModelSpec(Section):
                             "False: single-mask output, steadier from scratch.")
     max_caption_tokens: int = Field(24, gt=0, le=512)
     seed: int = Field(0, description="Seed of the random init.")
+    precision: Literal["float32", "bf16"] = Field("float32", description="bf16: frozen weights stored in "
+                                                  "bfloat16, trainable ones in float32, forward passes under "
+                                                  "bf16 autocast (Sa2VA trains with bf16 mixed precision).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package).")
+    gradient_checkpointing: bool = Field(False, description="Recompute the LLM's activations in the backward "
+                                         "pass (less memory, ~30 % more compute).")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -46,9 +46,12 @@ def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
         rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"}, rms_norm_eps=t.rms_norm_eps,
     )
     tokens = (v.image_size // v.patch_size) ** 2 // 4
-    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                          downsample_ratio=0.5, image_seq_length=tokens,
-                          tie_word_embeddings=t.tie_word_embeddings)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                            downsample_ratio=0.5, image_seq_length=tokens,
+                            tie_word_embeddings=t.tie_word_embeddings)
+    for part in (config, config.vision_config, config.text_config):
+        part._attn_implementation = spec.attn_implementation
+    return config
 
 
 def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
@@ -79,6 +82,18 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     apply_trainable(model, spec.trainable)
     if spec.init_from:
         _init_trainable(model, spec)
+    if spec.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model.vlm, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            model.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if spec.precision == "bf16":
+        # Mixed precision as Sa2VA trains: what does not train is stored in bf16 (half the memory), what
+        # trains stays float32 for the optimizer; the workers run forward passes under bf16 autocast.
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     return model.to(device)
 
 

@@ -10,6 +10,7 @@ Image features are computed by `encode_images` once and passed to any number of 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,12 @@ class GroundedVLM(nn.Module):
             for name, value in state.items():
                 params[name].copy_(value)
         self._features = None
+
+    def autocast(self):
+        """The context every forward pass runs in: bf16 autocast when `model.precision` is bf16."""
+        if self.spec.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # -------------------------------------------------------------------------------------- images
     def encode_images(self, images: Tensor) -> ImageFeatures:

@@ -80,7 +80,8 @@ class Learner:
 
     def _update(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.objective(self.model, batch, rollout, generator)
+        with self.model.autocast():
+            out = self.objective(self.model, batch, rollout, generator)
         out.loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
@@ -106,13 +107,16 @@ class Learner:
     @torch.no_grad()
     def describe(self, batch: dict):
         self.model.eval()
-        return self.model.describe(batch["images"], batch["masks"])
+        with self.model.autocast():
+            return self.model.describe(batch["images"], batch["masks"])
 
     @torch.no_grad()
     def refer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment each region from its expression; returns (IoU per region, low-res logits)."""
         self.model.eval()
-        logits, *_ = self.model.segment(batch["images"], list(batch["expression"]))
+        with self.model.autocast():
+            logits, *_ = self.model.segment(batch["images"], list(batch["expression"]))
+        logits = logits.float()
         return mask_iou(logits, batch["masks"].to(logits.device)).cpu(), logits.cpu()
 
     # ------------------------------------------------------------------------------ checkpoint

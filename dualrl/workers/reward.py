@@ -38,8 +38,10 @@ class RewardWorker:
             region = torch.arange(len(caption_ids))
         # The frames to segment: the described ones, or the later frame of a frame pair (SA-V).
         images, masks = batch.get("seg_images", batch["images"]), batch.get("seg_masks", batch["masks"])
-        feats = self.model.encode_images(images)
-        logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=region)
+        with self.model.autocast():
+            feats = self.model.encode_images(images)
+            logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=region)
+        logits = logits.float()
         gt = masks[region].to(logits.device)
         return {
             "mask_iou": mask_iou(logits, gt).cpu(),

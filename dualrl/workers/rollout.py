@@ -27,7 +27,7 @@ class RolloutWorker:
         self.model.eval()  # the in-process grpo rollout shares the learner's model, which trains between calls
         region = torch.arange(len(batch["masks"])).repeat_interleave(plan.group_size)
         cuda = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        with torch.random.fork_rng(devices=cuda, enabled=seed is not None), self.model.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
             return self.model.describe(batch["images"], batch["masks"][region], image_index=region,
