@@ -524,20 +524,38 @@ def check_rewards(recipe: Recipe) -> None:
             raise RecipeError(f"rewards[{i}] ({spec.key}): {err}") from None
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a dict. `extends: other.yaml` (relative to the file) starts from that recipe; this
+    file's sections are merged into it key by key, so a variant states only what differs."""
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {str(path)!r}")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: `extends` loops back to it")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    return _merge(_read_tree(path.parent / parent, (*seen, path.resolve())), loaded)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
     """Read a YAML recipe (or start from `base`), apply overrides, validate, check paths."""
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {str(path)!r}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
-        tree.update(loaded)
+        tree.update(_read_tree(Path(path)))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

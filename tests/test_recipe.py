@@ -88,3 +88,33 @@ def test_list_entries_take_indexed_overrides():
     assert r.rewards[1].weight == 0.5 and r.rewards[1].options == {"max_words": 9}
     with pytest.raises(RecipeError, match="'2' is not an index of a 2-entry list"):
         load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: length}]", "rewards.2.weight=1"])
+
+
+def test_extends_merges_sections_key_by_key(tmp_path):
+    from dualrl.recipe import RecipeError, load_recipe
+
+    (tmp_path / "base.yaml").write_text("output_dir: a\ntrain: {steps: 7, log_every: 3}\nmodel: {seed: 4}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "v.yaml").write_text("extends: ../base.yaml\noutput_dir: b\ntrain: {steps: 9}\n")
+    r = load_recipe(tmp_path / "sub" / "v.yaml", ["model.pretrained=null"])
+    assert (r.output_dir, r.train.steps, r.train.log_every, r.model.seed) == ("b", 9, 3, 4)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(RecipeError, match="loops back"):
+        load_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nope.yaml\n")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["sa2va_4b_sft_dual", "sa2va_4b_sft_dual_short", "sa2va_4b_grpo", "sa2va_1b_sft_dual"])
+def test_sa2va_recipes_validate_and_name_missing_paths(name):
+    from dualrl.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"model\.sa2va: no Sa2VA checkpoint at '/models/Sa2VA-"):
+        load_recipe(f"recipes/sa2va/{name}.yaml")
+    off = ["model.sa2va=null", "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null",
+           "data.shapes={}", "data.eval_source=shapes", "model.init_from=null"]
+    r = load_recipe(f"recipes/sa2va/{name}.yaml", off)
+    assert r.model.precision == "bf16" and r.model.trainable.lora_r == 128 and r.optim.lr == 1e-5
+    assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999
+    assert (r.algo.loss.bce_weight, r.algo.loss.dice_weight, r.algo.loss.llm_weight) == (2.0, 0.5, 1.0)
