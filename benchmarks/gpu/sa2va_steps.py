@@ -1,0 +1,164 @@
+"""Sa2VA-sized dualrl steps on one GPU: time per phase and peak memory.
+
+    python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/sa2va_4b_sft_dual.yaml] [--steps 4]
+        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--tiny] [--out results.json]
+
+Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
+depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
+size (1024: SAM2's input; the VLM takes its 448 tile from it), and runs `--steps` training steps of each
+algorithm through the same workers the driver uses: rollout (captions), reward (EMA segmentation + rewards),
+learner (one optimizer step). Each phase is timed with CUDA synchronisation; the first step is the warm-up and
+is reported apart. Peak GPU memory is `torch.cuda.max_memory_allocated` over each algorithm's steps (the
+build included). `--tiny` swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+try:  # trl imports `datasets` at module level for its trainers; dualrl takes two tensor functions from trl
+    import datasets  # noqa: F401
+except ImportError:  # the GPU machine has no `datasets` (pyarrow alone is over its upload limit): a stand-in
+    import types
+
+    sys.modules["datasets"] = types.ModuleType("datasets")
+    sys.modules["datasets"].IterableDataset = type("IterableDataset", (), {})
+
+from dualrl.algo.objectives import OBJECTIVES  # noqa: E402
+from dualrl.algo.rollout import Rollout  # noqa: E402
+from dualrl.data.loader import train_batches  # noqa: E402
+from dualrl.model.build import memory_estimate  # noqa: E402
+from dualrl.recipe import load_recipe  # noqa: E402
+from dualrl.runtime import start_runtime  # noqa: E402
+from dualrl.train import ROLLOUT_SEED, step_generator, step_seed  # noqa: E402
+
+TINY_MODEL = ["model.vision.hidden_size=64", "model.vision.layers=2", "model.vision.heads=2",
+              "model.vision.intermediate_size=256", "model.vision.image_size=128", "model.vision.patch_size=8",
+              "model.text.hidden_size=128", "model.text.layers=2", "model.text.heads=4", "model.text.kv_heads=2",
+              "model.text.intermediate_size=512", "model.text.vocab_size=512", "model.sam.image_size=128",
+              "model.sam.config=configs/sam2.1/sam2.1_hiera_t.yaml", "model.trainable.lora_r=8",
+              "model.trainable.lora_alpha=16", "model.max_caption_tokens=8", "algo.loss.num_points=256",
+              "model.precision=float32", "model.sam.overrides=" + json.dumps(
+                  ["++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
+                   "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+                   "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+                   "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+                   "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+                   "++model.use_high_res_features_in_sam=false"])]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_algo(args, algo: str, out_dir: Path) -> dict:
+    size = 128 if args.tiny else 1024
+    overrides = [
+        f"output_dir={out_dir / algo}", "model.sa2va=null", "model.init_from=null", f"algo.name={algo}",
+        "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.eval_source=shapes",
+        f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
+        f"data.image_size={size}", "data.num_workers=2", f"data.batch_size={args.batch_size}",
+        f"algo.grpo.num_generations={args.generations}", "wandb.mode=disabled", "train.device=auto",
+        "rewards=[{name: mask_iou}]", *(TINY_MODEL if args.tiny else []),
+    ]
+    recipe = load_recipe(args.recipe, overrides)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    runtime = start_runtime(recipe)
+    sync()
+    build_s = time.perf_counter() - t0
+    estimate = memory_estimate(runtime.learner.model)
+    built_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    plan = OBJECTIVES[algo].plan(recipe)
+    batches = train_batches(recipe)
+    phases: list[dict[str, float]] = []
+    for step in range(1, args.steps + 1):
+        batch = next(batches)
+        sync()
+        t = time.perf_counter()
+        captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(recipe.train.seed, step))
+        sync()
+        t_roll = time.perf_counter()
+        scored = runtime.reward.score(batch, captions, plan.group_size)
+        sync()
+        t_reward = time.perf_counter()
+        metrics = runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total),
+                                       step_generator(recipe.train.seed, step))
+        runtime.sync()
+        sync()
+        t_learn = time.perf_counter()
+        phases.append({"rollout_s": t_roll - t, "reward_s": t_reward - t_roll, "learner_s": t_learn - t_reward,
+                       "step_s": t_learn - t, "loss": metrics["train/loss"],
+                       "caption_tokens": sum(len(i) for i in captions.ids) / len(captions)})
+        print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
+    batches.close()
+    timed = phases[1:] or phases
+    result = {
+        "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
+        "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "warmup_step": phases[0],
+        "median": {k: statistics.median(p[k] for p in timed) for k in ("rollout_s", "reward_s", "learner_s", "step_s")},
+        "steps": phases,
+    }
+    runtime.shutdown()
+    del runtime
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/sa2va_4b_sft_dual.yaml"))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--algos", nargs="+", default=["sft_dual", "grpo"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import transformers
+
+    facts = {"torch": torch.__version__, "transformers": transformers.__version__,
+             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+             "recipe": args.recipe, "tiny": args.tiny}
+    print(json.dumps(facts), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for algo in args.algos:
+            results.append(run_algo(args, algo, Path(tmp)))
+            gc_cuda()
+    for r in results:
+        m = r["median"]
+        print(f"{r['algo']:9s} {r['regions_per_step']} regions x {r['captions_per_region']} captions: rollout "
+              f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s, step "
+              f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
+              f"build {r['build_s']:.1f} s")
+        print(f"          {r['estimate']}")
+    if args.out:
+        args.out.write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+    return 0
+
+
+def gc_cuda() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
