@@ -1,8 +1,14 @@
-"""`python -m dualrl.export RUN_DIR DEST [--weights ema|policy] [--dtype float16]` — turn a run's latest
-checkpoint into a dualrl model directory that another recipe can start from (`model.pretrained: DEST`).
+"""`python -m dualrl.export RUN_DIR DEST [--format dualrl|sa2va|peft] [--weights ema|policy] [--dtype ...]` —
+turn a run's latest checkpoint into something other tools load.
+
+- `dualrl`: a dualrl model directory another recipe starts from (`model.pretrained: DEST`); full-weight runs.
+- `sa2va`: the Sa2VA Hugging Face layout (LoRA merged, new token rows included, config.json, tokenizer), which
+  `model.sa2va: DEST` reads back (`dualrl/model/sa2va_format.py`).
+- `peft`: a PEFT adapter for the native InternVL model plus the other trained weights
+  (`dualrl/model/adapters.py`); LoRA runs only.
 
 The run's resolved recipe (`RUN_DIR/recipe.yaml`) says how to build the model; the checkpoint's trainable
-weights (the student's or their EMA) are loaded into it and the whole model is written.
+weights (the student's or their EMA) are loaded into it.
 """
 
 from __future__ import annotations
@@ -17,20 +23,34 @@ from dualrl.checkpoint import load_latest
 from dualrl.model.build import build_model, save_pretrained
 from dualrl.recipe import RecipeError, load_recipe
 
+FORMATS = ("dualrl", "sa2va", "peft")
 
-def export(run_dir: Path, dest: Path, weights: str = "ema", dtype: str = "float32") -> Path:
+
+def export(run_dir: Path, dest: Path, weights: str = "ema", dtype: str = "float32", fmt: str = "dualrl") -> Path:
     recipe = load_recipe(run_dir / "recipe.yaml")
-    if recipe.model.trainable.lora:
-        raise RecipeError("export of LoRA runs needs the adapters merged; this exporter takes full-weight runs")
+    if fmt == "dualrl" and recipe.model.trainable.lora:
+        raise RecipeError("a LoRA run exports with its adapters merged in the Sa2VA layout (--format sa2va) or as "
+                          "a PEFT adapter (--format peft); --format dualrl takes full-weight runs")
+    if fmt == "peft" and not recipe.model.trainable.lora:
+        raise RecipeError("--format peft needs a LoRA run (model.trainable.lora: true)")
     state = load_latest(run_dir)
     if state is None:
         raise RecipeError(f"no checkpoint under {run_dir / 'checkpoints'}")
     learner_state, run_state = state
     model = build_model(recipe.model)
     model.load_trainable(learner_state["ema" if weights == "ema" else "model"])
-    save_pretrained(model, dest, getattr(torch, dtype))
+    if fmt == "sa2va":
+        from dualrl.model.sa2va_format import save_sa2va
+
+        save_sa2va(model, model.tokenizer, dest, dtype=getattr(torch, dtype))
+    elif fmt == "peft":
+        from dualrl.model.adapters import save_peft_adapter
+
+        save_peft_adapter(model, dest, getattr(torch, dtype))
+    else:
+        save_pretrained(model, dest, getattr(torch, dtype))
     (Path(dest) / "SOURCE.txt").write_text(
-        f"exported from {run_dir} at step {run_state['step']} ({weights} weights, {dtype})\n")
+        f"exported from {run_dir} at step {run_state['step']} ({weights} weights, {dtype}, {fmt} format)\n")
     return Path(dest)
 
 
@@ -40,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--weights", choices=["ema", "policy"], default="ema")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--format", choices=FORMATS, default="dualrl")
     args = parser.parse_args(argv)
     try:
-        path = export(args.run_dir, args.dest, args.weights, args.dtype)
+        path = export(args.run_dir, args.dest, args.weights, args.dtype, args.format)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
