@@ -116,6 +116,10 @@ class PromptSpec(Section):
 class ModelSpec(Section):
     pretrained: str | None = Field(None, description="A dualrl model directory to start from "
                                    "(model.safetensors + tokenizer.json + arch.json).")
+    vlm: str | None = Field(None, description="A transformers-native InternVL directory (config.json, "
+                            "safetensors, tokenizer), e.g. InternVL2.5-4B converted to the HF format, whose weights "
+                            "start the VLM; SAM2 then comes from model.sam.checkpoint. vision/text must describe it "
+                            "(differences are listed). Exclusive with `pretrained` and `sa2va`.")
     sa2va: str | None = Field(None, description="A Sa2VA Hugging Face checkpoint directory (model.safetensors "
                               "or its sharded index, tokenizer files, config.json) whose weights start the model. "
                               "vision/text/sam must describe its architecture; a mismatch is refused with a key "
@@ -466,6 +470,11 @@ def check_paths(recipe: Recipe) -> None:
         raise RecipeError(f"model.pretrained: no dualrl model at {pretrained!r} (expected model.safetensors "
                           "there). Build it with `python -m dualrl.launch recipes/pretrain_tiny.yaml` or set "
                           "model.pretrained=null to start from random init.")
+    if sum(x is not None for x in (pretrained, recipe.model.sa2va, recipe.model.vlm)) > 1:
+        raise RecipeError("model.pretrained, model.sa2va and model.vlm are exclusive: set one of them")
+    vlm = recipe.model.vlm
+    if vlm is not None and not (Path(vlm).expanduser() / "config.json").is_file():
+        raise RecipeError(f"model.vlm: no transformers model directory at {vlm!r} (expected config.json there)")
     sa2va = recipe.model.sa2va
     if sa2va is not None:
         if pretrained is not None:

@@ -59,8 +59,8 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
         tokenizer = wrap_tokenizer(Tokenizer.from_file(str(Path(spec.pretrained) / "tokenizer.json")))
-    elif spec.sa2va:
-        tokenizer = _hf_tokenizer(Path(spec.sa2va).expanduser())
+    elif spec.sa2va or spec.vlm:
+        tokenizer = _hf_tokenizer(Path(spec.sa2va or spec.vlm).expanduser())
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
     if len(tokenizer) > spec.text.vocab_size:
@@ -68,7 +68,11 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
                          f"({len(tokenizer)} tokens)")
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
-        vlm = InternVLForConditionalGeneration(_internvl_config(spec, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")))
+        if spec.vlm:
+            vlm = _native_vlm(spec, len(tokenizer))
+        else:
+            image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+            vlm = InternVLForConditionalGeneration(_internvl_config(spec, image_token))
         sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint,
                                spec.sam.pe_gain)
         model = GroundedVLM(vlm, sam, tokenizer, spec)
@@ -95,6 +99,35 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     return model.to(device)
+
+
+def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:
+    """A transformers-native InternVL from its directory (local files only), checked against the recipe's
+    vision/text sections; its embeddings grow to the tokenizer's size when dualrl added tokens."""
+    directory = Path(spec.vlm).expanduser()
+    vlm = InternVLForConditionalGeneration.from_pretrained(
+        str(directory), local_files_only=True, attn_implementation=spec.attn_implementation, dtype=torch.float32)
+    if vlm.get_input_embeddings().num_embeddings < n_tokens:
+        vlm.resize_token_embeddings(n_tokens)
+    wanted = _internvl_config(spec, vlm.config.image_token_id)
+    diffs = [f"model.{sec}.{name}: recipe {getattr(w, key)!r} vs {directory} {getattr(h, key)!r}"
+             for sec, w, h in (("vision", wanted.vision_config, vlm.config.vision_config),
+                               ("text", wanted.text_config, vlm.config.text_config))
+             for name, key in _CHECKED[sec] if getattr(w, key) != getattr(h, key)]
+    if diffs:
+        raise ValueError("model.vlm: the recipe describes another architecture:\n  " + "\n  ".join(diffs))
+    return vlm
+
+
+# (recipe field, config attribute) pairs that must agree between a recipe and a model directory
+_CHECKED = {
+    "vision": [("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+               ("intermediate_size", "intermediate_size"), ("image_size", "image_size"),
+               ("patch_size", "patch_size"), ("qkv_bias", "attention_bias")],
+    "text": [("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+             ("kv_heads", "num_key_value_heads"), ("intermediate_size", "intermediate_size"),
+             ("vocab_size", "vocab_size"), ("tie_word_embeddings", "tie_word_embeddings")],
+}
 
 
 def _hf_tokenizer(directory: Path):

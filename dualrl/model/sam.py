@@ -55,14 +55,33 @@ def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: st
     """
     extra = [f"++model.image_size={image_size}", *overrides]
     model = build_sam2(
-        config, ckpt_path=checkpoint, device="cpu", mode="train", hydra_overrides_extra=extra,
+        config, ckpt_path=None, device="cpu", mode="train", hydra_overrides_extra=extra,
         apply_postprocessing=False,
     )
+    if checkpoint is not None:
+        load_sam_checkpoint(model, checkpoint, config)
     if pe_gain != 1.0:
         pe = model.sam_prompt_encoder.pe_layer
         pe.__class__ = ScaledPositionEmbedding  # a class swap keeps deepcopy and pickling working
         pe.pe_gain = pe_gain
     return model
+
+
+def load_sam_checkpoint(model: SAM2Base, path: str, config: str) -> None:
+    """An official SAM2 checkpoint (`.pt` holding {"model": state_dict}, read with weights_only=True) or a
+    `.safetensors` file; a checkpoint that does not fit the config is refused with the keys that differ."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"model.sam.checkpoint={str(path)!r} does not fit model.sam.config={config!r}: missing "
+                         f"{result.missing_keys[:8]} ({len(result.missing_keys)}), unexpected "
+                         f"{result.unexpected_keys[:8]} ({len(result.unexpected_keys)})")
 
 
 @dataclass
