@@ -316,6 +316,8 @@ class OptimSpec(Section):
     grad_clip: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
+    accumulation: int = Field(1, ge=1, description="Split each step's batch into this many micro-batches: one "
+                              "forward/backward each, one optimizer step (Sa2VA: 2 regions x 4 per GPU).")
 
 
 class TrainSpec(Section):

@@ -118,3 +118,4 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
     assert r.model.precision == "bf16" and r.model.trainable.lora_r == 128 and r.optim.lr == 1e-5
     assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999
     assert (r.algo.loss.bce_weight, r.algo.loss.dice_weight, r.algo.loss.llm_weight) == (2.0, 0.5, 1.0)
+    assert r.optim.accumulation == 4

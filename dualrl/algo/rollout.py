@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -38,3 +39,24 @@ class Rollout:
     @property
     def region(self) -> torch.Tensor:
         return torch.arange(len(self.captions) // self.group_size).repeat_interleave(self.group_size)
+
+    def regions(self, lo: int, hi: int) -> Rollout:
+        """The captions (and rewards) of regions lo .. hi-1."""
+        a, b = lo * self.group_size, hi * self.group_size
+        c = self.captions
+        part = Captions(c.texts[a:b], c.ids[a:b], c.logprobs[a:b], c.finished[a:b])
+        return Rollout(part, self.group_size, None if self.rewards is None else self.rewards[a:b],
+                       None if self.old_logprobs is None else self.old_logprobs[a:b])
+
+
+def micro_batches(batch: dict, rollout: Rollout | None, chunks: int) -> list[tuple[dict, Rollout | None]]:
+    """A step's regions in `chunks` consecutive parts (sizes differing by at most one), each with its own
+    captions: gradient accumulation runs the objective on each and steps the optimizer once."""
+    n = len(batch["masks"])
+    chunks = max(1, min(chunks, n))
+    bounds = [round(i * n / chunks) for i in range(chunks + 1)]
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        sub = {k: v[lo:hi] if isinstance(v, (list, torch.Tensor)) and len(v) == n else v for k, v in batch.items()}
+        parts.append((sub, None if rollout is None else rollout.regions(lo, hi)))
+    return parts

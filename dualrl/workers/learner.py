@@ -16,6 +16,7 @@ import torch
 from dualrl.algo.ema import EMA
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.objectives import build_objective
+from dualrl.algo.rollout import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
 
@@ -68,9 +69,10 @@ class Learner:
         """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
         then one scheduler step. Metrics are the mean over the updates."""
         self.model.train()
+        parts = micro_batches(batch, rollout, self.recipe.optim.accumulation)
         sums: dict[str, float] = {}
         for _ in range(self.objective.iterations):
-            for k, v in self._update(batch, rollout, generator).items():
+            for k, v in self._update(parts, generator).items():
                 sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
         metrics = {k: v / self.objective.iterations for k, v in sums.items()}
@@ -78,21 +80,27 @@ class Learner:
                         "train/skipped_nonfinite": float(self.skipped_steps)})
         return metrics
 
-    def _update(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
+    def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator) -> dict[str, float]:
+        """One optimizer step over the micro-batches of a step: the loss is their mean, so the gradient is
+        the mean of theirs; metrics are averaged too."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self.model.autocast():
-            out = self.objective(self.model, batch, rollout, generator)
-        out.loss.backward()
+        loss, metrics = 0.0, {}
+        for batch, rollout in parts:
+            with self.model.autocast():
+                out = self.objective(self.model, batch, rollout, generator)
+            (out.loss / len(parts)).backward()
+            loss += out.loss.item() / len(parts)
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(parts)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
-        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self.skipped_steps += 1
-            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
-                        out.loss.item(), grad_norm.item())
+            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped", loss, grad_norm.item())
         else:
             self.optimizer.step()
             self.ema.update(self.model.trainable_state())
-        return {**out.metrics, "train/loss": out.loss.item(), "train/grad_norm": grad_norm.item()}
+        return {**metrics, "train/loss": loss, "train/grad_norm": grad_norm.item()}
 
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:
