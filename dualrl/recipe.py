@@ -145,6 +145,9 @@ class ModelSpec(Section):
         "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package).")
     gradient_checkpointing: bool = Field(False, description="Recompute the LLM's activations in the backward "
                                          "pass (less memory, ~30 % more compute).")
+    generation_cache: Literal["dynamic", "static"] = Field("dynamic", description="KV cache of caption "
+                                                           "generation: static preallocates it (fewer "
+                                                           "allocations per token; same captions).")
 
 
 # ----------------------------------------------------------------------------------------------- data

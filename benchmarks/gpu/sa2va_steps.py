@@ -1,7 +1,8 @@
 """Sa2VA-sized dualrl steps on one GPU: time per phase and peak memory.
 
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/sa2va_4b_sft_dual.yaml] [--steps 4]
-        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--tiny] [--out results.json]
+        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--cache dynamic|static]
+        [--tiny] [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
 depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
@@ -70,6 +71,7 @@ def run_algo(args, algo: str, out_dir: Path) -> dict:
         f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
         f"data.image_size={size}", "data.num_workers=2", f"data.batch_size={args.batch_size}",
         f"algo.grpo.num_generations={args.generations}", f"optim.accumulation={args.accumulation}",
+        f"model.generation_cache={args.cache}",
         "wandb.mode=disabled", "train.device=auto",
         "rewards=[{name: mask_iou}]", *(TINY_MODEL if args.tiny else []),
     ]
@@ -129,6 +131,7 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (the 2026-11-26 "
                         "results ran whole batches)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generation KV cache")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

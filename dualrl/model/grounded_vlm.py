@@ -237,6 +237,8 @@ class GroundedVLM(nn.Module):
         batch = self.assemble(self.region_prompts(image_tokens, masks, image_index), pad_left=True)
         max_new = max_new_tokens or self.spec.max_caption_tokens
         gen_kwargs = {"do_sample": sample, "max_new_tokens": max_new}
+        if self.spec.generation_cache == "static":
+            gen_kwargs["cache_implementation"] = "static"
         if sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p)
         out = self.vlm.generate(

@@ -63,3 +63,18 @@ def test_eager_and_sdpa_attention_agree(region_batch):
         with torch.no_grad():
             outs.append(model.segment(region_batch["images"], region_batch["expression"])[0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_static_generation_cache_gives_the_same_captions(region_batch):
+    captions = []
+    for cache in ("dynamic", "static"):
+        model = build_model(_spec(f"model.generation_cache={cache}")).eval()
+        with torch.no_grad():
+            greedy = model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=6)
+            torch.manual_seed(0)
+            sampled = model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=6, sample=True)
+        captions.append((greedy, sampled))
+    for a, b in zip(*captions):
+        assert [x.tolist() for x in a.ids] == [x.tolist() for x in b.ids]
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
