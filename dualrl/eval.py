@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dualrl.data.batch import collate_regions
-from dualrl.data.decode import BadSample
-from dualrl.data.loader import SkipLog, Skipped, build_source
-from dualrl.data.stream import SourceStream
+from dualrl.data.loader import SkipLog, build_source, in_file_order
 from dualrl.model.build import build_model
 from dualrl.recipe import RecipeError, ShapesSpec, load_recipe
 
@@ -67,15 +65,9 @@ def regions(recipe, data: str, split: str, limit: int | None):
         raise RecipeError(f"--data {data}: set data.{data}.* (its paths) in the recipe or as overrides")
     if data == "refcoco":
         spec = spec.model_copy(update={"eval_split": split})
-    source = build_source(data, spec, recipe, split="val" if data == "refcoco" else split)
-    source.shuffle = False
-    stream, skips = SourceStream(source, seed=0), SkipLog()
-    total = stream.size() if limit is None else min(limit, stream.size())
-    for count in range(total):
-        try:
-            yield source.load(stream.key(count), seed=count)
-        except BadSample as bad:
-            skips.add(Skipped(data, bad.reason, bad.detail))
+    skips = SkipLog()
+    yield from in_file_order(build_source(data, spec, recipe, split="val" if data == "refcoco" else split),
+                             skips, limit)
     if skips.counts:
         log.warning("skipped %s", skips.counts)
 

@@ -226,9 +226,28 @@ def eval_source_name(data) -> str:
     return "refcoco" if data.refcoco is not None else "shapes"
 
 
+def in_file_order(source: Source, skips: SkipLog, limit: int | None = None, seed: int = 0
+                  ) -> Iterator[dict[str, Any]]:
+    """Up to `limit` good samples of a source in file order (never shuffled), the same ones every time; bad
+    ones are skipped into `skips`. Sample i loads with seed i (e.g. which RefCOCO sentence is the expression)."""
+    source.shuffle = False
+    stream = SourceStream(source, seed)
+    good = 0
+    for i in range(stream.size()):
+        if limit is not None and good >= limit:
+            return
+        try:
+            sample = source.load(stream.key(i), i)
+        except BadSample as bad:
+            skips.add(Skipped(source.name, bad.reason, bad.detail))
+            continue
+        good += 1
+        yield sample
+
+
 class EvalBatches:
-    """The held-out regions, in file order, the same ones at every eval: `size` good samples of the eval
-    source's eval split, bad ones skipped and counted."""
+    """The held-out regions, the same ones at every eval: the first `size` good samples of the eval
+    source's eval split in file order, bad ones skipped and counted."""
 
     def __init__(self, recipe):
         data = recipe.data
@@ -240,24 +259,15 @@ class EvalBatches:
             from dualrl.recipe import ShapesSpec
 
             spec = ShapesSpec()
-        source = build_source(name, spec, recipe, split="val")
-        source.shuffle = False
-        self.stream = SourceStream(source, data.seed)
-        self.size = spec.val_size if name == "shapes" else min(data.eval_size, self.stream.size())
+        self.source = build_source(name, spec, recipe, split="val")
+        self.size = spec.val_size if name == "shapes" else data.eval_size
         self.batch_size = recipe.eval.batch_size
         self.skips = SkipLog()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        items, good, count = [], 0, 0
-        total = self.stream.size()
-        while good < self.size and count < total:
-            key = self.stream.key(count)
-            count += 1
-            try:
-                items.append(self.stream.source.load(key, count))
-            except BadSample as bad:
-                self.skips.add(Skipped(self.stream.source.name, bad.reason, bad.detail))
-                continue
+        items, good = [], 0
+        for sample in in_file_order(self.source, self.skips, self.size):
+            items.append(sample)
             good += 1
             if len(items) == self.batch_size:
                 yield collate_regions(items)
@@ -265,4 +275,4 @@ class EvalBatches:
         if items:
             yield collate_regions(items)
         if good == 0:
-            raise DataError(f"{self.stream.source.describe()}: no usable eval sample in {count} tried")
+            raise DataError(f"{self.source.describe()}: no usable eval sample")
