@@ -37,8 +37,11 @@ class VisionSpec(Section):
 
 
 class TextSpec(Section):
-    """Qwen2-shaped language model."""
+    """The language model: Qwen2-shaped (Sa2VA-1B/4B, InternVL3) or InternLM2-shaped (Sa2VA-8B)."""
 
+    arch: Literal["qwen2", "internlm2"] = Field("qwen2", description="qwen2: Qwen2/2.5 (biases on q, k, v). "
+                                               "internlm2: InternLM2/2.5, run as transformers' Llama (no "
+                                               "biases; Sa2VA's fused `wqkv` is split on load, fused on export).")
     hidden_size: int = Field(128, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)

@@ -15,7 +15,13 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    LlamaConfig,
+    Qwen2Config,
+)
 
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
@@ -39,12 +45,7 @@ def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
         intermediate_size=v.intermediate_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
         attention_bias=v.qkv_bias, layer_norm_eps=v.layer_norm_eps,
     )
-    text = Qwen2Config(
-        hidden_size=t.hidden_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
-        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"}, rms_norm_eps=t.rms_norm_eps,
-    )
+    text = _text_config(t)
     tokens = (v.image_size // v.patch_size) ** 2 // 4
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                             downsample_ratio=0.5, image_seq_length=tokens,
@@ -54,12 +55,30 @@ def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
     return config
 
 
+def _text_config(t):
+    """Qwen2 for `qwen2`. InternLM2 is Llama's computation under other names (RMSNorm, SwiGLU, GQA, rotate-half
+    RoPE, no biases), so `internlm2` runs as transformers' native Llama; `sa2va_format` maps the names."""
+    common = dict(
+        hidden_size=t.hidden_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
+        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"}, rms_norm_eps=t.rms_norm_eps,
+    )
+    if t.arch == "internlm2":
+        return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    return Qwen2Config(**common)
+
+
 def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     """Random init from `spec` (seeded), then the pretrained directory if any, then the trainable set."""
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
         tokenizer = wrap_tokenizer(Tokenizer.from_file(str(Path(spec.pretrained) / "tokenizer.json")))
     elif spec.sa2va or spec.vlm:
+        if spec.sa2va:
+            from dualrl.model.sa2va_format import check_sa2va_config
+
+            check_sa2va_config(spec, Path(spec.sa2va).expanduser())
         tokenizer = _hf_tokenizer(Path(spec.sa2va or spec.vlm).expanduser())
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)

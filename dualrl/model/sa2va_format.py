@@ -5,7 +5,9 @@ The layout is the `state_dict` of Sa2VA's `Sa2VAChatModel` (magic-research/Sa2VA
 
     vision_model.*                  original InternViT names (see below)
     mlp1.{0,1,3}.*                  LayerNorm, Linear, (GELU), Linear
-    language_model.model.*          Qwen2ForCausalLM; language_model.lm_head.weight (written even when tied)
+    language_model.*                the LLM under its original names (written with lm_head even when tied):
+                                    Qwen2ForCausalLM (1B/4B, InternVL3): `model.*`, `lm_head.weight`;
+                                    InternLM2ForCausalLM (8B): see "InternLM2" below
     grounding_encoder.sam2_model.*  official SAM2 names, except the memory fuser's layer scale
                                     `memory_encoder.fuser.layers.N.gamma`, which the HF copy calls `.g_weight`
     text_hidden_fcs.{0,2}.*
@@ -17,6 +19,13 @@ InternViT (original) vs transformers' InternVL vision tower (per layer N; as in 
 `norm1/norm2` = `layernorm_before/after`, `attn.proj` = `attention.projection_layer`, `attn.q_norm/k_norm` =
 `attention.q_norm/k_norm` (InternViT-6B only), `mlp.fc1/fc2` unchanged, and `attn.qkv` (weight, and bias when
 `qkv_bias`) = the rows of `attention.q_proj`, `k_proj`, `v_proj` stacked in that order.
+
+InternLM2 (original) vs transformers' Llama, which computes the same thing: `model.tok_embeddings` =
+`model.embed_tokens`, `output` = `lm_head`, per layer `attention_norm` / `ffn_norm` = `input_layernorm` /
+`post_attention_layernorm`, `attention.wo` = `self_attn.o_proj`, `feed_forward.w1 / w3 / w2` = `mlp.gate_proj /
+up_proj / down_proj`, and `attention.wqkv` holds q, k and v grouped by key-value head: for each of the
+`num_key_value_heads` groups, its `heads / kv_heads` query heads, then its key head, then its value head (rows of
+`head_dim` each; the order InternLM2's attention reshapes them in).
 
 Training checkpoints (Sa2VA's `all_state_dict` before `convert_to_hf.py`) prefix the MLLM keys with
 `mllm.model.` and keep SAM2's own `.gamma`; `from_sa2va` accepts both spellings.
@@ -51,8 +60,12 @@ from dualrl.model.sam import VIDEO_ONLY_PREFIXES
 
 SAM_PREFIX = "grounding_encoder.sam2_model."
 SA2VA_PREFIXES = ("vision_model.", "mlp1.", "language_model.", SAM_PREFIX, "text_hidden_fcs.")
-LM_HEAD = "language_model.lm_head.weight"
-EMBED = "language_model.model.embed_tokens.weight"
+# (input embedding, output head) names per `model.text.arch`
+LM_NAMES = {
+    "qwen2": ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"),
+    "internlm2": ("language_model.model.tok_embeddings.weight", "language_model.output.weight"),
+}
+LLM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM"}
 # Parts the image-level model runs: an unexpected key there means the architectures differ.
 USED_PREFIXES = ("vision_model.", "mlp1.", "language_model.", "text_hidden_fcs.",
                  *(SAM_PREFIX + p for p in ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.",
@@ -75,6 +88,17 @@ _VISION_RULES = (
     (r"\.attention\.[qkv]_proj\.", ".attn.qkv."),  # q, k, v of one layer share this name: stacked rows
     (r"\.attention\.", ".attn."),  # q_norm, k_norm
 )
+_INTERNLM2_RULES = (
+    (r"^language_model\.model\.embed_tokens\.", "language_model.model.tok_embeddings."),
+    (r"^language_model\.lm_head\.", "language_model.output."),
+    (r"\.self_attn\.[qkv]_proj\.", ".attention.wqkv."),  # grouped by KV head, see the module docstring
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+)
 # (GroundedVLM state-dict prefix, Sa2VA prefix, renames applied after the prefix swap)
 _SECTIONS = (
     ("vlm.model.vision_tower.", "vision_model.", _VISION_RULES),
@@ -85,18 +109,47 @@ _SECTIONS = (
     ("sam.", SAM_PREFIX, ((r"\.fuser\.layers\.(\d+)\.gamma$", r".fuser.layers.\1.g_weight"),)),
     ("text_hidden_fcs.", "text_hidden_fcs.", ()),
 )
+_LLM_RULES = {"qwen2": (), "internlm2": _INTERNLM2_RULES}  # applied to language_model.* names
 _ADAPTER_KEYS = (".lora_", ".trainable_tokens_")  # peft adapter weights: merged by to_sa2va, never loaded
 
 
-def sa2va_name(name: str) -> str:
-    """GroundedVLM state-dict name (adapter wrappers removed) -> Sa2VA name."""
+def sa2va_name(name: str, arch: str = "qwen2") -> str:
+    """GroundedVLM state-dict name (adapter wrappers removed) -> Sa2VA name, for an LLM of `arch`."""
     for ours, theirs, rules in _SECTIONS:
         if name.startswith(ours):
             out = theirs + name[len(ours):]
+            if theirs.startswith("language_model."):
+                rules = _LLM_RULES[arch]
             for pattern, repl in rules:
                 out = re.sub(pattern, repl, out)
             return out
     raise KeyError(f"no Sa2VA name for {name!r}")
+
+
+def _arch(model: GroundedVLM) -> str:
+    return model.spec.text.arch
+
+
+def _is_grouped_qkv(key: str) -> bool:
+    return key.endswith(".attention.wqkv.weight")
+
+
+def _fuse(key: str, parts: list[Tensor], kv_heads: int) -> Tensor:
+    """The GroundedVLM tensors stored under one Sa2VA name -> that tensor: InternLM2's wqkv interleaves q, k
+    and v per KV head; every other fused name (InternViT's qkv) stacks them."""
+    if len(parts) == 1:
+        return parts[0]
+    if _is_grouped_qkv(key):
+        return torch.cat([p.reshape(kv_heads, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
+    return torch.cat(parts)
+
+
+def _split(key: str, fused: Tensor, rows: list[int], kv_heads: int) -> list[Tensor]:
+    """Inverse of `_fuse`: `rows` are the first dimensions of the GroundedVLM tensors."""
+    if _is_grouped_qkv(key):
+        grouped = fused.reshape(kv_heads, -1, fused.shape[-1])
+        return [p.flatten(0, 1) for p in grouped.split([r // kv_heads for r in rows], dim=1)]
+    return list(fused.split(rows))
 
 
 def _normalize(key: str) -> str:
@@ -117,11 +170,11 @@ def _plain_tensors(model: GroundedVLM) -> dict[str, Tensor]:
     return out
 
 
-def _groups(names) -> dict[str, list[str]]:
+def _groups(names, arch: str) -> dict[str, list[str]]:
     """Sa2VA name -> the GroundedVLM names stored in it (three for a fused qkv, in q, k, v order)."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(sa2va_name(name), []).append(name)
+        groups.setdefault(sa2va_name(name, arch), []).append(name)
     return groups
 
 
@@ -159,9 +212,10 @@ def to_sa2va(model: GroundedVLM, dtype: torch.dtype | None = None) -> dict[str, 
     modified). Tensors are fresh contiguous CPU copies (safetensors refuses shared storage)."""
     plain = {n: t.detach() for n, t in _plain_tensors(model).items()}
     plain.update(_adapter_weights(model))
+    kv_heads = model.vlm.config.text_config.num_key_value_heads
     state = {}
-    for key, names in _groups(plain).items():
-        value = torch.cat([plain[n] for n in names]) if len(names) > 1 else plain[names[0]]
+    for key, names in _groups(plain, _arch(model)).items():
+        value = _fuse(key, [plain[n] for n in names], kv_heads)
         cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
         state[key] = value.to("cpu", cast, copy=True).contiguous()
     return state
@@ -178,18 +232,30 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     tied: bool = False
+    arch: str = "qwen2"
+    other_arch: str | None = None  # the LLM architecture the checkpoint's names are of, when not `arch`
+
+    @property
+    def embed(self) -> str:
+        return LM_NAMES[self.arch][0]
+
+    @property
+    def head(self) -> str:
+        return LM_NAMES[self.arch][1]
 
     def ignorable_missing(self, key: str) -> bool:
         return (key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX):].startswith(VIDEO_ONLY_PREFIXES)) or (
-            self.tied and key == LM_HEAD)
+            self.tied and key == self.head)
 
     @property
     def real(self) -> list[str]:
-        return ([f"shape of {n}: model {e}, checkpoint {g}" for n, e, g in self.mismatched]
+        hint = ([f"the checkpoint's LLM is {LLM_ARCHITECTURES[self.other_arch]} (e.g. {LM_NAMES[self.other_arch][0]})"
+                 f": set model.text.arch={self.other_arch}"] if self.other_arch else [])
+        return hint + ([f"shape of {n}: model {e}, checkpoint {g}" for n, e, g in self.mismatched]
                 + [f"missing {k}" for k in self.missing if not self.ignorable_missing(k)]
                 + [f"unexpected {k} (in a part the model runs)" for k in self.unexpected
                    if k.startswith(USED_PREFIXES)]
-                + [f"{k} differs from {EMBED} but the model ties them" for k in self.conflicts])
+                + [f"{k} differs from {self.embed} but the model ties them" for k in self.conflicts])
 
     def __str__(self) -> str:
         def few(items, n=8):
@@ -221,9 +287,13 @@ def from_sa2va(model: GroundedVLM, state: dict[str, Tensor], strict: bool = True
                          "fresh adapters")
     state = {_normalize(k): v for k, v in state.items()}
     targets = _plain_tensors(model)
-    groups = _groups(targets)
-    embed, head = groups[EMBED][0], groups.get(LM_HEAD, [None])[0]
-    report = LoadReport(tied=head is not None and targets[head].data_ptr() == targets[embed].data_ptr())
+    arch = _arch(model)
+    kv_heads = model.vlm.config.text_config.num_key_value_heads
+    groups = _groups(targets, arch)
+    embed_key, head_key = LM_NAMES[arch]
+    embed, head = groups[embed_key][0], groups.get(head_key, [None])[0]
+    report = LoadReport(tied=head is not None and targets[head].data_ptr() == targets[embed].data_ptr(), arch=arch)
+    report.other_arch = next((a for a, (e, _) in LM_NAMES.items() if a != arch and e in state), None)
     report.unexpected = [k for k in state if k not in groups]
     report.missing = [k for k in groups if k not in state]
     for key, names in groups.items():
@@ -232,16 +302,16 @@ def from_sa2va(model: GroundedVLM, state: dict[str, Tensor], strict: bool = True
             if tuple(state[key].shape) != want:
                 report.mismatched.append((key, want, tuple(state[key].shape)))
     bad = {k for k, *_ in report.mismatched}
-    comparable = report.tied and LM_HEAD in state and EMBED in state and not bad & {LM_HEAD, EMBED}
-    if comparable and not torch.equal(state[LM_HEAD].to(state[EMBED].dtype), state[EMBED]):
-        report.conflicts.append(LM_HEAD)
+    comparable = report.tied and head_key in state and embed_key in state and not bad & {head_key, embed_key}
+    if comparable and not torch.equal(state[head_key].to(state[embed_key].dtype), state[embed_key]):
+        report.conflicts.append(head_key)
     if strict and report.real:
         raise ValueError(str(report))
     with torch.no_grad():
         for key, names in groups.items():
-            if key not in state or key in bad or (report.tied and key == LM_HEAD and EMBED in state):
+            if key not in state or key in bad or (report.tied and key == head_key and embed_key in state):
                 continue  # a tied lm_head is embed_tokens, loaded under that name
-            parts = state[key].split([targets[n].shape[0] for n in names])
+            parts = _split(key, state[key], [targets[n].shape[0] for n in names], kv_heads)
             for name, part in zip(names, parts):
                 targets[name].copy_(part)
         for mod in model.modules():  # trainable-token rows start from the loaded embedding, as peft's do
@@ -255,14 +325,32 @@ def from_sa2va(model: GroundedVLM, state: dict[str, Tensor], strict: bool = True
 
 
 # ------------------------------------------------------------------------------------------- files
+def _llm_config(t, arch: str, vocab_size: int) -> dict:
+    """`llm_config` of Sa2VAChatConfig: a transformers Qwen2Config, or the fields of InternLM2's own config
+    class (configuration_internlm2.py, remote code in InternVL/Sa2VA directories)."""
+    rope_theta = (t.rope_parameters or {}).get("rope_theta", 10000.0)
+    if arch == "internlm2":
+        return {
+            "architectures": [LLM_ARCHITECTURES[arch]], "model_type": "internlm2", "vocab_size": vocab_size,
+            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": rope_theta, "rope_scaling": None, "bias": False,
+            "tie_word_embeddings": t.tie_word_embeddings, "initializer_range": t.initializer_range,
+            "attn_implementation": "eager", "use_cache": True,
+        }
+    llm = t.to_dict()
+    llm.update(architectures=[LLM_ARCHITECTURES[arch]], vocab_size=vocab_size)
+    llm.setdefault("rope_theta", rope_theta)  # transformers 4.x Qwen2Config reads this
+    return llm
+
+
 def _sa2va_config(model: GroundedVLM, vocab_size: int, template: str | None) -> dict:
     """Sa2VAChatConfig fields (projects/llava_sam2/hf/models/configuration_sa2va_chat.py) for this model.
     No `auto_map`: Sa2VA's remote-code files are not written here (its convert_to_hf.py copies them in)."""
     v, t = model.vlm.config.vision_config, model.vlm.config.text_config
-    llm = t.to_dict()
-    llm.update(architectures=["Qwen2ForCausalLM"], vocab_size=vocab_size)
-    if "rope_theta" not in llm and (t.rope_parameters or {}).get("rope_theta") is not None:
-        llm["rope_theta"] = t.rope_parameters["rope_theta"]  # transformers 4.x Qwen2Config reads this
+    llm = _llm_config(t, _arch(model), vocab_size)
     image_size, patch_size = v.image_size[0], v.patch_size[0]
     template = template or TEMPLATES.get(model.spec.prompts.chat)
     if template is None:
@@ -330,9 +418,55 @@ def save_sa2va(model: GroundedVLM, tokenizer, directory: str | Path, *, dtype: t
         tokenizer.save_pretrained(str(directory))
     else:  # a bare `tokenizers.Tokenizer`
         tokenizer.save(str(directory / "tokenizer.json"))
-    config = _sa2va_config(model, state[EMBED].shape[0], template)
+    config = _sa2va_config(model, state[LM_NAMES[_arch(model)][0]].shape[0], template)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+# (recipe field, Sa2VA config field) pairs checked by `check_sa2va_config`
+_CONFIG_FIELDS = {
+    "text": (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+             ("kv_heads", "num_key_value_heads"), ("intermediate_size", "intermediate_size"),
+             ("rope_theta", "rope_theta"), ("rms_norm_eps", "rms_norm_eps")),
+    "vision": (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+               ("intermediate_size", "intermediate_size"), ("image_size", "image_size"),
+               ("patch_size", "patch_size"), ("qkv_bias", "qkv_bias"), ("layer_norm_eps", "layer_norm_eps")),
+}
+
+
+def config_differences(spec, config: dict) -> list[str]:
+    """What a recipe's `model.text` / `model.vision` say against a Sa2VA `config.json`, by recipe key. Fields
+    the config lacks are not compared; embedding rows are checked on the weights (the config's vocab_size can
+    predate the added tokens)."""
+    llm, vision = dict(config.get("llm_config") or {}), dict(config.get("vision_config") or {})
+    if "rope_theta" not in llm and isinstance(llm.get("rope_parameters"), dict):
+        llm["rope_theta"] = llm["rope_parameters"].get("rope_theta")
+    diffs = []
+    architecture = (llm.get("architectures") or [None])[0]
+    known = {v: k for k, v in LLM_ARCHITECTURES.items()}
+    if architecture is not None and architecture not in known:
+        diffs.append(f"model.text.arch: the checkpoint's LLM is {architecture}; dualrl runs "
+                     + " and ".join(LLM_ARCHITECTURES.values()))
+    elif architecture is not None and known[architecture] != spec.text.arch:
+        diffs.append(f"model.text.arch: recipe {spec.text.arch!r} vs checkpoint {known[architecture]!r} "
+                     f"({architecture})")
+    for section, fields in (("text", llm), ("vision", vision)):
+        ours = getattr(spec, section)
+        for name, key in _CONFIG_FIELDS[section]:
+            if fields.get(key) is not None and fields[key] != getattr(ours, name):
+                diffs.append(f"model.{section}.{name}: recipe {getattr(ours, name)!r} vs checkpoint {fields[key]!r}")
+    return diffs
+
+
+def check_sa2va_config(spec, directory: Path) -> None:
+    """Refuse a recipe whose architecture differs from the Sa2VA directory's `config.json`, naming the keys."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return  # the weights are still checked key by key on load
+    diffs = config_differences(spec, json.loads(path.read_text()))
+    if diffs:
+        raise ValueError(f"model.sa2va={str(directory)!r}: the recipe describes another architecture:\n  "
+                         + "\n  ".join(diffs))
 
 
 def load_sa2va_state(directory: str | Path) -> dict[str, Tensor]:
