@@ -114,11 +114,15 @@ class PromptSpec(Section):
     region_question: str = "Please give me a short description of the region in the picture marked by region1."
     segment_question: str = "<image>\nPlease segment {expression} in this image."
     segment_answer: str = "Sure, [SEG]."
+    answer_end: str | None = Field(None, min_length=1, description="The token that ends every answer and stops caption "
+                                   "generation: Sa2VA's template suffix (phi3_chat `<|end|>`, qwen_chat and "
+                                   "internlm2_chat `<|im_end|>`). None: the tokenizer's eos token. Must be one "
+                                   "token of the tokenizer.")
 
 
 class ModelSpec(Section):
     pretrained: str | None = Field(None, description="A dualrl model directory to start from "
-                                   "(model.safetensors + tokenizer.json + arch.json).")
+                                   "(model.safetensors + tokenizer files + arch.json).")
     vlm: str | None = Field(None, description="A transformers-native InternVL directory (config.json, "
                             "safetensors, tokenizer), e.g. InternVL2.5-4B converted to the HF format, whose weights "
                             "start the VLM; SAM2 then comes from model.sam.checkpoint. vision/text must describe it "
@@ -127,6 +131,9 @@ class ModelSpec(Section):
                               "or its sharded index, tokenizer files, config.json) whose weights start the model. "
                               "vision/text/sam must describe its architecture; a mismatch is refused with a key "
                               "report. Exclusive with `pretrained`.")
+    trust_remote_code: bool = Field(False, description="Let transformers run the tokenizer code shipped in "
+                                    "the model.sa2va / model.vlm directory (InternLM2's tokenizer, Sa2VA-8B, "
+                                    "is only there). Local files only; nothing is downloaded.")
     init_from: str | None = Field(None, description="A dualrl training run (its output_dir, its checkpoints/ "
                                   "folder or one step_N folder) whose trainable weights start this run, on top "
                                   "of `pretrained`: how grpo continues from an sft_dual run.")
@@ -543,7 +550,8 @@ def check_rewards(recipe: Recipe) -> None:
 
 def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file as a dict. `extends: other.yaml` (relative to the file) starts from that recipe; this
-    file's sections are merged into it key by key, so a variant states only what differs."""
+    file's sections are merged into it key by key, so a variant states only what differs. A list of files
+    is merged in order, later over earlier (e.g. a model recipe, then an algorithm part)."""
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {str(path)!r}")
     if path.resolve() in seen:
@@ -554,10 +562,17 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(loaded, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
-    parent = loaded.pop("extends", None)
-    if parent is None:
+    parents = loaded.pop("extends", None)
+    if parents is None:
         return loaded
-    return _merge(_read_tree(path.parent / parent, (*seen, path.resolve())), loaded)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(f"{path}: `extends` takes a recipe file or a list of them")
+    tree: dict[str, Any] = {}
+    for parent in parents:
+        tree = _merge(tree, _read_tree(path.parent / parent, (*seen, path.resolve())))
+    return _merge(tree, loaded)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

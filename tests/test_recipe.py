@@ -106,7 +106,11 @@ def test_extends_merges_sections_key_by_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["sa2va_4b_sft_dual", "sa2va_4b_sft_dual_short", "sa2va_4b_grpo", "sa2va_1b_sft_dual"])
+SA2VA_RECIPES = [f"sa2va_{size}_{kind}" for size in ("1b", "4b", "8b")
+                 for kind in ("sft_dual", "sft_dual_short", "grpo")]
+
+
+@pytest.mark.parametrize("name", SA2VA_RECIPES)
 def test_sa2va_recipes_validate_and_name_missing_paths(name):
     from dualrl.recipe import RecipeError, load_recipe
 
@@ -119,3 +123,21 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
     assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999
     assert (r.algo.loss.bce_weight, r.algo.loss.dice_weight, r.algo.loss.llm_weight) == (2.0, 0.5, 1.0)
     assert r.optim.accumulation == 4
+    assert r.model.prompts.answer_end == {"1b": "<|im_end|>", "4b": "<|end|>", "8b": "<|im_end|>"}[name[6:8]]
+    assert (r.model.text.arch, r.model.trust_remote_code) == (("internlm2", True) if "8b" in name else ("qwen2", False))
+    assert (r.algo.name == "grpo") == name.endswith("grpo") and (r.train.steps == 50) == ("short" in name)
+    if name.endswith("grpo"):
+        assert r.algo.grpo.num_generations == 8 and r.model.init_weights == "ema"
+
+
+def test_extends_takes_a_list_merged_in_order(tmp_path):
+    from dualrl.recipe import RecipeError, load_recipe
+
+    (tmp_path / "a.yaml").write_text("output_dir: a\ntrain: {steps: 7, log_every: 3}\n")
+    (tmp_path / "b.yaml").write_text("train: {steps: 9}\nmodel: {seed: 2}\n")
+    (tmp_path / "c.yaml").write_text("extends: [a.yaml, b.yaml]\nmodel: {seed: 5}\n")
+    r = load_recipe(tmp_path / "c.yaml", ["model.pretrained=null"])
+    assert (r.output_dir, r.train.steps, r.train.log_every, r.model.seed) == ("a", 9, 3, 5)
+    (tmp_path / "d.yaml").write_text("extends: {a: 1}\n")
+    with pytest.raises(RecipeError, match="takes a recipe file or a list"):
+        load_recipe(tmp_path / "d.yaml")

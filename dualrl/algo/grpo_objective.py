@@ -3,7 +3,7 @@
 The rollout worker sampled G captions per region with the current policy; the reward worker scored them
 (weighted total of the recipe's plugins, EMA mask IoU first among them). Here:
 
-1. the policy's per-token log-probs of every caption (+ its eos when it ended) under the region prompt,
+1. the policy's per-token log-probs of every caption (+ the tokens that ended it) under the region prompt,
    teacher-forced in one batch that shares each image's encoding (`selective_log_softmax` from TRL, at the
    sampling temperature);
 2. group advantages and the clipped GRPO loss (`dualrl.algo.grpo`), with k3 KL to a frozen copy of the
@@ -55,7 +55,6 @@ class Grpo:
         self.spec = algo_spec.grpo
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)
-        self.eos_id = model.eos_id
         self.max_new_tokens = self.spec.max_completion_length or model.spec.max_caption_tokens
         if self.spec.beta > 0 and reference is None:
             raise ValueError("algo.grpo.beta > 0 needs a frozen reference model")
@@ -72,19 +71,13 @@ class Grpo:
     def iterations(self) -> int:
         return self.spec.num_iterations
 
-    def _completions(self, rollout: Rollout) -> list[Tensor]:
-        """Caption ids plus the eos that ended them: stopping is part of what the policy chose."""
-        eos = torch.tensor([self.eos_id])
-        return [torch.cat([ids, eos]) if done else ids
-                for ids, done in zip(rollout.captions.ids, rollout.captions.finished)]
-
     def __call__(self, model: GroundedVLM, batch: dict, rollout: Rollout, generator: torch.Generator) -> StepOutput:
         s = self.spec
         device = model.device
         feats = model.encode_images(batch["images"])  # once: every caption and every seg prompt below
         masks = batch["masks"].to(device)
         region = rollout.region
-        completions = self._completions(rollout)
+        completions = rollout.captions.completions()  # with the tokens that ended them: the policy chose those
 
         logp, mask, logits = completion_logprobs(model, feats, masks, region, completions, s.temperature)
         if rollout.old_logprobs is None:
@@ -97,7 +90,7 @@ class Grpo:
         adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
         pg_loss, pg = grpo_loss(
             logp, rollout.old_logprobs, adv, mask, epsilon=s.epsilon, epsilon_high=s.epsilon_high, beta=s.beta,
-            ref_logp=ref_logp, loss_type=s.loss_type, max_completion_length=self.max_new_tokens + 1,
+            ref_logp=ref_logp, loss_type=s.loss_type, max_completion_length=self.max_new_tokens,
         )
 
         loss_mask, loss_dice, llm_loss, seg_iou = self._segmenter_terms(model, feats, batch, rollout, rewards,

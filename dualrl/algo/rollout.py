@@ -43,9 +43,7 @@ class Rollout:
     def regions(self, lo: int, hi: int) -> Rollout:
         """The captions (and rewards) of regions lo .. hi-1."""
         a, b = lo * self.group_size, hi * self.group_size
-        c = self.captions
-        part = Captions(c.texts[a:b], c.ids[a:b], c.logprobs[a:b], c.finished[a:b])
-        return Rollout(part, self.group_size, None if self.rewards is None else self.rewards[a:b],
+        return Rollout(self.captions.part(a, b), self.group_size, None if self.rewards is None else self.rewards[a:b],
                        None if self.old_logprobs is None else self.old_logprobs[a:b])
 
 

@@ -1,8 +1,9 @@
 """Build a GroundedVLM from a recipe's `model` section; save and load dualrl model directories.
 
-A model directory holds `model.safetensors` (every weight the image-level model uses), `tokenizer.json`
-and `arch.json` (the architecture it was built with). Nothing is ever downloaded: the tiny default is built
-from sizes in the recipe with a tokenizer trained offline; real weights come from user paths.
+A model directory holds `model.safetensors` (every weight the image-level model uses), the tokenizer (as
+`save_pretrained` writes it) and `arch.json` (the architecture it was built with). Nothing is ever
+downloaded: the tiny default is built from sizes in the recipe with a tokenizer trained offline; real
+weights come from user paths.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from transformers import (
 
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
-from dualrl.model.tokenizer import SA2VA_TOKENS, build_tiny_tokenizer, ensure_special_tokens, wrap_tokenizer
+from dualrl.model.tokenizer import (
+    MODEL_TOKENS,
+    SA2VA_TOKENS,
+    build_tiny_tokenizer,
+    ensure_special_tokens,
+    wrap_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +80,13 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     """Random init from `spec` (seeded), then the pretrained directory if any, then the trainable set."""
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
-        tokenizer = wrap_tokenizer(Tokenizer.from_file(str(Path(spec.pretrained) / "tokenizer.json")))
+        tokenizer = _hf_tokenizer(Path(spec.pretrained), spec.trust_remote_code)
     elif spec.sa2va or spec.vlm:
         if spec.sa2va:
             from dualrl.model.sa2va_format import check_sa2va_config
 
             check_sa2va_config(spec, Path(spec.sa2va).expanduser())
-        tokenizer = _hf_tokenizer(Path(spec.sa2va or spec.vlm).expanduser())
+        tokenizer = _hf_tokenizer(Path(spec.sa2va or spec.vlm).expanduser(), spec.trust_remote_code)
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
     if len(tokenizer) > spec.text.vocab_size:
@@ -149,13 +156,22 @@ _CHECKED = {
 }
 
 
-def _hf_tokenizer(directory: Path):
-    """A checkpoint's own tokenizer, from local files only, with dualrl's special tokens ensured."""
-    if (directory / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+def _hf_tokenizer(directory: Path, trust_remote_code: bool = False):
+    """A checkpoint's own tokenizer, from local files only, with InternVL's and Sa2VA's tokens ensured. A
+    directory with a bare `tokenizer.json` (dualrl model directories before 0.4) is read as the tiny one."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return wrap_tokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")))
+    from transformers import AutoTokenizer
 
-        return ensure_special_tokens(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
-    return wrap_tokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"{directory}: its tokenizer is code shipped in the directory (e.g. InternLM2's); "
+                         "set model.trust_remote_code=true to use it") from err
+    return ensure_special_tokens(tokenizer, MODEL_TOKENS)
 
 
 def _init_trainable(model: GroundedVLM, spec) -> None:
@@ -198,7 +214,7 @@ def save_pretrained(model: GroundedVLM, directory: str | Path, dtype: torch.dtyp
     if model.vlm.config.tie_word_embeddings:
         state.pop("vlm.lm_head.weight", None)
     save_file(state, str(tmp / "model.safetensors"))
-    model.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    model.tokenizer.save_pretrained(str(tmp))  # its special tokens and, for remote-code tokenizers, its code
     (tmp / "arch.json").write_text(json.dumps(_arch(model.spec), indent=1))
     if directory.exists():
         old = directory.with_name(directory.name + ".old")

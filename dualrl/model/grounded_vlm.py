@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dualrl.model import sam as samlib
 from dualrl.model.prompts import PromptBuilder
@@ -37,12 +38,32 @@ class ImageFeatures:
 @dataclass
 class Captions:
     texts: list[str]
-    ids: list[Tensor]  # generated ids per caption, eos excluded
-    logprobs: list[Tensor]  # log-prob of each generated id under the sampling distribution
-    finished: list[bool]  # ended with eos (False: cut at max_new_tokens)
+    ids: list[Tensor]  # generated ids per caption, the answer end excluded
+    logprobs: list[Tensor]  # log-prob of each caption id under the sampling distribution
+    finished: list[bool]  # ended with the answer end (False: cut at max_new_tokens)
+    ends: list[Tensor]  # the generated ids that ended each caption (the answer end's tokens; empty if cut)
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def part(self, a: int, b: int) -> Captions:
+        return Captions(self.texts[a:b], self.ids[a:b], self.logprobs[a:b], self.finished[a:b], self.ends[a:b])
+
+    def completions(self) -> list[Tensor]:
+        """What the sampler chose: each caption's ids followed by the tokens that ended it."""
+        return [torch.cat([ids, end]) for ids, end in zip(self.ids, self.ends)]
+
+
+class _EndText(StoppingCriteria):
+    """Stops a row once its generated text contains `end`: an answer end of several tokens (Sa2VA stops on
+    its template suffix as text too)."""
+
+    def __init__(self, tokenizer, end: str, width: int):
+        self.tokenizer, self.end, self.width = tokenizer, end, width
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.width:])
+        return torch.tensor([self.end in t for t in tails], device=input_ids.device)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -63,9 +84,12 @@ class GroundedVLM(nn.Module):
             nn.Dropout(0.0),
         )
         self.seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
-        self.eos_id = tokenizer.eos_token_id
+        # The answer end closes every answer and stops generation: one token (an eos) or a text of several.
+        self.end_text = spec.prompts.answer_end or tokenizer.eos_token
+        self.end_ids = tokenizer.encode(self.end_text, add_special_tokens=False)
+        self.eos_id = self.end_ids[0] if len(self.end_ids) == 1 else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
-        self.prompts = PromptBuilder(spec.prompts, tokenizer.eos_token)
+        self.prompts = PromptBuilder(spec.prompts, self.end_text)
         self._assembler: Assembler | None = None
         self._features: tuple[tuple, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
 
@@ -241,6 +265,9 @@ class GroundedVLM(nn.Module):
             gen_kwargs["cache_implementation"] = "static"
         if sample:
             gen_kwargs.update(temperature=temperature, top_p=top_p)
+        if len(self.end_ids) > 1:
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_EndText(self.tokenizer, self.end_text, len(self.end_ids) + 2)])
         out = self.vlm.generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_logits=True,
@@ -251,12 +278,31 @@ class GroundedVLM(nn.Module):
         if sample:
             logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
-        ids, lps, texts, finished = [], [], [], []
-        for row, lp in zip(seqs, logp):
-            stop = (row == self.eos_id).nonzero()
-            n = int(stop[0]) if len(stop) else len(row)
-            ids.append(row[:n].cpu())
-            lps.append(lp[:n].cpu())
+        ids, lps, texts, finished, ends = [], [], [], [], []
+        for row, lp in zip(seqs.cpu(), logp.cpu()):
+            n, stop = self.answer_end(row)
+            ids.append(row[:n])
+            lps.append(lp[:n])
+            ends.append(row[n:stop])
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-            finished.append(bool(len(stop)))
-        return Captions(texts=texts, ids=ids, logprobs=lps, finished=finished)
+            finished.append(stop > n)
+        return Captions(texts=texts, ids=ids, logprobs=lps, finished=finished, ends=ends)
+
+    def answer_end(self, row: Tensor) -> tuple[int, int]:
+        """Where the answer end sits in generated ids: (caption length, end of the end marker); equal when the
+        row has none (cut at max_new_tokens). A one-token end (or the tokenizer's eos) is found by id; a text
+        end by decoding prefixes, the caption keeping only tokens wholly before the marker."""
+        hits = (row == self.eos_id).nonzero() if self.eos_id is not None else row[:0]
+        first_eos = int(hits[0]) if len(hits) else len(row)
+        if len(self.end_ids) == 1:
+            return (first_eos, first_eos + 1) if len(hits) else (len(row), len(row))
+        decode = self.tokenizer.decode
+        for stop in range(1, first_eos + 1):
+            text = decode(row[:stop])
+            if self.end_text in text:
+                at = text.index(self.end_text)
+                n = stop - 1
+                while n > 0 and len(decode(row[:n])) > at:
+                    n -= 1
+                return n, stop
+        return (first_eos, first_eos + 1) if len(hits) else (len(row), len(row))

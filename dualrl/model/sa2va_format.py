@@ -251,6 +251,8 @@ class LoadReport:
     def real(self) -> list[str]:
         hint = ([f"the checkpoint's LLM is {LLM_ARCHITECTURES[self.other_arch]} (e.g. {LM_NAMES[self.other_arch][0]})"
                  f": set model.text.arch={self.other_arch}"] if self.other_arch else [])
+        hint += [f"set model.text.vocab_size={g[0]} (the checkpoint's {n} rows)" for n, e, g in self.mismatched
+                 if n == self.embed and e[0] != g[0]]
         return hint + ([f"shape of {n}: model {e}, checkpoint {g}" for n, e, g in self.mismatched]
                 + [f"missing {k}" for k in self.missing if not self.ignorable_missing(k)]
                 + [f"unexpected {k} (in a part the model runs)" for k in self.unexpected

@@ -17,6 +17,7 @@ CHAT_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>")
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
 SA2VA_TOKENS = ("[SEG]", "<p>", "</p>", "<vp>", "</vp>")
 SPECIAL_TOKENS = CHAT_TOKENS + IMAGE_TOKENS + SA2VA_TOKENS
+MODEL_TOKENS = IMAGE_TOKENS + SA2VA_TOKENS
 
 _CORPUS_WORDS = """
 the a an of in at on to is it this that there are part regions region picture image marked by given
@@ -68,10 +69,12 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return ensure_special_tokens(fast)
 
 
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """Add any of dualrl's special tokens the tokenizer lacks (a real VLM tokenizer lacks Sa2VA's)."""
+def ensure_special_tokens(tokenizer, tokens: tuple[str, ...] = SPECIAL_TOKENS):
+    """Add any of `tokens` the tokenizer lacks. A real checkpoint's tokenizer gets InternVL's image tokens and
+    Sa2VA's only (`MODEL_TOKENS`): its chat markers are whatever that tokenizer makes of the template text,
+    as in Sa2VA; adding tokens there would change how its prompts tokenize."""
     vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    missing = [t for t in tokens if t not in vocab]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token is None:

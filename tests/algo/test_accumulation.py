@@ -15,7 +15,8 @@ from tests.conftest import TINY
 def test_micro_batches_keep_regions_and_their_captions_together(region_batch):
     g = 2
     texts = [f"r{r}c{c}" for r in range(4) for c in range(g)]
-    caps = Captions(texts, [torch.tensor([i]) for i in range(8)], [torch.zeros(1)] * 8, [True] * 8)
+    caps = Captions(texts, [torch.tensor([i]) for i in range(8)], [torch.zeros(1)] * 8, [True] * 8,
+                    [torch.tensor([99])] * 8)
     rollout = Rollout(caps, g, torch.arange(8.0))
     parts = micro_batches(region_batch, rollout, 3)
     assert [len(b["masks"]) for b, _ in parts] == [1, 2, 1]

@@ -37,12 +37,12 @@ def _sample(model, batch, temperature=1.0):
 
 def test_learner_logprobs_equal_the_samplers(tiny_model, region_batch):
     """Teacher-forcing the sampled captions gives the log-probs `generate` sampled them with (same
-    temperature); the appended eos of a finished caption gets a log-prob of its own."""
+    temperature); the eos that ended a finished caption gets a log-prob of its own."""
     torch.manual_seed(1)
     caps = _sample(tiny_model, region_batch, temperature=0.7)
     region = torch.arange(4).repeat_interleave(G)
-    eos = torch.tensor([tiny_model.eos_id])
-    completions = [torch.cat([i, eos]) if f else i for i, f in zip(caps.ids, caps.finished)]
+    completions = caps.completions()
+    assert all(e.tolist() == ([tiny_model.eos_id] if f else []) for e, f in zip(caps.ends, caps.finished))
     with torch.no_grad():
         feats = tiny_model.encode_images(region_batch["images"])
         logp, mask, logits = completion_logprobs(tiny_model, feats, region_batch["masks"], region, completions, 0.7)
@@ -72,7 +72,7 @@ def test_policy_gradient_moves_probability_to_the_better_caption(policy, region_
     policy.eval()
     with torch.no_grad():
         after, _, _ = completion_logprobs(policy, policy.encode_images(region_batch["images"]),
-                                          region_batch["masks"], rollout.region, objective._completions(rollout), 1.0)
+                                          region_batch["masks"], rollout.region, rollout.captions.completions(), 1.0)
     seq_gain = (after - before).sum(dim=1).view(4, G)
     distinct = [r for r in range(4) if not torch.equal(caps.ids[2 * r], caps.ids[2 * r + 1])]
     assert distinct
