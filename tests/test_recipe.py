@@ -107,7 +107,8 @@ def test_extends_merges_sections_key_by_key(tmp_path):
 
 
 SA2VA_RECIPES = [f"sa2va_{size}_{kind}" for size in ("1b", "4b", "8b")
-                 for kind in ("sft_dual", "sft_dual_short", "grpo")]
+                 for kind in ("sft_dual", "sft_dual_short", "grpo")] + [
+    f"sa2va_internvl3_{size}_{kind}" for size in ("2b", "8b") for kind in ("sft_dual", "grpo")]
 
 
 @pytest.mark.parametrize("name", SA2VA_RECIPES)
@@ -123,8 +124,9 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
     assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999
     assert (r.algo.loss.bce_weight, r.algo.loss.dice_weight, r.algo.loss.llm_weight) == (2.0, 0.5, 1.0)
     assert r.optim.accumulation == 4
-    assert r.model.prompts.answer_end == {"1b": "<|im_end|>", "4b": "<|end|>", "8b": "<|im_end|>"}[name[6:8]]
-    assert (r.model.text.arch, r.model.trust_remote_code) == (("internlm2", True) if "8b" in name else ("qwen2", False))
+    assert r.model.prompts.answer_end == ("<|end|>" if name.startswith("sa2va_4b") else "<|im_end|>")
+    internlm2 = name.startswith("sa2va_8b")
+    assert (r.model.text.arch, r.model.trust_remote_code) == (("internlm2", True) if internlm2 else ("qwen2", False))
     assert (r.algo.name == "grpo") == name.endswith("grpo") and (r.train.steps == 50) == ("short" in name)
     if name.endswith("grpo"):
         assert r.algo.grpo.num_generations == 8 and r.model.init_weights == "ema"

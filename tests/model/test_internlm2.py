@@ -93,11 +93,16 @@ def test_round_trip_gives_identical_outputs(trained, spec, region_batch):
     assert all(v < 1e-5 for v in diff.values()), diff
 
 
-def test_a_qwen2_recipe_on_an_internlm2_checkpoint_is_named(trained, tiny_spec):
+def test_a_qwen2_recipe_on_an_internlm2_checkpoint_is_named(trained, tiny_spec, spec):
     _, state = trained
     qwen = _build(tiny_spec, seed=1, lora=False, tied=False)
     with pytest.raises(ValueError, match=r"InternLM2ForCausalLM .*set model\.text\.arch=internlm2"):
         from_sa2va(qwen, state)
+    # A checkpoint with more token rows (its tokenizer grew) names the vocab_size to set.
+    rows = {k: torch.cat([v, v[:3]]) for k, v in state.items()
+            if k.endswith(("tok_embeddings.weight", "output.weight"))}
+    with pytest.raises(ValueError, match=rf"set model\.text\.vocab_size={spec.text.vocab_size + 3} "):
+        from_sa2va(_build(spec, seed=1, lora=False, tied=False), {**state, **rows})
 
 
 def test_config_names_the_llm_and_a_recipe_mismatch(trained, spec, tmp_path):
