@@ -8,9 +8,11 @@ Builds the recipe's model with random init (no weights can be downloaded where t
 depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
 size (1024: SAM2's input; the VLM takes its 448 tile from it), and runs `--steps` training steps of each
 algorithm through the same workers the driver uses: rollout (captions), reward (EMA segmentation + rewards),
-learner (one optimizer step). Each phase is timed with CUDA synchronisation; the first step is the warm-up and
-is reported apart. Peak GPU memory is `torch.cuda.max_memory_allocated` over each algorithm's steps (the
-build included). `--tiny` swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
+learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `sync_s` = `learner_s`;
+`sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
+with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
+`torch.cuda.max_memory_allocated` over each algorithm's steps (the build included). `--tiny` swaps in the
+tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 """
 
 from __future__ import annotations
@@ -98,13 +100,23 @@ def run_algo(args, algo: str, out_dir: Path) -> dict:
         scored = runtime.reward.score(batch, captions, plan.group_size)
         sync()
         t_reward = time.perf_counter()
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
         metrics = runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total),
                                        step_generator(recipe.train.seed, step))
+        sync()
+        t_update = time.perf_counter()
         runtime.sync()
         sync()
         t_learn = time.perf_counter()
+        runtime.reward.load_weights(runtime.learner.sync_state("ema"))  # the host round trip, same tensors
+        sync()
+        sync_host_s = time.perf_counter() - t_learn
+        retries = (torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0) - retries
         phases.append({"rollout_s": t_roll - t, "reward_s": t_reward - t_roll, "learner_s": t_learn - t_reward,
-                       "step_s": t_learn - t, "loss": metrics["train/loss"],
+                       "update_s": t_update - t_reward, "sync_s": t_learn - t_update, "sync_host_s": sync_host_s,
+                       "step_s": t_learn - t,
+                       "loss": metrics["train/loss"], "alloc_retries": float(retries),
+                       "mask_cover": float(batch["masks"].float().mean()),
                        "caption_tokens": sum(len(i) for i in captions.ids) / len(captions)})
         print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
     batches.close()
@@ -114,7 +126,8 @@ def run_algo(args, algo: str, out_dir: Path) -> dict:
         "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "warmup_step": phases[0],
-        "median": {k: statistics.median(p[k] for p in timed) for k in ("rollout_s", "reward_s", "learner_s", "step_s")},
+        "median": {k: statistics.median(p[k] for p in timed)
+                   for k in ("rollout_s", "reward_s", "learner_s", "update_s", "sync_s", "sync_host_s", "step_s")},
         "steps": phases,
     }
     runtime.shutdown()

@@ -8,6 +8,7 @@ weights come from user paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -98,7 +99,10 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
             vlm = _native_vlm(spec, len(tokenizer))
         else:
             image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-            vlm = InternVLForConditionalGeneration(_internvl_config(spec, image_token))
+            # Weights that are loaded next need no random init (every VLM weight is: a missing one is refused).
+            with _no_init() if spec.pretrained or spec.sa2va else contextlib.nullcontext():
+                vlm = InternVLForConditionalGeneration(_internvl_config(spec, image_token))
+            vlm.tie_weights()  # part of the skipped `init_weights`; a no-op where already tied or untied
         sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint,
                                spec.sam.pe_gain)
         model = GroundedVLM(vlm, sam, tokenizer, spec)
@@ -125,6 +129,16 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     return model.to(device)
+
+
+def _no_init():
+    """transformers' context that skips weight initialisation (torch's init functions and `init_weights`),
+    where this transformers has it; otherwise the weights are initialised and then overwritten."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:

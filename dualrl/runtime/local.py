@@ -23,9 +23,10 @@ class LocalRuntime:
         self.reward = RewardWorker(recipe, device, model=teacher)
 
     def sync(self) -> dict[str, float]:
-        """EMA weights -> the teacher model (trainable tensors only)."""
+        """EMA weights -> the teacher model (trainable tensors only), copied on the device: no host round trip
+        in one process (at Sa2VA-8B's 391 M trainable weights that is 1.6 GB each way per sync)."""
         t0 = time.perf_counter()
-        self.reward.load_weights(self.learner.sync_state("ema"))
+        self.reward.load_weights(self.learner.ema.tensors())
         return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def shutdown(self) -> None:
