@@ -65,10 +65,30 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_algo(args, algo: str, out_dir: Path) -> dict:
+def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
+    """The recipe's model with random init, written as a Sa2VA HF directory (bf16, 5 GB shards), so that the
+    steps then build from it as from a real checkpoint (`model.sa2va`): the load path's build time."""
+    from dualrl.model.build import build_model
+    from dualrl.model.sa2va_format import save_sa2va
+
+    recipe = load_recipe(args.recipe, [f"output_dir={out_dir / 'x'}", "model.sa2va=null", "model.init_from=null",
+                                       "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null",
+                                       "data.shapes={}", "data.eval_source=shapes",
+                                       "model.trainable.lora=false", *(TINY_MODEL if args.tiny else [])])
+    t0 = time.perf_counter()
+    model = build_model(recipe.model)
+    t1 = time.perf_counter()
+    directory = save_sa2va(model, model.tokenizer, out_dir / "sa2va", dtype=torch.bfloat16, shard_bytes=5 * 2**30)
+    t2 = time.perf_counter()
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    del model
+    return directory, {"random_build_s": t1 - t0, "save_s": t2 - t1, "checkpoint_gib": size / 2**30}
+
+
+def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None) -> dict:
     size = 128 if args.tiny else 1024
     overrides = [
-        f"output_dir={out_dir / algo}", "model.sa2va=null", "model.init_from=null", f"algo.name={algo}",
+        f"output_dir={out_dir / algo}", f"model.sa2va={sa2va or 'null'}", "model.init_from=null", f"algo.name={algo}",
         "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.eval_source=shapes",
         f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
         f"data.image_size={size}", "data.num_workers=2", f"data.batch_size={args.batch_size}",
@@ -146,6 +166,8 @@ def main() -> int:
                         "results ran whole batches)")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generation KV cache")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--from-sa2va", action="store_true", help="write the random-init model as a Sa2VA "
+                        "directory first and build the runs from it (the load path's build time)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import transformers
@@ -156,13 +178,18 @@ def main() -> int:
     print(json.dumps(facts), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        sa2va = None
+        if args.from_sa2va:
+            sa2va, facts["sa2va_checkpoint"] = write_sa2va_checkpoint(args, Path(tmp))
+            print(json.dumps(facts["sa2va_checkpoint"]), flush=True)
         for algo in args.algos:
-            results.append(run_algo(args, algo, Path(tmp)))
+            results.append(run_algo(args, algo, Path(tmp), sa2va))
             gc_cuda()
     for r in results:
         m = r["median"]
         print(f"{r['algo']:9s} {r['regions_per_step']} regions x {r['captions_per_region']} captions: rollout "
-              f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s, step "
+              f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s (update "
+              f"{m['update_s']:.3f} + sync {m['sync_s']:.3f}; host sync {m['sync_host_s']:.3f}), step "
               f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
               f"build {r['build_s']:.1f} s")
         print(f"          {r['estimate']}")
