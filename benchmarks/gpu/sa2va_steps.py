@@ -18,6 +18,7 @@ tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -85,13 +86,52 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
     return directory, {"random_build_s": t1 - t0, "save_s": t2 - t1, "checkpoint_gib": size / 2**30}
 
 
-def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None) -> dict:
+class _Timed:
+    """Marks, with CUDA synchronisation, when the learner's objective (forward) and optimizer step start and end,
+    to split `update_s` into forward, backward (+ clipping) and optimizer (+ EMA) parts."""
+
+    def __init__(self, learner):
+        self.marks: list[tuple[str, float]] = []
+        objective, step = learner.objective, learner.optimizer.step
+
+        class Objective:
+            def __getattr__(_, name):
+                return getattr(objective, name)
+
+            def __call__(_, *a, **k):
+                self.mark("forward")
+                out = objective(*a, **k)
+                self.mark("backward")
+                return out
+
+        def optimizer_step(*a, **k):
+            self.mark("optimizer")
+            return step(*a, **k)
+
+        learner.objective, learner.optimizer.step = Objective(), optimizer_step
+
+    def mark(self, name: str) -> None:
+        sync()
+        self.marks.append((name, time.perf_counter()))
+
+    def split(self, start: float, end: float) -> dict[str, float]:
+        """Seconds per part since `start`; the marks are then cleared."""
+        out = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+        times = [*self.marks, ("end", end)]
+        for (name, t), (_, t_next) in itertools.pairwise(times):
+            out[f"{name}_s"] += t_next - t
+        out["other_s"] = (end - start) - sum(out.values())
+        self.marks.clear()
+        return out
+
+
+def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers: int = 2) -> dict:
     size = 128 if args.tiny else 1024
     overrides = [
         f"output_dir={out_dir / algo}", f"model.sa2va={sa2va or 'null'}", "model.init_from=null", f"algo.name={algo}",
         "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.eval_source=shapes",
         f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
-        f"data.image_size={size}", "data.num_workers=2", f"data.batch_size={args.batch_size}",
+        f"data.image_size={size}", f"data.num_workers={workers}", f"data.batch_size={args.batch_size}",
         f"algo.grpo.num_generations={args.generations}", f"optim.accumulation={args.accumulation}",
         f"model.generation_cache={args.cache}",
         "wandb.mode=disabled", "train.device=auto",
@@ -108,6 +148,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None) -> dict:
     estimate = memory_estimate(runtime.learner.model)
     built_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     plan = OBJECTIVES[algo].plan(recipe)
+    timer = _Timed(runtime.learner)
     batches = train_batches(recipe)
     phases: list[dict[str, float]] = []
     for step in range(1, args.steps + 1):
@@ -132,7 +173,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None) -> dict:
         sync()
         sync_host_s = time.perf_counter() - t_learn
         retries = (torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0) - retries
+        parts = timer.split(t_reward, t_update)
         phases.append({"rollout_s": t_roll - t, "reward_s": t_reward - t_roll, "learner_s": t_learn - t_reward,
+                       **parts,
                        "update_s": t_update - t_reward, "sync_s": t_learn - t_update, "sync_host_s": sync_host_s,
                        "step_s": t_learn - t,
                        "loss": metrics["train/loss"], "alloc_retries": float(retries),
@@ -143,11 +186,13 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None) -> dict:
     timed = phases[1:] or phases
     result = {
         "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
+        "loader_workers": workers,
         "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "warmup_step": phases[0],
         "median": {k: statistics.median(p[k] for p in timed)
-                   for k in ("rollout_s", "reward_s", "learner_s", "update_s", "sync_s", "sync_host_s", "step_s")},
+                   for k in ("rollout_s", "reward_s", "learner_s", "update_s", "forward_s", "backward_s", "optimizer_s",
+                             "other_s", "sync_s", "sync_host_s", "step_s")},
         "steps": phases,
     }
     runtime.shutdown()
@@ -165,6 +210,8 @@ def main() -> int:
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (the 2026-11-26 "
                         "results ran whole batches)")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generation KV cache")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="data loader processes; several "
+                        "values run each algorithm once per value")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--from-sa2va", action="store_true", help="write the random-init model as a Sa2VA "
                         "directory first and build the runs from it (the load path's build time)")
@@ -182,12 +229,14 @@ def main() -> int:
         if args.from_sa2va:
             sa2va, facts["sa2va_checkpoint"] = write_sa2va_checkpoint(args, Path(tmp))
             print(json.dumps(facts["sa2va_checkpoint"]), flush=True)
-        for algo in args.algos:
-            results.append(run_algo(args, algo, Path(tmp), sa2va))
-            gc_cuda()
+        for workers in args.workers:
+            for algo in args.algos:
+                results.append(run_algo(args, algo, Path(tmp), sa2va, workers))
+                gc_cuda()
     for r in results:
         m = r["median"]
-        print(f"{r['algo']:9s} {r['regions_per_step']} regions x {r['captions_per_region']} captions: rollout "
+        print(f"{r['algo']:9s} ({r['loader_workers']} loader workers) {r['regions_per_step']} regions x "
+              f"{r['captions_per_region']} captions: rollout "
               f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s (update "
               f"{m['update_s']:.3f} + sync {m['sync_s']:.3f}; host sync {m['sync_host_s']:.3f}), step "
               f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
