@@ -154,6 +154,9 @@ def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:
              for sec, w, h in (("vision", wanted.vision_config, vlm.config.vision_config),
                                ("text", wanted.text_config, vlm.config.text_config))
              for name, key in _CHECKED[sec] if getattr(w, key) != getattr(h, key)]
+    if wanted.text_config.model_type != vlm.config.text_config.model_type:
+        diffs.insert(0, f"model.text.arch: recipe {spec.text.arch!r} (a {wanted.text_config.model_type} model) vs "
+                        f"{directory} {vlm.config.text_config.model_type!r}")
     if diffs:
         raise ValueError("model.vlm: the recipe describes another architecture:\n  " + "\n  ".join(diffs))
     return vlm

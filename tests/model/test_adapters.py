@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -11,9 +12,11 @@ from dualrl.model.build import build_model
 from dualrl.model.tokenizer import SA2VA_TOKENS
 
 
-def test_peft_adapter_round_trip(tiny_spec, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "internlm2"])
+def test_peft_adapter_round_trip(tiny_spec, tmp_path, arch):
     spec = tiny_spec.model_copy(deep=True)
     spec.trainable.lora_dropout = 0.0
+    spec.text.arch = arch  # internlm2: the adapter is for the Llama-named native model
     trained = build_model(spec).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # trained-looking adapters: non-zero LoRA B and new-token rows

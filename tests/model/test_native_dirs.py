@@ -39,6 +39,8 @@ def test_mismatches_are_named(tmp_path):
     source.tokenizer.save_pretrained(str(tmp_path / "vlm"))
     with pytest.raises(ValueError, match=r"model\.text\.layers: recipe 3 vs .* 2"):
         build_model(_spec(f"model.vlm={tmp_path / 'vlm'}", "model.text.layers=3"))
+    with pytest.raises(ValueError, match=r"model\.text\.arch: recipe 'internlm2' \(a llama model\) vs .* 'qwen2'"):
+        build_model(_spec(f"model.vlm={tmp_path / 'vlm'}", "model.text.arch=internlm2"))
     state = source.sam.state_dict()
     state.pop(next(iter(state)))
     torch.save({"model": state}, tmp_path / "sam.pt")
