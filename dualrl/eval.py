@@ -13,8 +13,10 @@ Three measures, on `--data refcoco` (a RefCOCO/+/g split in the `refer` layout) 
 - region captioning: the model's greedy caption of each object, METEOR (nltk, WordNet) against all its
   sentences;
 - cycle IoU: the model segments its own caption of each object; mean IoU with the object's mask.
-IoUs are computed at the loader's working resolution (`data.image_size`, the SAM2 input size at real
-scale), on the square the image was brought to, not at the file's original size.
+IoUs are computed at each file's own resolution, as the RefCOCO protocol does: the low-res mask logits are
+brought back from the working square (`data.aspect`: squashed, or padded and cropped) to the image's height and
+width, and compared with the annotation's mask there. `--resolution working` compares on the working square
+instead (as the evaluation during training does); built-in shapes have no other resolution.
 Prints a short table and writes the numbers as JSON (`--out`, default CHECKPOINT/eval_<data>_<split>.json).
 """
 
@@ -58,8 +60,9 @@ def eval_recipe(checkpoint: Path, overrides: list[str], weights: str, recipe: Pa
                       "nor a training run (recipe.yaml in it or two folders up)")
 
 
-def regions(recipe, data: str, split: str, limit: int | None):
-    """Good samples of the split in file order (bad ones skipped, counted and logged once per reason)."""
+def regions(recipe, data: str, split: str, limit: int | None, full_masks: bool = True):
+    """Good samples of the split in file order (bad ones skipped, counted and logged once per reason), with
+    their masks at the file's resolution when `full_masks`."""
     spec = getattr(recipe.data, data) or (ShapesSpec() if data == "shapes" else None)
     if spec is None:
         raise RecipeError(f"--data {data}: set data.{data}.* (its paths) in the recipe or as overrides")
@@ -67,7 +70,7 @@ def regions(recipe, data: str, split: str, limit: int | None):
         spec = spec.model_copy(update={"eval_split": split})
     skips = SkipLog()
     yield from in_file_order(build_source(data, spec, recipe, split="val" if data == "refcoco" else split),
-                             skips, limit)
+                             skips, limit, full_masks=full_masks)
     if skips.counts:
         log.warning("skipped %s", skips.counts)
 
@@ -79,8 +82,33 @@ def _inter_union(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, 
     return (pred & gt).flatten(1).sum(1).double(), (pred | gt).flatten(1).sum(1).double()
 
 
+def to_file_resolution(logits: torch.Tensor, hw: tuple[int, int], aspect: str, size: int) -> torch.Tensor:
+    """Mask logits of a working square -> the prediction (logit > 0) at the file's (height, width): a squashed
+    square is resized whole; a padded one is first cropped to where the image sits (top left)."""
+    h, w = hw
+    logits = logits[None, None].float()
+    if aspect == "pad":
+        scale = size / max(h, w)
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        logits = logits[..., : max(1, round(h * scale)), : max(1, round(w * scale))]
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0
+
+
+def _inter_union_full(logits: torch.Tensor, masks: list, aspect: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union per query at each file's resolution (`masks`: numpy bool, one per query)."""
+    inter, union = [], []
+    for lg, mask in zip(logits, masks):
+        pred = to_file_resolution(lg, mask.shape, aspect, size)
+        gt = torch.from_numpy(mask).to(pred.device)
+        inter.append((pred & gt).sum())
+        union.append((pred | gt).sum())
+    return torch.stack(inter).double(), torch.stack(union).double()
+
+
 @torch.no_grad()
-def evaluate_model(model, samples, batch_size: int) -> dict:
+def evaluate_model(model, samples, batch_size: int, aspect: str = "squash", size: int | None = None) -> dict:
+    """Referring cIoU / gIoU, caption METEOR and cycle IoU over `samples`. Samples with a `full_mask` are
+    scored at their file's resolution (`aspect` and the working `size` say how the square was made)."""
     inter, union, cycle, captions, references, lengths = [], [], [], [], [], []
     items: list[dict] = []
 
@@ -88,18 +116,26 @@ def evaluate_model(model, samples, batch_size: int) -> dict:
         if not items:
             return
         batch = collate_regions(items)
+        full = batch.get("full_mask")
+        full = full if full and all(m is not None for m in full) else None
+
+        def inter_union(logits: torch.Tensor, rows: list[int]):
+            if full is None:
+                return _inter_union(logits, batch["masks"][rows])
+            return _inter_union_full(logits, [full[r] for r in rows], aspect, size or batch["masks"].shape[-1])
+
         feats = model.encode_images(batch["images"])
         sentences = [refs or [batch["expression"][r]] for r, refs in enumerate(batch["references"])]
         queries = [(r, s) for r, group in enumerate(sentences) for s in group if s]
         if queries:
             index = torch.tensor([r for r, _ in queries])
             logits, *_ = model.segment(None, [s for _, s in queries], feats=feats, image_index=index)
-            i, u = _inter_union(logits, batch["masks"][index])
+            i, u = inter_union(logits, index.tolist())
             inter.append(i.cpu())
             union.append(u.cpu())
         described = model.describe(None, batch["masks"], feats=feats)
         logits, *_ = model.segment(None, described.texts, feats=feats)
-        i, u = _inter_union(logits, batch["masks"])
+        i, u = inter_union(logits, list(range(len(items))))
         cycle.append((i / u.clamp(min=1)).cpu())
         captions.extend(described.texts)
         lengths.extend(len(ids) for ids in described.ids)
@@ -148,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--max-regions", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--resolution", choices=("file", "working"), default="file", help="compare masks at each "
+                        "file's resolution (the RefCOCO protocol) or on the working square")
     parser.add_argument("--recipe", type=Path, default=None, help="whose model section builds a model directory "
                         "(default recipes/sft_dual.yaml; a Sa2VA-4B checkpoint needs a 4B-shaped one)")
     args = parser.parse_intermixed_args(argv)
@@ -161,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model = build_model(recipe.model, device).eval()
     try:
-        result = evaluate_model(model, regions(recipe, args.data, args.split, args.max_regions), args.batch_size)
+        samples = regions(recipe, args.data, args.split, args.max_regions, full_masks=args.resolution == "file")
+        result = evaluate_model(model, samples, args.batch_size, recipe.data.aspect, recipe.data.image_size)
     except (RecipeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result.update(checkpoint=str(args.checkpoint), data=args.data, split=args.split, weights=args.weights,
+                  resolution=args.resolution if args.data == "refcoco" else "working",
                   device=device, seconds=round(time.time() - t0, 2))
     folder = args.checkpoint if args.checkpoint.is_dir() else Path(".")
     out = args.out or folder / f"eval_{args.data}_{args.split}.json"

@@ -226,11 +226,13 @@ def eval_source_name(data) -> str:
     return "refcoco" if data.refcoco is not None else "shapes"
 
 
-def in_file_order(source: Source, skips: SkipLog, limit: int | None = None, seed: int = 0
-                  ) -> Iterator[dict[str, Any]]:
+def in_file_order(source: Source, skips: SkipLog, limit: int | None = None, seed: int = 0,
+                  full_masks: bool = False) -> Iterator[dict[str, Any]]:
     """Up to `limit` good samples of a source in file order (never shuffled), the same ones every time; bad
-    ones are skipped into `skips`. Sample i loads with seed i (e.g. which RefCOCO sentence is the expression)."""
+    ones are skipped into `skips`. Sample i loads with seed i (e.g. which RefCOCO sentence is the expression).
+    `full_masks`: samples also carry their mask at the file's resolution (`full_mask`)."""
     source.shuffle = False
+    source.full_masks = full_masks
     stream = SourceStream(source, seed)
     good = 0
     for i in range(stream.size()):

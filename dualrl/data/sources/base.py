@@ -63,6 +63,7 @@ class Source(ABC):
 
     name: str = ""
     shuffle: bool = True  # False for sources whose items are already in random order (shapes)
+    full_masks: bool = False  # samples also carry the mask at the file's resolution (`full_mask`), for eval
 
     def __init__(self, spec, size: int, aspect: str = "squash", max_pixels: int = 1 << 28,
                  cache_dir: str | None = None):
@@ -127,6 +128,8 @@ class Source(ABC):
                references: list[str] | None = None, **extra: Any) -> dict[str, Any]:
         """The sample form every source returns: the region brought to the working square, plus text."""
         image_t, mask_t = square(image, mask, self.size, self.aspect)
+        if self.full_masks:
+            extra["full_mask"] = np.asarray(mask, dtype=bool)
         return {"image": image_t, "mask": mask_t, "expression": expression, "references": references or [],
                 "source": self.name, "index": index, **extra}
 
