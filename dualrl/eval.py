@@ -106,9 +106,9 @@ def _inter_union_full(logits: torch.Tensor, masks: list, aspect: str, size: int)
 
 
 @torch.no_grad()
-def evaluate_model(model, samples, batch_size: int, aspect: str = "squash", size: int | None = None) -> dict:
+def evaluate_model(model, samples, batch_size: int, aspect: str = "squash") -> dict:
     """Referring cIoU / gIoU, caption METEOR and cycle IoU over `samples`. Samples with a `full_mask` are
-    scored at their file's resolution (`aspect` and the working `size` say how the square was made)."""
+    scored at their file's resolution (`aspect` says how the working square was made)."""
     inter, union, cycle, captions, references, lengths = [], [], [], [], [], []
     items: list[dict] = []
 
@@ -122,7 +122,7 @@ def evaluate_model(model, samples, batch_size: int, aspect: str = "squash", size
         def inter_union(logits: torch.Tensor, rows: list[int]):
             if full is None:
                 return _inter_union(logits, batch["masks"][rows])
-            return _inter_union_full(logits, [full[r] for r in rows], aspect, size or batch["masks"].shape[-1])
+            return _inter_union_full(logits, [full[r] for r in rows], aspect, batch["masks"].shape[-1])
 
         feats = model.encode_images(batch["images"])
         sentences = [refs or [batch["expression"][r]] for r, refs in enumerate(batch["references"])]
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(recipe.model, device).eval()
     try:
         samples = regions(recipe, args.data, args.split, args.max_regions, full_masks=args.resolution == "file")
-        result = evaluate_model(model, samples, args.batch_size, recipe.data.aspect, recipe.data.image_size)
+        result = evaluate_model(model, samples, args.batch_size, recipe.data.aspect)
     except (RecipeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

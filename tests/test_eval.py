@@ -86,7 +86,7 @@ def test_refcoco_ious_are_at_the_file_resolution(tiny_model, tmp_path, aspect):
                                                     f"data.aspect={aspect}", "data.image_size=128"])
     samples = list(regions(recipe, "refcoco", "train", None))
     assert [s["full_mask"].shape for s in samples] == [(48, 64)] * 2
-    got = evaluate_model(tiny_model, iter(samples), 2, aspect, 128)
+    got = evaluate_model(tiny_model, iter(samples), 2, aspect)
     inter = union = 0
     for s in samples:
         for sentence in s["references"]:

@@ -78,7 +78,8 @@ def _text_config(t):
 
 
 def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
-    """Random init from `spec` (seeded), then the pretrained directory if any, then the trainable set."""
+    """Random init from `spec` (seeded; skipped for the VLM when a directory's weights are loaded next), then
+    the pretrained or Sa2VA directory if any, then the trainable set."""
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
         tokenizer = _hf_tokenizer(Path(spec.pretrained), spec.trust_remote_code)

@@ -56,7 +56,7 @@ def test_remote_code_tokenizer_needs_the_recipe_flag(tmp_path):
     assert type(tok).__name__ == "DemoTokenizer" and "[SEG]" in tok.get_vocab()
 
 
-def test_answer_end_ends_answers_and_stops_generation(tiny_spec):
+def test_one_token_answer_end_ends_answers_and_captions(tiny_spec):
     spec = tiny_spec.model_copy(deep=True)
     spec.prompts.answer_end = "</p>"  # one token: found by id
     model = build_model(spec).eval()
