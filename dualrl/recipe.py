@@ -155,9 +155,29 @@ class ModelSpec(Section):
         "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package).")
     gradient_checkpointing: bool = Field(False, description="Recompute the LLM's activations in the backward "
                                          "pass (less memory, ~30 % more compute).")
-    generation_cache: Literal["dynamic", "static"] = Field("dynamic", description="KV cache of caption "
-                                                           "generation: static preallocates it (fewer "
-                                                           "allocations per token; same captions).")
+    generation: Literal["engine", "generate"] = Field(
+        "engine", description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill "
+        "per region shared by its samples, a fixed-shape decode step replayed as a CUDA graph on GPUs; sdpa or "
+        "eager attention). generate: transformers' generate, every sample its own prompt (the path before 0.5; "
+        "same greedy captions).")
+    decode_graphs: bool = Field(True, description="engine on CUDA: capture the decode step as a CUDA graph "
+                                "(once per number of rows and prompt capacity); False runs it eagerly.")
+    decode_merge_lora: bool = Field(True, description="engine: decode with LoRA folded into a copy of each adapted "
+                                    "weight (one product per layer instead of the adapter's extra kernels; costs "
+                                    "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA). Same captions up to rounding.")
+    generation_cache: Literal["dynamic", "static"] = Field("dynamic", description="generation=generate only: "
+                                                           "its KV cache; static preallocates it and compiles "
+                                                           "per prompt shape (same captions).")
+
+    @model_validator(mode="after")
+    def _engine_attention(self) -> ModelSpec:
+        from dualrl.model.decode import SUPPORTED_ATTENTION
+
+        if self.generation == "engine" and self.attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"model.generation=engine builds attention masks for {list(SUPPORTED_ATTENTION)}, not "
+                             f"model.attn_implementation={self.attn_implementation!r}: set model.generation=generate "
+                             "or another attention implementation")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -1,8 +1,8 @@
 """Sa2VA-sized dualrl steps on one GPU: time per phase and peak memory.
 
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/sa2va_4b_sft_dual.yaml] [--steps 4]
-        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--cache dynamic|static]
-        [--tiny] [--out results.json]
+        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
+        [--cache dynamic|static] [--naive-regions 2] [--set KEY=VALUE ...] [--tiny] [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
 depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
@@ -13,11 +13,18 @@ learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `syn
 with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
 `torch.cuda.max_memory_allocated` over each algorithm's steps (the build included). `--tiny` swaps in the
 tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
+
+After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the
+median update time give its MFU against the card's datasheet bf16 peak and against the measured matrix rate; with
+`--naive-regions`, the naive dual loop (one caption at a time with `generate`'s dynamic cache, every image encoded
+again for every caption and every segmentation) runs on the same batch, and `naive_speedup` is its step time
+(naive rollout + naive reward + the same learner update) over dualrl's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -27,43 +34,24 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-try:  # trl imports `datasets` at module level for its trainers; dualrl takes two tensor functions from trl
-    import datasets  # noqa: F401
-except ImportError:  # the GPU machine has no `datasets` (pyarrow alone is over its upload limit): a stand-in
-    import types
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, TINY_MODEL, ceilings, facts, sync
 
-    sys.modules["datasets"] = types.ModuleType("datasets")
-    sys.modules["datasets"].IterableDataset = type("IterableDataset", (), {})
+from dualrl.algo.losses import mask_iou
+from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.rollout import Rollout
+from dualrl.data.loader import train_batches
+from dualrl.model.build import memory_estimate
+from dualrl.model.decode import attention_implementation
+from dualrl.model.sequence import Ids
+from dualrl.recipe import load_recipe
+from dualrl.runtime import start_runtime
+from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
 
-from dualrl.algo.objectives import OBJECTIVES  # noqa: E402
-from dualrl.algo.rollout import Rollout  # noqa: E402
-from dualrl.data.loader import train_batches  # noqa: E402
-from dualrl.model.build import memory_estimate  # noqa: E402
-from dualrl.recipe import load_recipe  # noqa: E402
-from dualrl.runtime import start_runtime  # noqa: E402
-from dualrl.train import ROLLOUT_SEED, step_generator, step_seed  # noqa: E402
-
-TINY_MODEL = ["model.vision.hidden_size=64", "model.vision.layers=2", "model.vision.heads=2",
-              "model.vision.intermediate_size=256", "model.vision.image_size=128", "model.vision.patch_size=8",
-              "model.text.hidden_size=128", "model.text.layers=2", "model.text.heads=4", "model.text.kv_heads=2",
-              "model.text.intermediate_size=512", "model.text.vocab_size=512", "model.sam.image_size=128",
-              "model.sam.config=configs/sam2.1/sam2.1_hiera_t.yaml", "model.trainable.lora_r=8",
-              "model.trainable.lora_alpha=16", "model.max_caption_tokens=8", "algo.loss.num_points=256",
-              "model.precision=float32", "model.sam.overrides=" + json.dumps(
-                  ["++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
-                   "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
-                   "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
-                   "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
-                   "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
-                   "++model.use_high_res_features_in_sam=false"])]
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+# Dense bf16 matrix peak of the card by its datasheet (H100 / H200 SXM), for MFU
+BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 
 
 def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
@@ -133,16 +121,18 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
         f"data.image_size={size}", f"data.num_workers={workers}", f"data.batch_size={args.batch_size}",
         f"algo.grpo.num_generations={args.generations}", f"optim.accumulation={args.accumulation}",
-        f"model.generation_cache={args.cache}",
+        f"model.generation={args.generation}", f"model.generation_cache={args.cache}",
         "wandb.mode=disabled", "train.device=auto",
-        "rewards=[{name: mask_iou}]", *(TINY_MODEL if args.tiny else []),
+        "rewards=[{name: mask_iou}]", *(TINY_MODEL if args.tiny else []), *args.set,
     ]
     recipe = load_recipe(args.recipe, overrides)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    runtime = start_runtime(recipe)
+    # random init where the model lives: seconds on a GPU against minutes on the host's cores
+    with torch.device("cuda") if torch.cuda.is_available() and not sa2va else contextlib.nullcontext():
+        runtime = start_runtime(recipe)
     sync()
     build_s = time.perf_counter() - t0
     estimate = memory_estimate(runtime.learner.model)
@@ -184,20 +174,94 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
     batches.close()
     timed = phases[1:] or phases
+    median = {k: statistics.median(p[k] for p in timed)
+              for k in ("rollout_s", "reward_s", "learner_s", "update_s", "forward_s", "backward_s", "optimizer_s",
+                        "other_s", "sync_s", "sync_host_s", "step_s")}
+    rollout = Rollout(captions, plan.group_size, scored.total)
+    flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
+    peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
+    mfu = {"model_flops_per_update": flops, "achieved_flops_per_s": flops / median["update_s"],
+           "mfu": flops / median["update_s"] / peak if peak else None,
+           "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
+           "gradient_checkpointing": recipe.model.gradient_checkpointing, "accumulation": recipe.optim.accumulation}
+    captions_per_step = recipe.data.batch_size * plan.group_size
+    speed = {"regions_per_s": recipe.data.batch_size / median["step_s"],
+             "captions_per_s": captions_per_step / median["step_s"]}
+    naive = None
+    if args.naive_regions:
+        naive = naive_step(runtime, batch, plan, args.naive_regions)
+        naive["naive_step_s"] = naive["naive_rollout_s"] + naive["naive_reward_s"] + median["learner_s"]
+        naive["naive_regions_per_s"] = recipe.data.batch_size / naive["naive_step_s"]
+        naive["naive_captions_per_s"] = captions_per_step / naive["naive_step_s"]
+        speed["naive_speedup"] = naive["naive_step_s"] / median["step_s"]
+    print(f"{algo}: {json.dumps({**mfu, **speed})}", flush=True)
     result = {
         "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
         "loader_workers": workers,
         "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "warmup_step": phases[0],
-        "median": {k: statistics.median(p[k] for p in timed)
-                   for k in ("rollout_s", "reward_s", "learner_s", "update_s", "forward_s", "backward_s", "optimizer_s",
-                             "other_s", "sync_s", "sync_host_s", "step_s")},
-        "steps": phases,
+        "warmup_step": phases[0], "median": median, "steps": phases, "mfu": mfu, **speed, "naive": naive,
+        "generation": recipe.model.generation,
     }
     runtime.shutdown()
     del runtime
     return result
+
+
+def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator) -> float:
+    """Model FLOPs of one learner update (forward and backward; the matrix products, convolutions and attention
+    that torch's flop counter knows), counted on one more update with activation recomputation switched off, so
+    recomputed forward passes are not counted (MFU's convention), and with the LLM's attention run as transformers'
+    eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square)."""
+    recomputing = [m for m in learner.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in recomputing:
+        module.gradient_checkpointing = False
+    try:  # eager attention: the same matrix products, which the counter knows also under grouped-query attention
+        with attention_implementation(learner.model.lm.config, "eager"), FlopCounterMode(display=False) as counter:
+            learner.step(batch, rollout, generator)
+    finally:
+        for module in recomputing:
+            module.gradient_checkpointing = True
+    sync()
+    return float(counter.get_total_flops())
+
+
+@torch.no_grad()
+def naive_step(runtime, batch: dict, plan, regions: int) -> dict:
+    """The dual loop without dualrl's batching, on the same batch: one caption at a time with `generate`'s
+    dynamic cache, the image encoded again for every caption and again for every segmentation. It runs the
+    first `regions` regions and is scaled to the batch (one caption after another: each costs the same)."""
+    roll, seg = runtime.rollout.model, runtime.reward.model
+    roll.eval()
+    n = min(regions, len(batch["masks"]))
+    spec = roll.spec
+    roll.spec = spec.model_copy(update={"generation": "generate", "generation_cache": "dynamic"})
+    max_new = plan.max_new_tokens or spec.max_caption_tokens
+    captions = []
+    try:
+        sync()
+        t0 = time.perf_counter()
+        with roll.autocast():
+            for i in range(n):
+                for _ in range(plan.group_size):
+                    roll._features = None
+                    c = roll.describe(batch["images"][i:i + 1], batch["masks"][i:i + 1], sample=plan.sample,
+                                      temperature=plan.temperature, top_p=plan.top_p, max_new_tokens=max_new)
+                    captions.append((i, c.ids[0]))
+        sync()
+        t1 = time.perf_counter()
+        with seg.autocast():
+            for i, ids in captions:
+                seg._features = None
+                logits, *_ = seg.segment(batch["images"][i:i + 1], [Ids(ids)])
+                mask_iou(logits.float(), batch["masks"][i:i + 1].to(logits.device))
+        sync()
+        t2 = time.perf_counter()
+    finally:
+        roll.spec = spec
+    scale = len(batch["masks"]) / n
+    return {"naive_rollout_s": (t1 - t0) * scale, "naive_reward_s": (t2 - t1) * scale, "naive_regions_run": n,
+            "naive_captions_run": len(captions)}
 
 
 def main() -> int:
@@ -209,7 +273,12 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (the 2026-11-26 "
                         "results ran whole batches)")
-    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generation KV cache")
+    parser.add_argument("--generation", choices=("engine", "generate"), default="engine", help="caption decoding")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generate's KV cache")
+    parser.add_argument("--naive-regions", type=int, default=0, help="run the naive dual loop on this many regions "
+                        "of the last batch and scale it to the batch (0: off)")
+    parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. "
+                        "model.gradient_checkpointing=false")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="data loader processes; several "
                         "values run each algorithm once per value")
     parser.add_argument("--tiny", action="store_true")
@@ -217,18 +286,16 @@ def main() -> int:
                         "directory first and build the runs from it (the load path's build time)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    import transformers
-
-    facts = {"torch": torch.__version__, "transformers": transformers.__version__,
-             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-             "recipe": args.recipe, "tiny": args.tiny}
-    print(json.dumps(facts), flush=True)
+    info = {**facts(), "recipe": args.recipe, "tiny": args.tiny, "set": args.set}
+    args.rates = ceilings("cuda" if torch.cuda.is_available() else "cpu")
+    info["ceilings"] = args.rates
+    print(json.dumps(info), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         sa2va = None
         if args.from_sa2va:
-            sa2va, facts["sa2va_checkpoint"] = write_sa2va_checkpoint(args, Path(tmp))
-            print(json.dumps(facts["sa2va_checkpoint"]), flush=True)
+            sa2va, info["sa2va_checkpoint"] = write_sa2va_checkpoint(args, Path(tmp))
+            print(json.dumps(info["sa2va_checkpoint"]), flush=True)
         for workers in args.workers:
             for algo in args.algos:
                 results.append(run_algo(args, algo, Path(tmp), sa2va, workers))
@@ -242,8 +309,14 @@ def main() -> int:
               f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
               f"build {r['build_s']:.1f} s")
         print(f"          {r['estimate']}")
+        mfu = r["mfu"]
+        print(f"          {r['regions_per_s']:.2f} regions/s, {r['captions_per_s']:.2f} captions/s; learner "
+              f"{mfu['model_flops_per_update'] / 1e12:.1f} TFLOP an update, MFU {mfu['mfu'] or 0:.3f} "
+              f"({mfu['mfu_of_measured_matmul']:.3f} of the measured matmul rate)"
+              + (f"; naive loop {r['naive']['naive_step_s']:.1f} s a step: {r['naive_speedup']:.1f}x"
+                 if r["naive"] else ""))
     if args.out:
-        args.out.write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"facts": info, "results": results}, indent=1))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Two directions share one model:
 - `describe(images, masks)`: region prompt (the image tokens under the mask appended as `<vp>` region
-  tokens) -> batched generation with a KV cache -> captions, token ids, per-token log-probs;
+  tokens) -> the caption decoding engine (`decode.py`: one prefill per region for its G samples, a fixed-shape
+  decode step, CUDA graphs on GPUs) -> captions, token ids, per-token log-probs;
 - `segment(images, texts)`: referring prompt -> "Sure, [SEG]." -> hidden state at `[SEG]` ->
   `text_hidden_fcs` -> SAM2 mask decoder -> low-res mask logits.
 Image features are computed by `encode_images` once and passed to any number of prompts.
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dualrl.model import sam as samlib
+from dualrl.model.decode import CaptionDecoder, Sampling
 from dualrl.model.prompts import PromptBuilder
 from dualrl.model.sequence import Assembler, Batch, Ids, Piece
 
@@ -29,7 +31,7 @@ class ImageFeatures:
     and SAM2's encoder output."""
 
     vision: Tensor  # [B, T, Hv] pixel-shuffled ViT tokens
-    sam: samlib.SamFeatures
+    sam: samlib.SamFeatures | None  # None until segmentation needs it (see `GroundedVLM.encode_images`)
 
     def __len__(self) -> int:
         return self.vision.shape[0]
@@ -92,6 +94,7 @@ class GroundedVLM(nn.Module):
         self.prompts = PromptBuilder(spec.prompts, self.end_text)
         self._assembler: Assembler | None = None
         self._features: tuple[tuple, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
+        self._decoder: CaptionDecoder | None = None
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -132,18 +135,23 @@ class GroundedVLM(nn.Module):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # -------------------------------------------------------------------------------------- images
-    def encode_images(self, images: Tensor) -> ImageFeatures:
-        """uint8 [B,3,H,W] -> features of both encoders. Frozen encoders run without autograd.
+    def encode_images(self, images: Tensor, sam: bool = True) -> ImageFeatures:
+        """uint8 [B,3,H,W] -> features of both encoders (the vision tower's only with `sam=False`: captioning
+        needs no SAM2 features). Frozen encoders run without autograd.
 
         When no gradient can flow into the encoders (autograd off, or both encoders frozen, as by default),
         the last result is kept for the same images tensor (identity, held until replaced, so it cannot be a
         recycled object) and unchanged encoder weights (their in-place version counters, which optimizer
         steps bump): describing and then scoring one batch with one model — the teacher in the local
-        runtime, eval, or in-process grpo's rollout and learner step — encodes each image once."""
+        runtime, eval, or in-process grpo's rollout and learner step — encodes each image once, and SAM2's
+        encoder runs only when segmentation first asks for it."""
         key = (images, self._encoder_versions())
         reusable = not torch.is_grad_enabled() or self._encoders_frozen()
         if reusable and self._features is not None and _same_key(self._features[0], key):
-            return self._features[1]
+            feats = self._features[1]
+            if sam and feats.sam is None:
+                feats.sam = self._encode_sam(images.to(self.device))
+            return feats
         images = images.to(self.device)
         inner = self.vlm.model
         vspec = self.spec.vision
@@ -154,12 +162,14 @@ class GroundedVLM(nn.Module):
             side = int(n**0.5)
             grid = inner.pixel_shuffle(tokens.reshape(b, side, side, c), scale_factor=inner.config.downsample_ratio)
             vision = grid.reshape(b, -1, grid.shape[-1])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
-            sam_feats = samlib.encode(self.sam, samlib.imagenet_pixels(images, self.spec.sam.image_size))
-        feats = ImageFeatures(vision=vision, sam=sam_feats)
+        feats = ImageFeatures(vision=vision, sam=self._encode_sam(images) if sam else None)
         if reusable:
             self._features = (key, feats)
         return feats
+
+    def _encode_sam(self, images: Tensor) -> samlib.SamFeatures:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
+            return samlib.encode(self.sam, samlib.imagenet_pixels(images, self.spec.sam.image_size))
 
     def _encoders_frozen(self) -> bool:
         return not (self.spec.trainable.vision or self.spec.trainable.sam_encoder)
@@ -247,37 +257,95 @@ class GroundedVLM(nn.Module):
         return [self.prompts.region(image_tokens[i], r, a)
                 for i, r, a in zip(image_index.tolist(), regions, answers)]
 
+    @property
+    def decoder(self) -> CaptionDecoder:
+        """The caption decoding engine (`model.generation: engine`), made on first use."""
+        if self._decoder is None:
+            self._decoder = CaptionDecoder(self.token_matrices, self.lm, self.spec.attn_implementation, self.autocast,
+                                           graphs=self.spec.decode_graphs, merge_lora=self.spec.decode_merge_lora)
+        return self._decoder
+
+    def token_matrices(self) -> tuple[Tensor, Tensor]:
+        """The input embedding matrix and the output head's matrix as the model computes with them: with PEFT's
+        trainable token rows merged in (PEFT merges them into a full copy at every forward call; the decoder
+        does it once per call). One tensor for both when the LLM ties them."""
+
+        def merged(module: nn.Module) -> Tensor:
+            adapter = getattr(module, "token_adapter", None)
+            if adapter is None:
+                return module.weight
+            return adapter.get_merged_weights(adapter.active_adapters)
+
+        def base(module: nn.Module) -> Tensor:
+            adapter = getattr(module, "token_adapter", None)
+            return (module if adapter is None else adapter.base_layer).weight
+
+        head, embed = self.vlm.lm_head, self.vlm.get_input_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the caption decoder assumes an output head without bias (Qwen2, InternLM2 and Llama "
+                             "have none)")
+        embed_matrix = merged(embed)
+        tied = base(head).data_ptr() == base(embed).data_ptr()
+        return embed_matrix, embed_matrix if tied else merged(head)
+
     @torch.no_grad()
     def describe(
         self, images: Tensor | None, masks: Tensor, feats: ImageFeatures | None = None,
-        image_index: Tensor | None = None, *, sample: bool = False, temperature: float = 1.0,
+        image_index: Tensor | None = None, *, group_size: int = 1, sample: bool = False, temperature: float = 1.0,
         top_p: float = 1.0, max_new_tokens: int | None = None,
     ) -> Captions:
-        """Caption each (image, mask) region; batched generation with the KV cache of `generate`."""
-        feats = feats if feats is not None else self.encode_images(images)
+        """Caption each (image, mask) region, `group_size` captions per region (consecutive rows, one prompt
+        prefilled once for all of them): the decoding engine (`model.generation: engine`) or `generate`."""
+        feats = feats if feats is not None else self.encode_images(images, sam=False)
         if image_index is None:
             image_index = torch.arange(masks.shape[0])
         image_tokens = self.project(feats)
         batch = self.assemble(self.region_prompts(image_tokens, masks, image_index), pad_left=True)
         max_new = max_new_tokens or self.spec.max_caption_tokens
-        gen_kwargs = {"do_sample": sample, "max_new_tokens": max_new}
+        sampling = Sampling(sample, temperature, self._top_k() if sample else 0, top_p)
+        if self.spec.generation == "engine":
+            out = self.decoder(batch.inputs_embeds, batch.attention_mask, group_size, max_new, sampling,
+                               self.eos_id, self.pad_id, self._text_ended if len(self.end_ids) > 1 else None)
+            seqs, logp = out.tokens, out.logprobs
+        else:
+            seqs, logp = self._generate(batch, group_size, max_new, sampling)
+        return self._captions(seqs, logp)
+
+    def _top_k(self) -> int:
+        """Sampling's top-k as `generate` applies it: the checkpoint's generation config, else transformers'
+        default of 50."""
+        top_k = getattr(self.vlm.generation_config, "top_k", None)
+        return 50 if top_k is None else int(top_k)
+
+    def _text_ended(self, tokens: Tensor) -> Tensor:
+        """Rows whose generated text contains a several-token answer end (checked on the host)."""
+        tails = self.tokenizer.batch_decode(tokens[:, -(len(self.end_ids) + 2):].cpu())
+        return torch.tensor([self.end_text in t for t in tails], device=tokens.device)
+
+    def _generate(self, batch: Batch, group_size: int, max_new: int, sampling: Sampling) -> tuple[Tensor, Tensor]:
+        """transformers' `generate` (`model.generation: generate`, the path before the engine): every row a
+        prompt of its own. Returns the new tokens and their log-probs as the engine does."""
+        embeds = batch.inputs_embeds.repeat_interleave(group_size, dim=0)
+        attention = batch.attention_mask.repeat_interleave(group_size, dim=0)
+        gen_kwargs = {"do_sample": sampling.sample, "max_new_tokens": max_new}
         if self.spec.generation_cache == "static":
             gen_kwargs["cache_implementation"] = "static"
-        if sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        if sampling.sample:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         if len(self.end_ids) > 1:
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [_EndText(self.tokenizer, self.end_text, len(self.end_ids) + 2)])
         out = self.vlm.generate(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_logits=True,
-            return_dict_in_generate=True, **gen_kwargs,
+            inputs_embeds=embeds, attention_mask=attention, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            output_logits=True, return_dict_in_generate=True, **gen_kwargs,
         )
         seqs = out.sequences[:, -len(out.logits):]  # only the new tokens
         logits = torch.stack(out.logits, dim=1).float()
-        if sample:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+        if sampling.sample:
+            logits = logits / sampling.temperature
+        return seqs, torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+
+    def _captions(self, seqs: Tensor, logp: Tensor) -> Captions:
         ids, lps, texts, finished, ends = [], [], [], [], []
         for row, lp in zip(seqs.cpu(), logp.cpu()):
             n, stop = self.answer_end(row)

@@ -1,5 +1,5 @@
 """RolloutWorker: mask -> captions with the weights it was last sent (the EMA teacher in `sft_dual`, the
-current policy in `grpo`). G captions of one region share one image encoding."""
+current policy in `grpo`). G captions of one region share one image encoding and one prompt prefill."""
 
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ class RolloutWorker:
         seeded generator state, so a step samples the same captions in any process and after a resume."""
         plan = plan or RolloutPlan()
         self.model.eval()  # the in-process grpo rollout shares the learner's model, which trains between calls
-        region = torch.arange(len(batch["masks"])).repeat_interleave(plan.group_size)
         cuda = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda, enabled=seed is not None), self.model.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
-            return self.model.describe(batch["images"], batch["masks"][region], image_index=region,
+            return self.model.describe(batch["images"], batch["masks"], group_size=plan.group_size,
                                        sample=plan.sample, temperature=plan.temperature, top_p=plan.top_p,
                                        max_new_tokens=plan.max_new_tokens or self.max_new_tokens)

@@ -37,7 +37,7 @@ def test_dual_loss_uses_the_later_frame(tiny_spec, region_batch, monkeypatch):
     model = build_model(tiny_spec).train()
     seen = []
     encode = model.encode_images
-    monkeypatch.setattr(model, "encode_images", lambda images: seen.append(images) or encode(images))
+    monkeypatch.setattr(model, "encode_images", lambda images, **kw: seen.append(images) or encode(images, **kw))
     torch.manual_seed(0)
     plain = _dual_only_step(model, region_batch)
     n_plain = len(seen)

@@ -68,7 +68,7 @@ def test_eager_and_sdpa_attention_agree(region_batch):
 def test_static_generation_cache_gives_the_same_captions(region_batch):
     captions = []
     for cache in ("dynamic", "static"):
-        model = build_model(_spec(f"model.generation_cache={cache}")).eval()
+        model = build_model(_spec("model.generation=generate", f"model.generation_cache={cache}")).eval()
         with torch.no_grad():
             greedy = model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=6)
             torch.manual_seed(0)

@@ -1,0 +1,98 @@
+"""What the GPU benchmarks share: the stand-in `datasets` module, CUDA timing, the card's two ceilings, a model
+built with its random init on the device, and the tiny model overrides that check a script on a CPU."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+try:  # trl imports `datasets` at module level for its trainers; dualrl takes two tensor functions from trl
+    import datasets  # noqa: F401
+except ImportError:  # the GPU machine has no `datasets` (pyarrow alone is over its upload limit): a stand-in
+    sys.modules["datasets"] = types.ModuleType("datasets")
+    sys.modules["datasets"].IterableDataset = type("IterableDataset", (), {})
+    sys.modules["datasets"].Dataset = type("Dataset", (), {})
+
+TINY_MODEL = ["model.vision.hidden_size=64", "model.vision.layers=2", "model.vision.heads=2",
+              "model.vision.intermediate_size=256", "model.vision.image_size=128", "model.vision.patch_size=8",
+              "model.text.hidden_size=128", "model.text.layers=2", "model.text.heads=4", "model.text.kv_heads=2",
+              "model.text.intermediate_size=512", "model.text.vocab_size=512", "model.sam.image_size=128",
+              "model.sam.config=configs/sam2.1/sam2.1_hiera_t.yaml", "model.trainable.lora_r=8",
+              "model.trainable.lora_alpha=16", "model.max_caption_tokens=8", "algo.loss.num_points=256",
+              "model.precision=float32", "model.sam.overrides=" + json.dumps(
+                  ["++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
+                   "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+                   "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+                   "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+                   "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+                   "++model.use_high_res_features_in_sam=false"])]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def facts() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def median_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
+    """Median time of `fn()` in milliseconds: CUDA events on a GPU, the host clock elsewhere."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def ceilings(device: str, gib: float = 2.0, n: int = 8192) -> dict:
+    """The card's two ceilings, measured: device-to-device copy bandwidth (bytes read + written) and a bf16
+    n x n x n matrix product on random data (CPU: a small float32 one, only so the script runs there)."""
+    if device != "cuda":
+        n, dtype = 512, torch.float32
+    else:
+        dtype = torch.bfloat16
+    src = torch.randn(int(gib * 2**30) // 2 if device == "cuda" else 2**22, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    mm_ms = median_ms(lambda: a @ b)
+    bytes_moved = 2 * src.numel() * src.element_size()
+    return {"copy_bytes_per_s": bytes_moved / (copy_ms / 1000), "matmul_flops_per_s": 2 * n**3 / (mm_ms / 1000),
+            "matmul_n": n}
+
+
+def build_on_device(model_spec, device: str):
+    """`build_model` with tensors created on `device`, so the random init of a multi-billion-parameter model runs
+    there (seconds) rather than on the host's cores (minutes); weight values do not change speed."""
+    from dualrl.model.build import build_model
+
+    if device != "cuda":
+        return build_model(model_spec, device)
+    with torch.device(device):
+        return build_model(model_spec, device)

@@ -1,0 +1,435 @@
+"""Caption decoding engine: one prefill per region prompt, a fixed-shape decode step, CUDA graphs on GPUs.
+
+`generate` pays for every prompt copy and every token step in Python and kernel launches, and a static
+cache compiled per prompt shape recompiles whenever a batch brings new prompt lengths. This engine runs the
+same transformers modules (the VLM's language model, its input embedding and `lm_head`) in three parts:
+
+1. **prefill**: the B distinct region prompts, left-padded to the longest, in one forward pass; its keys and
+   values are written once per sample row (G rows per region share one prefill) into a KV cache of fixed
+   slots;
+2. **decode**: one token per row per step against that cache. The cache holds `capacity` prompt slots (the
+   prompt sits right-aligned in them, the unused ones masked) plus `max_new` answer slots, so the step's
+   shapes depend on the number of rows and the capacity only — not on this batch's prompt lengths. On CUDA
+   the step is captured once as a CUDA graph per (rows, capacity) and replayed (the gpt-fast idea, around
+   transformers' own modules); the capacity grows in steps of `bucket` when a longer prompt comes;
+3. **choice**: greedy argmax, or sampling as `generate` samples (temperature, then top-k, then top-p), with
+   the chosen token's log-prob under the temperature-scaled distribution; rows stop at the answer end, and
+   the loop stops when every row has ended.
+
+Positions and masks are `generate`'s for left-padded prompts (positions count the row's real tokens), so
+greedy captions are `generate`'s (tested on the tiny model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# transformers' attention implementations this engine builds masks for: a boolean "may attend" mask for sdpa,
+# an additive one for eager. flash_attention_2 takes 2-D padding masks only.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+PACKED_SDPA = "dualrl_packed_sdpa"
+
+
+def packed_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """sdpa for one query token under grouped-query attention, without copying the KV cache per query head.
+
+    With a mask, transformers' sdpa path (some versions) repeats every key/value head for its query heads before
+    calling sdpa: at decode time that copies the whole cache, every layer, every token. Here the query heads of
+    one key/value group become that group's query positions ([B, H, 1, d] -> [B, H_kv, H/H_kv, d]), which the
+    mask ([B, 1, 1, K]) broadcasts over; the output is the same attention. Other shapes go to transformers'."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    if q_len != 1 or heads == groups or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query.view(b, groups, heads // groups, dim), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str | None):
+    """Run the decoder's attention layers with another registered attention function for the block's duration
+    (they look the name up at every call); None leaves them as they are."""
+    if name is None:
+        yield
+        return
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+@dataclass
+class Decoded:
+    tokens: Tensor  # [N, T] generated ids; `pad_id` after a row ended
+    logprobs: Tensor  # [N, T] float32 log-prob of each token under the temperature-scaled distribution
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when `sample` is False; otherwise temperature, top-k (0: off)
+    and top-p (1.0: off) in that order, as transformers' sampling warpers apply them."""
+
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+class _PromptKV:
+    """What the attention layers write during the prefill: each layer's prompt keys and values, kept to be
+    copied into the decode cache. Attention runs over the prompt itself, so `update` returns its input."""
+
+    def __init__(self):
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked by some transformers versions; no past here
+        return 0
+
+
+class _SlotKV:
+    """A KV cache of fixed slots, [rows, kv_heads, slots, head_dim] per layer. The attention layers call
+    `update`, which writes the step's keys and values at `slot` (a device tensor, so a captured graph reads the
+    position it is replayed at) and returns the whole cache; the attention mask hides unused slots."""
+
+    def __init__(self, prompt: _PromptKV, rows: int, slots: int):
+        def alloc(t: Tensor) -> Tensor:
+            return t.new_zeros(rows, t.shape[1], slots, t.shape[3])
+
+        self.keys = [alloc(prompt.keys[i]) for i in range(len(prompt.keys))]
+        self.values = [alloc(prompt.values[i]) for i in range(len(prompt.values))]
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+
+    def fits(self, prompt: _PromptKV) -> bool:
+        k = prompt.keys[0]
+        mine = self.keys[0]
+        return len(prompt.keys) == len(self.keys) and k.dtype == mine.dtype and k.shape[1] == mine.shape[1]
+
+    def load(self, prompt: _PromptKV, group: int, start: int) -> None:
+        """The prompt's keys and values into slots start .. start+L, each prompt row copied to its `group` rows."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            length = prompt.keys[layer].shape[2]
+            k[:, :, start:start + length] = prompt.keys[layer].repeat_interleave(group, dim=0)
+            v[:, :, start:start + length] = prompt.values[layer].repeat_interleave(group, dim=0)
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys[layer_idx].index_copy_(2, self.slot, key)
+        self.values[layer_idx].index_copy_(2, self.slot, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # positions are always passed explicitly
+        return 0
+
+
+class MergedLora:
+    """LoRA folded into a copy of each adapted weight for decoding: W + B A s, in the base weight's dtype.
+
+    An unmerged LoRA layer costs a token step several small kernels on top of its base product (input cast,
+    weight casts, two thin products, scale, add): at Sa2VA's LoRA on every projection of every layer that is
+    thousands of launches a step. The merged copies (refreshed once per decoder call, in place, so captured
+    graphs read the new values) make each adapted layer one product; the model's own weights are never touched.
+    Costs a copy of the adapted weights in memory (`model.decode_merge_lora: false` turns it off). Layers this
+    cannot fold (several active adapters, DoRA and other variants) leave the whole model unmerged."""
+
+    def __init__(self, lm: nn.Module):
+        self.layers = [m for m in lm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        self.mergeable = bool(self.layers) and all(
+            isinstance(m.base_layer, nn.Linear) and len(m.active_adapters) == 1 and not getattr(m, "lora_variant", {})
+            and m.active_adapters[0] in m.lora_A for m in self.layers)
+        self.weights: list[nn.Parameter] = []
+
+    def refresh(self) -> bool:
+        """The merged copies from the current weights; True when a copy had to be allocated anew (graphs captured
+        before then read the old one)."""
+        allocated = False
+        with torch.no_grad():
+            for k, layer in enumerate(self.layers):
+                base = layer.base_layer.weight
+                merged = (base.float() + layer.get_delta_weight(layer.active_adapters[0]).float()).to(base.dtype)
+                held = self.weights[k] if k < len(self.weights) else None
+                if held is not None and held.shape == merged.shape and held.dtype == merged.dtype:
+                    held.copy_(merged)
+                else:
+                    self.weights[k:k + 1] = [nn.Parameter(merged, requires_grad=False)]
+                    allocated = True
+        return allocated
+
+    @contextlib.contextmanager
+    def active(self):
+        """The adapted layers compute with their merged copies (adapters off) for the block's duration."""
+        saved = [(layer.base_layer._parameters["weight"], layer._disable_adapters) for layer in self.layers]
+        try:
+            for layer, weight in zip(self.layers, self.weights):
+                layer.base_layer._parameters["weight"] = weight
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer, (weight, disabled) in zip(self.layers, saved):
+                layer.base_layer._parameters["weight"] = weight
+                layer._disable_adapters = disabled
+
+
+class _DecodeState:
+    """Everything one (rows, capacity) shape needs across steps and calls: the slot cache, the step's input
+    buffers (token, position, mask), its output (logits) and, on CUDA, the captured graph."""
+
+    def __init__(self, prompt: _PromptKV, rows: int, capacity: int, max_new: int):
+        self.rows, self.capacity, self.max_new = rows, capacity, max_new
+        self.kv = _SlotKV(prompt, rows, capacity + max_new)
+        device = self.kv.slot.device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.allowed = torch.zeros(rows, capacity + max_new, dtype=torch.bool, device=device)
+        self.mask: Tensor | None = None  # the mask in the attention implementation's format, made per step
+        self.logits: Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+def _attention_mask(allowed: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """[B, Q, K] "may attend" -> the 4-D mask transformers' attention takes as given."""
+    mask = allowed.unsqueeze(1)
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def choose(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    """Next token per row from float logits [N, V] and its log-prob under the temperature-scaled distribution
+    (what `Captions.logprobs` records and what grpo's ratio compares against)."""
+    if not sampling.sample:
+        token = logits.argmax(dim=-1)
+        return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+    scaled = logits / sampling.temperature
+    scores = scaled
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        # transformers' top-p: drop the low tail whose total probability is at most 1 - top_p, keep >= 1 token
+        ordered, order = torch.sort(scores, dim=-1)
+        tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+        tail[:, -1] = False
+        scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    token = torch.multinomial(scores.softmax(dim=-1), 1)[:, 0]
+    return token, torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])[:, 0]
+
+
+class CaptionDecoder:
+    """Decodes captions for assembled, left-padded region prompts with a model's language model.
+
+    `lm` is the transformers decoder (called with `inputs_embeds`, a 4-D attention mask, explicit positions and a
+    cache object). `weights()` gives the token embedding matrix and the output head's matrix as this call must use
+    them (trainable token rows merged in, once per call rather than once per token step; one tensor for both when
+    tied). With `graphs`, the decode step is a CUDA graph on CUDA devices (ignored elsewhere). `autocast` is the
+    context forward passes run in (bf16 autocast or none); inside graphs its weight-cast cache is off, so trainable
+    float32 weights updated in place between calls are cast again at every replay."""
+
+    def __init__(self, weights: Callable[[], tuple[Tensor, Tensor]], lm: nn.Module, attn_implementation: str,
+                 autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool = True, bucket: int = 128,
+                 keep: int = 2, merge_lora: bool = True, prefill_bucket: int = 64):
+        if attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"the caption decoder supports model.attn_implementation in {SUPPORTED_ATTENTION}, "
+                             f"not {attn_implementation!r}; set model.generation=generate to decode with it")
+        self.weights, self.lm = weights, lm
+        self.lora = MergedLora(lm) if merge_lora else None
+        # sdpa runs as `packed_sdpa` here (no KV copy per query head); eager stays transformers' own
+        self._attention = None
+        if attn_implementation == "sdpa":
+            _register_packed_sdpa()
+            self._attention = PACKED_SDPA
+        self._embed: Tensor | None = None  # this call's matrices, at addresses that stay (graphs read them)
+        self._head: Tensor | None = None
+        # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.2x
+        self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.attn_implementation = attn_implementation
+        self.autocast = autocast
+        self.graphs, self.bucket, self.keep, self.prefill_bucket = graphs, bucket, keep, prefill_bucket
+        self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
+        self.captures = 0  # CUDA graphs captured so far (a new shape, or a longer prompt than seen)
+
+    # ------------------------------------------------------------------------------------------ run
+    @torch.no_grad()
+    def __call__(self, embeds: Tensor, attention: Tensor, group: int, max_new: int, sampling: Sampling,
+                 eos_id: int | None, pad_id: int, ended: Callable[[Tensor], Tensor] | None = None) -> Decoded:
+        """`embeds` [B, L, H] and `attention` [B, L] (1 = real token): B left-padded prompts, each decoded into
+        `group` consecutive rows. A row ends at `eos_id`, or where `ended(tokens so far)` says so (a text
+        answer end, checked on the host each step); later tokens of an ended row are `pad_id`."""
+        pad = -attention.shape[1] % self.prefill_bucket
+        if pad:  # a few prefill lengths only: attention kernels prepare a plan per new shape (seen: ~1 s each)
+            embeds = F.pad(embeds, (0, 0, pad, 0))
+            attention = F.pad(attention, (pad, 0))
+        b, length = attention.shape
+        rows = b * group
+        device = embeds.device
+        valid = attention.bool()
+        # generate's positions for left padding: each row counts its own tokens from 0
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        self._load_weights()
+        prompt = _PromptKV()
+        with self.autocast(), self._attending():
+            hidden = self.lm(inputs_embeds=embeds, attention_mask=self._mask(allowed, embeds.dtype),
+                             position_ids=positions, use_cache=True, **{self._cache_arg: prompt}).last_hidden_state
+            logits = F.linear(hidden[:, -1], self._head).float().repeat_interleave(group, dim=0)
+
+        state = self._state(prompt, rows, length, max_new)
+        start = state.capacity - length  # the prompt sits right-aligned in the prompt slots
+        state.kv.load(prompt, group, start)
+        del prompt, hidden
+        state.allowed.zero_()
+        state.allowed[:, start:state.capacity] = valid.repeat_interleave(group, dim=0)
+        state.positions.copy_(valid.sum(dim=1, keepdim=True).repeat_interleave(group, dim=0))
+
+        tokens = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        steps = 0
+        for t in range(max_new):
+            token, logprob = choose(logits, sampling)
+            token = token.masked_fill(done, pad_id)
+            tokens[:, t], logprobs[:, t] = token, logprob
+            steps = t + 1
+            if eos_id is not None:
+                done |= token == eos_id
+            if ended is not None:
+                done |= ended(tokens[:, :steps])
+                if bool(done.all()):
+                    break
+            elif (t % 8 == 7 or t == max_new - 1) and bool(done.all()):  # a host sync every 8 steps only
+                break
+            if t == max_new - 1:
+                break
+            slot = state.capacity + t
+            state.tokens[:, 0] = token
+            state.kv.slot.fill_(slot)
+            state.allowed[:, slot] = True
+            logits = self._step(state)
+            state.positions += 1
+        return Decoded(tokens[:, :steps], logprobs[:, :steps])
+
+    # ------------------------------------------------------------------------------------- internals
+    def _mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        return _attention_mask(allowed, self.attn_implementation, dtype)
+
+    def _state(self, prompt: _PromptKV, rows: int, length: int, max_new: int) -> _DecodeState:
+        """The decode state for `rows` rows whose prompt slots hold `length` tokens, reused while the shape
+        holds; the `keep` most recently used shapes stay allocated."""
+        key = (rows, max_new)
+        state = self._states.get(key)
+        if state is None or state.capacity < length or not state.kv.fits(prompt):
+            capacity = -(-length // self.bucket) * self.bucket
+            if state is not None:
+                capacity = max(capacity, state.capacity)
+            self._states.pop(key, None)
+            state = _DecodeState(prompt, rows, capacity, max_new)
+            while len(self._states) >= self.keep:
+                self._states.popitem(last=False)
+        self._states[key] = state
+        self._states.move_to_end(key)
+        return state
+
+    def _load_weights(self) -> None:
+        """This call's embedding, head and merged LoRA matrices into place. A plain parameter is used where it is;
+        a merged matrix (made afresh) is copied into the buffer the graphs read. When a buffer had to be replaced
+        (another shape or dtype), every captured graph is dropped: it would read the old one."""
+        embed, head = self.weights()
+        replaced = self.lora is not None and self.lora.mergeable and self.lora.refresh()
+
+        def place(new: Tensor, held: Tensor | None) -> Tensor:
+            nonlocal replaced
+            if held is None or held.shape != new.shape or held.dtype != new.dtype:
+                replaced = True
+                return new
+            if held.data_ptr() != new.data_ptr():
+                held.copy_(new)
+            return held
+
+        self._embed = place(embed, self._embed)
+        self._head = self._embed if head is embed else place(head, self._head)
+        if replaced:
+            self._states.clear()
+
+    @contextlib.contextmanager
+    def _attending(self):
+        """How the decoder's modules run here: packed sdpa, and merged LoRA weights when there are any."""
+        merged = self.lora.active() if self.lora is not None and self.lora.mergeable else contextlib.nullcontext()
+        with attention_implementation(self.lm.config, self._attention), merged:
+            yield
+
+    def _forward(self, state: _DecodeState) -> Tensor:
+        embeds = F.embedding(state.tokens, self._embed)
+        with self._attending():
+            hidden = self.lm(inputs_embeds=embeds, attention_mask=state.mask, position_ids=state.positions,
+                             use_cache=True, **{self._cache_arg: state.kv}).last_hidden_state
+        return F.linear(hidden[:, -1], self._head).float()
+
+    def _step(self, state: _DecodeState) -> Tensor:
+        """One decode step: eager, or the state's CUDA graph (captured on first use)."""
+        use_graph = self.graphs and state.kv.slot.device.type == "cuda"
+        dtype = state.kv.keys[0].dtype
+        if state.mask is None:  # sdpa's boolean mask is a view of `allowed`: it follows every update
+            state.mask = self._mask(state.allowed[:, None, :], dtype)
+        elif self.attn_implementation != "sdpa":  # an additive mask is a copy: refresh it in place
+            state.mask.copy_(self._mask(state.allowed[:, None, :], dtype))
+        if not use_graph:
+            with self.autocast():
+                return self._forward(state)
+        if state.graph is None:
+            self._capture(state)
+        state.graph.replay()
+        return state.logits
+
+    def _capture(self, state: _DecodeState) -> None:
+        """Warm up on a side stream (lazy initialisations stay out of the graph), then capture. The warm-up
+        and the capture compute this very step (same slot, same inputs), so what they write is what the
+        replay that follows writes."""
+        no_cast_cache = _without_cast_cache(self.autocast)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), no_cast_cache():
+            for _ in range(2):
+                self._forward(state)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), no_cast_cache():
+            state.logits = self._forward(state)
+        state.graph = graph
+        self.captures += 1
+
+
+def _without_cast_cache(autocast: Callable[[], contextlib.AbstractContextManager]):
+    """The model's autocast context with its weight-cast cache off (a cached cast would be frozen into a graph)."""
+
+    def context():
+        ctx = autocast()
+        if isinstance(ctx, torch.autocast):
+            return torch.autocast(device_type=ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
+        return ctx
+
+    return context

@@ -1,0 +1,151 @@
+"""The caption decoding engine gives what transformers' `generate` gives: the same greedy captions, the same samples
+for the same seed, the same log-probs, with G samples of a region sharing one prefill, at any prompt length, with
+one- and several-token answer ends, and for sdpa and eager attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dualrl.data.shapes import ShapesDataset, collate_regions
+from dualrl.model.build import build_model
+from dualrl.model.decode import Sampling, choose
+from dualrl.recipe import load_recipe
+
+
+def _pretrained_spec(*overrides):
+    """The committed tiny checkpoint: its captions are real sentences that end (random init repeats one token)."""
+    return load_recipe("recipes/sft_dual.yaml", ["output_dir=x", "wandb.mode=disabled", *overrides]).model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(_pretrained_spec()).eval()
+
+
+@pytest.fixture(scope="module")
+def regions():
+    ds = ShapesDataset("val", 16)
+    return collate_regions([ds[i] for i in range(10)])
+
+
+def _describe(model, regions, generation, seed=0, **kwargs):
+    model.spec = model.spec.model_copy(update={"generation": generation})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.describe(regions["images"], regions["masks"], **kwargs)
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert a.texts == b.texts and a.finished == b.finished
+    assert [x.tolist() for x in a.ids] == [x.tolist() for x in b.ids]
+    assert [x.tolist() for x in a.ends] == [x.tolist() for x in b.ends]
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=atol)
+
+
+def test_greedy_captions_are_generates(model, regions):
+    engine = _describe(model, regions, "engine")
+    plain = _describe(model, regions, "generate")
+    assert sum(engine.finished) >= len(engine) // 2 and all(len(t.split()) >= 3 for t in engine.texts)
+    _assert_same(engine, plain)
+
+
+def test_group_samples_share_a_prefill_and_are_generates(model, regions):
+    """G sampled captions per region from one prefill each: the same draws as generate on G copies of each prompt
+    (same seed), so the engine's samples follow the same distribution, log-probs included."""
+    kwargs = {"group_size": 3, "sample": True, "temperature": 1.3, "top_p": 0.9}
+    engine = _describe(model, regions, "engine", seed=5, **kwargs)
+    plain = _describe(model, regions, "generate", seed=5, **kwargs)
+    assert len(engine) == 3 * len(regions["masks"])
+    assert len(set(engine.texts)) > len(regions["masks"])  # samples of one region differ
+    _assert_same(engine, plain)
+
+
+def test_prompt_capacity_grows_and_shapes_are_kept(model, regions):
+    """Prompts of any length fit: the decode state is kept while the prompts fit its capacity and grows in
+    steps of `bucket` when a longer one comes; captions stay generate's throughout."""
+    decoder = model.decoder
+    decoder._states.clear()
+    decoder.bucket = 8
+    try:
+        small = {k: v[:4] for k, v in regions.items() if isinstance(v, torch.Tensor)}
+        tiny_region = small["masks"].clone()
+        tiny_region[:] = 0
+        tiny_region[:, 60:64, 60:64] = 1  # one ViT cell: the shortest prompt
+        full = small["masks"].clone()
+        full[:] = 1  # every cell: the longest prompt
+        capacities = []
+        for masks in (tiny_region, full, tiny_region):
+            batch = {"images": small["images"], "masks": masks}
+            _assert_same(_describe(model, batch, "engine"), _describe(model, batch, "generate"))
+            capacities.append(next(iter(decoder._states.values())).capacity)
+        assert capacities[0] < capacities[1] == capacities[2] and all(c % 8 == 0 for c in capacities)
+        assert len(decoder._states) == 1
+    finally:
+        decoder.bucket = 128
+        decoder._states.clear()
+
+
+def test_an_answer_end_of_several_tokens_stops_rows_as_generate_does(regions):
+    """A text end ("on the" stands in for a Qwen tokenizer's several-token `<|end|>`) is found on the host each step."""
+    model = build_model(_pretrained_spec('model.prompts.answer_end="on the"')).eval()
+    assert len(model.end_ids) > 1
+    engine = _describe(model, regions, "engine")
+    plain = _describe(model, regions, "generate")
+    assert any(engine.finished) and all(" on" not in t for t, f in zip(engine.texts, engine.finished) if f)
+    _assert_same(engine, plain)
+
+
+def test_eager_attention_decodes_the_same_captions(regions):
+    model = build_model(_pretrained_spec("model.attn_implementation=eager")).eval()
+    _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"))
+
+
+def test_choose_keeps_the_top_p_nucleus_and_reports_temperature_log_probs():
+    """probs 0.5, 0.3, 0.15, 0.05 with top_p 0.8: transformers drops the tail whose mass is <= 0.2 (0.05 and 0.15)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    torch.manual_seed(0)
+    token, logprob = choose(logits, Sampling(sample=True, temperature=1.0, top_p=0.8))
+    assert set(token.tolist()) == {0, 1}
+    share = (token == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.03  # renormalised over the nucleus
+    torch.testing.assert_close(logprob, probs.log()[token])  # under the temperature-scaled distribution
+    token, logprob = choose(logits[:4], Sampling(sample=True, temperature=2.0, top_k=1))
+    assert token.tolist() == [0] * 4  # top-k 1 is greedy
+    torch.testing.assert_close(logprob, torch.log_softmax(logits[:4] / 2.0, -1)[:, 0])
+    token, logprob = choose(logits[:2], Sampling())
+    assert token.tolist() == [0, 0] and math.isclose(logprob[0].item(), math.log(0.5), rel_tol=1e-6)
+
+
+def test_flash_attention_with_the_engine_is_refused_by_the_recipe():
+    with pytest.raises(ValueError, match=r"model\.generation=generate"):
+        _pretrained_spec("model.attn_implementation=flash_attention_2")
+
+
+def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
+    """With trained (non-zero) LoRA, the merged copies decode what the adapters compute; afterwards every layer
+    computes with its own weights and adapters again, and the merged copies follow in-place weight updates."""
+    model = build_model(_pretrained_spec()).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and model.decoder.lora.mergeable
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"), atol=1e-4)
+    layers = model.decoder.lora.layers
+    assert all(not m.disable_adapters for m in layers)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with torch.no_grad():  # an optimizer step between calls: the next call decodes with the new weights
+        for p in lora_b:
+            p.mul_(-3.0)
+    _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"), atol=1e-4)
+    merged = model.decoder.lora.weights[0]
+    expected = layers[0].base_layer.weight + layers[0].get_delta_weight(layers[0].active_adapters[0])
+    torch.testing.assert_close(merged, expected)
