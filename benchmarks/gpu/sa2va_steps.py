@@ -195,6 +195,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         naive["naive_captions_per_s"] = captions_per_step / naive["naive_step_s"]
         speed["naive_speedup"] = naive["naive_step_s"] / median["step_s"]
     print(f"{algo}: {json.dumps({**mfu, **speed})}", flush=True)
+    if args.profile_learner:
+        profile_learner(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 2),
+                        args.out.parent if args.out else None, algo)
     result = {
         "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
         "loader_workers": workers,
@@ -224,6 +227,31 @@ def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Gener
             module.gradient_checkpointing = True
     sync()
     return float(counter.get_total_flops())
+
+
+def profile_learner(learner, batch: dict, rollout: Rollout, generator: torch.Generator, out_dir: Path | None,
+                    name: str) -> None:
+    """torch.profiler over one learner update: operators by GPU and by host time, and the share of the update's
+    wall time its kernels fill (below 1: the host, not the GPU, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        learner.step(batch, rollout, generator)
+        sync()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    gpu_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = (f"one learner update under the profiler: wall {wall:.3f} s, kernel time {kernels:.3f} s "
+            f"({kernels / wall:.2f} of the wall), {sum(e.count for e in events if e.device_type.name == 'CPU')} "
+            f"host events\n" + events.table(sort_by=gpu_key, row_limit=30) + "\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=30))
+    print(text, flush=True)
+    if out_dir:
+        (out_dir / f"learner_profile_{name}.txt").write_text(text)
 
 
 @torch.no_grad()
@@ -277,6 +305,7 @@ def main() -> int:
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generate's KV cache")
     parser.add_argument("--naive-regions", type=int, default=0, help="run the naive dual loop on this many regions "
                         "of the last batch and scale it to the batch (0: off)")
+    parser.add_argument("--profile-learner", action="store_true", help="profile one more learner update")
     parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. "
                         "model.gradient_checkpointing=false")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="data loader processes; several "
