@@ -157,27 +157,19 @@ class ModelSpec(Section):
                                          "pass (less memory, ~30 % more compute).")
     generation: Literal["engine", "generate"] = Field(
         "engine", description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill "
-        "per region shared by its samples, a fixed-shape decode step replayed as a CUDA graph on GPUs; sdpa or "
-        "eager attention). generate: transformers' generate, every sample its own prompt (the path before 0.5; "
-        "same greedy captions).")
+        "per region shared by its samples, a fixed-shape decode step replayed as a CUDA graph on GPUs; its "
+        "attention is sdpa whatever attn_implementation trains, eager stays eager). generate: transformers' "
+        "generate, every sample its own prompt (the path before 0.5; same greedy captions).")
     decode_graphs: bool = Field(True, description="engine on CUDA: capture the decode step as a CUDA graph "
                                 "(once per number of rows and prompt capacity); False runs it eagerly.")
     decode_merge_lora: bool = Field(True, description="engine: decode with LoRA folded into a copy of each adapted "
                                     "weight (one product per layer instead of the adapter's extra kernels; costs "
-                                    "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA). Same captions up to rounding.")
+                                    "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA, kept between calls). Same "
+                                    "captions up to rounding: in bf16, W + BA rounded once shifts log-probs by "
+                                    "bf16 noise (grpo/rollout_logp_gap shows the sampler-learner gap).")
     generation_cache: Literal["dynamic", "static"] = Field("dynamic", description="generation=generate only: "
                                                            "its KV cache; static preallocates it and compiles "
                                                            "per prompt shape (same captions).")
-
-    @model_validator(mode="after")
-    def _engine_attention(self) -> ModelSpec:
-        from dualrl.model.decode import SUPPORTED_ATTENTION
-
-        if self.generation == "engine" and self.attn_implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(f"model.generation=engine builds attention masks for {list(SUPPORTED_ATTENTION)}, not "
-                             f"model.attn_implementation={self.attn_implementation!r}: set model.generation=generate "
-                             "or another attention implementation")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------- data

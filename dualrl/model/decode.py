@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# transformers' attention implementations this engine builds masks for: a boolean "may attend" mask for sdpa,
-# an additive one for eager. flash_attention_2 takes 2-D padding masks only.
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+from dualrl.model.lora_merge import MergedLora
+from dualrl.model.sampling import Sampling, choose
+
+# The decoder runs attention as `packed_sdpa` (boolean "may attend" masks), whatever the model trains with
+# (sdpa, flash_attention_2: 2-D padding masks only, ...), except eager, which keeps transformers' own with an
+# additive mask.
 PACKED_SDPA = "dualrl_packed_sdpa"
 
 
@@ -83,17 +86,6 @@ def attention_implementation(config, name: str | None):
 class Decoded:
     tokens: Tensor  # [N, T] generated ids; `pad_id` after a row ended
     logprobs: Tensor  # [N, T] float32 log-prob of each token under the temperature-scaled distribution
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen: greedy when `sample` is False; otherwise temperature, top-k (0: off)
-    and top-p (1.0: off) in that order, as transformers' sampling warpers apply them."""
-
-    sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 class _PromptKV:
@@ -146,54 +138,6 @@ class _SlotKV:
         return 0
 
 
-class MergedLora:
-    """LoRA folded into a copy of each adapted weight for decoding: W + B A s, in the base weight's dtype.
-
-    An unmerged LoRA layer costs a token step several small kernels on top of its base product (input cast,
-    weight casts, two thin products, scale, add): at Sa2VA's LoRA on every projection of every layer that is
-    thousands of launches a step. The merged copies (refreshed once per decoder call, in place, so captured
-    graphs read the new values) make each adapted layer one product; the model's own weights are never touched.
-    Costs a copy of the adapted weights in memory (`model.decode_merge_lora: false` turns it off). Layers this
-    cannot fold (several active adapters, DoRA and other variants) leave the whole model unmerged."""
-
-    def __init__(self, lm: nn.Module):
-        self.layers = [m for m in lm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-        self.mergeable = bool(self.layers) and all(
-            isinstance(m.base_layer, nn.Linear) and len(m.active_adapters) == 1 and not getattr(m, "lora_variant", {})
-            and m.active_adapters[0] in m.lora_A for m in self.layers)
-        self.weights: list[nn.Parameter] = []
-
-    def refresh(self) -> bool:
-        """The merged copies from the current weights; True when a copy had to be allocated anew (graphs captured
-        before then read the old one)."""
-        allocated = False
-        with torch.no_grad():
-            for k, layer in enumerate(self.layers):
-                base = layer.base_layer.weight
-                merged = (base.float() + layer.get_delta_weight(layer.active_adapters[0]).float()).to(base.dtype)
-                held = self.weights[k] if k < len(self.weights) else None
-                if held is not None and held.shape == merged.shape and held.dtype == merged.dtype:
-                    held.copy_(merged)
-                else:
-                    self.weights[k:k + 1] = [nn.Parameter(merged, requires_grad=False)]
-                    allocated = True
-        return allocated
-
-    @contextlib.contextmanager
-    def active(self):
-        """The adapted layers compute with their merged copies (adapters off) for the block's duration."""
-        saved = [(layer.base_layer._parameters["weight"], layer._disable_adapters) for layer in self.layers]
-        try:
-            for layer, weight in zip(self.layers, self.weights):
-                layer.base_layer._parameters["weight"] = weight
-                layer._disable_adapters = True
-            yield
-        finally:
-            for layer, (weight, disabled) in zip(self.layers, saved):
-                layer.base_layer._parameters["weight"] = weight
-                layer._disable_adapters = disabled
-
-
 class _DecodeState:
     """Everything one (rows, capacity) shape needs across steps and calls: the slot cache, the step's input
     buffers (token, position, mask), its output (logits) and, on CUDA, the captured graph."""
@@ -213,30 +157,9 @@ class _DecodeState:
 def _attention_mask(allowed: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     """[B, Q, K] "may attend" -> the 4-D mask transformers' attention takes as given."""
     mask = allowed.unsqueeze(1)
-    if implementation == "sdpa":
+    if implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-def choose(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
-    """Next token per row from float logits [N, V] and its log-prob under the temperature-scaled distribution
-    (what `Captions.logprobs` records and what grpo's ratio compares against)."""
-    if not sampling.sample:
-        token = logits.argmax(dim=-1)
-        return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
-    scaled = logits / sampling.temperature
-    scores = scaled
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        # transformers' top-p: drop the low tail whose total probability is at most 1 - top_p, keep >= 1 token
-        ordered, order = torch.sort(scores, dim=-1)
-        tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
-        tail[:, -1] = False
-        scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
-    token = torch.multinomial(scores.softmax(dim=-1), 1)[:, 0]
-    return token, torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])[:, 0]
 
 
 class CaptionDecoder:
@@ -252,21 +175,21 @@ class CaptionDecoder:
     def __init__(self, weights: Callable[[], tuple[Tensor, Tensor]], lm: nn.Module, attn_implementation: str,
                  autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool = True, bucket: int = 128,
                  keep: int = 2, merge_lora: bool = True, prefill_bucket: int = 64):
-        if attn_implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(f"the caption decoder supports model.attn_implementation in {SUPPORTED_ATTENTION}, "
-                             f"not {attn_implementation!r}; set model.generation=generate to decode with it")
         self.weights, self.lm = weights, lm
         self.lora = MergedLora(lm) if merge_lora else None
-        # sdpa runs as `packed_sdpa` here (no KV copy per query head); eager stays transformers' own
+        self._merged = False  # this call decodes with the merged LoRA copies
+        self._busy = False
+        self._owned: dict[str, int | None] = {}  # data_ptr of each held matrix as placed (None: a model parameter)
+        # attention runs as `packed_sdpa` here (no KV copy per query head); eager stays transformers' own
+        self.attn_implementation = "eager" if attn_implementation == "eager" else PACKED_SDPA
         self._attention = None
-        if attn_implementation == "sdpa":
+        if self.attn_implementation == PACKED_SDPA:
             _register_packed_sdpa()
             self._attention = PACKED_SDPA
         self._embed: Tensor | None = None  # this call's matrices, at addresses that stay (graphs read them)
         self._head: Tensor | None = None
         # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.2x
         self._cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        self.attn_implementation = attn_implementation
         self.autocast = autocast
         self.graphs, self.bucket, self.keep, self.prefill_bucket = graphs, bucket, keep, prefill_bucket
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
@@ -279,6 +202,17 @@ class CaptionDecoder:
         """`embeds` [B, L, H] and `attention` [B, L] (1 = real token): B left-padded prompts, each decoded into
         `group` consecutive rows. A row ends at `eos_id`, or where `ended(tokens so far)` says so (a text
         answer end, checked on the host each step); later tokens of an ended row are `pad_id`."""
+        if self._busy:
+            raise RuntimeError("CaptionDecoder is not re-entrant: a describe inside a decoding call (e.g. from an "
+                               "answer-end callback) would overwrite its cache")
+        self._busy = True
+        try:
+            return self._decode(embeds, attention, group, max_new, sampling, eos_id, pad_id, ended)
+        finally:
+            self._busy = False
+
+    def _decode(self, embeds: Tensor, attention: Tensor, group: int, max_new: int, sampling: Sampling,
+                eos_id: int | None, pad_id: int, ended: Callable[[Tensor], Tensor] | None) -> Decoded:
         pad = -attention.shape[1] % self.prefill_bucket
         if pad:  # a few prefill lengths only: attention kernels prepare a plan per new shape (seen: ~1 s each)
             embeds = F.pad(embeds, (0, 0, pad, 0))
@@ -359,26 +293,37 @@ class CaptionDecoder:
         a merged matrix (made afresh) is copied into the buffer the graphs read. When a buffer had to be replaced
         (another shape or dtype), every captured graph is dropped: it would read the old one."""
         embed, head = self.weights()
-        replaced = self.lora is not None and self.lora.mergeable and self.lora.refresh()
+        merged = self.lora is not None and self.lora.usable()
+        replaced = merged != self._merged  # graphs captured with the other weights
+        self._merged = merged
+        if merged:
+            replaced |= self.lora.refresh()
 
-        def place(new: Tensor, held: Tensor | None) -> Tensor:
+        def place(name: str, new: Tensor, held: Tensor | None) -> Tensor:
+            """A model parameter is used where it is, as long as it is the same storage; a fresh merged matrix is
+            copied into the one this decoder owns (never into a parameter)."""
             nonlocal replaced
-            if held is None or held.shape != new.shape or held.dtype != new.dtype:
-                replaced = True
-                return new
-            if held.data_ptr() != new.data_ptr():
+            param = isinstance(new, nn.Parameter)
+            same = held is not None and held.shape == new.shape and held.dtype == new.dtype
+            if param and same and new is held and new.data_ptr() == self._owned.get(name + "_ptr"):
+                return held
+            if not param and same and self._owned.get(name) is not None:
                 held.copy_(new)
-            return held
+                return held
+            replaced = True
+            self._owned[name] = None if param else new.data_ptr()
+            self._owned[name + "_ptr"] = new.data_ptr()
+            return new
 
-        self._embed = place(embed, self._embed)
-        self._head = self._embed if head is embed else place(head, self._head)
+        self._embed = place("embed", embed, self._embed)
+        self._head = self._embed if head is embed else place("head", head, self._head)
         if replaced:
             self._states.clear()
 
     @contextlib.contextmanager
     def _attending(self):
         """How the decoder's modules run here: packed sdpa, and merged LoRA weights when there are any."""
-        merged = self.lora.active() if self.lora is not None and self.lora.mergeable else contextlib.nullcontext()
+        merged = self.lora.active() if self._merged else contextlib.nullcontext()
         with attention_implementation(self.lm.config, self._attention), merged:
             yield
 
@@ -393,9 +338,9 @@ class CaptionDecoder:
         """One decode step: eager, or the state's CUDA graph (captured on first use)."""
         use_graph = self.graphs and state.kv.slot.device.type == "cuda"
         dtype = state.kv.keys[0].dtype
-        if state.mask is None:  # sdpa's boolean mask is a view of `allowed`: it follows every update
+        if state.mask is None:  # the boolean mask is a view of `allowed`: it follows every update
             state.mask = self._mask(state.allowed[:, None, :], dtype)
-        elif self.attn_implementation != "sdpa":  # an additive mask is a copy: refresh it in place
+        elif self.attn_implementation == "eager":  # an additive mask is a copy: refresh it in place
             state.mask.copy_(self._mask(state.allowed[:, None, :], dtype))
         if not use_graph:
             with self.autocast():
@@ -409,27 +354,22 @@ class CaptionDecoder:
         """Warm up on a side stream (lazy initialisations stay out of the graph), then capture. The warm-up
         and the capture compute this very step (same slot, same inputs), so what they write is what the
         replay that follows writes."""
-        no_cast_cache = _without_cast_cache(self.autocast)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), no_cast_cache():
+        with torch.cuda.stream(stream), self.autocast(), _cast_cache_off("cuda"):
             for _ in range(2):
                 self._forward(state)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), no_cast_cache():
+        with torch.cuda.graph(graph), self.autocast(), _cast_cache_off("cuda"):
             state.logits = self._forward(state)
         state.graph = graph
         self.captures += 1
 
 
-def _without_cast_cache(autocast: Callable[[], contextlib.AbstractContextManager]):
-    """The model's autocast context with its weight-cast cache off (a cached cast would be frozen into a graph)."""
-
-    def context():
-        ctx = autocast()
-        if isinstance(ctx, torch.autocast):
-            return torch.autocast(device_type=ctx.device, dtype=ctx.fast_dtype, cache_enabled=False)
-        return ctx
-
-    return context
+def _cast_cache_off(device_type: str) -> contextlib.AbstractContextManager:
+    """The autocast in force (the model's, or a caller's) with its weight-cast cache off: a cast cached before the
+    capture would be frozen into the graph, which must cast the current weights at every replay."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)

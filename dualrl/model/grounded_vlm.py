@@ -12,6 +12,7 @@ Image features are computed by `encode_images` once and passed to any number of 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,9 @@ from torch import Tensor, nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dualrl.model import sam as samlib
-from dualrl.model.decode import CaptionDecoder, Sampling
+from dualrl.model.decode import CaptionDecoder
 from dualrl.model.prompts import PromptBuilder
+from dualrl.model.sampling import Sampling, unsupported_generation_settings
 from dualrl.model.sequence import Assembler, Batch, Ids, Piece
 
 
@@ -123,9 +125,10 @@ class GroundedVLM(nn.Module):
         if missing or unknown:
             raise KeyError(f"trainable weights do not match the model: missing {missing[:5]}, "
                            f"unexpected {unknown[:5]}")
-        with torch.no_grad():  # one foreach call, not one copy per tensor (hundreds of launches a sync)
-            names = list(state)
-            torch._foreach_copy_([params[n] for n in names], [state[n] for n in names])
+        names = list(state)
+        if names:
+            with torch.no_grad():  # one foreach call, not one copy per tensor (hundreds of launches a sync)
+                torch._foreach_copy_([params[n] for n in names], [state[n] for n in names])
         self._features = None
 
     def autocast(self):
@@ -226,7 +229,10 @@ class GroundedVLM(nn.Module):
         rows = torch.arange(len(cols), device=cols.device)
         return self.text_hidden_fcs(hidden[rows, cols])
 
-    def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures, image_index: Tensor) -> Tensor:
+    def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures | None, image_index: Tensor) -> Tensor:
+        if sam_feats is None:
+            raise ValueError("these image features hold no SAM2 encoding (encoded with sam=False, for captioning): "
+                             "encode with encode_images(images) to segment")
         logits, _ = samlib.decode(self.sam, sam_feats.select(image_index), queries, self.spec.multimask)
         return logits
 
@@ -261,8 +267,10 @@ class GroundedVLM(nn.Module):
     def decoder(self) -> CaptionDecoder:
         """The caption decoding engine (`model.generation: engine`), made on first use."""
         if self._decoder is None:
-            self._decoder = CaptionDecoder(self.token_matrices, self.lm, self.spec.attn_implementation, self.autocast,
-                                           graphs=self.spec.decode_graphs, merge_lora=self.spec.decode_merge_lora)
+            model = weakref.ref(self)  # the decoder must not keep its model (and the memory it holds) alive
+            self._decoder = CaptionDecoder(lambda: model().token_matrices(), self.lm, self.spec.attn_implementation,
+                                           lambda: model().autocast(), graphs=self.spec.decode_graphs,
+                                           merge_lora=self.spec.decode_merge_lora)
         return self._decoder
 
     def token_matrices(self) -> tuple[Tensor, Tensor]:
@@ -304,6 +312,7 @@ class GroundedVLM(nn.Module):
         max_new = max_new_tokens or self.spec.max_caption_tokens
         sampling = Sampling(sample, temperature, self._top_k() if sample else 0, top_p)
         if self.spec.generation == "engine":
+            self._check_generation_config()
             out = self.decoder(batch.inputs_embeds, batch.attention_mask, group_size, max_new, sampling,
                                self.eos_id, self.pad_id, self._text_ended if len(self.end_ids) > 1 else None)
             seqs, logp = out.tokens, out.logprobs
@@ -316,6 +325,12 @@ class GroundedVLM(nn.Module):
         default of 50."""
         top_k = getattr(self.vlm.generation_config, "top_k", None)
         return 50 if top_k is None else int(top_k)
+
+    def _check_generation_config(self) -> None:
+        odd = unsupported_generation_settings(self.vlm.generation_config)
+        if odd:
+            raise ValueError(f"the checkpoint's generation_config sets {odd}, which the caption decoder does not "
+                             "apply; set model.generation=generate to decode with them, or clear them there")
 
     def _text_ended(self, tokens: Tensor) -> Tensor:
         """Rows whose generated text contains a several-token answer end (checked on the host)."""

@@ -5,13 +5,14 @@ one- and several-token answer ends, and for sdpa and eager attention."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
 
 from dualrl.data.shapes import ShapesDataset, collate_regions
 from dualrl.model.build import build_model
-from dualrl.model.decode import Sampling, choose
+from dualrl.model.sampling import Sampling, choose
 from dualrl.recipe import load_recipe
 
 
@@ -65,11 +66,12 @@ def test_group_samples_share_a_prefill_and_are_generates(model, regions):
 
 
 def test_prompt_capacity_grows_and_shapes_are_kept(model, regions):
-    """Prompts of any length fit: the decode state is kept while the prompts fit its capacity and grows in
-    steps of `bucket` when a longer one comes; captions stay generate's throughout."""
+    """Prompts of any length fit: the decode state (its cache and, on CUDA, its graph) is kept while the prompts
+    fit its capacity and replaced by a larger one, in steps of `bucket`, when a longer one comes; captions stay
+    generate's throughout."""
     decoder = model.decoder
     decoder._states.clear()
-    decoder.bucket = 8
+    decoder.bucket, decoder.prefill_bucket = 8, 1
     try:
         small = {k: v[:4] for k, v in regions.items() if isinstance(v, torch.Tensor)}
         tiny_region = small["masks"].clone()
@@ -77,15 +79,16 @@ def test_prompt_capacity_grows_and_shapes_are_kept(model, regions):
         tiny_region[:, 60:64, 60:64] = 1  # one ViT cell: the shortest prompt
         full = small["masks"].clone()
         full[:] = 1  # every cell: the longest prompt
-        capacities = []
-        for masks in (tiny_region, full, tiny_region):
+        states = []
+        for masks in (tiny_region, tiny_region, full, tiny_region):
             batch = {"images": small["images"], "masks": masks}
             _assert_same(_describe(model, batch, "engine"), _describe(model, batch, "generate"))
-            capacities.append(next(iter(decoder._states.values())).capacity)
-        assert capacities[0] < capacities[1] == capacities[2] and all(c % 8 == 0 for c in capacities)
+            states.append(next(iter(decoder._states.values())))
+        assert states[0] is states[1] and states[1] is not states[2] and states[2] is states[3]
+        assert states[0].capacity < states[2].capacity and all(s.capacity % 8 == 0 for s in states)
         assert len(decoder._states) == 1
     finally:
-        decoder.bucket = 128
+        decoder.bucket, decoder.prefill_bucket = 128, 64
         decoder._states.clear()
 
 
@@ -121,17 +124,12 @@ def test_choose_keeps_the_top_p_nucleus_and_reports_temperature_log_probs():
     assert token.tolist() == [0, 0] and math.isclose(logprob[0].item(), math.log(0.5), rel_tol=1e-6)
 
 
-def test_flash_attention_with_the_engine_is_refused_by_the_recipe():
-    with pytest.raises(ValueError, match=r"model\.generation=generate"):
-        _pretrained_spec("model.attn_implementation=flash_attention_2")
-
-
 def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
     """With trained (non-zero) LoRA, the merged copies decode what the adapters compute; afterwards every layer
     computes with its own weights and adapters again, and the merged copies follow in-place weight updates."""
     model = build_model(_pretrained_spec()).eval()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and model.decoder.lora.mergeable
+    assert lora_b and model.decoder.lora.usable()
     torch.manual_seed(1)
     with torch.no_grad():
         for p in lora_b:
@@ -149,3 +147,87 @@ def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
     merged = model.decoder.lora.weights[0]
     expected = layers[0].base_layer.weight + layers[0].get_delta_weight(layers[0].active_adapters[0])
     torch.testing.assert_close(merged, expected)
+
+
+def test_hot_sampling_uses_generates_top_k(model, regions):
+    """At temperature 2 without top-p, transformers' default top-k (50) decides which tokens can be drawn: the
+    samples stay generate's only if the engine applies it too."""
+    kwargs = {"group_size": 2, "sample": True, "temperature": 2.0, "top_p": 1.0}
+    engine = _describe(model, regions, "engine", seed=3, **kwargs)
+    _assert_same(engine, _describe(model, regions, "generate", seed=3, **kwargs))
+
+
+def test_rows_stop_at_their_end_and_the_loop_when_all_have(model, regions):
+    """Called directly: a row's tokens after its end are padding, and decoding stops once every row has ended
+    (at the next check), well before max_new."""
+    with torch.no_grad():
+        feats = model.encode_images(regions["images"], sam=False)
+        tokens = model.project(feats)
+        batch = model.assemble(model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))),
+                               pad_left=True)
+        out = model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 64, Sampling(), model.eos_id, model.pad_id)
+    assert out.tokens.shape[1] < 32
+    for row in out.tokens:
+        ends = (row == model.eos_id).nonzero()
+        assert len(ends), "every tiny caption ends well within 32 tokens"
+        assert (row[int(ends[0]) + 1:] == model.pad_id).all()
+
+
+def test_trainable_token_rows_updated_in_place_reach_the_next_call(regions):
+    """The embedding and head matrices (trainable token rows merged in) are refreshed every call: an optimizer
+    step on those rows between calls changes what the engine decodes exactly as it changes generate's."""
+    model = build_model(_pretrained_spec()).eval()
+    deltas = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert deltas
+    before = _describe(model, regions, "engine")  # the decoder's matrices placed
+    torch.manual_seed(2)
+    with torch.no_grad():  # large new rows: Sa2VA's tokens become likely outputs, so decoding must change
+        for p in deltas:
+            p.add_(torch.randn_like(p) * 3.0)
+    after = _describe(model, regions, "generate")
+    assert [x.tolist() for x in after.ids] != [x.tolist() for x in before.ids]
+    _assert_same(_describe(model, regions, "engine"), after)
+
+
+def test_a_decoder_call_inside_another_is_refused(model, regions):
+    calls = []
+
+    def nested(tokens):
+        if not calls:
+            calls.append(1)
+            model.describe(regions["images"], regions["masks"], max_new_tokens=2)
+        return torch.zeros(len(tokens), dtype=torch.bool)
+
+    model.spec = model.spec.model_copy(update={"generation": "engine"})
+    with torch.no_grad():
+        feats = model.encode_images(regions["images"], sam=False)
+        tokens = model.project(feats)
+        batch = model.assemble(model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))),
+                               pad_left=True)
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 4, Sampling(), None, model.pad_id, nested)
+        model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 2, Sampling(), None, model.pad_id)  # usable again
+
+
+def test_generation_settings_the_engine_does_not_apply_are_refused(regions):
+    model = build_model(_pretrained_spec()).eval()
+    model.vlm.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _describe(model, regions, "engine")
+    _describe(model, regions, "generate")  # generate applies it
+
+
+def test_the_decoder_does_not_keep_its_model_alive(regions):
+    model = build_model(_pretrained_spec()).eval()
+    _describe(model, regions, "engine")
+    ref = weakref.ref(model)
+    del model
+    assert ref() is None
+
+
+def test_features_encoded_for_captioning_cannot_segment(model, regions):
+    with torch.no_grad():
+        feats = model.encode_images(regions["images"], sam=False)
+        model._features = None
+        with pytest.raises(ValueError, match="no SAM2 encoding"):
+            model.segment(None, ["the circle"] * len(regions["masks"]), feats=feats)

@@ -1,0 +1,68 @@
+"""LoRA folded into copies of the adapted weights, for decoding (see `MergedLora`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class MergedLora:
+    """LoRA folded into a copy of each adapted weight for decoding: W + B A s, in the base weight's dtype.
+
+    An unmerged LoRA layer costs a token step several small kernels on top of its base product (input cast,
+    weight casts, two thin products, scale, add): at Sa2VA's LoRA on every projection of every layer that is
+    thousands of launches a step. The merged copies (refreshed once per decoder call, in place, so captured
+    graphs read the new values) make each adapted layer one product; the model's own weights are never touched.
+    Costs a copy of the adapted weights in memory (`model.decode_merge_lora: false` turns it off). Layers this
+    cannot fold (several active adapters, DoRA and other variants) leave the whole model unmerged."""
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.layers = [m for m in lm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        self.weights: list[nn.Parameter] = []
+
+    def usable(self) -> bool:
+        """Whether this call can decode with merged copies: plain LoRA on linear layers, one active adapter,
+        adapters on and not merged into the base, no LoRA bias or variant (DoRA), and the model in eval mode
+        (folding skips LoRA dropout, which only training applies)."""
+        def plain(m: nn.Module) -> bool:
+            if not (isinstance(m.base_layer, nn.Linear) and len(m.active_adapters) == 1) or m.disable_adapters:
+                return False
+            name = m.active_adapters[0]
+            return (name in m.lora_A and not m.merged and not getattr(m, "lora_variant", {})
+                    and not getattr(m, "use_dora", {}).get(name, False)
+                    and not getattr(m, "lora_bias", {}).get(name, False))
+
+        return bool(self.layers) and not self.lm.training and all(plain(m) for m in self.layers)
+
+    def refresh(self) -> bool:
+        """The merged copies from the current weights; True when a copy had to be allocated anew (graphs captured
+        before then read the old one)."""
+        allocated = False
+        with torch.no_grad():
+            for k, layer in enumerate(self.layers):
+                base = layer.base_layer.weight
+                merged = (base.float() + layer.get_delta_weight(layer.active_adapters[0]).float()).to(base.dtype)
+                held = self.weights[k] if k < len(self.weights) else None
+                if held is not None and held.shape == merged.shape and held.dtype == merged.dtype:
+                    held.copy_(merged)
+                else:
+                    self.weights[k:k + 1] = [nn.Parameter(merged, requires_grad=False)]
+                    allocated = True
+        return allocated
+
+    @contextlib.contextmanager
+    def active(self):
+        """The adapted layers compute with their merged copies (adapters off) for the block's duration."""
+        saved = [(layer.base_layer._parameters["weight"], layer._disable_adapters) for layer in self.layers]
+        try:
+            for layer, weight in zip(self.layers, self.weights):
+                layer.base_layer._parameters["weight"] = weight
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer, (weight, disabled) in zip(self.layers, saved):
+                layer.base_layer._parameters["weight"] = weight
+                layer._disable_adapters = disabled
