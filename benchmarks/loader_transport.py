@@ -37,8 +37,13 @@ class _Samples(Dataset):
 
 
 def receive(arrays: bool, args) -> tuple[float, float]:
-    loader = DataLoader(_Samples(args.size, arrays), batch_size=None, num_workers=args.workers, prefetch_factor=16,
-                        collate_fn=lambda x: x)
+    loader = DataLoader(
+        _Samples(args.size, arrays),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=16,
+        collate_fn=lambda x: x,
+    )
     it = iter(loader)
     collate_regions([next(it) for _ in range(args.batch)])  # workers started, queues filled
     cpu, wall = time.process_time(), time.perf_counter()
@@ -65,9 +70,11 @@ def main() -> None:
             print(f"{name:8s} training-process CPU {cpu:6.1f} ms a batch, wall {wall:6.1f} ms a batch", flush=True)
     cpu = {k: statistics.median(c for c, _ in v) for k, v in results.items()}
     wall = {k: statistics.median(w for _, w in v) for k, v in results.items()}
-    print(f"median of {args.rounds} rounds, batch {args.batch} at {args.size}^2, {args.workers} workers: CPU "
-          f"{cpu['tensors']:.1f} vs {cpu['arrays']:.1f} ms ({cpu['tensors'] / cpu['arrays']:.2f}x), wall "
-          f"{wall['tensors']:.1f} vs {wall['arrays']:.1f} ms ({wall['tensors'] / wall['arrays']:.2f}x)")
+    print(
+        f"median of {args.rounds} rounds, batch {args.batch} at {args.size}^2, {args.workers} workers: CPU "
+        f"{cpu['tensors']:.1f} vs {cpu['arrays']:.1f} ms ({cpu['tensors'] / cpu['arrays']:.2f}x), wall "
+        f"{wall['tensors']:.1f} vs {wall['arrays']:.1f} ms ({wall['tensors'] / wall['arrays']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

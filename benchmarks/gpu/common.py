@@ -21,19 +21,40 @@ except ImportError:  # the GPU machine has no `datasets` (pyarrow alone is over 
     sys.modules["datasets"].IterableDataset = type("IterableDataset", (), {})
     sys.modules["datasets"].Dataset = type("Dataset", (), {})
 
-TINY_MODEL = ["model.vision.hidden_size=64", "model.vision.layers=2", "model.vision.heads=2",
-              "model.vision.intermediate_size=256", "model.vision.image_size=128", "model.vision.patch_size=8",
-              "model.text.hidden_size=128", "model.text.layers=2", "model.text.heads=4", "model.text.kv_heads=2",
-              "model.text.intermediate_size=512", "model.text.vocab_size=512", "model.sam.image_size=128",
-              "model.sam.config=configs/sam2.1/sam2.1_hiera_t.yaml", "model.trainable.lora_r=8",
-              "model.trainable.lora_alpha=16", "model.max_caption_tokens=8", "algo.loss.num_points=256",
-              "model.precision=float32", "model.sam.overrides=" + json.dumps(
-                  ["++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
-                   "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
-                   "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
-                   "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
-                   "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
-                   "++model.use_high_res_features_in_sam=false"])]
+TINY_MODEL = [
+    "model.vision.hidden_size=64",
+    "model.vision.layers=2",
+    "model.vision.heads=2",
+    "model.vision.intermediate_size=256",
+    "model.vision.image_size=128",
+    "model.vision.patch_size=8",
+    "model.text.hidden_size=128",
+    "model.text.layers=2",
+    "model.text.heads=4",
+    "model.text.kv_heads=2",
+    "model.text.intermediate_size=512",
+    "model.text.vocab_size=512",
+    "model.sam.image_size=128",
+    "model.sam.config=configs/sam2.1/sam2.1_hiera_t.yaml",
+    "model.trainable.lora_r=8",
+    "model.trainable.lora_alpha=16",
+    "model.max_caption_tokens=8",
+    "algo.loss.num_points=256",
+    "model.precision=float32",
+    "model.sam.overrides="
+    + json.dumps(
+        [
+            "++model.image_encoder.trunk.embed_dim=32",
+            "++model.image_encoder.trunk.num_heads=1",
+            "++model.image_encoder.trunk.stages=[1,1,2,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[3]",
+            "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+            "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+            "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+            "++model.use_high_res_features_in_sam=false",
+        ]
+    ),
+]
 
 
 def sync() -> None:
@@ -44,8 +65,11 @@ def sync() -> None:
 def facts() -> dict:
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
 
 
 def median_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
@@ -83,8 +107,11 @@ def ceilings(device: str, gib: float = 2.0, n: int = 8192) -> dict:
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     mm_ms = median_ms(lambda: a @ b)
     bytes_moved = 2 * src.numel() * src.element_size()
-    return {"copy_bytes_per_s": bytes_moved / (copy_ms / 1000), "matmul_flops_per_s": 2 * n**3 / (mm_ms / 1000),
-            "matmul_n": n}
+    return {
+        "copy_bytes_per_s": bytes_moved / (copy_ms / 1000),
+        "matmul_flops_per_s": 2 * n**3 / (mm_ms / 1000),
+        "matmul_n": n,
+    }
 
 
 def build_on_device(model_spec, device: str):

@@ -66,8 +66,14 @@ def shape_limit(model, prompt_lengths: list[int], group: int, max_new: int, rate
     decode_bytes = sum(weight_bytes + kv_bytes_per_token * (rows_context + rows * t) for t in range(max_new - 1))
     prefill_s = prefill_flops / rates["matmul_flops_per_s"]
     decode_s = decode_bytes / rates["copy_bytes_per_s"]
-    return {"prefill_flops": prefill_flops, "decode_bytes": decode_bytes, "prefill_s": prefill_s,
-            "decode_s": decode_s, "limit_s": prefill_s + decode_s, "captions_per_s": rows / (prefill_s + decode_s)}
+    return {
+        "prefill_flops": prefill_flops,
+        "decode_bytes": decode_bytes,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "limit_s": prefill_s + decode_s,
+        "captions_per_s": rows / (prefill_s + decode_s),
+    }
 
 
 def batches(n_steps: int, regions: int, image_size: int, seed: int = 0) -> list[dict]:
@@ -142,14 +148,21 @@ def caption_step(model, batch: dict, group: int, max_new: int, seed: int, timer:
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     with torch.no_grad(), model.autocast():
-        captions = model.describe(None, batch["masks"], feats=feats, group_size=group, sample=True,
-                                  max_new_tokens=max_new)
+        captions = model.describe(
+            None, batch["masks"], feats=feats, group_size=group, sample=True, max_new_tokens=max_new
+        )
     sync()
     t2 = time.perf_counter()
     generated = [len(i) + len(e) for i, e in zip(captions.ids, captions.ends)]
     phases = timer.take() if timer is not None else {}
-    return {"encode_s": t1 - t0, "caption_s": t2 - t1, "rollout_s": t2 - t0, **phases,
-            "captions": len(captions), "mean_tokens": sum(generated) / len(generated)}
+    return {
+        "encode_s": t1 - t0,
+        "caption_s": t2 - t1,
+        "rollout_s": t2 - t0,
+        **phases,
+        "captions": len(captions),
+        "mean_tokens": sum(generated) / len(generated),
+    }
 
 
 def check(model, batch: dict, max_new: int) -> dict:
@@ -166,11 +179,16 @@ def check(model, batch: dict, max_new: int) -> dict:
         same = [a.tolist() == b.tolist() for a, b in zip(out[path].ids, ref.ids)]
         diffs = [float((x - y).abs().max()) for x, y, s in zip(out[path].logprobs, ref.logprobs, same) if s and len(x)]
         # where captions part, how many tokens they share first (bf16 ties can flip an argmax)
-        prefix = [next((k for k, (u, v) in enumerate(zip(a.tolist(), b.tolist())) if u != v), min(len(a), len(b)))
-                  for a, b in zip(out[path].ids, ref.ids)]
-        report[path] = {"identical_captions": sum(same), "captions": len(same),
-                        "max_logprob_diff_identical": max(diffs, default=0.0),
-                        "mean_shared_prefix_tokens": sum(prefix) / len(prefix)}
+        prefix = [
+            next((k for k, (u, v) in enumerate(zip(a.tolist(), b.tolist())) if u != v), min(len(a), len(b)))
+            for a, b in zip(out[path].ids, ref.ids)
+        ]
+        report[path] = {
+            "identical_captions": sum(same),
+            "captions": len(same),
+            "max_logprob_diff_identical": max(diffs, default=0.0),
+            "mean_shared_prefix_tokens": sum(prefix) / len(prefix),
+        }
     return report
 
 
@@ -185,18 +203,28 @@ def run_path(model, path: str, steps: list[dict], group: int, max_new: int, rate
     for k, batch in enumerate(steps):
         lengths = prompt_lengths(model, batch)
         record = caption_step(model, batch, group, max_new, seed=k, timer=timer)
-        record.update(prompt_min=min(lengths), prompt_max=max(lengths),
-                      limit_s=shape_limit(model, lengths, group, max_new, rates)["limit_s"])
+        record.update(
+            prompt_min=min(lengths),
+            prompt_max=max(lengths),
+            limit_s=shape_limit(model, lengths, group, max_new, rates)["limit_s"],
+        )
         records.append(record)
-        print(f"{path} step {k + 1}: " + ", ".join(f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}"
-                                                   for key, v in record.items()), flush=True)
+        print(
+            f"{path} step {k + 1}: "
+            + ", ".join(f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}" for key, v in record.items()),
+            flush=True,
+        )
     timed = records[1:] or records
-    median = {key: statistics.median(r[key] for r in timed)
-              for key in ("encode_s", "caption_s", "rollout_s", "limit_s")}
+    median = {
+        key: statistics.median(r[key] for r in timed) for key in ("encode_s", "caption_s", "rollout_s", "limit_s")
+    }
     captions = records[0]["captions"]
     return {
-        "warmup_step": records[0], "median": median, "steps": records,
-        "captions_per_s": captions / median["rollout_s"], "caption_only_per_s": captions / median["caption_s"],
+        "warmup_step": records[0],
+        "median": median,
+        "steps": records,
+        "captions_per_s": captions / median["rollout_s"],
+        "caption_only_per_s": captions / median["caption_s"],
         "max_over_median": max(r["rollout_s"] for r in timed) / median["rollout_s"],
         "fraction_of_limit": median["limit_s"] / median["caption_s"],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -226,8 +254,10 @@ def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None
         caption_step(model, batch, group, max_new, seed=0)
     events = prof.key_averages()
     gpu_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    tables = {"by_gpu": events.table(sort_by=gpu_key, row_limit=25),
-              "by_host": events.table(sort_by="self_cpu_time_total", row_limit=25)}
+    tables = {
+        "by_gpu": events.table(sort_by=gpu_key, row_limit=25),
+        "by_host": events.table(sort_by="self_cpu_time_total", row_limit=25),
+    }
     for name, table in tables.items():
         print(f"--- profile of one engine step, {name}\n{table}", flush=True)
         if out_dir:
@@ -252,14 +282,29 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    overrides = ["output_dir=/tmp/unused", "model.sa2va=null", "model.init_from=null", "train.device=auto",
-                 "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.shapes={}",
-                 "data.eval_source=shapes",
-                 *(TINY_MODEL if args.tiny else [])]
+    overrides = [
+        "output_dir=/tmp/unused",
+        "model.sa2va=null",
+        "model.init_from=null",
+        "train.device=auto",
+        "data.refcoco=null",
+        "data.sa1b=null",
+        "data.sav=null",
+        "data.openimages=null",
+        "data.shapes={}",
+        "data.eval_source=shapes",
+        *(TINY_MODEL if args.tiny else []),
+    ]
     recipe = load_recipe(args.recipe, overrides)
     device = resolve_device(recipe.train.device)
-    info = {**facts(), "recipe": args.recipe, "tiny": args.tiny, "regions": args.regions,
-            "generations": args.generations, "max_new": args.max_new}
+    info = {
+        **facts(),
+        "recipe": args.recipe,
+        "tiny": args.tiny,
+        "regions": args.regions,
+        "generations": args.generations,
+        "max_new": args.max_new,
+    }
     print(json.dumps(info), flush=True)
     rates = ceilings(device)
     print(json.dumps(rates), flush=True)
@@ -306,20 +351,27 @@ def main() -> int:
         result["fraction_of_limit"] = engine["fraction_of_limit"]
         for name in ("generate_dynamic", "generate_static", "engine_eager"):
             if name in result["paths"]:
-                result[f"speedup_over_{name}"] = result["paths"][name]["median"]["rollout_s"] / engine["median"][
-                    "rollout_s"]
+                result[f"speedup_over_{name}"] = (
+                    result["paths"][name]["median"]["rollout_s"] / engine["median"]["rollout_s"]
+                )
     print(f"\n{info['device']}: {args.regions} regions x {args.generations} captions of {args.max_new} tokens a step")
-    print(f"{'path':18s} {'warm-up s':>9s} {'median s':>9s} {'captions/s':>10s} {'caption-only/s':>14s} "
-          f"{'max/median':>10s} {'of limit':>8s}")
+    print(
+        f"{'path':18s} {'warm-up s':>9s} {'median s':>9s} {'captions/s':>10s} {'caption-only/s':>14s} "
+        f"{'max/median':>10s} {'of limit':>8s}"
+    )
     for name, r in result["paths"].items():
-        print(f"{name:18s} {r['warmup_step']['rollout_s']:9.2f} {r['median']['rollout_s']:9.3f} "
-              f"{r['captions_per_s']:10.1f} {r['caption_only_per_s']:14.1f} {r['max_over_median']:10.2f} "
-              f"{r['fraction_of_limit']:8.2f}")
+        print(
+            f"{name:18s} {r['warmup_step']['rollout_s']:9.2f} {r['median']['rollout_s']:9.3f} "
+            f"{r['captions_per_s']:10.1f} {r['caption_only_per_s']:14.1f} {r['max_over_median']:10.2f} "
+            f"{r['fraction_of_limit']:8.2f}"
+        )
     limit = result["limit_first_batch"]
     for name, err in result.get("failed", {}).items():
         print(f"{name:18s} FAILED: {err}")
-    print(f"limit of the first batch: {limit['captions_per_s']:.1f} captions/s (prefill {limit['prefill_s']:.3f} s "
-          f"+ decode {limit['decode_s']:.3f} s)")
+    print(
+        f"limit of the first batch: {limit['captions_per_s']:.1f} captions/s (prefill {limit['prefill_s']:.3f} s "
+        f"+ decode {limit['decode_s']:.3f} s)"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 1 if result.get("failed") else 0

@@ -80,14 +80,43 @@ from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
 
 TARGET_STEPS_PER_S = 20.0
 TRACE_LIMIT_BYTES = 15 * 2**20
-DEFAULTS = {"device": "auto", "batch_size": 64, "workers": [0, 6, 12], "data_batches": 40, "steps": 100,
-            "warmup": 10, "loop_steps": 200, "profile_steps": 5}
-QUICK = {"device": "cpu", "batch_size": 8, "workers": [0], "data_batches": 3, "steps": 5, "warmup": 1,
-         "loop_steps": 5, "profile_steps": 2}
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-              "cuStreamSynchronize", "cuCtxSynchronize")  # runtime/driver API names, a `_v<n>` suffix dropped
-ATEN_SYNCS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::masked_select",
-              "aten::_to_copy", "aten::copy_")
+DEFAULTS = {
+    "device": "auto",
+    "batch_size": 64,
+    "workers": [0, 6, 12],
+    "data_batches": 40,
+    "steps": 100,
+    "warmup": 10,
+    "loop_steps": 200,
+    "profile_steps": 5,
+}
+QUICK = {
+    "device": "cpu",
+    "batch_size": 8,
+    "workers": [0],
+    "data_batches": 3,
+    "steps": 5,
+    "warmup": 1,
+    "loop_steps": 5,
+    "profile_steps": 2,
+}
+SYNC_CALLS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "cuStreamSynchronize",
+    "cuCtxSynchronize",
+)  # runtime/driver API names, a `_v<n>` suffix dropped
+ATEN_SYNCS = (
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::nonzero",
+    "aten::is_nonzero",
+    "aten::masked_select",
+    "aten::_to_copy",
+    "aten::copy_",
+)
 
 
 def cuda() -> bool:
@@ -95,8 +124,12 @@ def cuda() -> bool:
 
 
 def make_recipe(args, workers: int | None = None):
-    overrides = [f"output_dir={args.tmp / 'run'}", f"train.device={args.device}", "wandb.mode=disabled",
-                 f"data.batch_size={args.batch_size}"]
+    overrides = [
+        f"output_dir={args.tmp / 'run'}",
+        f"train.device={args.device}",
+        "wandb.mode=disabled",
+        f"data.batch_size={args.batch_size}",
+    ]
     if workers is not None:
         overrides.append(f"data.num_workers={workers}")
     return load_recipe(args.recipe, [*overrides, *args.overrides])
@@ -123,12 +156,22 @@ def measure_data(args) -> list[dict]:
         batches.close()
         del batches
         rate = n / wall if n else 0.0
-        rows.append({"workers": workers, "batches": n, "first_batch_s": first_s, "batches_per_s": rate,
-                     "samples_per_s": rate * recipe.data.batch_size,
-                     "main_cpu_ms_per_batch": 1000 * main_cpu / max(n, 1)})
-        print(f"data: {workers} workers: {rate:.2f} batches/s ({rate * recipe.data.batch_size:.0f} samples/s) over "
-              f"{n} batches; first batch {first_s:.2f} s; training process CPU "
-              f"{rows[-1]['main_cpu_ms_per_batch']:.1f} ms per batch", flush=True)
+        rows.append(
+            {
+                "workers": workers,
+                "batches": n,
+                "first_batch_s": first_s,
+                "batches_per_s": rate,
+                "samples_per_s": rate * recipe.data.batch_size,
+                "main_cpu_ms_per_batch": 1000 * main_cpu / max(n, 1),
+            }
+        )
+        print(
+            f"data: {workers} workers: {rate:.2f} batches/s ({rate * recipe.data.batch_size:.0f} samples/s) over "
+            f"{n} batches; first batch {first_s:.2f} s; training process CPU "
+            f"{rows[-1]['main_cpu_ms_per_batch']:.1f} ms per batch",
+            flush=True,
+        )
     return rows
 
 
@@ -156,10 +199,18 @@ def measure_step(args, runtime, recipe, batch, rollout, label: str) -> dict:
             break
     sync()
     wall, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    out = {"batch": label, "steps": len(times), "steps_per_s": len(times) / wall,
-           "median_step_ms": 1000 * statistics.median(times), "cpu_busy": cpu_s / wall}
-    print(f"step ({label} batch): {out['steps_per_s']:.2f} steps/s, median {out['median_step_ms']:.1f} ms, "
-          f"process CPU {100 * out['cpu_busy']:.0f} % of wall", flush=True)
+    out = {
+        "batch": label,
+        "steps": len(times),
+        "steps_per_s": len(times) / wall,
+        "median_step_ms": 1000 * statistics.median(times),
+        "cpu_busy": cpu_s / wall,
+    }
+    print(
+        f"step ({label} batch): {out['steps_per_s']:.2f} steps/s, median {out['median_step_ms']:.1f} ms, "
+        f"process CPU {100 * out['cpu_busy']:.0f} % of wall",
+        flush=True,
+    )
     return out
 
 
@@ -186,8 +237,19 @@ class GpuUtilisation:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
             self.source = "nvidia-smi"
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "-i", visible, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                 "-lms", str(int(1000 * self.period_s))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    "-i",
+                    visible,
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    str(int(1000 * self.period_s)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -210,8 +272,12 @@ class GpuUtilisation:
             self._thread.join(timeout=5)
         if not self.samples:
             return {"gpu_util_mean": None, "gpu_util_source": self.source, "gpu_util_samples": 0}
-        return {"gpu_util_mean": statistics.fmean(self.samples), "gpu_util_median": statistics.median(self.samples),
-                "gpu_util_source": self.source, "gpu_util_samples": len(self.samples)}
+        return {
+            "gpu_util_mean": statistics.fmean(self.samples),
+            "gpu_util_median": statistics.median(self.samples),
+            "gpu_util_source": self.source,
+            "gpu_util_samples": len(self.samples),
+        }
 
 
 def measure_loop(args, runtime, recipe, plan) -> dict:
@@ -246,14 +312,25 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
     wall, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     util = sampler.stop()
     batches.close()
-    out = {"workers": recipe.data.num_workers, "steps": n, "steps_per_s": n / wall,
-           "samples_per_s": n * recipe.data.batch_size / wall, "data_wait": sum(waits) / wall,
-           "median_data_wait_ms": 1000 * statistics.median(waits), "median_step_ms": 1000 * statistics.median(steps),
-           "cpu_busy": cpu_s / wall, "warmup_s": t0 - t_start, **util}
+    out = {
+        "workers": recipe.data.num_workers,
+        "steps": n,
+        "steps_per_s": n / wall,
+        "samples_per_s": n * recipe.data.batch_size / wall,
+        "data_wait": sum(waits) / wall,
+        "median_data_wait_ms": 1000 * statistics.median(waits),
+        "median_step_ms": 1000 * statistics.median(steps),
+        "cpu_busy": cpu_s / wall,
+        "warmup_s": t0 - t_start,
+        **util,
+    }
     gpu = f"{out['gpu_util_mean']:.0f} %" if out["gpu_util_mean"] is not None else "n/a"
-    print(f"loop ({out['workers']} workers): {out['steps_per_s']:.2f} steps/s ({out['samples_per_s']:.0f} samples/s), "
-          f"data wait {100 * out['data_wait']:.0f} % of wall, process CPU {100 * out['cpu_busy']:.0f} %, "
-          f"GPU utilisation {gpu}", flush=True)
+    print(
+        f"loop ({out['workers']} workers): {out['steps_per_s']:.2f} steps/s ({out['samples_per_s']:.0f} samples/s), "
+        f"data wait {100 * out['data_wait']:.0f} % of wall, process CPU {100 * out['cpu_busy']:.0f} %, "
+        f"GPU utilisation {gpu}",
+        flush=True,
+    )
     return out
 
 
@@ -345,7 +422,10 @@ def profile_steps(args, runtime, recipe, batch, rollout, out_dir: Path) -> dict:
     per_step = {name: c / k for name, c in sorted(counts.items())}
     parts_ms = {name: sum(v) / k / 1000 for name, v in sorted(ranges.items())}
     summary = {
-        "steps": k, "step_ms": step_us / k / 1000, "parts_ms": parts_ms, "per_step": per_step,
+        "steps": k,
+        "step_ms": step_us / k / 1000,
+        "parts_ms": parts_ms,
+        "per_step": per_step,
         "gpu_busy": _union_us(device_intervals) / step_us if device_intervals and step_us else None,
         "kernel_ms_per_step": kernel_us / k / 1000 if device_intervals else None,
     }
@@ -375,6 +455,7 @@ def profile_steps(args, runtime, recipe, batch, rollout, out_dir: Path) -> dict:
         summary["trace"] = f"dropped: {trace.stat().st_size / 2**20:.1f} MB gzipped (use fewer --profile-steps)"
         trace.unlink()
     return summary
+
 
 # ----------------------------------------------------------------------------------------- 5. syncs
 _HERE = str(Path(__file__).resolve())
@@ -436,8 +517,12 @@ class SyncSites(TorchDispatchMode):
             target = torch.device(kwargs["device"]).type
             if target != first.device.type:
                 return f"copy {first.device.type} -> {target}"
-        if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
-                and args[0].device.type != args[1].device.type:
+        if (
+            name == "copy_"
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
+            and args[0].device.type != args[1].device.type
+        ):
             return f"copy_ {args[1].device.type} -> {args[0].device.type}"
         if name == "lift_fresh" and _on_device(first):
             return "torch.tensor(host data, device=...)"
@@ -478,23 +563,45 @@ def sync_sites(args, runtime, recipe, batch, rollout) -> dict:
         finally:
             if cuda():
                 torch.cuda.set_sync_debug_mode("default")
-    rows = [{"site": site, "via": via if via != site else "", "op": why, "count": n,
-             "cuda_reported": reported.get(site, 0) if cuda() else None}
-            for (site, via, why), n in mode.sites.most_common()]
+    rows = [
+        {
+            "site": site,
+            "via": via if via != site else "",
+            "op": why,
+            "count": n,
+            "cuda_reported": reported.get(site, 0) if cuda() else None,
+        }
+        for (site, via, why), n in mode.sites.most_common()
+    ]
     listed = {r["site"] for r in rows}
-    rows += [{"site": site, "via": "", "op": "(reported by CUDA only)", "count": 0, "cuda_reported": n}
-             for site, n in reported.most_common() if site not in listed]
-    out = {"emulated_on_cpu": emulate, "sites": rows, "total": sum(mode.sites.values()),
-           "cuda_reported_total": sum(reported.values()) if cuda() else None, "ops_total": sum(mode.ops.values()),
-           "ops_by_site": dict(mode.ops.most_common(20)), "ops_by_file": dict(mode.libs.most_common(15))}
-    head = ("sync sites of one learner step" + (" (CPU: candidates, host tensors included)" if emulate else "")
-            + f": {out['total']} flagged ops" + (f", {out['cuda_reported_total']} reported by CUDA" if cuda() else ""))
+    rows += [
+        {"site": site, "via": "", "op": "(reported by CUDA only)", "count": 0, "cuda_reported": n}
+        for site, n in reported.most_common()
+        if site not in listed
+    ]
+    out = {
+        "emulated_on_cpu": emulate,
+        "sites": rows,
+        "total": sum(mode.sites.values()),
+        "cuda_reported_total": sum(reported.values()) if cuda() else None,
+        "ops_total": sum(mode.ops.values()),
+        "ops_by_site": dict(mode.ops.most_common(20)),
+        "ops_by_file": dict(mode.libs.most_common(15)),
+    }
+    head = (
+        "sync sites of one learner step"
+        + (" (CPU: candidates, host tensors included)" if emulate else "")
+        + f": {out['total']} flagged ops"
+        + (f", {out['cuda_reported_total']} reported by CUDA" if cuda() else "")
+    )
     lines = [head, f"{'count':>5s} {'cuda':>5s}  {'site':42s} {'op':34s} via"]
     for r in rows:
         cuda_n = "" if r["cuda_reported"] is None else str(r["cuda_reported"])
         lines.append(f"{r['count']:5d} {cuda_n:>5s}  {r['site']:42s} {r['op']:34s} {r['via']}")
-    lines.append(f"\naten ops dispatched in the step: {out['ops_total']} (backward included where autograd runs them "
-                 "in this thread); top sites (innermost dualrl line) and files (innermost outside torch):")
+    lines.append(
+        f"\naten ops dispatched in the step: {out['ops_total']} (backward included where autograd runs them "
+        "in this thread); top sites (innermost dualrl line) and files (innermost outside torch):"
+    )
     lines += [f"{n:7d}  {site}" for site, n in out["ops_by_site"].items()]
     lines += [""] + [f"{n:7d}  {name}" for name, n in out["ops_by_file"].items()]
     out["text"] = "\n".join(lines)
@@ -518,8 +625,11 @@ def parse_args():
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cap on each timed phase")
     phases = ("data", "step", "loop", "profile", "syncs")
     parser.add_argument("--only", nargs="+", choices=phases, default=list(phases))
-    parser.add_argument("--quick", action="store_true", help="smaller defaults, to check the script on a CPU: "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller defaults, to check the script on a CPU: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: OUT_DIR/tiny_steps.json)")
     parser.add_argument("--out-dir", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value, applied last")
@@ -537,10 +647,17 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     import transformers
 
-    facts = {"torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
-             "gpu": torch.cuda.get_device_name(0) if cuda() else None, "cpu_cores": os.cpu_count(),
-             "recipe": args.recipe, "batch_size": args.batch_size, "overrides": args.overrides,
-             "out_dir": str(args.out_dir)}
+    facts = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if cuda() else None,
+        "cpu_cores": os.cpu_count(),
+        "recipe": args.recipe,
+        "batch_size": args.batch_size,
+        "overrides": args.overrides,
+        "out_dir": str(args.out_dir),
+    }
     print(json.dumps(facts), flush=True)
     results: dict = {"facts": facts}
 
@@ -566,18 +683,26 @@ def main() -> int:
             runtime.sync()
             sync()
             model = runtime.learner.model
-            facts.update(build_s=time.perf_counter() - t0, torch_threads=torch.get_num_threads(),
-                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-                         trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad))
+            facts.update(
+                build_s=time.perf_counter() - t0,
+                torch_threads=torch.get_num_threads(),
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+                trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
+            )
             plan = OBJECTIVES[recipe.algo.name].plan(recipe)
             draw = train_batches(make_recipe(args, 0))
             host_batch = next(draw)
             draw.close()
             device_batch = to_device(host_batch, args.device)
             rollout = fixed_rollout(runtime, recipe, plan, host_batch)
-            phase("step", lambda: [measure_step(args, runtime, recipe, device_batch, rollout, "device"),
-                                   measure_step(args, runtime, recipe, host_batch, rollout, "host")])
+            phase(
+                "step",
+                lambda: [
+                    measure_step(args, runtime, recipe, device_batch, rollout, "device"),
+                    measure_step(args, runtime, recipe, host_batch, rollout, "host"),
+                ],
+            )
             phase("profile", profile_steps, args, runtime, recipe, host_batch, rollout, args.out_dir)
             phase("syncs", sync_sites, args, runtime, recipe, host_batch, rollout)
             if "syncs" in results:
@@ -590,42 +715,56 @@ def main() -> int:
     out = args.out or args.out_dir / "tiny_steps.json"
     out.write_text(json.dumps(results, indent=1))
     print_table(results, args.batch_size)
-    print(f"results: {out}; profile files in {args.out_dir}" + (f"; FAILED: {sorted(results['errors'])}"
-                                                                 if "errors" in results else ""))
+    print(
+        f"results: {out}; profile files in {args.out_dir}"
+        + (f"; FAILED: {sorted(results['errors'])}" if "errors" in results else "")
+    )
     return 1 if "errors" in results else 0
 
 
 def print_table(results: dict, batch_size: int) -> None:
     target = TARGET_STEPS_PER_S
-    print(f"\n{'phase':22s} {'steps (batches)/s':>18s} {'samples/s':>10s}  notes "
-          f"(target {target:.0f} steps/s = {target * batch_size:.0f} samples/s at batch {batch_size})")
+    print(
+        f"\n{'phase':22s} {'steps (batches)/s':>18s} {'samples/s':>10s}  notes "
+        f"(target {target:.0f} steps/s = {target * batch_size:.0f} samples/s at batch {batch_size})"
+    )
     for r in results.get("data", []):
-        print(f"{'data, ' + str(r['workers']) + ' workers':22s} {r['batches_per_s']:18.2f} {r['samples_per_s']:10.0f}  "
-              f"first batch {r['first_batch_s']:.1f} s, training process CPU {r['main_cpu_ms_per_batch']:.1f} ms/batch")
+        print(
+            f"{'data, ' + str(r['workers']) + ' workers':22s} {r['batches_per_s']:18.2f} {r['samples_per_s']:10.0f}  "
+            f"first batch {r['first_batch_s']:.1f} s, training process CPU {r['main_cpu_ms_per_batch']:.1f} ms/batch"
+        )
     for r in results.get("step", []):
-        print(f"{'step, ' + r['batch'] + ' batch':22s} {r['steps_per_s']:18.2f} {r['steps_per_s'] * batch_size:10.0f}  "
-              f"median {r['median_step_ms']:.1f} ms, process CPU {100 * r['cpu_busy']:.0f} %")
+        print(
+            f"{'step, ' + r['batch'] + ' batch':22s} {r['steps_per_s']:18.2f} {r['steps_per_s'] * batch_size:10.0f}  "
+            f"median {r['median_step_ms']:.1f} ms, process CPU {100 * r['cpu_busy']:.0f} %"
+        )
     if "loop" in results:
         r = results["loop"]
         gpu = f"{r['gpu_util_mean']:.0f} % ({r['gpu_util_source']})" if r["gpu_util_mean"] is not None else "n/a"
-        print(f"{'loop, ' + str(r['workers']) + ' workers':22s} {r['steps_per_s']:18.2f} {r['samples_per_s']:10.0f}  "
-              f"data wait {100 * r['data_wait']:.0f} %, process CPU {100 * r['cpu_busy']:.0f} %, GPU util {gpu}")
+        print(
+            f"{'loop, ' + str(r['workers']) + ' workers':22s} {r['steps_per_s']:18.2f} {r['samples_per_s']:10.0f}  "
+            f"data wait {100 * r['data_wait']:.0f} %, process CPU {100 * r['cpu_busy']:.0f} %, GPU util {gpu}"
+        )
     if "profile" in results:
         r, c = results["profile"], results["profile"]["per_step"]
         busy = f"{100 * r['gpu_busy']:.0f} %" if r["gpu_busy"] is not None else "n/a"
         syncs = sum(c.get(n, 0) for n in SYNC_CALLS)
-        print(f"{'profile (per step)':22s} {1000 / r['step_ms']:18.2f} {'':10s}  GPU busy {busy}; kernels "
-              f"{c.get('kernels', 0):.0f}, launches {c.get('launches', 0):.0f}, sync calls {syncs:.0f}, "
-              f"_local_scalar_dense {c.get('aten::_local_scalar_dense', 0):.0f}, nonzero "
-              f"{c.get('aten::nonzero', 0):.0f}, memcpy HtoD {c.get('memcpy HtoD', 0):.0f} / DtoH "
-              f"{c.get('memcpy DtoH', 0):.0f}, aten ops {c.get('aten ops (all levels)', 0):.0f}")
+        print(
+            f"{'profile (per step)':22s} {1000 / r['step_ms']:18.2f} {'':10s}  GPU busy {busy}; kernels "
+            f"{c.get('kernels', 0):.0f}, launches {c.get('launches', 0):.0f}, sync calls {syncs:.0f}, "
+            f"_local_scalar_dense {c.get('aten::_local_scalar_dense', 0):.0f}, nonzero "
+            f"{c.get('aten::nonzero', 0):.0f}, memcpy HtoD {c.get('memcpy HtoD', 0):.0f} / DtoH "
+            f"{c.get('memcpy DtoH', 0):.0f}, aten ops {c.get('aten ops (all levels)', 0):.0f}"
+        )
         print(f"{'':22s} {'':18s} {'':10s}  parts (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
     if "syncs" in results:
         r = results["syncs"]
         top = ", ".join(f"{x['site']} {x['op']} x{x['count']}" for x in r["sites"][:4])
         cuda_n = "" if r["cuda_reported_total"] is None else f", {r['cuda_reported_total']} reported by CUDA"
-        print(f"{'syncs (one step)':22s} {'':18s} {'':10s}  {r['total']} flagged ops{cuda_n}"
-              f"{' (CPU: candidates)' if r['emulated_on_cpu'] else ''}; {r['ops_total']} aten ops; top: {top}")
+        print(
+            f"{'syncs (one step)':22s} {'':18s} {'':10s}  {r['total']} flagged ops{cuda_n}"
+            f"{' (CPU: candidates)' if r['emulated_on_cpu'] else ''}; {r['ops_total']} aten ops; top: {top}"
+        )
     for name in results.get("errors", {}):
         print(f"{name:22s} FAILED (traceback above and in the results file)")
 

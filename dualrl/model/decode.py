@@ -41,8 +41,16 @@ from dualrl.model.sampling import Sampling, choose
 PACKED_SDPA = "dualrl_packed_sdpa"
 
 
-def packed_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+def packed_sdpa(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
     """sdpa for one query token under grouped-query attention, without copying the KV cache per query head.
 
     With a mask, transformers' sdpa path (some versions) repeats every key/value head for its query heads before
@@ -54,10 +62,12 @@ def packed_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, at
     b, heads, q_len, dim = query.shape
     groups = key.shape[1]
     if q_len != 1 or heads == groups or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    out = F.scaled_dot_product_attention(query.view(b, groups, heads // groups, dim), key, value,
-                                         attn_mask=attention_mask, scale=scaling)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query.view(b, groups, heads // groups, dim), key, value, attn_mask=attention_mask, scale=scaling
+    )
     return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
@@ -126,8 +136,8 @@ class _SlotKV:
         """The prompt's keys and values into slots start .. start+L, each prompt row copied to its `group` rows."""
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             length = prompt.keys[layer].shape[2]
-            k[:, :, start:start + length] = prompt.keys[layer].repeat_interleave(group, dim=0)
-            v[:, :, start:start + length] = prompt.values[layer].repeat_interleave(group, dim=0)
+            k[:, :, start : start + length] = prompt.keys[layer].repeat_interleave(group, dim=0)
+            v[:, :, start : start + length] = prompt.values[layer].repeat_interleave(group, dim=0)
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         self.keys[layer_idx].index_copy_(2, self.slot, key)
@@ -172,9 +182,18 @@ class CaptionDecoder:
     context forward passes run in (bf16 autocast or none); inside graphs its weight-cast cache is off, so trainable
     float32 weights updated in place between calls are cast again at every replay."""
 
-    def __init__(self, weights: Callable[[], tuple[Tensor, Tensor]], lm: nn.Module, attn_implementation: str,
-                 autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool = True, bucket: int = 128,
-                 keep: int = 2, merge_lora: bool = True, prefill_bucket: int = 64):
+    def __init__(
+        self,
+        weights: Callable[[], tuple[Tensor, Tensor]],
+        lm: nn.Module,
+        attn_implementation: str,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        graphs: bool = True,
+        bucket: int = 128,
+        keep: int = 2,
+        merge_lora: bool = True,
+        prefill_bucket: int = 64,
+    ):
         self.weights, self.lm = weights, lm
         self.lora = MergedLora(lm) if merge_lora else None
         self._merged = False  # this call decodes with the merged LoRA copies
@@ -197,22 +216,42 @@ class CaptionDecoder:
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
-    def __call__(self, embeds: Tensor, attention: Tensor, group: int, max_new: int, sampling: Sampling,
-                 eos_id: int | None, pad_id: int, ended: Callable[[Tensor], Tensor] | None = None) -> Decoded:
+    def __call__(
+        self,
+        embeds: Tensor,
+        attention: Tensor,
+        group: int,
+        max_new: int,
+        sampling: Sampling,
+        eos_id: int | None,
+        pad_id: int,
+        ended: Callable[[Tensor], Tensor] | None = None,
+    ) -> Decoded:
         """`embeds` [B, L, H] and `attention` [B, L] (1 = real token): B left-padded prompts, each decoded into
         `group` consecutive rows. A row ends at `eos_id`, or where `ended(tokens so far)` says so (a text
         answer end, checked on the host each step); later tokens of an ended row are `pad_id`."""
         if self._busy:
-            raise RuntimeError("CaptionDecoder is not re-entrant: a describe inside a decoding call (e.g. from an "
-                               "answer-end callback) would overwrite its cache")
+            raise RuntimeError(
+                "CaptionDecoder is not re-entrant: a describe inside a decoding call (e.g. from an "
+                "answer-end callback) would overwrite its cache"
+            )
         self._busy = True
         try:
             return self._decode(embeds, attention, group, max_new, sampling, eos_id, pad_id, ended)
         finally:
             self._busy = False
 
-    def _decode(self, embeds: Tensor, attention: Tensor, group: int, max_new: int, sampling: Sampling,
-                eos_id: int | None, pad_id: int, ended: Callable[[Tensor], Tensor] | None) -> Decoded:
+    def _decode(
+        self,
+        embeds: Tensor,
+        attention: Tensor,
+        group: int,
+        max_new: int,
+        sampling: Sampling,
+        eos_id: int | None,
+        pad_id: int,
+        ended: Callable[[Tensor], Tensor] | None,
+    ) -> Decoded:
         pad = -attention.shape[1] % self.prefill_bucket
         if pad:  # a few prefill lengths only: attention kernels prepare a plan per new shape (seen: ~1 s each)
             embeds = F.pad(embeds, (0, 0, pad, 0))
@@ -228,8 +267,13 @@ class CaptionDecoder:
         self._load_weights()
         prompt = _PromptKV()
         with self.autocast(), self._attending():
-            hidden = self.lm(inputs_embeds=embeds, attention_mask=self._mask(allowed, embeds.dtype),
-                             position_ids=positions, use_cache=True, **{self._cache_arg: prompt}).last_hidden_state
+            hidden = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=self._mask(allowed, embeds.dtype),
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: prompt},
+            ).last_hidden_state
             logits = F.linear(hidden[:, -1], self._head).float().repeat_interleave(group, dim=0)
 
         state = self._state(prompt, rows, length, max_new)
@@ -237,7 +281,7 @@ class CaptionDecoder:
         state.kv.load(prompt, group, start)
         del prompt, hidden
         state.allowed.zero_()
-        state.allowed[:, start:state.capacity] = valid.repeat_interleave(group, dim=0)
+        state.allowed[:, start : state.capacity] = valid.repeat_interleave(group, dim=0)
         state.positions.copy_(valid.sum(dim=1, keepdim=True).repeat_interleave(group, dim=0))
 
         tokens = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
@@ -330,8 +374,13 @@ class CaptionDecoder:
     def _forward(self, state: _DecodeState) -> Tensor:
         embeds = F.embedding(state.tokens, self._embed)
         with self._attending():
-            hidden = self.lm(inputs_embeds=embeds, attention_mask=state.mask, position_ids=state.positions,
-                             use_cache=True, **{self._cache_arg: state.kv}).last_hidden_state
+            hidden = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=state.mask,
+                position_ids=state.positions,
+                use_cache=True,
+                **{self._cache_arg: state.kv},
+            ).last_hidden_state
         return F.linear(hidden[:, -1], self._head).float()
 
     def _step(self, state: _DecodeState) -> Tensor:

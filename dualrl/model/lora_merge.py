@@ -27,13 +27,18 @@ class MergedLora:
         """Whether this call can decode with merged copies: plain LoRA on linear layers, one active adapter,
         adapters on and not merged into the base, no LoRA bias or variant (DoRA), and the model in eval mode
         (folding skips LoRA dropout, which only training applies)."""
+
         def plain(m: nn.Module) -> bool:
             if not (isinstance(m.base_layer, nn.Linear) and len(m.active_adapters) == 1) or m.disable_adapters:
                 return False
             name = m.active_adapters[0]
-            return (name in m.lora_A and not m.merged and not getattr(m, "lora_variant", {})
-                    and not getattr(m, "use_dora", {}).get(name, False)
-                    and not getattr(m, "lora_bias", {}).get(name, False))
+            return (
+                name in m.lora_A
+                and not m.merged
+                and not getattr(m, "lora_variant", {})
+                and not getattr(m, "use_dora", {}).get(name, False)
+                and not getattr(m, "lora_bias", {}).get(name, False)
+            )
 
         return bool(self.layers) and not self.lm.training and all(plain(m) for m in self.layers)
 
@@ -49,7 +54,7 @@ class MergedLora:
                 if held is not None and held.shape == merged.shape and held.dtype == merged.dtype:
                     held.copy_(merged)
                 else:
-                    self.weights[k:k + 1] = [nn.Parameter(merged, requires_grad=False)]
+                    self.weights[k : k + 1] = [nn.Parameter(merged, requires_grad=False)]
                     allocated = True
         return allocated
 

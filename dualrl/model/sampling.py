@@ -24,17 +24,31 @@ class Sampling:
 # generation_config fields (with their inactive values) by which `generate` would process logits in ways the
 # decoder does not: refused when set, never silently ignored
 _UNSUPPORTED_GENERATION = {
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
 }
 
 
 def unsupported_generation_settings(config) -> dict:
     """The fields of a generation config that `generate` would apply and this decoder does not."""
-    return {k: getattr(config, k) for k, inactive in _UNSUPPORTED_GENERATION.items()
-            if getattr(config, k, inactive) not in (inactive, None)}
+    return {
+        k: getattr(config, k)
+        for k, inactive in _UNSUPPORTED_GENERATION.items()
+        if getattr(config, k, inactive) not in (inactive, None)
+    }
 
 
 def choose(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:

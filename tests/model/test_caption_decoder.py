@@ -163,14 +163,15 @@ def test_rows_stop_at_their_end_and_the_loop_when_all_have(model, regions):
     with torch.no_grad():
         feats = model.encode_images(regions["images"], sam=False)
         tokens = model.project(feats)
-        batch = model.assemble(model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))),
-                               pad_left=True)
+        batch = model.assemble(
+            model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))), pad_left=True
+        )
         out = model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 64, Sampling(), model.eos_id, model.pad_id)
     assert out.tokens.shape[1] < 32
     for row in out.tokens:
         ends = (row == model.eos_id).nonzero()
         assert len(ends), "every tiny caption ends well within 32 tokens"
-        assert (row[int(ends[0]) + 1:] == model.pad_id).all()
+        assert (row[int(ends[0]) + 1 :] == model.pad_id).all()
 
 
 def test_trainable_token_rows_updated_in_place_reach_the_next_call(regions):
@@ -202,8 +203,9 @@ def test_a_decoder_call_inside_another_is_refused(model, regions):
     with torch.no_grad():
         feats = model.encode_images(regions["images"], sam=False)
         tokens = model.project(feats)
-        batch = model.assemble(model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))),
-                               pad_left=True)
+        batch = model.assemble(
+            model.region_prompts(tokens, regions["masks"], torch.arange(len(regions["masks"]))), pad_left=True
+        )
         with pytest.raises(RuntimeError, match="not re-entrant"):
             model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 4, Sampling(), None, model.pad_id, nested)
         model.decoder(batch.inputs_embeds, batch.attention_mask, 1, 2, Sampling(), None, model.pad_id)  # usable again
