@@ -21,6 +21,8 @@ except ImportError:  # the GPU machine has no `datasets` (pyarrow alone is over 
     sys.modules["datasets"].IterableDataset = type("IterableDataset", (), {})
     sys.modules["datasets"].Dataset = type("Dataset", (), {})
 
+from dualrl.recipe import NANO_SAM_OVERRIDES  # noqa: E402  (after the path and the stand-in above)
+
 TINY_MODEL = [
     "model.vision.hidden_size=64",
     "model.vision.layers=2",
@@ -41,19 +43,7 @@ TINY_MODEL = [
     "model.max_caption_tokens=8",
     "algo.loss.num_points=256",
     "model.precision=float32",
-    "model.sam.overrides="
-    + json.dumps(
-        [
-            "++model.image_encoder.trunk.embed_dim=32",
-            "++model.image_encoder.trunk.num_heads=1",
-            "++model.image_encoder.trunk.stages=[1,1,2,1]",
-            "++model.image_encoder.trunk.global_att_blocks=[3]",
-            "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
-            "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
-            "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
-            "++model.use_high_res_features_in_sam=false",
-        ]
-    ),
+    "model.sam.overrides=" + json.dumps(NANO_SAM_OVERRIDES),
 ]
 
 

@@ -23,6 +23,7 @@ greedy captions are `generate`'s (tested on the tiny model).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable
@@ -172,6 +173,26 @@ def _attention_mask(allowed: Tensor, implementation: str, dtype: torch.dtype) ->
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def _not_reentrant(method: Callable) -> Callable:
+    """A decoding call inside another (e.g. a describe from an answer-end callback) would overwrite the outer
+    call's cache and buffers: refused."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self._busy:
+            raise RuntimeError(
+                "CaptionDecoder is not re-entrant: a describe inside a decoding call (e.g. from an "
+                "answer-end callback) would overwrite its cache"
+            )
+        self._busy = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy = False
+
+    return guarded
+
+
 class CaptionDecoder:
     """Decodes captions for assembled, left-padded region prompts with a model's language model.
 
@@ -216,6 +237,7 @@ class CaptionDecoder:
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
+    @_not_reentrant
     def __call__(
         self,
         embeds: Tensor,
@@ -230,28 +252,6 @@ class CaptionDecoder:
         """`embeds` [B, L, H] and `attention` [B, L] (1 = real token): B left-padded prompts, each decoded into
         `group` consecutive rows. A row ends at `eos_id`, or where `ended(tokens so far)` says so (a text
         answer end, checked on the host each step); later tokens of an ended row are `pad_id`."""
-        if self._busy:
-            raise RuntimeError(
-                "CaptionDecoder is not re-entrant: a describe inside a decoding call (e.g. from an "
-                "answer-end callback) would overwrite its cache"
-            )
-        self._busy = True
-        try:
-            return self._decode(embeds, attention, group, max_new, sampling, eos_id, pad_id, ended)
-        finally:
-            self._busy = False
-
-    def _decode(
-        self,
-        embeds: Tensor,
-        attention: Tensor,
-        group: int,
-        max_new: int,
-        sampling: Sampling,
-        eos_id: int | None,
-        pad_id: int,
-        ended: Callable[[Tensor], Tensor] | None,
-    ) -> Decoded:
         pad = -attention.shape[1] % self.prefill_bucket
         if pad:  # a few prefill lengths only: attention kernels prepare a plan per new shape (seen: ~1 s each)
             embeds = F.pad(embeds, (0, 0, pad, 0))
