@@ -4,9 +4,9 @@
 cache compiled per prompt shape recompiles whenever a batch brings new prompt lengths. This engine runs the
 same transformers modules (the VLM's language model, its input embedding and `lm_head`) in three parts:
 
-1. **prefill**: the B distinct region prompts, left-padded to the longest, in one forward pass; its keys and
-   values are written once per sample row (G rows per region share one prefill) into a KV cache of fixed
-   slots;
+1. **prefill**: the B distinct region prompts, left-padded to a multiple of `prefill_bucket` tokens (a few
+   shapes only), in one forward pass; its keys and values are written once per sample row (G rows per region
+   share one prefill) into a KV cache of fixed slots;
 2. **decode**: one token per row per step against that cache. The cache holds `capacity` prompt slots (the
    prompt sits right-aligned in them, the unused ones masked) plus `max_new` answer slots, so the step's
    shapes depend on the number of rows and the capacity only — not on this batch's prompt lengths. On CUDA
@@ -17,7 +17,8 @@ same transformers modules (the VLM's language model, its input embedding and `lm
    the loop stops when every row has ended.
 
 Positions and masks are `generate`'s for left-padded prompts (positions count the row's real tokens), so
-greedy captions are `generate`'s (tested on the tiny model).
+greedy captions are `generate`'s (tested on the tiny model). Attention runs as `packed_sdpa` (eager stays eager),
+and plain LoRA is folded into weight copies for the call (`lora_merge.py`); the model itself is left as it was.
 """
 
 from __future__ import annotations
