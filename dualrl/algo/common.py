@@ -13,7 +13,7 @@ from dualrl.algo.losses import mask_iou, mask_losses
 @dataclass
 class StepOutput:
     loss: Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, float | Tensor]  # 0-d tensors stay on the device: the learner reads them in one transfer
 
 
 def pick_references(batch: dict, rows: list[int], generator: torch.Generator) -> list[str]:

@@ -100,9 +100,9 @@ class Grpo:
         with torch.no_grad():
             entropy = entropy_from_logits(logits).mean().item() if len(logits) else 0.0
         metrics = {
-            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
-            "train/llm_loss": llm_loss.item(), "train/seg_iou": seg_iou.item(),
-            "grpo/loss": pg_loss.item(), "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(), "train/seg_iou": seg_iou,
+            "grpo/loss": pg_loss.detach(), "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
             "grpo/zero_spread_frac": zero_spread_fraction(rewards, rollout.group_size),
             "grpo/caption_len": mask.sum(dim=1).float().mean().item(),
             "grpo/truncated_frac": 1.0 - sum(rollout.captions.finished) / len(completions),

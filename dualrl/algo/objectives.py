@@ -58,16 +58,16 @@ class Pretrain:
         loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
                 + self.spec.caption_weight * caption_loss)
         metrics = {
-            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
-            "train/llm_loss": llm_loss.item(), "train/caption_loss": caption_loss.item(),
-            "train/ref_iou": iou.item(),
+            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(), "train/caption_loss": caption_loss.detach(),
+            "train/ref_iou": iou,
         }
         if self.spec.point_weight > 0:
             clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
             point_logits, _ = samlib.decode(model.sam, feats.sam, None, model.spec.multimask, points=clicks)
             p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
             loss = loss + self.spec.point_weight * (p_mask + p_dice)
-            metrics["train/point_iou"] = p_iou.item()
+            metrics["train/point_iou"] = p_iou
         return StepOutput(loss, metrics)
 
 
@@ -138,12 +138,12 @@ class SftDual:
         loss_dice = s.ref_weight * ref_dice + s.dual_weight * dual_dice
         loss = loss_mask + loss_dice + self.llm_weight * llm_loss + s.caption_weight * caption_loss
         metrics = {
-            "train/loss_mask": loss_mask.item(), "train/loss_dice": loss_dice.item(),
-            "train/llm_loss": llm_loss.item(), "train/caption_loss": caption_loss.item(),
-            "train/dual_iou": dual_iou.item(), "train/soft_token_agreement": _agreement(ids, rollout.ids),
+            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(), "train/caption_loss": caption_loss.detach(),
+            "train/dual_iou": dual_iou, "train/soft_token_agreement": _agreement(ids, rollout.ids),
         }
         if k:
-            metrics["train/ref_iou"] = ref_iou.item()
+            metrics["train/ref_iou"] = ref_iou
         return StepOutput(loss, metrics)
 
 

@@ -89,18 +89,25 @@ class Learner:
             with self.model.autocast():
                 out = self.objective(self.model, batch, rollout, generator)
             (out.loss / len(parts)).backward()
-            loss += out.loss.item() / len(parts)
+            loss = loss + out.loss.detach().float() / len(parts)
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(parts)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
+        # the host wait for the device mid-step.
+        names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        figures = torch.stack([loss, grad_norm.float().to(loss.device),
+                               *(metrics[k].detach().float().to(loss.device) for k in names)]).tolist()
+        loss, grad = figures[0], figures[1]
+        metrics.update(zip(names, figures[2:]))
+        if not (math.isfinite(loss) and math.isfinite(grad)):
             self.skipped_steps += 1
-            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped", loss, grad_norm.item())
+            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped", loss, grad)
         else:
             self.optimizer.step()
             self.ema.update(self.model.trainable_state())
-        return {**metrics, "train/loss": loss, "train/grad_norm": grad_norm.item()}
+        return {**metrics, "train/loss": loss, "train/grad_norm": grad}
 
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:
