@@ -220,7 +220,7 @@ class CaptionDecoder:
         self.lora = MergedLora(lm) if merge_lora else None
         self._merged = False  # this call decodes with the merged LoRA copies
         self._busy = False
-        self._owned: dict[str, int | None] = {}  # data_ptr of each held matrix as placed (None: a model parameter)
+        self._placed: dict[str, tuple[int, bool]] = {}  # held matrix -> (its storage as placed, a model parameter)
         # attention runs as `packed_sdpa` here (no KV copy per query head); eager stays transformers' own
         self.attn_implementation = "eager" if attn_implementation == "eager" else PACKED_SDPA
         self._attention = None
@@ -345,19 +345,19 @@ class CaptionDecoder:
             replaced |= self.lora.refresh()
 
         def place(name: str, new: Tensor, held: Tensor | None) -> Tensor:
-            """A model parameter is used where it is, as long as it is the same storage; a fresh merged matrix is
-            copied into the one this decoder owns (never into a parameter)."""
+            """A model parameter is used where it is, as long as it keeps the storage it was placed with; a fresh
+            merged matrix is copied into the buffer this decoder owns (never into a parameter)."""
             nonlocal replaced
-            param = isinstance(new, nn.Parameter)
-            same = held is not None and held.shape == new.shape and held.dtype == new.dtype
-            if param and same and new is held and new.data_ptr() == self._owned.get(name + "_ptr"):
-                return held
-            if not param and same and self._owned.get(name) is not None:
+            ptr, was_param = self._placed.get(name, (None, False))
+            fits = held is not None and held.shape == new.shape and held.dtype == new.dtype
+            if isinstance(new, nn.Parameter):
+                if fits and was_param and new is held and new.data_ptr() == ptr:
+                    return held
+            elif fits and not was_param:
                 held.copy_(new)
                 return held
             replaced = True
-            self._owned[name] = None if param else new.data_ptr()
-            self._owned[name + "_ptr"] = new.data_ptr()
+            self._placed[name] = (new.data_ptr(), isinstance(new, nn.Parameter))
             return new
 
         self._embed = place("embed", embed, self._embed)
