@@ -162,6 +162,9 @@ class ModelSpec(Section):
         "generate, every sample its own prompt (the path before 0.5; same greedy captions).")
     decode_graphs: bool = Field(True, description="engine on CUDA: capture the decode step as a CUDA graph "
                                 "(once per number of rows and prompt capacity); False runs it eagerly.")
+    decode_compile: bool = Field(False, description="engine: compile the decode step with torch.compile before "
+                                 "capturing it (fuses its hundreds of small elementwise kernels; each new number "
+                                 "of rows or prompt capacity compiles once, tens of seconds on a 4B model).")
     decode_merge_lora: bool = Field(True, description="engine: decode with LoRA folded into a copy of each adapted "
                                     "weight (one product per layer instead of the adapter's extra kernels; costs "
                                     "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA, kept between calls). Same "

@@ -11,6 +11,7 @@ images (`encode_s`) and the captions (`caption_s`: prompt assembly, prefill, dec
 synchronisation; the first step (warm-up: graph capture, compilation) is reported apart.
 
 Paths: `engine` (model.generation=engine, CUDA graphs), `engine_eager` (the same without graphs),
+`engine_compiled` (model.decode_compile: the step compiled by torch.compile, then captured),
 `generate_dynamic` and `generate_static` (model.generation=generate with either cache: every sample its own
 prompt). `generate_static` recompiles for each new prompt shape (tens of seconds each): it runs
 `--static-steps` steps on one repeated batch, its best case.
@@ -41,6 +42,9 @@ from dualrl.data.batch import collate_regions
 from dualrl.data.shapes import ShapesDataset
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device
+
+
+ENGINES = ("engine_eager", "engine", "engine_compiled")
 
 
 def shape_limit(model, prompt_lengths: list[int], group: int, max_new: int, rates: dict) -> dict:
@@ -105,7 +109,11 @@ def set_path(model, path: str) -> None:
     cache = "static" if path == "generate_static" else "dynamic"
     model.spec = model.spec.model_copy(update={"generation": generation, "generation_cache": cache})
     if generation == "engine":
-        model.decoder.graphs = path == "engine"
+        decoder = model.decoder
+        compiled = path == "engine_compiled"
+        if decoder.compile != compiled:
+            decoder._states.clear()  # graphs captured around the other step
+        decoder.graphs, decoder.compile = path != "engine_eager", compiled
 
 
 class _PhaseTimer:
@@ -169,13 +177,13 @@ def check(model, batch: dict, max_new: int) -> dict:
     """Greedy captions of each path on one batch, compared with generate's (dynamic cache). In float32 they
     must agree; in bf16, kernels that sum in another order flip argmaxes of random weights' flat logits."""
     out = {}
-    for path in ("generate_dynamic", "engine_eager", "engine"):
+    for path in ("generate_dynamic", *ENGINES):
         set_path(model, path)
         with torch.no_grad(), model.autocast():
             out[path] = model.describe(batch["images"], batch["masks"], max_new_tokens=max_new)
     ref = out["generate_dynamic"]
     report = {}
-    for path in ("engine_eager", "engine"):
+    for path in ENGINES:
         same = [a.tolist() == b.tolist() for a, b in zip(out[path].ids, ref.ids)]
         diffs = [float((x - y).abs().max()) for x, y, s in zip(out[path].logprobs, ref.logprobs, same) if s and len(x)]
         # where captions part, how many tokens they share first (bf16 ties can flip an argmax)
@@ -228,11 +236,11 @@ def run_path(model, path: str, steps: list[dict], group: int, max_new: int, rate
         "max_over_median": max(r["rollout_s"] for r in timed) / median["rollout_s"],
         "fraction_of_limit": median["limit_s"] / median["caption_s"],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "graph_captures": getattr(model._decoder, "captures", 0) if path == "engine" else 0,
+        "graph_captures": getattr(model._decoder, "captures", 0) if path != "engine_eager" else 0,
     }
 
 
-def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None) -> dict:
+def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None, path: str = "engine") -> dict:
     """Where a step of the engine goes: the captured decode step replayed alone, the token choice alone (sampling
     and greedy on logits of the step's shape), and a profile of one whole caption step (kernels by GPU time,
     operators by host time)."""
@@ -240,7 +248,7 @@ def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None
 
     from dualrl.model.decode import Sampling, choose
 
-    set_path(model, "engine")
+    set_path(model, path)
     caption_step(model, batch, group, max_new, seed=0)
     state = next(reversed(model.decoder._states.values()))
     report = {}
@@ -261,7 +269,7 @@ def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None
     for name, table in tables.items():
         print(f"--- profile of one engine step, {name}\n{table}", flush=True)
         if out_dir:
-            (out_dir / f"engine_profile_{name}.txt").write_text(table)
+            (out_dir / f"{path}_profile_{name}.txt").write_text(table)
     print("breakdown", json.dumps(report), flush=True)
     return report
 
@@ -278,6 +286,7 @@ def main() -> int:
     parser.add_argument("--slow-steps", type=int, default=3, help="steps of the engine_eager and generate paths")
     parser.add_argument("--tiny", action="store_true", help="the tiny model at 128 px (checks the script on a CPU)")
     parser.add_argument("--profile", action="store_true", help="after the paths: where an engine step goes")
+    parser.add_argument("--profile-path", default="engine", choices=ENGINES[1:])
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -331,7 +340,7 @@ def main() -> int:
     for path in args.paths:
         if path == "generate_static":
             steps = [data[0]] * args.static_steps  # one batch repeated: static's best case (no new shapes)
-        elif path == "engine":
+        elif path in ("engine", "engine_compiled"):
             steps = data[: args.steps]
         else:
             steps = data[: args.slow_steps]
@@ -342,7 +351,7 @@ def main() -> int:
             result.setdefault("failed", {})[path] = repr(err)
     if args.profile:
         out_dir = args.out.parent if args.out else None
-        result["breakdown"] = breakdown(model, data[0], args.generations, args.max_new, out_dir)
+        result["breakdown"] = breakdown(model, data[0], args.generations, args.max_new, out_dir, args.profile_path)
     lengths = prompt_lengths(model, data[0])
     result["limit_first_batch"] = shape_limit(model, lengths, args.generations, args.max_new, rates)
     engine = result["paths"].get("engine")

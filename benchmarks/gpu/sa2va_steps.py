@@ -11,7 +11,7 @@ algorithm through the same workers the driver uses: rollout (captions), reward (
 learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `sync_s` = `learner_s`;
 `sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
 with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
-`torch.cuda.max_memory_allocated` over each algorithm's steps (the build included). `--tiny` swaps in the
+`torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny` swaps in the
 tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 
 After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the
@@ -177,6 +177,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     median = {k: statistics.median(p[k] for p in timed)
               for k in ("rollout_s", "reward_s", "learner_s", "update_s", "forward_s", "backward_s", "optimizer_s",
                         "other_s", "sync_s", "sync_host_s", "step_s")}
+    steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rollout = Rollout(captions, plan.group_size, scored.total)
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
@@ -202,7 +203,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
         "loader_workers": workers,
         "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_memory_gib": steps_peak_gib,  # the build and the timed steps (not the FLOP count's update)
         "warmup_step": phases[0], "median": median, "steps": phases, "mfu": mfu, **speed, "naive": naive,
         "generation": recipe.model.generation,
     }

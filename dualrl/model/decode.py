@@ -152,7 +152,7 @@ class _SlotKV:
 
 class _DecodeState:
     """Everything one (rows, capacity) shape needs across steps and calls: the slot cache, the step's input
-    buffers (token, position, mask), its output (logits) and, on CUDA, the captured graph."""
+    buffers (token, position, the slots each row may attend), its output (logits) and, on CUDA, the captured graph."""
 
     def __init__(self, prompt: _PromptKV, rows: int, capacity: int, max_new: int):
         self.rows, self.capacity, self.max_new = rows, capacity, max_new
@@ -161,7 +161,6 @@ class _DecodeState:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.allowed = torch.zeros(rows, capacity + max_new, dtype=torch.bool, device=device)
-        self.mask: Tensor | None = None  # the mask in the attention implementation's format, made per step
         self.logits: Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -169,9 +168,12 @@ class _DecodeState:
 def _attention_mask(allowed: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     """[B, Q, K] "may attend" -> the 4-D mask transformers' attention takes as given."""
     mask = allowed.unsqueeze(1)
-    if implementation != "eager":
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask if implementation != "eager" else _additive(mask, dtype)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean "may attend" mask as an additive one (0 where allowed, the dtype's lowest value elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _not_reentrant(method: Callable) -> Callable:
@@ -215,6 +217,7 @@ class CaptionDecoder:
         keep: int = 2,
         merge_lora: bool = True,
         prefill_bucket: int = 64,
+        compile: bool = False,
     ):
         self.weights, self.lm = weights, lm
         self.lora = MergedLora(lm) if merge_lora else None
@@ -235,6 +238,10 @@ class CaptionDecoder:
         self.graphs, self.bucket, self.keep, self.prefill_bucket = graphs, bucket, keep, prefill_bucket
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
         self.captures = 0  # CUDA graphs captured so far (a new shape, or a longer prompt than seen)
+        # the step compiled by torch.compile (inductor fuses the norms, rotary embedding, activations and residual
+        # adds: hundreds of small kernels a step), then captured as a graph on CUDA
+        self.compile = compile
+        self._compiled: Callable | None = None
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
@@ -372,29 +379,36 @@ class CaptionDecoder:
         with attention_implementation(self.lm.config, self._attention), merged:
             yield
 
-    def _forward(self, state: _DecodeState) -> Tensor:
-        embeds = F.embedding(state.tokens, self._embed)
-        with self._attending():
-            hidden = self.lm(
-                inputs_embeds=embeds,
-                attention_mask=state.mask,
-                position_ids=state.positions,
-                use_cache=True,
-                **{self._cache_arg: state.kv},
-            ).last_hidden_state
+    def _lm_step(self, tokens: Tensor, positions: Tensor, allowed: Tensor, kv: _SlotKV) -> Tensor:
+        """The decode step proper: next-token logits (float32) for the rows' last tokens. The mask is made additive
+        here, once for all layers (sdpa would otherwise convert a boolean one in every layer)."""
+        embeds = F.embedding(tokens, self._embed)
+        hidden = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=_additive(allowed[:, None, None, :], kv.keys[0].dtype),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: kv},
+        ).last_hidden_state
         return F.linear(hidden[:, -1], self._head).float()
+
+    def _forward(self, state: _DecodeState, compiled: bool = False) -> Tensor:
+        step = self._lm_step
+        if compiled:
+            if self._compiled is None:
+                # shapes static at first; a second (rows, capacity) makes torch.compile mark them dynamic, so a run
+                # compiles twice at most whatever its prompt lengths
+                self._compiled = torch.compile(self._lm_step)
+            step = self._compiled
+        with self._attending():
+            return step(state.tokens, state.positions, state.allowed, state.kv)
 
     def _step(self, state: _DecodeState) -> Tensor:
         """One decode step: eager, or the state's CUDA graph (captured on first use)."""
         use_graph = self.graphs and state.kv.slot.device.type == "cuda"
-        dtype = state.kv.keys[0].dtype
-        if state.mask is None:  # the boolean mask is a view of `allowed`: it follows every update
-            state.mask = self._mask(state.allowed[:, None, :], dtype)
-        elif self.attn_implementation == "eager":  # an additive mask is a copy: refresh it in place
-            state.mask.copy_(self._mask(state.allowed[:, None, :], dtype))
         if not use_graph:
             with self.autocast():
-                return self._forward(state)
+                return self._forward(state, self.compile)
         if state.graph is None:
             self._capture(state)
         state.graph.replay()
@@ -408,11 +422,11 @@ class CaptionDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self.autocast(), _cast_cache_off("cuda"):
             for _ in range(2):
-                self._forward(state)
+                self._forward(state, self.compile)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self.autocast(), _cast_cache_off("cuda"):
-            state.logits = self._forward(state)
+            state.logits = self._forward(state, self.compile)
         state.graph = graph
         self.captures += 1
 

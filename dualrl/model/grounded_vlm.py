@@ -270,7 +270,8 @@ class GroundedVLM(nn.Module):
             model = weakref.ref(self)  # the decoder must not keep its model (and the memory it holds) alive
             self._decoder = CaptionDecoder(lambda: model().token_matrices(), self.lm, self.spec.attn_implementation,
                                            lambda: model().autocast(), graphs=self.spec.decode_graphs,
-                                           merge_lora=self.spec.decode_merge_lora)
+                                           merge_lora=self.spec.decode_merge_lora,
+                                           compile=self.spec.decode_compile)
         return self._decoder
 
     def token_matrices(self) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,7 @@ class MergedLora:
             return (
                 name in m.lora_A
                 and not m.merged
+                and not getattr(m, "fan_in_fan_out", False)
                 and not getattr(m, "lora_variant", {})
                 and not getattr(m, "use_dora", {}).get(name, False)
                 and not getattr(m, "lora_bias", {}).get(name, False)
@@ -44,18 +45,21 @@ class MergedLora:
 
     def refresh(self) -> bool:
         """The merged copies from the current weights; True when a copy had to be allocated anew (graphs captured
-        before then read the old one)."""
+        before then read the old one). Each copy is one fused product per layer, W + s B A with B and A in W's
+        dtype (as bf16 autocast computes the adapter in training), accumulated in float32 and rounded once."""
         allocated = False
         with torch.no_grad():
             for k, layer in enumerate(self.layers):
+                name = layer.active_adapters[0]
                 base = layer.base_layer.weight
-                merged = (base.float() + layer.get_delta_weight(layer.active_adapters[0]).float()).to(base.dtype)
+                lora_b = layer.lora_B[name].weight.to(base.dtype)
+                lora_a = layer.lora_A[name].weight.to(base.dtype)
                 held = self.weights[k] if k < len(self.weights) else None
-                if held is not None and held.shape == merged.shape and held.dtype == merged.dtype:
-                    held.copy_(merged)
-                else:
-                    self.weights[k : k + 1] = [nn.Parameter(merged, requires_grad=False)]
+                if held is None or held.shape != base.shape or held.dtype != base.dtype:
+                    held = nn.Parameter(torch.empty_like(base), requires_grad=False)
+                    self.weights[k : k + 1] = [held]
                     allocated = True
+                torch.addmm(base, lora_b, lora_a, alpha=layer.scaling[name], out=held.data)
         return allocated
 
     @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch
 
 from dualrl.data.shapes import ShapesDataset, collate_regions
 from dualrl.model.build import build_model
-from dualrl.model.sampling import Sampling, choose
+from dualrl.model.sampling import Sampling, choose, kth_largest
 from dualrl.recipe import load_recipe
 
 
@@ -124,6 +124,18 @@ def test_choose_keeps_the_top_p_nucleus_and_reports_temperature_log_probs():
     assert token.tolist() == [0, 0] and math.isclose(logprob[0].item(), math.log(0.5), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [151674, 4001, 120])
+def test_kth_largest_is_topks_kth_value_with_ties_and_masked_scores(vocab):
+    """The two-round k-th largest (slices, then their candidates) is the value topk gives, whatever the row length
+    (a last slice padded, or too short to slice), with tied scores and -inf scores."""
+    torch.manual_seed(vocab)
+    scores = torch.randn(5, vocab).mul(4).round()  # many ties
+    scores[1, : vocab // 2] = float("-inf")
+    scores[2] = 1.0
+    for k in (1, 50):
+        assert torch.equal(kth_largest(scores, k), torch.topk(scores, k, dim=-1).values[:, -1:])
+
+
 def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
     """With trained (non-zero) LoRA, the merged copies decode what the adapters compute; afterwards every layer
     computes with its own weights and adapters again, and the merged copies follow in-place weight updates."""
@@ -147,6 +159,18 @@ def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
     merged = model.decoder.lora.weights[0]
     expected = layers[0].base_layer.weight + layers[0].get_delta_weight(layers[0].active_adapters[0])
     torch.testing.assert_close(merged, expected)
+
+
+def test_the_compiled_step_decodes_generates_captions(regions):
+    """model.decode_compile: the decode step compiled by torch.compile (inductor's C++ kernels on a CPU) decodes the
+    same greedy captions and the same seeded samples, log-probs included, across two row counts."""
+    model = build_model(_pretrained_spec("model.decode_compile=true")).eval()
+    assert model.decoder.compile
+    _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"))
+    kwargs = {"group_size": 2, "sample": True, "temperature": 1.3, "top_p": 0.9}
+    _assert_same(_describe(model, regions, "engine", seed=5, **kwargs),
+                 _describe(model, regions, "generate", seed=5, **kwargs))
+    assert model.decoder._compiled is not None
 
 
 def test_hot_sampling_uses_generates_top_k(model, regions):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 11's GPU measurements, in stages that fit one device call each (logs and JSON under $OUT):
+#   bash benchmarks/gpu/issue11.sh rollout   # engine vs engine_compiled at the 4B grpo shape, profile of the compiled step
+#   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
+#   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+source benchmarks/gpu/setup.sh
+run() {  # name, seconds, command...: one benchmark, its log under $OUT, never past its deadline
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after ${SECONDS}s"
+  tail -n 12 "$OUT/$name.log"
+}
+steps=benchmarks/gpu/sa2va_steps.py
+case ${1:-} in
+  rollout)
+    run rollout 330 python3 benchmarks/gpu/rollout.py --paths engine engine_compiled --steps 8 --profile \
+      --profile-path engine_compiled --out "$OUT/rollout.json"
+    run sdpa_shapes 60 python3 benchmarks/gpu/sdpa_shapes.py --out "$OUT/sdpa_shapes.json"
+    ;;
+  learner)  # one micro-batch, no recomputation (what H200-class memory allows), with a profile of one update
+    run sft_acc1_norecompute 240 python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 4 \
+      --set model.gradient_checkpointing=false --profile-learner --out "$OUT/sft_acc1_norecompute.json"
+    run grpo_acc1_norecompute 200 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 1 \
+      --steps 4 --set model.gradient_checkpointing=false --out "$OUT/grpo_acc1_norecompute.json"
+    ;;
+  whole)  # the recipes' settings (sa2va_4b_sft_dual.yaml, its grpo part) against the naive loop on one region
+    run whole_sft_dual 290 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 6 \
+      --naive-regions 1 --out "$OUT/whole_sft_dual.json"
+    run whole_grpo 290 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 6 \
+      --naive-regions 1 --out "$OUT/whole_grpo.json"
+    ;;
+  *) echo "usage: issue11.sh rollout|learner|whole" >&2; exit 2 ;;
+esac
