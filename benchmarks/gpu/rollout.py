@@ -43,7 +43,6 @@ from dualrl.data.shapes import ShapesDataset
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device
 
-
 ENGINES = ("engine_eager", "engine", "engine_compiled")
 
 

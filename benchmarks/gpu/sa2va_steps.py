@@ -11,7 +11,7 @@ algorithm through the same workers the driver uses: rollout (captions), reward (
 learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `sync_s` = `learner_s`;
 `sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
 with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
-`torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny` swaps in the
+`torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny`
 tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 
 After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the

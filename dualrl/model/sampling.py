@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -52,20 +51,6 @@ def unsupported_generation_settings(config) -> dict:
     }
 
 
-def kth_largest(scores: Tensor, k: int, segments: int = 64) -> Tensor:
-    """The k-th largest value of each row of [N, V] scores, as `topk(scores, k).values[:, -1:]` gives it, found in
-    two rounds: the top k of each of `segments` slices of a row, then the top k of those candidates (the row's top
-    k are among them). A vocabulary-wide top-k over a few rows keeps a few GPU blocks busy (~0.36 ms for 64 rows
-    of 151k on an H200); slices spread it over the whole card."""
-    n, v = scores.shape
-    width = -(-v // segments)
-    if segments <= 1 or width < 2 * k:
-        return torch.topk(scores, k, dim=-1).values[:, -1:]
-    padded = F.pad(scores, (0, width * segments - v), value=float("-inf"))
-    candidates = torch.topk(padded.view(n * segments, width), k, dim=-1).values.view(n, segments * k)
-    return torch.topk(candidates, k, dim=-1).values[:, -1:]
-
-
 def choose(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
     """Next token per row from float logits [N, V] and its log-prob under the temperature-scaled distribution
     (what `Captions.logprobs` records and what grpo's ratio compares against)."""
@@ -75,7 +60,7 @@ def choose(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
     scaled = logits / sampling.temperature
     scores = scaled
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = kth_largest(scores, sampling.top_k)
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
         # transformers' top-p: drop the low tail whose total probability is at most 1 - top_p, keep >= 1 token

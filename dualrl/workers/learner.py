@@ -86,7 +86,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = 0.0, {}
         for batch, rollout in parts:
-            with self.model.autocast():
+            with self.model.autocast(), _attention_without_plans():
                 out = self.objective(self.model, batch, rollout, generator)
             (out.loss / len(parts)).backward()
             loss = loss + out.loss.detach().float() / len(parts)
@@ -152,3 +152,14 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state["skipped_steps"])
         set_rng_state(state["rng"])
+
+
+def _attention_without_plans():
+    """sdpa backends in an order that prefers kernels without per-shape set-up: cuDNN's attention builds a plan for
+    every new sequence length (~100 ms for forward and backward on an H200, benchmarks/gpu/sdpa_shapes.py), and
+    training batches bring new lengths at almost every step; the memory-efficient kernel runs as fast once both
+    are warm. All backends stay allowed, only the order changes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)

@@ -12,7 +12,7 @@ import torch
 
 from dualrl.data.shapes import ShapesDataset, collate_regions
 from dualrl.model.build import build_model
-from dualrl.model.sampling import Sampling, choose, kth_largest
+from dualrl.model.sampling import Sampling, choose
 from dualrl.recipe import load_recipe
 
 
@@ -122,18 +122,6 @@ def test_choose_keeps_the_top_p_nucleus_and_reports_temperature_log_probs():
     torch.testing.assert_close(logprob, torch.log_softmax(logits[:4] / 2.0, -1)[:, 0])
     token, logprob = choose(logits[:2], Sampling())
     assert token.tolist() == [0, 0] and math.isclose(logprob[0].item(), math.log(0.5), rel_tol=1e-6)
-
-
-@pytest.mark.parametrize("vocab", [151674, 4001, 120])
-def test_kth_largest_is_topks_kth_value_with_ties_and_masked_scores(vocab):
-    """The two-round k-th largest (slices, then their candidates) is the value topk gives, whatever the row length
-    (a last slice padded, or too short to slice), with tied scores and -inf scores."""
-    torch.manual_seed(vocab)
-    scores = torch.randn(5, vocab).mul(4).round()  # many ties
-    scores[1, : vocab // 2] = float("-inf")
-    scores[2] = 1.0
-    for k in (1, 50):
-        assert torch.equal(kth_largest(scores, k), torch.topk(scores, k, dim=-1).values[:, -1:])
 
 
 def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
