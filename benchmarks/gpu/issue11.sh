@@ -29,9 +29,9 @@ case ${1:-} in
       --steps 4 --set model.gradient_checkpointing=false --out "$OUT/grpo_acc1_norecompute.json"
     ;;
   whole)  # the recipes' settings (sa2va_4b_sft_dual.yaml, its grpo part) against the naive loop on one region
-    run whole_sft_dual 290 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 5 \
+    run whole_sft_dual 250 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_sft_dual.json"
-    run whole_grpo 290 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 5 \
+    run whole_grpo 270 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_grpo.json"
     ;;
   *) echo "usage: issue11.sh rollout|learner|whole" >&2; exit 2 ;;

@@ -12,7 +12,7 @@ learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `syn
 `sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
 with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
 `torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny`
-tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
+swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 
 After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the
 median update time give its MFU against the card's datasheet bf16 peak and against the measured matrix rate; with
