@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# What the dual loop adds: the default sft_dual run against the same run with only its supervised terms
+# (referring segmentation + captioning of the regions that have an expression: algo.name=pretrain with sft_dual's
+# weights), same steps, data and seeds. Each seed sets the data order, the step generators and the LoRA init.
+#   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"]
+# then: python -m dualrl.plot $OUT/sft_dual_seed* $OUT/supervised_seed* --out $OUT/sft_dual_vs_supervised.png
+set -euo pipefail
+OUT=${OUT:-outputs/compare}
+SEEDS=${SEEDS:-0 1 2}
+mkdir -p "$OUT"
+supervised=(algo.name=pretrain algo.pretrain.ref_weight=1.0 algo.pretrain.caption_weight=0.5
+            algo.pretrain.point_weight=0.0)
+for seed in $SEEDS; do
+  common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled)
+  for arm in sft_dual supervised; do
+    dir=$OUT/${arm}_seed$seed
+    [ -f "$dir/summary.json" ] && { echo "$dir: done before, kept"; continue; }
+    extra=()
+    [ "$arm" = supervised ] && extra=("${supervised[@]}")
+    start=$SECONDS
+    python -m dualrl.launch recipes/sft_dual.yaml output_dir="$dir" "${common[@]}" "${extra[@]}" >"$dir.log" 2>&1 \
+      || { echo "$dir: failed, see $dir.log" >&2; exit 1; }
+    echo "$dir: $((SECONDS - start)) s"
+  done
+done
+python -m dualrl.plot "$OUT"/sft_dual_seed* "$OUT"/supervised_seed* --out "$OUT/sft_dual_vs_supervised.png" \
+  --json "$OUT/sft_dual_vs_supervised.json" --title "sft_dual against its supervised terms alone"
