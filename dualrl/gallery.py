@@ -42,7 +42,7 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a & b).sum().item() / union if union else 1.0
 
 
-def draw(batch: dict, results: dict[str, tuple[list[str], torch.Tensor]], out: Path) -> None:
+def draw(batch: dict, results: dict[str, tuple[list[str], torch.Tensor]], out: Path, dpi: int = 80) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +73,7 @@ def draw(batch: dict, results: dict[str, tuple[list[str], torch.Tensor]], out: P
                  f"{name}: \"{captions[k]}\" (IoU {_iou(masks[k], truth[k]):.2f})")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
 
 
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a training run's output_dir")
     parser.add_argument("--regions", type=int, default=6)
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--out", type=Path, default=None, help="default: RUN/gallery.png")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN/gallery.png (.jpg: a smaller file)")
+    parser.add_argument("--dpi", type=int, default=80)
     args = parser.parse_args(argv)
     try:
         if args.regions < 1:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = cycle(model, batch)
         del model
     out = args.out or args.run / "gallery.png"
-    draw(batch, results, out)
+    draw(batch, results, out, args.dpi)
     for k in range(len(samples)):
         print(f"{k}: " + " | ".join(f"{name}: {caps[k]!r}" for name, (caps, _) in results.items()))
     print(f"written to {out}")

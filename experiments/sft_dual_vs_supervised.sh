@@ -3,7 +3,7 @@
 # (referring segmentation + captioning of the regions that have an expression: algo.name=pretrain with sft_dual's
 # weights), same steps, data and seeds. Each seed sets the data order, the step generators and the LoRA init.
 #   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"]
-# then: python -m dualrl.plot $OUT/sft_dual_seed* $OUT/supervised_seed* --out $OUT/sft_dual_vs_supervised.png
+# then: python -m dualrl.plot $OUT/sft_dual_seed*/ $OUT/supervised_seed*/ --out $OUT/sft_dual_vs_supervised.png
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}
@@ -23,5 +23,5 @@ for seed in $SEEDS; do
     echo "$dir: $((SECONDS - start)) s"
   done
 done
-python -m dualrl.plot "$OUT"/sft_dual_seed* "$OUT"/supervised_seed* --out "$OUT/sft_dual_vs_supervised.png" \
+python -m dualrl.plot "$OUT"/sft_dual_seed*/ "$OUT"/supervised_seed*/ --out "$OUT/sft_dual_vs_supervised.png" \
   --json "$OUT/sft_dual_vs_supervised.json" --title "sft_dual against its supervised terms alone"
