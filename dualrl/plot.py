@@ -7,7 +7,8 @@ the band too). `--arm NAME=RUN[,RUN...]` names an arm explicitly instead.
 
     python -m dualrl.plot outputs/compare/sft_dual_seed* outputs/compare/supervised_seed* --out compare.png
 
-Prints, and writes with `--json`, each arm's last evaluation: mean ± std over seeds of every plotted metric. A
+Prints, and writes with `--json`, each arm's final figures: mean ± std over its runs of each run's last evaluation
+of every plotted metric (runs matched on wall time may end at different steps; the table says where). A
 torn last line of a `metrics.jsonl` (a run killed mid-write) is skipped with a warning; a run without evaluations,
 a missing directory or arms whose seeds never share an evaluated step stop the command with an error.
 """
@@ -101,21 +102,26 @@ def summarise(evals: list[dict[int, dict[str, float]]], metric: str) -> tuple[li
 
 
 def final_table(arms: OrderedDict[str, list[Path]], evals: dict[str, list], metrics: list[str]) -> dict:
-    """Per arm: seeds, the last step all seeds evaluated, and mean / std / values of each metric there."""
+    """Per arm: seeds, and for each metric the mean / std / values of every run's last evaluation of it (runs of
+    one arm may end at different steps, e.g. when matched on wall time: `steps` lists where)."""
     table = {}
     for name in arms:
         row = {"runs": [str(r) for r in arms[name]], "seeds": len(arms[name]), "metrics": {}}
         for metric in metrics:
-            steps = summarise(evals[name], metric)[0]
-            if not steps:
+            lasts = [max((s for s, v in e.items() if metric in v), default=None) for e in evals[name]]
+            if None in lasts:
                 continue
-            values = [e[steps[-1]][metric] for e in evals[name]]
+            values = [e[step][metric] for e, step in zip(evals[name], lasts)]
             row["metrics"][metric] = {
-                "step": steps[-1], "mean": statistics.fmean(values),
+                "steps": lasts, "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values,
             }
         table[name] = row
     return table
+
+
+def _at(steps: list[int]) -> str:
+    return f"@{steps[0]}" if min(steps) == max(steps) else f"@{min(steps)}-{max(steps)}"
 
 
 def draw(arms: OrderedDict[str, list[Path]], evals: dict[str, list], metrics: list[str], out: Path, title: str | None):
@@ -173,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = final_table(arms, evals, args.metrics)
     width = max(len(n) for n in table)
-    print(f"{'arm':{width}s}  seeds  " + "  ".join(f"{m:>22s}" for m in args.metrics))
+    print(f"{'arm':{width}s}  seeds  " + "  ".join(f"{m:>26s}" for m in args.metrics))
     for name, row in table.items():
         cells = []
         for metric in args.metrics:
             cell = row["metrics"].get(metric)
-            cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f} @{cell['step']}" if cell else "—")
-        print(f"{name:{width}s}  {row['seeds']:5d}  " + "  ".join(f"{c:>22s}" for c in cells))
+            cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f} {_at(cell['steps'])}" if cell else "—")
+        print(f"{name:{width}s}  {row['seeds']:5d}  " + "  ".join(f"{c:>26s}" for c in cells))
     print(f"figure: {args.out}")
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))

@@ -32,11 +32,22 @@ def test_seeds_form_one_arm_and_the_table_reports_mean_and_std(tmp_path, capsys)
     rows = json.loads(table.read_text())
     assert list(rows) == ["dual", "control"] and rows["dual"]["seeds"] == 3
     cycle = rows["dual"]["metrics"]["eval/cycle_miou"]
-    assert cycle["step"] == 100 and math.isclose(cycle["mean"], 0.6) and math.isclose(cycle["std"], 0.1)
+    assert cycle["steps"] == [100] * 3 and math.isclose(cycle["mean"], 0.6) and math.isclose(cycle["std"], 0.1)
     assert rows["control"]["metrics"]["eval/ref_miou"]["mean"] == pytest.approx(0.225)
-    # a null (non-finite) value is not a measurement: METEOR's last shared step is 100, not 0
-    assert rows["dual"]["metrics"]["eval/meteor"]["step"] == 100
+    # a null (non-finite) value is not a measurement
+    assert rows["dual"]["metrics"]["eval/meteor"]["values"] == [0.8] * 3
     assert "0.6000 ± 0.1000 @100" in capsys.readouterr().out
+
+
+def test_runs_of_one_arm_that_end_at_different_steps_report_their_last_evaluations(tmp_path, capsys):
+    """Arms matched on wall time end at different steps: each run's own last evaluation counts."""
+    runs = [_run(tmp_path / "more_seed0", {0: 0.4, 100: 0.5, 130: 0.7}),
+            _run(tmp_path / "more_seed1", {0: 0.4, 100: 0.5})]
+    table = tmp_path / "t.json"
+    assert main([*map(str, runs), "--out", str(tmp_path / "f.png"), "--json", str(table)]) == 0
+    cycle = json.loads(table.read_text())["more"]["metrics"]["eval/cycle_miou"]
+    assert cycle["steps"] == [130, 100] and cycle["values"] == [0.7, 0.5]
+    assert "0.6000 ± 0.1414 @100-130" in capsys.readouterr().out
 
 
 def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path, capsys):

@@ -11,7 +11,8 @@ same transformers modules (the VLM's language model, its input embedding and `lm
    prompt sits right-aligned in them, the unused ones masked) plus `max_new` answer slots, so the step's
    shapes depend on the number of rows and the capacity only — not on this batch's prompt lengths. On CUDA
    the step is captured once as a CUDA graph per (rows, capacity) and replayed (the gpt-fast idea, around
-   transformers' own modules); the capacity grows in steps of `bucket` when a longer prompt comes;
+   transformers' own modules), optionally compiled by torch.compile first (`compile`: fused elementwise kernels);
+   the capacity grows in steps of `bucket` when a longer prompt comes;
 3. **choice**: greedy argmax, or sampling as `generate` samples (temperature, then top-k, then top-p), with
    the chosen token's log-prob under the temperature-scaled distribution; rows stop at the answer end, and
    the loop stops when every row has ended.
@@ -396,8 +397,8 @@ class CaptionDecoder:
         step = self._lm_step
         if compiled:
             if self._compiled is None:
-                # shapes static at first; a second (rows, capacity) makes torch.compile mark them dynamic, so a run
-                # compiles twice at most whatever its prompt lengths
+                # static shapes at first; a second (rows, capacity) makes torch.compile mark those sizes dynamic,
+                # so later prompt lengths reuse that compilation instead of compiling again
                 self._compiled = torch.compile(self._lm_step)
             step = self._compiled
         with self._attending():
