@@ -75,7 +75,7 @@ class Grpo:
         s = self.spec
         device = model.device
         feats = model.encode_images(batch["images"])  # once: every caption and every seg prompt below
-        masks = batch["masks"].to(device)
+        masks = batch["masks"]  # host masks: region prompts pick their cells without a device round trip
         region = rollout.region
         completions = rollout.captions.completions()  # with the tokens that ended them: the policy chose those
 

@@ -53,7 +53,9 @@ class Pretrain:
         gt = batch["masks"][index].to(device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
-        cap_seq = model.assemble(model.region_prompts(image_tokens, gt, local, canonical(batch, rows)))
+        # region prompts from the host masks: their cells are picked without a device round trip
+        cap_seq = model.assemble(model.region_prompts(image_tokens, batch["masks"][index], local,
+                                                      canonical(batch, rows)))
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
                 + self.spec.caption_weight * caption_loss)
@@ -99,14 +101,13 @@ class SftDual:
         rows = ref_rows(batch)
         feats = model.encode_images(batch["images"])  # once, for every prompt below
         image_tokens = model.project(feats)
-        masks = batch["masks"].to(device)
         all_idx = torch.arange(n)
 
         # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions).
         answers: list = [Ids(self._teacher_forced(c, generator), mark="caption") for c in rollout.ids]
         answers += canonical(batch, rows)
         cap_index = torch.cat([all_idx, torch.tensor(rows, dtype=torch.long)])
-        cap_seq = model.assemble(model.region_prompts(image_tokens, masks[cap_index], cap_index, answers))
+        cap_seq = model.assemble(model.region_prompts(image_tokens, batch["masks"][cap_index], cap_index, answers))
         cap_hidden = model.lm_hidden(cap_seq)
         caption_loss = model.lm_loss(cap_hidden, cap_seq)
 

@@ -24,7 +24,7 @@ from dualrl.model import sam as samlib
 from dualrl.model.decode import CaptionDecoder
 from dualrl.model.prompts import PromptBuilder
 from dualrl.model.sampling import Sampling, unsupported_generation_settings
-from dualrl.model.sequence import Assembler, Batch, Ids, Piece
+from dualrl.model.sequence import Assembler, Batch, Ids, Piece, upload
 
 
 @dataclass
@@ -187,16 +187,22 @@ class GroundedVLM(nn.Module):
         return self.vlm.model.multi_modal_projector(feats.vision)
 
     @staticmethod
-    def region_tokens(image_tokens: Tensor, masks: Tensor) -> list[Tensor]:
+    def region_tokens(image_tokens: Tensor, masks: Tensor, image_index: Tensor | None = None) -> list[Tensor]:
         """Sa2VA region prompt: the image tokens whose grid cell the mask covers (>= half, i.e. a nearest
-        downsample). A region smaller than one cell keeps its best-covered cell instead of vanishing."""
-        side = int(image_tokens.shape[1] ** 0.5)
-        cover = F.adaptive_avg_pool2d(masks.float().unsqueeze(1).to(image_tokens.device), side).flatten(1)
+        downsample). A region smaller than one cell keeps its best-covered cell instead of vanishing. The cells
+        are picked where the masks are (host masks: on the host, so the host never waits for the device), then
+        gathered on the device by index. Region i lies in image `image_index[i]` (default: image i)."""
+        count = image_tokens.shape[1]
+        side = int(count ** 0.5)
+        cover = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
         keep = cover >= 0.5
         empty = ~keep.any(dim=1)
         keep[empty, cover[empty].argmax(dim=1)] = True
-        # One boolean gather and one split (two host syncs) rather than one gather per region.
-        return list(image_tokens[keep].split(keep.sum(dim=1).tolist()))
+        keep = keep.cpu()  # one copy back when the masks were on the device
+        region, cell = keep.nonzero(as_tuple=True)
+        image = region if image_index is None else image_index.cpu()[region]
+        cells = upload(image * count + cell, image_tokens.device)
+        return list(image_tokens.flatten(0, 1).index_select(0, cells).split(keep.sum(dim=1).tolist()))
 
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, batch: Batch) -> Tensor:
@@ -211,9 +217,11 @@ class GroundedVLM(nn.Module):
     def lm_loss(self, hidden: Tensor, batch: Batch) -> Tensor:
         """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100."""
         labels = batch.labels[:, 1:]
-        rows, cols = (labels != -100).nonzero(as_tuple=True)
+        host = batch.host_labels[:, 1:] if batch.host_labels is not None else labels.cpu()
+        rows, cols = (host != -100).nonzero(as_tuple=True)  # positions known on the host: no device wait
         if rows.numel() == 0:
             return hidden.sum() * 0.0
+        rows, cols = upload(rows, hidden.device), upload(cols, hidden.device)
         logits = self.logits_at(hidden[rows, cols])
         return F.cross_entropy(logits.float(), labels[rows, cols])
 
@@ -221,12 +229,13 @@ class GroundedVLM(nn.Module):
     def seg_queries(self, hidden: Tensor, batch: Batch) -> Tensor:
         """Hidden state at the answer's `[SEG]` input position -> SAM prompt embedding [N, 256]. The answer
         comes last, so its `[SEG]` is the last one in the row (a caption may contain the token too)."""
-        is_seg = batch.input_ids == self.seg_id
+        ids = batch.host_ids if batch.host_ids is not None else batch.input_ids.cpu()
+        is_seg = ids == self.seg_id  # on the host: the check and the columns make the host wait for nothing
         if not is_seg.any(dim=1).all():
             raise ValueError("each segmentation prompt must contain a [SEG] token")
         width = is_seg.shape[1]
-        cols = width - 1 - is_seg.flip(1).int().argmax(dim=1)
-        rows = torch.arange(len(cols), device=cols.device)
+        cols = upload(width - 1 - is_seg.flip(1).int().argmax(dim=1), hidden.device)
+        rows = torch.arange(len(cols), device=hidden.device)
         return self.text_hidden_fcs(hidden[rows, cols])
 
     def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures | None, image_index: Tensor) -> Tensor:
@@ -258,7 +267,7 @@ class GroundedVLM(nn.Module):
     # ---------------------------------------------------------------------------------- captioning
     def region_prompts(self, image_tokens: Tensor, masks: Tensor, image_index: Tensor,
                        answers: list[str | Ids | None] | None = None) -> list[list[Piece]]:
-        regions = self.region_tokens(image_tokens[image_index], masks)
+        regions = self.region_tokens(image_tokens, masks, image_index)
         answers = answers if answers is not None else [None] * len(regions)
         return [self.prompts.region(image_tokens[i], r, a)
                 for i, r, a in zip(image_index.tolist(), regions, answers)]

@@ -40,13 +40,26 @@ Piece = Text | Ids | Feats
 @dataclass
 class Batch:
     """A padded batch: `inputs_embeds` [B, L, H], `attention_mask` [B, L], `labels` [B, L] (-100 = none),
-    `input_ids` [B, L] (-1 where a piece had no ids), and named position marks: name -> (rows, cols)."""
+    `input_ids` [B, L] (-1 where a piece had no ids), and named position marks: name -> (rows, cols).
+    `host_ids` and `host_labels` are the same ids and labels on the host, where positions can be looked up
+    without making the host wait for the device."""
 
     inputs_embeds: Tensor
     attention_mask: Tensor
     labels: Tensor
     input_ids: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    host_ids: Tensor | None = None
+    host_labels: Tensor | None = None
+
+
+def upload(t: Tensor, device: torch.device | str) -> Tensor:
+    """A host tensor on `device` without a host wait: to a GPU through pinned memory, asynchronously (a copy from
+    pageable memory blocks until the device has finished all queued work); elsewhere, as it is."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Assembler:
@@ -120,11 +133,19 @@ class Assembler:
                 all_ids.append(ids + [-1] * pad)
                 all_labels.append(labels + [-100] * pad)
                 attention.append([1] * len(ids) + [0] * pad)
-        embeds = source[torch.tensor(index, device=device)]
-        mark_index = {}
-        for name, spans in marks.items():
-            r = [b for b, _, n in spans for _ in range(n)]
-            c = [offsets[b] + s + k for b, s, n in spans for k in range(n)]
-            mark_index[name] = (torch.tensor(r, device=device), torch.tensor(c, device=device))
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return Batch(embeds, as_tensor(attention), as_tensor(all_labels), as_tensor(all_ids), mark_index)
+        # everything known on the host goes over in one copy: gather index, attention, labels, ids, marks
+        flat_marks = {name: ([b for b, _, n in spans for _ in range(n)],
+                             [offsets[b] + s + k for b, s, n in spans for k in range(n)])
+                      for name, spans in marks.items()}
+        mark_sizes = [len(r) for r, _ in flat_marks.values()]
+        host = torch.tensor([v for m in (index, attention, all_labels, all_ids) for row in m for v in row]
+                            + [v for r, c in flat_marks.values() for v in (*r, *c)], dtype=torch.long)
+        on_device = upload(host, device)
+        cells = len(rows) * width
+        index_d, attention_d, labels_d, ids_d = on_device[: 4 * cells].view(4, len(rows), width).unbind(0)
+        mark_index, at = {}, 4 * cells
+        for name, n in zip(flat_marks, mark_sizes):
+            mark_index[name] = (on_device[at : at + n], on_device[at + n : at + 2 * n])
+            at += 2 * n
+        host_labels, host_ids = host[2 * cells : 4 * cells].view(2, len(rows), width).unbind(0)
+        return Batch(source[index_d], attention_d, labels_d, ids_d, mark_index, host_ids, host_labels)
