@@ -27,6 +27,7 @@ from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
 from dualrl.algo.rollout import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
 from dualrl.model.sequence import Ids
+from dualrl.model.transfer import upload
 
 
 def completion_logprobs(model: GroundedVLM, feats: ImageFeatures, masks: Tensor, region: Tensor,
@@ -39,7 +40,7 @@ def completion_logprobs(model: GroundedVLM, feats: ImageFeatures, masks: Tensor,
     hidden = model.lm_hidden(seq)
     rows, cols = seq.marks["caption"]
     logits = model.logits_at(hidden[rows, cols - 1]).float()  # the position before a token predicts it
-    targets = torch.cat(completions).to(logits.device)
+    targets = upload(torch.cat(completions), logits.device)
     logp = selective_log_softmax(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature)[0]
     lengths = [len(c) for c in completions]
     padded = pad_sequence(list(logp.split(lengths)), batch_first=True)
@@ -86,7 +87,7 @@ class Grpo:
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp, _, _ = completion_logprobs(self.reference, feats, masks, region, completions, s.temperature)
-        rewards = rollout.rewards.to(device)
+        rewards = upload(rollout.rewards, device)
         adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
         pg_loss, pg = grpo_loss(
             logp, rollout.old_logprobs, adv, mask, epsilon=s.epsilon, epsilon_high=s.epsilon_high, beta=s.beta,
@@ -121,7 +122,7 @@ class Grpo:
         index = torch.tensor(rows, dtype=torch.long)
         seg_feats, seg_masks = segment_view(model, batch, feats)  # frame t+k of a frame pair
         logits, hidden, seq, _ = model.segment(None, texts, feats=seg_feats, image_index=index)
-        loss_mask, loss_dice, iou = self.mask_terms(logits, seg_masks[index].to(model.device), generator)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, upload(seg_masks[index], model.device), generator)
         return loss_mask, loss_dice, model.lm_loss(hidden, seq), iou
 
     def _seg_targets(self, batch: dict, rollout: Rollout, rewards: Tensor,

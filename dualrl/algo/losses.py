@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dualrl.model.transfer import upload
+
 # Sa2VA reductions: dice sum / (N + 1e-4), BCE sum / (N * num_points + 1e-4).
 _REDUCTION_EPS = 1e-4
 # Sa2VA dice: naive (not squared), eps = 1 in numerator and denominator.
@@ -44,7 +46,7 @@ def _uniform_points(n: int, p: int, device: torch.device, generator: torch.Gener
     """``[n, p, 2]`` uniform points in [0, 1); drawn on the generator's device so a CPU generator works
     for CUDA inputs too (torch.rand refuses a generator on another device)."""
     gen_device = generator.device if generator is not None else device
-    return torch.rand(n, p, 2, generator=generator, device=gen_device).to(device)
+    return upload(torch.rand(n, p, 2, generator=generator, device=gen_device), device)
 
 
 @torch.no_grad()
@@ -179,7 +181,7 @@ def mask_losses(
         return {"loss_mask": zero, "loss_dice": zero.clone()}
 
     logits = pred_logits.to(torch.promote_types(pred_logits.dtype, torch.float32))
-    gt = _resize_nearest(gt_masks, tuple(logits.shape[-2:])).to(device=logits.device, dtype=logits.dtype)
+    gt = upload(_resize_nearest(gt_masks, tuple(logits.shape[-2:])), logits.device).to(logits.dtype)
     if point_sampling:
         coords = sample_points_by_uncertainty(
             logits, num_points, oversample_ratio, importance_sample_ratio, generator=generator
@@ -241,7 +243,7 @@ def soft_mask_iou(pred_logits: Tensor, gt: Tensor) -> Tensor:
         ``[N]`` float32 soft IoUs in [0, 1].
     """
     probs = _upsample_logits(pred_logits, tuple(gt.shape[-2:])).sigmoid().flatten(1)
-    target = gt.to(device=probs.device, dtype=probs.dtype).flatten(1)
+    target = upload(gt, probs.device).to(probs.dtype).flatten(1)
     inter = (probs * target).sum(-1)
     union = probs.sum(-1) + target.sum(-1) - inter
     tiny = torch.finfo(union.dtype).tiny

@@ -24,6 +24,7 @@ from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softm
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
+from dualrl.model.transfer import upload
 
 
 class Pretrain:
@@ -50,7 +51,7 @@ class Pretrain:
         local = torch.arange(len(rows))
         logits, hidden, seq, image_tokens = model.segment(
             None, pick_references(batch, rows, generator), feats=feats, image_index=local)
-        gt = batch["masks"][index].to(device)
+        gt = upload(batch["masks"][index], device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
         # region prompts from the host masks: their cells are picked without a device round trip
@@ -124,7 +125,7 @@ class SftDual:
         # 3) One referring pass: reference expressions (supervised) and soft captions (dual), on the frames
         #    to segment (the same frames, except for frame pairs).
         seg_feats, seg_masks = segment_view(model, batch, feats)
-        seg_masks = seg_masks.to(device)
+        seg_masks = upload(seg_masks, device)
         texts = pick_references(batch, rows, generator) + soft_captions
         seg_index = torch.cat([torch.tensor(rows, dtype=torch.long), all_idx])
         seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=seg_feats, image_index=seg_index)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dualrl.model.transfer import upload
+
 
 def _gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Float32 Gumbel(0, 1) noise ``g = -log(-log u)``, ``u ~ U(0, 1)``.
@@ -22,7 +24,7 @@ def _gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Gene
     generator also serves CUDA logits.
     """
     gen_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    u = upload(torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32), device)
     finfo = torch.finfo(torch.float32)
     u = u.clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
     return -torch.log(-torch.log(u))

@@ -153,9 +153,9 @@ class GroundedVLM(nn.Module):
         if reusable and self._features is not None and _same_key(self._features[0], key):
             feats = self._features[1]
             if sam and feats.sam is None:
-                feats.sam = self._encode_sam(images.to(self.device))
+                feats.sam = self._encode_sam(upload(images, self.device))
             return feats
-        images = images.to(self.device)
+        images = upload(images, self.device)
         inner = self.vlm.model
         vspec = self.spec.vision
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.vision):
@@ -262,7 +262,7 @@ class GroundedVLM(nn.Module):
         batch = self.assemble(self.segment_prompts(image_tokens, image_index, texts))
         hidden = self.lm_hidden(batch)
         queries = self.seg_queries(hidden, batch)
-        return self.decode_masks(queries, feats.sam, image_index.to(self.device)), hidden, batch, image_tokens
+        return self.decode_masks(queries, feats.sam, upload(image_index, self.device)), hidden, batch, image_tokens
 
     # ---------------------------------------------------------------------------------- captioning
     def region_prompts(self, image_tokens: Tensor, masks: Tensor, image_index: Tensor,

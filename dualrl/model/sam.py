@@ -8,6 +8,7 @@ light mask decoder.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -101,9 +102,16 @@ def imagenet_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     x = images.float().div(255.0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as [1, 3, 1, 1] float32 tensors on `device`, made once (a fresh tensor from a Python
+    list at every call is a blocking host-to-device copy on a GPU)."""
+    return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
+            torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
 
 
 def encode(sam: SAM2Base, pixels: torch.Tensor) -> SamFeatures:

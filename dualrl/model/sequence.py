@@ -14,6 +14,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from dualrl.model.transfer import upload
+
 
 @dataclass
 class Text:
@@ -51,15 +53,6 @@ class Batch:
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     host_ids: Tensor | None = None
     host_labels: Tensor | None = None
-
-
-def upload(t: Tensor, device: torch.device | str) -> Tensor:
-    """A host tensor on `device` without a host wait: to a GPU through pinned memory, asynchronously (a copy from
-    pageable memory blocks until the device has finished all queued work); elsewhere, as it is."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Assembler:
@@ -110,7 +103,7 @@ class Assembler:
             rows.append((spans, ids, labels))
 
         device = next(self.embed.parameters()).device
-        table = self.embed(torch.tensor([text_ids], dtype=torch.long, device=device))[0]
+        table = self.embed(upload(torch.tensor([text_ids], dtype=torch.long), device))[0]
         pad_row = len(text_ids) + n_dense
         source = torch.cat([table, *[d.to(table.dtype) for d in dense], table.new_zeros(1, table.shape[-1])])
 

@@ -15,6 +15,7 @@ from dualrl.algo.losses import mask_iou, soft_mask_iou
 from dualrl.model.build import build_model
 from dualrl.model.grounded_vlm import Captions
 from dualrl.model.sequence import Ids
+from dualrl.model.transfer import upload
 from rewards.base import RewardInput
 from rewards.registry import RewardResult, RewardSet
 
@@ -42,7 +43,7 @@ class RewardWorker:
             feats = self.model.encode_images(images)
             logits, *_ = self.model.segment(None, [Ids(c) for c in caption_ids], feats=feats, image_index=region)
         logits = logits.float()
-        gt = masks[region].to(logits.device)
+        gt = upload(masks[region], logits.device)
         return {
             "mask_iou": mask_iou(logits, gt).cpu(),
             "mask_soft_iou": soft_mask_iou(logits, gt).cpu(),
