@@ -147,3 +147,14 @@ def test_extends_takes_a_list_merged_in_order(tmp_path):
     (tmp_path / "d.yaml").write_text("extends: {a: 1}\n")
     with pytest.raises(RecipeError, match="takes a recipe file or a list"):
         load_recipe(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("name", ["sft_dual", "grpo_dual", "pretrain_tiny", "pretrain_tiny_wide"])
+def test_top_level_recipes_validate(name):
+    from dualrl.recipe import load_recipe
+
+    r = load_recipe(f"recipes/{name}.yaml", ["model.init_from=null"])
+    assert r.model.sam.image_size == 256
+    if name == "pretrain_tiny_wide":  # the wider tiny size of the pretraining calibration, otherwise pretrain_tiny
+        assert (r.model.vision.hidden_size, r.model.vision.image_size, r.model.text.hidden_size) == (128, 224, 256)
+        assert r.algo.name == "pretrain" and r.data.batch_size == 64 and r.model.pretrained is None
