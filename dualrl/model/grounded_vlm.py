@@ -74,6 +74,14 @@ def _same_key(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] == b[1]
 
 
+def causal_padding_mask(attention: Tensor) -> Tensor:
+    """[B, L] padding mask (1 = token) -> the [B, 1, L, L] boolean "may attend" mask of causal attention over the
+    tokens, as transformers builds it for sdpa on a padded batch."""
+    width = attention.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention.device).tril()
+    return causal[None, None] & attention.bool()[:, None, None, :]
+
+
 class GroundedVLM(nn.Module):
     def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec):
         super().__init__()
@@ -206,8 +214,13 @@ class GroundedVLM(nn.Module):
 
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, batch: Batch) -> Tensor:
-        """Last-layer hidden states of the LLM on an assembled batch (right padding)."""
-        out = self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        """Last-layer hidden states of the LLM on an assembled batch (right padding). On a GPU with sdpa the causal
+        padding mask goes in ready-made (4-D, what transformers would build for a padded batch): given a 2-D mask,
+        transformers first checks on the host whether any row is padded, which makes the host wait twice a pass."""
+        mask = batch.attention_mask
+        if mask.is_cuda and self.lm.config._attn_implementation == "sdpa":
+            mask = causal_padding_mask(mask)
+        out = self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=mask)
         return out.last_hidden_state
 
     def logits_at(self, hidden: Tensor) -> Tensor:

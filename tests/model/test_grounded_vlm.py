@@ -144,3 +144,21 @@ def test_encoding_is_not_reused_after_encoder_weights_change(tiny_model, region_
         weight = next(tiny_model.sam.image_encoder.parameters())
         weight.add_(0.0)  # bumps the version counter as an optimizer step does
         assert tiny_model.encode_images(images) is not first
+
+
+def test_a_ready_causal_padding_mask_gives_what_transformers_builds(tiny_model, region_batch):
+    """lm_hidden hands the LLM a ready 4-D mask on GPUs (no host-side padding check): on a padded batch it must
+    give the hidden states transformers' own 2-D mask handling gives."""
+    from dualrl.model.grounded_vlm import causal_padding_mask
+
+    with torch.no_grad():
+        feats = tiny_model.encode_images(region_batch["images"])
+        image_tokens = tiny_model.project(feats)
+        texts = ["the red one", "a small blue circle on the left of the big square", "it", "the shape"]
+        batch = tiny_model.assemble(tiny_model.segment_prompts(image_tokens, torch.arange(4), texts))
+        assert not batch.attention_mask.bool().all()  # padded rows: the case that matters
+        plain = tiny_model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        ready_mask = causal_padding_mask(batch.attention_mask)
+        ready = tiny_model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=ready_mask)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ready.last_hidden_state[real], plain.last_hidden_state[real], rtol=1e-5, atol=1e-5)
