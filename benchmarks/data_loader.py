@@ -117,7 +117,7 @@ def picture(rng: np.random.Generator, h: int, w: int, grain: np.ndarray) -> np.n
         acc += weight * np.asarray(Image.fromarray(small).resize((lw, lh), Image.BICUBIC), dtype=np.float32)
     out = np.asarray(Image.fromarray(acc.astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.int16)
     y, x = rng.integers(0, 64, 2)
-    out += grain[y:y + h, x:x + w, None]
+    out += grain[y : y + h, x : x + w, None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -128,7 +128,7 @@ def blob_annotation(rng: np.random.Generator, h: int, w: int) -> dict:
     box = frac * h * w / 0.62  # a noisy ellipse fills ~0.6 of its box
     bh = int(np.clip(np.sqrt(box / aspect), 8, h - 1))
     bw = int(np.clip(box / bh, 8, w - 1))
-    yy, xx = np.ogrid[-1:1:bh * 1j, -1:1:bw * 1j]
+    yy, xx = np.ogrid[-1 : 1 : bh * 1j, -1 : 1 : bw * 1j]
     small = rng.integers(0, 256, (6, 6), dtype=np.uint8)
     noise = np.asarray(Image.fromarray(small).resize((bw, bh), Image.BICUBIC), dtype=np.float32) / 255 - 0.5
     blob = (1 - yy**2 - xx**2 + 0.6 * noise) > 0.15
@@ -136,14 +136,18 @@ def blob_annotation(rng: np.random.Generator, h: int, w: int) -> dict:
         blob[bh // 2, bw // 2] = True
     y0, x0 = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
     full = np.zeros((h, w), dtype=np.uint8, order="F")
-    full[y0:y0 + bh, x0:x0 + bw] = blob
+    full[y0 : y0 + bh, x0 : x0 + bw] = blob
     enc = mask_utils.encode(full)
     ys, xs = np.nonzero(blob)
-    return {"segmentation": {"size": [h, w], "counts": enc["counts"].decode("ascii")}, "area": int(blob.sum()),
-            "bbox": [x0 + int(xs.min()), y0 + int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
-            "predicted_iou": round(float(rng.uniform(0.85, 1.0)), 6),
-            "point_coords": [[float(x0 + xs.mean()), float(y0 + ys.mean())]], "crop_box": [0, 0, w, h],
-            "stability_score": round(float(rng.uniform(0.9, 1.0)), 6)}
+    return {
+        "segmentation": {"size": [h, w], "counts": enc["counts"].decode("ascii")},
+        "area": int(blob.sum()),
+        "bbox": [x0 + int(xs.min()), y0 + int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
+        "predicted_iou": round(float(rng.uniform(0.85, 1.0)), 6),
+        "point_coords": [[float(x0 + xs.mean()), float(y0 + ys.mean())]],
+        "crop_box": [0, 0, w, h],
+        "stability_score": round(float(rng.uniform(0.9, 1.0)), 6),
+    }
 
 
 def write_sa1b(root: Path, images: int, h: int, w: int, masks: int, seed: int = 0) -> dict[str, float]:
@@ -156,8 +160,7 @@ def write_sa1b(root: Path, images: int, h: int, w: int, masks: int, seed: int = 
     for n in range(images):
         Image.fromarray(picture(rng, h, w, grain)).save(root / f"sa_{n}.jpg", quality=90)
         anns = [dict(pool[i], id=n * 1000 + j) for j, i in enumerate(rng.choice(len(pool), masks, replace=False))]
-        record = {"image": {"image_id": n, "width": w, "height": h, "file_name": f"sa_{n}.jpg"},
-                  "annotations": anns}
+        record = {"image": {"image_id": n, "width": w, "height": h, "file_name": f"sa_{n}.jpg"}, "annotations": anns}
         (root / f"sa_{n}.json").write_text(json.dumps(record))
         jpg += (root / f"sa_{n}.jpg").stat().st_size
         js += (root / f"sa_{n}.json").stat().st_size
@@ -174,11 +177,14 @@ def write_index_fixture(root: Path, files: int, anns: int, per_shard: int, h: in
         if f % per_shard == 0:
             folder.mkdir(parents=True)
         areas = rng.integers(1024, 1_000_000, anns)
-        items = ",".join(f'{{"area": {int(a)}, "id": {n + i}, "segmentation": {{"size": [{h}, {w}], '
-                         f'"counts": "PPYo1T0N2M3"}}}}' for i, a in enumerate(areas))
+        items = ",".join(
+            f'{{"area": {int(a)}, "id": {n + i}, "segmentation": {{"size": [{h}, {w}], "counts": "PPYo1T0N2M3"}}}}'
+            for i, a in enumerate(areas)
+        )
         (folder / f"sa_{f}.json").write_text(
             f'{{"image": {{"image_id": {f}, "width": {w}, "height": {h}, "file_name": "sa_{f}.jpg"}}, '
-            f'"annotations": [{items}]}}')
+            f'"annotations": [{items}]}}'
+        )
         (folder / f"sa_{f}.jpg").touch()
         n += anns
     return n
@@ -233,11 +239,13 @@ class CpuShare:
         self.other = max(0.0, busy - (self._own() - self.own)) / (wall * (os.cpu_count() or 1))
 
 
-def source(root: Path, size: int, cache_dir: Path | None = None, per_shard: int = 1000, min_area: int = 1024
-           ) -> Sa1bSource:
+def source(
+    root: Path, size: int, cache_dir: Path | None = None, per_shard: int = 1000, min_area: int = 1024
+) -> Sa1bSource:
     spec = Sa1bSpec(root=str(root), files_per_shard=per_shard, min_area=min_area)
-    return Sa1bSource(spec, size=size, aspect="squash",
-                      max_pixels=MAX_PIXELS, cache_dir=str(cache_dir) if cache_dir else None)
+    return Sa1bSource(
+        spec, size=size, aspect="squash", max_pixels=MAX_PIXELS, cache_dir=str(cache_dir) if cache_dir else None
+    )
 
 
 # ------------------------------------------------------------------------------------ 1. throughput
@@ -252,15 +260,23 @@ def throughput(args, tmp: Path) -> None:
     stream = SourceStream(src, seed=0)
     n = stream.size()
     t_index = time.perf_counter() - t0
-    print(f"1. SA-1B loader throughput: {args.images} images {h}x{w} (h x w), JPEG q90 {sizes['jpg_kb']:.0f} KB, "
-          f"JSON {sizes['json_kb']:.0f} KB with {args.masks} masks (RLE {sizes['counts_chars']:.0f} chars mean), "
-          f"written in {t_write:.1f} s")
-    print(f"   index of {n} masks from JSON: {t_index:.2f} s = {1000 * t_index / args.images:.1f} ms per file, "
-          f"{1e6 * t_index / n:.1f} us per mask")
-    print(f"   working size {args.size} (squash), batch {args.batch_size}, prefetch 4; {args.samples} samples "
-          f"timed after a 1-batch warm-up")
-    print(f"   best of {args.rounds} rounds (configurations interleaved); 'others' = share of the machine's CPU "
-          f"time used by other processes during that run")
+    print(
+        f"1. SA-1B loader throughput: {args.images} images {h}x{w} (h x w), JPEG q90 {sizes['jpg_kb']:.0f} KB, "
+        f"JSON {sizes['json_kb']:.0f} KB with {args.masks} masks (RLE {sizes['counts_chars']:.0f} chars mean), "
+        f"written in {t_write:.1f} s"
+    )
+    print(
+        f"   index of {n} masks from JSON: {t_index:.2f} s = {1000 * t_index / args.images:.1f} ms per file, "
+        f"{1e6 * t_index / n:.1f} us per mask"
+    )
+    print(
+        f"   working size {args.size} (squash), batch {args.batch_size}, prefetch 4; {args.samples} samples "
+        f"timed after a 1-batch warm-up"
+    )
+    print(
+        f"   best of {args.rounds} rounds (configurations interleaved); 'others' = share of the machine's CPU "
+        f"time used by other processes during that run"
+    )
     print()
     print("   workers  torch threads (main)  samples/s  per process  warm-up batch s  others  vs workers=0")
     threads = torch.get_num_threads()
@@ -292,12 +308,16 @@ def throughput(args, tmp: Path) -> None:
     base = best.get((0, threads))
     for (workers, main_threads), (rate, warm, other) in best.items():
         ratio = f"{rate / base[0]:.2f}x" if base else "-"
-        print(f"   {workers:7d}  {main_threads:20d}  {rate:9.1f}  {rate / max(1, workers):11.1f}  {warm:15.2f}  "
-              f"{other:6.0%}  {ratio:>11}")
+        print(
+            f"   {workers:7d}  {main_threads:20d}  {rate:9.1f}  {rate / max(1, workers):11.1f}  {warm:15.2f}  "
+            f"{other:6.0%}  {ratio:>11}"
+        )
     if (0, threads) in runs and (2, threads) in runs:
         each = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(runs[2, threads], runs[0, threads]))
-        print(f"   workers=2 / workers=0: {best[2, threads][0] / base[0]:.2f}x best of rounds (each round: {each}); "
-              f"{os.cpu_count()} CPUs, the training process draws keys and collates in both")
+        print(
+            f"   workers=2 / workers=0: {best[2, threads][0] / base[0]:.2f}x best of rounds (each round: {each}); "
+            f"{os.cpu_count()} CPUs, the training process draws keys and collates in both"
+        )
     print()
     breakdown(args, root, stream)
 
@@ -331,11 +351,17 @@ def breakdown(args, root: Path, stream: SourceStream) -> None:
             record = timed("JSON parse (open + json.load)", parse, f"{stem}.json")
             info, seg = record["image"], record["annotations"][ann_index]["segmentation"]
             hw = (int(info["height"]), int(info["width"]))
-            mask = timed("RLE decode + validate (rle_mask + check_mask)",
-                         lambda s=seg, hw=hw: check_mask(rle_mask(s, *hw), src.spec.min_area))
+            mask = timed(
+                "RLE decode + validate (rle_mask + check_mask)",
+                lambda s=seg, hw=hw: check_mask(rle_mask(s, *hw), src.spec.min_area),
+            )
             timed("  of which rle_counts (Python validation)", rle_counts, seg["counts"])
-            timed("  of which pycocotools decode", lambda s=seg: mask_utils.decode(
-                {"size": s["size"], "counts": s["counts"].encode("ascii")}).astype(bool))
+            timed(
+                "  of which pycocotools decode",
+                lambda s=seg: mask_utils.decode({"size": s["size"], "counts": s["counts"].encode("ascii")}).astype(
+                    bool
+                ),
+            )
             image = timed("JPEG decode (read_image)", read_image, f"{stem}.jpg", MAX_PIXELS, hw)
             timed(f"resize to {args.size} (square: image + mask + tensors)", square, image, mask, args.size, "squash")
             resized = timed("  of which image (_resize_image)", _resize_image, image, (args.size, args.size))
@@ -345,10 +371,16 @@ def breakdown(args, root: Path, stream: SourceStream) -> None:
             timed("  (the same with torch at 1 thread, not in the sum)", to_chw, resized)
             torch.set_num_threads(threads)
             timed("Sa1bSource.load, end to end", src.load, (stem, ann_index), 0)
-    parts = ("JSON parse (open + json.load)", "RLE decode + validate (rle_mask + check_mask)",
-             "JPEG decode (read_image)", f"resize to {args.size} (square: image + mask + tensors)")
-    print(f"   breakdown, one process (torch threads {threads}), mean over {len(keys)} samples after 3 warm-up "
-          f"loads; others {share.other:.0%}")
+    parts = (
+        "JSON parse (open + json.load)",
+        "RLE decode + validate (rle_mask + check_mask)",
+        "JPEG decode (read_image)",
+        f"resize to {args.size} (square: image + mask + tensors)",
+    )
+    print(
+        f"   breakdown, one process (torch threads {threads}), mean over {len(keys)} samples after 3 warm-up "
+        f"loads; others {share.other:.0%}"
+    )
     for name, times in stages.items():
         mean, median = 1000 * statistics.fmean(times), 1000 * statistics.median(times)
         print(f"   {name:<52} {mean:7.2f} ms   (median {median:6.2f})")
@@ -364,8 +396,10 @@ def index_memory(args, tmp: Path) -> None:
     total = write_index_fixture(root, args.index_files, args.anns_per_file, args.files_per_shard)
     t_write = time.perf_counter() - t0
     shards = (args.index_files + args.files_per_shard - 1) // args.files_per_shard
-    print(f"2. index memory: {total:,} annotations in {args.index_files:,} JSON files, {shards} shards of "
-          f"{args.files_per_shard} files (written in {t_write:.1f} s)")
+    print(
+        f"2. index memory: {total:,} annotations in {args.index_files:,} JSON files, {shards} shards of "
+        f"{args.files_per_shard} files (written in {t_write:.1f} s)"
+    )
 
     # a. build from JSON (writes the cache), timed, RSS before/after and sampled peak
     per_shard: list[int] = []
@@ -462,11 +496,15 @@ def index_memory(args, tmp: Path) -> None:
     for name, value in rows:
         print(f"   {name:<54} {value:13,d}   {value / n:16.2f}")
     print()
-    print(f"   naive / index, all shards: {naive_traced / all_rows:.1f}x   naive / held by the stream: "
-          f"{naive_traced / max(1, held_rows + held_starts):.0f}x")
-    print(f"   time: build from JSON {t_build:.2f} s ({1e6 * t_build / n:.2f} us/annotation, "
-          f"{1000 * t_build / args.index_files:.2f} ms/file, cache writes included); "
-          f"read from cache {t_cache:.3f} s ({t_build / t_cache:.0f}x faster)")
+    print(
+        f"   naive / index, all shards: {naive_traced / all_rows:.1f}x   naive / held by the stream: "
+        f"{naive_traced / max(1, held_rows + held_starts):.0f}x"
+    )
+    print(
+        f"   time: build from JSON {t_build:.2f} s ({1e6 * t_build / n:.2f} us/annotation, "
+        f"{1000 * t_build / args.index_files:.2f} ms/file, cache writes included); "
+        f"read from cache {t_cache:.3f} s ({t_build / t_cache:.0f}x faster)"
+    )
 
 
 # ---------------------------------------------------------------------------------- 3. other sources
@@ -501,8 +539,13 @@ def polygon(rng: np.random.Generator, h: int, w: int, vertices: int, scale: floa
     return [round(float(v), 2) for xy in zip(xs, ys) for v in xy]
 
 
-WORDS = [w.encode() for w in ("man woman dog car chair left right red blue small big front back middle on the "
-                              "in with far near table person guy girl white black shirt sitting standing").split()]
+WORDS = [
+    w.encode()
+    for w in (
+        "man woman dog car chair left right red blue small big front back middle on the "
+        "in with far near table person guy girl white black shirt sitting standing"
+    ).split()
+]
 
 
 def write_refcoco(root: Path, refs: int, images: int, h: int, w: int, seed: int = 2) -> dict[str, Any]:
@@ -532,33 +575,64 @@ def write_refcoco(root: Path, refs: int, images: int, h: int, w: int, seed: int 
         scale = float(rng.uniform(0.08, 0.3))
         segmentation = [polygon(rng, h, w, max(3, p), scale * (1 if i == 0 else 0.5)) for i, p in enumerate(parts)]
         vertices += sum(len(p) // 2 for p in segmentation)
-        area = sum(0.5 * abs(float(np.dot(p[0::2], np.roll(p[1::2], 1)) - np.dot(p[1::2], np.roll(p[0::2], 1))))
-                   for p in segmentation)
+        area = sum(
+            0.5 * abs(float(np.dot(p[0::2], np.roll(p[1::2], 1)) - np.dot(p[1::2], np.roll(p[0::2], 1))))
+            for p in segmentation
+        )
         xs, ys = [v for p in segmentation for v in p[0::2]], [v for p in segmentation for v in p[1::2]]
-        coco["annotations"].append({"id": 1000 + ref_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                    "segmentation": segmentation, "area": round(area, 2),
-                                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
+        coco["annotations"].append(
+            {
+                "id": 1000 + ref_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": segmentation,
+                "area": round(area, 2),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+            }
+        )
         sentences = []
         for _ in range(int(rng.integers(1, 4))):
             text = b" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(2, 9))))
             sentences.append(sentence(sent_id, text if sent_id % 2 else text.decode()))
             sent_id += 1
-        out.append({b"sent_ids": [s[b"sent_id"] for s in sentences], b"ann_id": 1000 + ref_id, b"ref_id": ref_id,
-                    b"file_name": f"COCO_train2014_{image_id:012d}_{1000 + ref_id}.jpg".encode(),
-                    b"image_id": image_id, b"split": b"train", b"category_id": 1, b"sentences": sentences})
+        out.append(
+            {
+                b"sent_ids": [s[b"sent_id"] for s in sentences],
+                b"ann_id": 1000 + ref_id,
+                b"ref_id": ref_id,
+                b"file_name": f"COCO_train2014_{image_id:012d}_{1000 + ref_id}.jpg".encode(),
+                b"image_id": image_id,
+                b"split": b"train",
+                b"category_id": 1,
+                b"sentences": sentences,
+            }
+        )
     (folder / "instances.json").write_text(json.dumps(coco))
     (folder / "refs(unc).p").write_bytes(py2_pickle(out))
-    return {"spec": {"root": str(root), "images": str(image_dir)}, "jpg_kb": jpg / images / 1e3,
-            "vertices": vertices / refs, "pickle_kb": (folder / "refs(unc).p").stat().st_size / 1e3,
-            "json_kb": (folder / "instances.json").stat().st_size / 1e3}
+    return {
+        "spec": {"root": str(root), "images": str(image_dir)},
+        "jpg_kb": jpg / images / 1e3,
+        "vertices": vertices / refs,
+        "pickle_kb": (folder / "refs(unc).p").stat().st_size / 1e3,
+        "json_kb": (folder / "instances.json").stat().st_size / 1e3,
+    }
 
 
-OI_CLASSES = {"/m/01g317": "Person", "/m/0k4j": "Car", "/m/0bt9lr": "Dog", "/m/04yx4": "Man", "/m/03bt1vf": "Woman",
-              "/m/0dzct": "Human face", "/m/04bcr3": "Table, desk"}
+OI_CLASSES = {
+    "/m/01g317": "Person",
+    "/m/0k4j": "Car",
+    "/m/0bt9lr": "Dog",
+    "/m/04yx4": "Man",
+    "/m/03bt1vf": "Woman",
+    "/m/0dzct": "Human face",
+    "/m/04bcr3": "Table, desk",
+}
 
 
-def write_openimages(root: Path, anns: int, images: int, h: int, w: int, mh: int, mw: int, min_area: int,
-                     seed: int = 3) -> dict[str, Any]:
+def write_openimages(
+    root: Path, anns: int, images: int, h: int, w: int, mh: int, mw: int, min_area: int, seed: int = 3
+) -> dict[str, Any]:
     """OpenImages v7 layout: `images` <ImageID>.jpg (q90, photo-like), `anns` mask PNGs (mode L, 0/255, mh x
     mw, a blob of 0.05 %..30 % of the picture) in deflated train-masks-<c>.zip, the annotation and class CSVs."""
     tests_on_path()
@@ -593,20 +667,30 @@ def write_openimages(root: Path, anns: int, images: int, h: int, w: int, mh: int
         zips[c].writestr(mask_path, buf.getvalue())
         x, y, bw, bh = ann["bbox"]
         clicks = ";".join(f"{rng.uniform():.5f} {rng.uniform():.5f} {int(rng.integers(2))}" for _ in range(3))
-        lines.append(f"{mask_path},{image_id},{label},{box_id},{x / mw:.6f},{(x + bw) / mw:.6f},{y / mh:.6f},"
-                     f"{(y + bh) / mh:.6f},{ann['predicted_iou']:.5f},{clicks}")
+        lines.append(
+            f"{mask_path},{image_id},{label},{box_id},{x / mw:.6f},{(x + bw) / mw:.6f},{y / mh:.6f},"
+            f"{(y + bh) / mh:.6f},{ann['predicted_iou']:.5f},{clicks}"
+        )
     for z in zips.values():
         z.close()
     (root / "train-annotations-object-segmentation.csv").write_text("\n".join(lines) + "\n")
     (root / "oidv7-class-descriptions.csv").write_text(
-        "LabelName,DisplayName\n" + "".join(f'{k},"{v}"\n' if "," in v else f"{k},{v}\n"
-                                            for k, v in OI_CLASSES.items()))
+        "LabelName,DisplayName\n" + "".join(f'{k},"{v}"\n' if "," in v else f"{k},{v}\n" for k, v in OI_CLASSES.items())
+    )
     zipped = sum(p.stat().st_size for p in (root / "masks").glob("*.zip"))
-    spec = {"annotations": str(root / "train-annotations-object-segmentation.csv"),
-            "classes": str(root / "oidv7-class-descriptions.csv"), "images": str(root / "images"),
-            "masks": str(root / "masks")}
-    return {"spec": spec, "jpg_kb": jpg / images / 1e3, "png_kb": png / anns / 1e3, "zips": len(zips),
-            "zipped_kb": zipped / anns / 1e3}
+    spec = {
+        "annotations": str(root / "train-annotations-object-segmentation.csv"),
+        "classes": str(root / "oidv7-class-descriptions.csv"),
+        "images": str(root / "images"),
+        "masks": str(root / "masks"),
+    }
+    return {
+        "spec": spec,
+        "jpg_kb": jpg / images / 1e3,
+        "png_kb": png / anns / 1e3,
+        "zips": len(zips),
+        "zipped_kb": zipped / anns / 1e3,
+    }
 
 
 def write_padded_zip(path: Path, members: int, seed: int = 4) -> None:
@@ -619,8 +703,19 @@ def write_padded_zip(path: Path, members: int, seed: int = 4) -> None:
             z.writestr(name, b"")
 
 
-def write_video(path: Path, rng: np.random.Generator, h: int, w: int, frames: int, gop: int, preset: str, crf: int,
-                grain_sigma: float, objects: int = 3, fps: int = 24) -> list[list[dict]]:
+def write_video(
+    path: Path,
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    frames: int,
+    gop: int,
+    preset: str,
+    crf: int,
+    grain_sigma: float,
+    objects: int = 3,
+    fps: int = 24,
+) -> list[list[dict]]:
     """A 24 fps video of a panning photo-like background with `objects` textured blobs moving over it (a few
     px per frame) and temporal film grain; returns the masklet of every 4th frame (one RLE per object, each
     occluded by the objects drawn after it)."""
@@ -638,7 +733,7 @@ def write_video(path: Path, rng: np.random.Generator, h: int, w: int, frames: in
     for _ in range(objects):
         bh = int(np.clip(h * rng.uniform(0.12, 0.4), 24, h - 2))
         bw = int(np.clip(bh * np.exp(rng.uniform(np.log(0.5), np.log(2.0))), 24, w // 2))
-        yy, xx = np.ogrid[-1:1:bh * 1j, -1:1:bw * 1j]
+        yy, xx = np.ogrid[-1 : 1 : bh * 1j, -1 : 1 : bw * 1j]
         small = rng.integers(0, 256, (6, 6), dtype=np.uint8)
         noise = np.asarray(Image.fromarray(small).resize((bw, bh), Image.BICUBIC), dtype=np.float32) / 255 - 0.5
         shape = (1 - yy**2 - xx**2 + 0.6 * noise) > 0.15
@@ -658,31 +753,41 @@ def write_video(path: Path, rng: np.random.Generator, h: int, w: int, frames: in
         for i in range(frames):
             oy = pad + int(pad * np.sin(2 * np.pi * i / (10 * fps)))
             ox = pad + int(pad * np.cos(2 * np.pi * i / (13 * fps)))
-            np.copyto(frame, bg[oy:oy + h, ox:ox + w])
+            np.copyto(frame, bg[oy : oy + h, ox : ox + w])
             placed = []
             for shape, texture, bh, bw, periods, phases in things:
                 y0 = int((h - bh) / 2 * (1 + np.sin(2 * np.pi * i / periods[0] + phases[0])))
                 x0 = int((w - bw) / 2 * (1 + np.sin(2 * np.pi * i / periods[1] + phases[1])))
-                np.copyto(frame[y0:y0 + bh, x0:x0 + bw], texture, where=shape[..., None])
+                np.copyto(frame[y0 : y0 + bh, x0 : x0 + bw], texture, where=shape[..., None])
                 placed.append((y0, x0))
             if i % 4 == 0:
                 masks = []
                 for (shape, _, bh, bw, _, _), (y0, x0) in zip(things, placed):
                     full = np.zeros((h, w), dtype=bool)
-                    full[y0:y0 + bh, x0:x0 + bw] = shape
+                    full[y0 : y0 + bh, x0 : x0 + bw] = shape
                     for earlier in masks:
                         earlier &= ~full
                     masks.append(full)
                 masklet.append([rle(m) for m in masks])
             y, x = rng.integers(0, 64, 2)
-            frame += grain[y:y + h, x:x + w, None]  # wraps in uint8: a signed add, thanks to the headroom
+            frame += grain[y : y + h, x : x + w, None]  # wraps in uint8: a signed add, thanks to the headroom
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode())
     return masklet
 
 
-def write_sav(root: Path, videos: int, seconds: float, h: int, w: int, gop: int, preset: str, crf: int,
-              grain_sigma: float, seed: int = 5) -> dict[str, Any]:
+def write_sav(
+    root: Path,
+    videos: int,
+    seconds: float,
+    h: int,
+    w: int,
+    gop: int,
+    preset: str,
+    crf: int,
+    grain_sigma: float,
+    seed: int = 5,
+) -> dict[str, Any]:
     """sav_000/sav_<n>.mp4 + sav_<n>_manual.json (3 objects, every 4th frame) under root."""
     tests_on_path()
     from tests.data.make_sav import CODEC, write_json
@@ -699,8 +804,14 @@ def write_sav(root: Path, videos: int, seconds: float, h: int, w: int, gop: int,
         mp4 += (folder / f"{stem}.mp4").stat().st_size
         js += (folder / f"{stem}_manual.json").stat().st_size
     codec = f"libx264 preset {preset} crf {crf}" if CODEC == "libx264" else "mpeg4 4 Mbit/s (no libx264)"
-    return {"spec": {"root": str(root)}, "mp4_mb": mp4 / videos / 1e6, "mbps": mp4 * 8 / videos / seconds / 1e6,
-            "json_kb": js / videos / 1e3, "frames": frames, "codec": codec}
+    return {
+        "spec": {"root": str(root)},
+        "mp4_mb": mp4 / videos / 1e6,
+        "mbps": mp4 * 8 / videos / seconds / 1e6,
+        "json_kb": js / videos / 1e3,
+        "frames": frames,
+        "codec": codec,
+    }
 
 
 class SavPairRows(SavSource):
@@ -735,8 +846,9 @@ def load_times(src, stream: SourceStream, loads: int, warmup: int = 3) -> tuple[
     return times, share.other, cpu / sum(times), sample
 
 
-def loader_rate(make, workers: int, samples: int, batch_size: int, size: int, pairs: bool
-                ) -> tuple[float, float, float, float]:
+def loader_rate(
+    make, workers: int, samples: int, batch_size: int, size: int, pairs: bool
+) -> tuple[float, float, float, float]:
     """TrainBatches over one source: samples/s over `samples` after a 1-batch warm-up, warm-up s, others, and
     the training process's CPU seconds per sample meanwhile (workers excluded)."""
     batches = max(1, samples // batch_size)
@@ -761,8 +873,10 @@ def loader_rate(make, workers: int, samples: int, batch_size: int, size: int, pa
 
 def other_sources(args, tmp: Path) -> None:
     size, common = args.size, {"aspect": "squash", "max_pixels": MAX_PIXELS}
-    print(f"3. other sources: one process's Source.load, then TrainBatches with num_workers 0 and 2; working size "
-          f"{size} (squash), batch {args.batch_size}, prefetch 4")
+    print(
+        f"3. other sources: one process's Source.load, then TrainBatches with num_workers 0 and 2; working size "
+        f"{size} (squash), batch {args.batch_size}, prefetch 4"
+    )
 
     # fixtures
     t0 = time.perf_counter()
@@ -781,21 +895,28 @@ def other_sources(args, tmp: Path) -> None:
     t_pad = time.perf_counter() - t0
     t0 = time.perf_counter()
     vh, vw = hw(args.video_size)
-    sav = write_sav(tmp / "sav", args.videos, args.video_seconds, vh, vw, args.gop, args.x264_preset, args.crf,
-                    args.grain)
+    sav = write_sav(
+        tmp / "sav", args.videos, args.video_seconds, vh, vw, args.gop, args.x264_preset, args.crf, args.grain
+    )
     t_sav = time.perf_counter() - t0
-    print(f"   RefCOCO: {args.refs} refs over {refs_images} images {rh}x{rw} (h x w), JPEG q90 {ref['jpg_kb']:.0f} KB; "
-          f"polygons of {ref['vertices']:.0f} vertices mean (30-80, a fifth in 2 parts); refs(unc).p "
-          f"{ref['pickle_kb']:.0f} KB (Python 2 pickle), instances.json {ref['json_kb']:.0f} KB; written in "
-          f"{t_ref:.1f} s")
-    print(f"   OpenImages v7: {args.oi_annotations} masks over {oi_images} images {oh}x{ow}, JPEG q90 "
-          f"{oi['jpg_kb']:.0f} KB; mask PNGs {mh}x{mw} mode L ({oi['png_kb']:.1f} KB mean, {oi['zipped_kb']:.1f} KB "
-          f"deflated) in {oi['zips']} train-masks-<c>.zip; min_area {oi_min_area}; written in {t_oi:.1f} s")
-    print(f"   SA-V: {args.videos} videos {vh}x{vw}, {args.video_seconds:g} s at 24 fps ({sav['frames']} frames), "
-          f"{sav['codec']}, keyframe every {args.gop} frames, panning background + 3 moving textured blobs + "
-          f"grain (sigma {args.grain:g}): {sav['mp4_mb']:.1f} MB = {sav['mbps']:.1f} Mbit/s; manual JSON "
-          f"{sav['json_kb']:.0f} KB (3 objects every 4th frame); pair_gap 4 (frames 4k and 4k+16); written in "
-          f"{t_sav:.1f} s")
+    print(
+        f"   RefCOCO: {args.refs} refs over {refs_images} images {rh}x{rw} (h x w), JPEG q90 {ref['jpg_kb']:.0f} KB; "
+        f"polygons of {ref['vertices']:.0f} vertices mean (30-80, a fifth in 2 parts); refs(unc).p "
+        f"{ref['pickle_kb']:.0f} KB (Python 2 pickle), instances.json {ref['json_kb']:.0f} KB; written in "
+        f"{t_ref:.1f} s"
+    )
+    print(
+        f"   OpenImages v7: {args.oi_annotations} masks over {oi_images} images {oh}x{ow}, JPEG q90 "
+        f"{oi['jpg_kb']:.0f} KB; mask PNGs {mh}x{mw} mode L ({oi['png_kb']:.1f} KB mean, {oi['zipped_kb']:.1f} KB "
+        f"deflated) in {oi['zips']} train-masks-<c>.zip; min_area {oi_min_area}; written in {t_oi:.1f} s"
+    )
+    print(
+        f"   SA-V: {args.videos} videos {vh}x{vw}, {args.video_seconds:g} s at 24 fps ({sav['frames']} frames), "
+        f"{sav['codec']}, keyframe every {args.gop} frames, panning background + 3 moving textured blobs + "
+        f"grain (sigma {args.grain:g}): {sav['mp4_mb']:.1f} MB = {sav['mbps']:.1f} Mbit/s; manual JSON "
+        f"{sav['json_kb']:.0f} KB (3 objects every 4th frame); pair_gap 4 (frames 4k and 4k+16); written in "
+        f"{t_sav:.1f} s"
+    )
 
     def refcoco():
         return RefCocoSource(RefCocoSpec(**ref["spec"]), size, **common)
@@ -809,10 +930,12 @@ def other_sources(args, tmp: Path) -> None:
     def sav_pair():
         return SavPairRows(SavSpec(**sav["spec"], pairs=1.0), size, **common)
 
-    rows = [("RefCOCO", "polygon + JPEG", refcoco, args.source_samples, args.source_loads, False),
-            ("OpenImages", "zip PNG + JPEG", openimages, args.source_samples, args.source_loads, False),
-            ("SA-V", "frame (pairs=0)", sav_single, args.video_samples, args.video_loads, False),
-            ("SA-V", "pair (pairs=1)", sav_pair, args.video_samples, args.video_loads, True)]
+    rows = [
+        ("RefCOCO", "polygon + JPEG", refcoco, args.source_samples, args.source_loads, False),
+        ("OpenImages", "zip PNG + JPEG", openimages, args.source_samples, args.source_loads, False),
+        ("SA-V", "frame (pairs=0)", sav_single, args.video_samples, args.video_loads, False),
+        ("SA-V", "pair (pairs=1)", sav_pair, args.video_samples, args.video_loads, True),
+    ]
 
     # one process
     single: dict[str, tuple[list[float], float, float]] = {}
@@ -854,13 +977,16 @@ def other_sources(args, tmp: Path) -> None:
                 f"     a published-size zip ({args.zip_members:,} empty members, written in {t_pad:.1f} s): "
                 f"{1000 * t_big:.0f} ms, table {big_bytes / 2**20:.1f} MiB; x 16 zips = ~{16 * t_big:.0f} s and "
                 f"~{16 * big_bytes / 2**20:.0f} MiB per loading process (each worker; the training process with "
-                f"workers=0), spread over its first loads"]
+                f"workers=0), spread over its first loads",
+            ]
         times, other, cores, sample = load_times(src, stream, loads)
         assert sample["image"].shape == (3, size, size) and ("seg_image" in sample) == pairs
         single[name + kind] = (times, other, cores)
         skipped = ", ".join(f"{v} {k}" for k, v in sorted(stream.skipped.items())) or "none"
-        notes.append(f"   {name} {kind}: index of {n} samples built in {1000 * t_index:.0f} ms (training process); "
-                     f"skipped while indexing: {skipped}")
+        notes.append(
+            f"   {name} {kind}: index of {n} samples built in {1000 * t_index:.0f} ms (training process); "
+            f"skipped while indexing: {skipped}"
+        )
         del src, stream
 
     # loader throughput, configurations interleaved, best of rounds
@@ -870,37 +996,52 @@ def other_sources(args, tmp: Path) -> None:
             for name, kind, make, samples, _, pairs in rows:
                 for workers in (0, 2):
                     runs.setdefault((name + kind, workers), []).append(
-                        loader_rate(make, workers, samples, args.batch_size, size, pairs))
+                        loader_rate(make, workers, samples, args.batch_size, size, pairs)
+                    )
     finally:
         quiet.setLevel(level)
-    print(f"   one process: Source.load timed on {args.source_loads} (images) / {args.video_loads} (video) draws "
-          f"after 3 warm-up loads (torch threads {torch.get_num_threads()}); loader: {args.source_samples} / "
-          f"{args.video_samples} samples after a 1-batch warm-up, best of {args.rounds} rounds (interleaved)")
-    print("   cores = CPU time / wall time of the one-process loads (more than 1: the decoder's own threads); "
-          "main CPU = the training process's")
-    print("   CPU ms per sample in the loader runs (workers=0: loading and collating; workers=2: receiving from the "
-          "workers and collating);")
-    print("   others = share of the machine's CPU time used by other processes (one process / workers=0 / workers=2, "
-          "the worst round)")
+    print(
+        f"   one process: Source.load timed on {args.source_loads} (images) / {args.video_loads} (video) draws "
+        f"after 3 warm-up loads (torch threads {torch.get_num_threads()}); loader: {args.source_samples} / "
+        f"{args.video_samples} samples after a 1-batch warm-up, best of {args.rounds} rounds (interleaved)"
+    )
+    print(
+        "   cores = CPU time / wall time of the one-process loads (more than 1: the decoder's own threads); "
+        "main CPU = the training process's"
+    )
+    print(
+        "   CPU ms per sample in the loader runs (workers=0: loading and collating; workers=2: receiving from the "
+        "workers and collating);"
+    )
+    print(
+        "   others = share of the machine's CPU time used by other processes (one process / workers=0 / workers=2, "
+        "the worst round)"
+    )
     print()
     print(f"   {'':<30} {'one process':-^39}   {'TrainBatches, samples/s':-^31}   {'main CPU ms':>11}")
-    print(f"   {'source':<11} {'sample':<18} {'ms/sample':>9} {'median':>7} {'samples/s':>10} {'cores':>6}   "
-          f"{'workers=0':>9} {'workers=2':>10} {'2 / 0':>8}   {'w=0':>5} {'w=2':>5}   others")
+    print(
+        f"   {'source':<11} {'sample':<18} {'ms/sample':>9} {'median':>7} {'samples/s':>10} {'cores':>6}   "
+        f"{'workers=0':>9} {'workers=2':>10} {'2 / 0':>8}   {'w=0':>5} {'w=2':>5}   others"
+    )
     for name, kind, *_ in rows:
         times, other, cores = single[name + kind]
         mean, median = 1000 * statistics.fmean(times), 1000 * statistics.median(times)
         w0, w2 = (max(runs[name + kind, w]) for w in (0, 2))
         o0, o2 = (max(r[2] for r in runs[name + kind, w]) for w in (0, 2))
-        print(f"   {name:<11} {kind:<18} {mean:9.1f} {median:7.1f} {1000 / mean:10.1f} {cores:6.2f}   "
-              f"{w0[0]:9.1f} {w2[0]:10.1f} {w2[0] / w0[0]:7.2f}x   {1000 * w0[3]:5.1f} {1000 * w2[3]:5.1f}   "
-              f"{other:.0%} / {o0:.0%} / {o2:.0%}")
+        print(
+            f"   {name:<11} {kind:<18} {mean:9.1f} {median:7.1f} {1000 / mean:10.1f} {cores:6.2f}   "
+            f"{w0[0]:9.1f} {w2[0]:10.1f} {w2[0] / w0[0]:7.2f}x   {1000 * w0[3]:5.1f} {1000 * w2[3]:5.1f}   "
+            f"{other:.0%} / {o0:.0%} / {o2:.0%}"
+        )
     print()
     notes += zip_notes
     for name, kind, *_ in rows:
         each = ", ".join(f"{a[0]:.1f}/{b[0]:.1f}" for a, b in zip(runs[name + kind, 0], runs[name + kind, 2]))
         warm = max(r[1] for r in runs[name + kind, 2])
-        notes.append(f"   {name} {kind}: samples/s workers=0/workers=2 each round: {each}; warm-up batch with 2 "
-                     f"workers at most {warm:.2f} s")
+        notes.append(
+            f"   {name} {kind}: samples/s workers=0/workers=2 each round: {each}; warm-up batch with 2 "
+            f"workers at most {warm:.2f} s"
+        )
     print("\n".join(notes))
     worst = max([o for _, o, _ in single.values()] + [r[2] for rs in runs.values() for r in rs])
     if worst > 0.1 and not args.quick:  # (tiny runs: a few ms, below the resolution of CPU times)
@@ -930,8 +1071,13 @@ def main() -> None:
     parser.add_argument("--oi-annotations", type=int, default=100, help="OpenImages masks (over half as many images)")
     parser.add_argument("--oi-image-size", default="768x1024", help="h x w of the OpenImages images")
     parser.add_argument("--oi-mask-size", default="384x512", help="h x w of the OpenImages mask PNGs")
-    parser.add_argument("--zip-members", type=int, default=170_000, help="members of the published-size zip whose "
-                        "member table is timed (a published train-masks-<c>.zip has ~170k)")
+    parser.add_argument(
+        "--zip-members",
+        type=int,
+        default=170_000,
+        help="members of the published-size zip whose "
+        "member table is timed (a published train-masks-<c>.zip has ~170k)",
+    )
     parser.add_argument("--videos", type=int, default=8, help="SA-V videos")
     parser.add_argument("--video-seconds", type=float, default=10.0)
     parser.add_argument("--video-size", default="720x1280", help="h x w of the SA-V videos")
@@ -939,8 +1085,9 @@ def main() -> None:
     parser.add_argument("--x264-preset", default="faster", help="libx264 preset of the SA-V videos")
     parser.add_argument("--crf", type=int, default=21, help="libx264 crf of the SA-V videos")
     parser.add_argument("--grain", type=float, default=4.0, help="sigma of the SA-V videos' temporal grain (levels)")
-    parser.add_argument("--source-samples", type=int, default=192, help="RefCOCO/OpenImages samples timed per "
-                        "worker count")
+    parser.add_argument(
+        "--source-samples", type=int, default=192, help="RefCOCO/OpenImages samples timed per worker count"
+    )
     parser.add_argument("--video-samples", type=int, default=64, help="SA-V samples timed per worker count")
     parser.add_argument("--source-loads", type=int, default=40, help="RefCOCO/OpenImages one-process loads timed")
     parser.add_argument("--video-loads", type=int, default=24, help="SA-V one-process loads timed (per kind)")
@@ -962,8 +1109,10 @@ def main() -> None:
     packages = ("numpy", "pillow", "pycocotools", "torch", "av")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
     print(f"$ python {shlex.join(sys.argv)}")
-    print(f"{datetime.date.today()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-          f"python {platform.python_version()}, {versions}")
+    print(
+        f"{datetime.date.today()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"python {platform.python_version()}, {versions}"
+    )
     print()
     tmp = Path(tempfile.mkdtemp(prefix="dualrl-data-bench-", dir="/tmp"))
     try:

@@ -59,6 +59,7 @@ def main() -> None:
         def call():
             model._features = None  # a new batch: nothing cached
             fn()
+
         return call
 
     t1 = _time(fresh(lambda: worker.segment(batch, one)), args.repeats)
@@ -66,13 +67,18 @@ def main() -> None:
     tn = _time(fresh(lambda: worker.segment(repeated, captions.ids)), args.repeats)
     shared = worker.segment(batch, captions.ids, region)["mask_iou"]
     naive = worker.segment(repeated, captions.ids)["mask_iou"]
-    print(f"mask_iou scoring, {b} regions, embedded default model (SAM {recipe.model.sam.image_size} px), "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"mask_iou scoring, {b} regions, embedded default model (SAM {recipe.model.sam.image_size} px), "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print(f"  G=1            {b / t1:8.1f} captions/s  {1000 * t1:7.1f} ms/batch")
-    print(f"  G={g} shared    {b * g / tg:8.1f} captions/s  {1000 * tg:7.1f} ms/batch  "
-          f"= {tg / t1:.2f}x the G=1 time for {g}x the captions")
-    print(f"  G={g} naive     {b * g / tn:8.1f} captions/s  {1000 * tn:7.1f} ms/batch  "
-          f"(shared is {tn / tg:.2f}x faster)")
+    print(
+        f"  G={g} shared    {b * g / tg:8.1f} captions/s  {1000 * tg:7.1f} ms/batch  "
+        f"= {tg / t1:.2f}x the G=1 time for {g}x the captions"
+    )
+    print(
+        f"  G={g} naive     {b * g / tn:8.1f} captions/s  {1000 * tn:7.1f} ms/batch  (shared is {tn / tg:.2f}x faster)"
+    )
     print(f"  shared == naive scores: max |diff| = {(shared - naive).abs().max().item():.2e}")
 
 

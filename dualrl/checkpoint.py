@@ -46,10 +46,15 @@ def save_checkpoint(output_dir: Path, step: int, learner_state: dict, run_state:
     _save_tensors(learner_state["model"], tmp / "trainable.safetensors")
     _save_tensors(learner_state["ema"], tmp / "ema.safetensors")
     rng = learner_state["rng"]
-    torch.save({
-        "optimizer": learner_state["optimizer"], "scheduler": learner_state["scheduler"],
-        "rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
-    }, tmp / "optimizer.pt")
+    torch.save(
+        {
+            "optimizer": learner_state["optimizer"],
+            "scheduler": learner_state["scheduler"],
+            "rng_torch": rng["torch"],
+            "rng_cuda": rng.get("cuda"),
+        },
+        tmp / "optimizer.pt",
+    )
     meta = {"step": step, "skipped_steps": learner_state["skipped_steps"], "rng_python": rng["python"], **run_state}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -74,7 +79,8 @@ def load_latest(output_dir: Path) -> tuple[dict, dict] | None:
     learner_state = {
         "model": load_file(str(ckpt / "trainable.safetensors")),
         "ema": load_file(str(ckpt / "ema.safetensors")),
-        "optimizer": opt["optimizer"], "scheduler": opt["scheduler"],
+        "optimizer": opt["optimizer"],
+        "scheduler": opt["scheduler"],
         "skipped_steps": meta.pop("skipped_steps"),
     }
     learner_state["rng"] = {"torch": opt["rng_torch"], "python": meta.pop("rng_python")}
@@ -97,7 +103,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"no dualrl checkpoint at {str(path)!r} (expected an output_dir with checkpoints/latest, or a step_N "
         "folder with trainable.safetensors). Run the recipe that makes it first, e.g. `python -m dualrl.launch "
-        "recipes/sft_dual.yaml` writes outputs/sft_dual/checkpoints/.")
+        "recipes/sft_dual.yaml` writes outputs/sft_dual/checkpoints/."
+    )
 
 
 def load_trainable_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:

@@ -50,14 +50,18 @@ def eval_recipe(checkpoint: Path, overrides: list[str], weights: str, recipe: Pa
     if (checkpoint / "arch.json").is_file():
         return load_recipe(base, [f"model.pretrained={checkpoint}", "output_dir=unused", *overrides])
     if (checkpoint / "config.json").is_file():
-        return load_recipe(base, ["model.pretrained=null", f"model.sa2va={checkpoint}", "output_dir=unused",
-                                  *overrides])
+        return load_recipe(
+            base, ["model.pretrained=null", f"model.sa2va={checkpoint}", "output_dir=unused", *overrides]
+        )
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         if (folder / "recipe.yaml").is_file():
-            return load_recipe(folder / "recipe.yaml", [f"model.init_from={checkpoint}",
-                                                        f"model.init_weights={weights}", *overrides])
-    raise RecipeError(f"{checkpoint}: neither a model directory (dualrl's arch.json or a Sa2VA config.json) "
-                      "nor a training run (recipe.yaml in it or two folders up)")
+            return load_recipe(
+                folder / "recipe.yaml", [f"model.init_from={checkpoint}", f"model.init_weights={weights}", *overrides]
+            )
+    raise RecipeError(
+        f"{checkpoint}: neither a model directory (dualrl's arch.json or a Sa2VA config.json) "
+        "nor a training run (recipe.yaml in it or two folders up)"
+    )
 
 
 def regions(recipe, data: str, split: str, limit: int | None, full_masks: bool = True):
@@ -69,15 +73,21 @@ def regions(recipe, data: str, split: str, limit: int | None, full_masks: bool =
     if data == "refcoco":
         spec = spec.model_copy(update={"eval_split": split})
     skips = SkipLog()
-    yield from in_file_order(build_source(data, spec, recipe, split="val" if data == "refcoco" else split),
-                             skips, limit, full_masks=full_masks)
+    yield from in_file_order(
+        build_source(data, spec, recipe, split="val" if data == "refcoco" else split),
+        skips,
+        limit,
+        full_masks=full_masks,
+    )
     if skips.counts:
         log.warning("skipped %s", skips.counts)
 
 
 def _inter_union(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pred = F.interpolate(logits[:, None].float(), size=tuple(gt.shape[-2:]), mode="bilinear",
-                         align_corners=False)[:, 0] > 0
+    pred = (
+        F.interpolate(logits[:, None].float(), size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        > 0
+    )
     gt = gt.to(pred.device).bool()
     return (pred & gt).flatten(1).sum(1).double(), (pred | gt).flatten(1).sum(1).double()
 
@@ -150,13 +160,19 @@ def evaluate_model(model, samples, batch_size: int, aspect: str = "squash") -> d
         flush()
     if not captions:
         raise RuntimeError("no usable region in the split")
-    out = {"regions": len(captions), "cycle_miou": torch.cat(cycle).mean().item(),
-           "caption_tokens": sum(lengths) / len(lengths), "examples": [
-               {"caption": c, "references": r} for c, r in list(zip(captions, references))[:5]]}
+    out = {
+        "regions": len(captions),
+        "cycle_miou": torch.cat(cycle).mean().item(),
+        "caption_tokens": sum(lengths) / len(lengths),
+        "examples": [{"caption": c, "references": r} for c, r in list(zip(captions, references))[:5]],
+    }
     if inter:
         i, u = torch.cat(inter), torch.cat(union)
-        out.update(queries=len(i), ref_ciou=(i.sum() / u.sum().clamp(min=1)).item(),
-                   ref_giou=(i / u.clamp(min=1)).mean().item())
+        out.update(
+            queries=len(i),
+            ref_ciou=(i.sum() / u.sum().clamp(min=1)).item(),
+            ref_giou=(i / u.clamp(min=1)).mean().item(),
+        )
     out.update(_meteor(captions, references))
     return out
 
@@ -184,10 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--max-regions", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--resolution", choices=("file", "working"), default="file", help="compare masks at each "
-                        "file's resolution (the RefCOCO protocol) or on the working square")
-    parser.add_argument("--recipe", type=Path, default=None, help="whose model section builds a model directory "
-                        "(default recipes/sft_dual.yaml; a Sa2VA-4B checkpoint needs a 4B-shaped one)")
+    parser.add_argument(
+        "--resolution",
+        choices=("file", "working"),
+        default="file",
+        help="compare masks at each file's resolution (the RefCOCO protocol) or on the working square",
+    )
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="whose model section builds a model directory "
+        "(default recipes/sft_dual.yaml; a Sa2VA-4B checkpoint needs a 4B-shaped one)",
+    )
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -204,15 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result.update(checkpoint=str(args.checkpoint), data=args.data, split=args.split, weights=args.weights,
-                  resolution=args.resolution if args.data == "refcoco" else "working",
-                  device=device, seconds=round(time.time() - t0, 2))
+    result.update(
+        checkpoint=str(args.checkpoint),
+        data=args.data,
+        split=args.split,
+        weights=args.weights,
+        resolution=args.resolution if args.data == "refcoco" else "working",
+        device=device,
+        seconds=round(time.time() - t0, 2),
+    )
     folder = args.checkpoint if args.checkpoint.is_dir() else Path(".")
     out = args.out or folder / f"eval_{args.data}_{args.split}.json"
     out.write_text(json.dumps(result, indent=1))
-    rows = [("regions", result["regions"]), ("queries", result.get("queries", 0)),
-            ("ref cIoU", result.get("ref_ciou")), ("ref gIoU", result.get("ref_giou")),
-            ("caption METEOR", result.get("caption_meteor")), ("cycle mIoU", result["cycle_miou"])]
+    rows = [
+        ("regions", result["regions"]),
+        ("queries", result.get("queries", 0)),
+        ("ref cIoU", result.get("ref_ciou")),
+        ("ref gIoU", result.get("ref_giou")),
+        ("caption METEOR", result.get("caption_meteor")),
+        ("cycle mIoU", result["cycle_miou"]),
+    ]
     for name, value in rows:
         print(f"{name:16s} {value:.4f}" if isinstance(value, float) else f"{name:16s} {value}")
     print(f"written to {out}")

@@ -41,10 +41,17 @@ def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], l
         lengths += [len(i) for i in captions.ids]
         for i in range(min(table_rows - len(examples), len(captions.texts))):
             pred = _full_res(scores["logits"][i], batch["masks"].shape[-2:])
-            examples.append({"image": batch["images"][i].numpy(), "mask": batch["masks"][i].numpy(),
-                             "pred": pred.numpy(), "reference": batch["expression"][i],
-                             "caption": captions.texts[i], "cycle_iou": float(scores["mask_iou"][i]),
-                             "ref_iou": float(ref_iou[i])})
+            examples.append(
+                {
+                    "image": batch["images"][i].numpy(),
+                    "mask": batch["masks"][i].numpy(),
+                    "pred": pred.numpy(),
+                    "reference": batch["expression"][i],
+                    "caption": captions.texts[i],
+                    "cycle_iou": float(scores["mask_iou"][i]),
+                    "ref_iou": float(ref_iou[i]),
+                }
+            )
     metrics = {
         "eval/ref_miou": torch.cat(ref_ious).mean().item(),
         "eval/cycle_miou": torch.cat(cycle_ious).mean().item(),

@@ -29,8 +29,10 @@ FORMATS = ("dualrl", "sa2va", "peft")
 def export(run_dir: Path, dest: Path, weights: str = "ema", dtype: str = "float32", fmt: str = "dualrl") -> Path:
     recipe = load_recipe(run_dir / "recipe.yaml")
     if fmt == "dualrl" and recipe.model.trainable.lora:
-        raise RecipeError("a LoRA run exports with its adapters merged in the Sa2VA layout (--format sa2va) or as "
-                          "a PEFT adapter (--format peft); --format dualrl takes full-weight runs")
+        raise RecipeError(
+            "a LoRA run exports with its adapters merged in the Sa2VA layout (--format sa2va) or as "
+            "a PEFT adapter (--format peft); --format dualrl takes full-weight runs"
+        )
     if fmt == "peft" and not recipe.model.trainable.lora:
         raise RecipeError("--format peft needs a LoRA run (model.trainable.lora: true)")
     state = load_latest(run_dir)
@@ -50,7 +52,8 @@ def export(run_dir: Path, dest: Path, weights: str = "ema", dtype: str = "float3
     else:
         save_pretrained(model, dest, getattr(torch, dtype))
     (Path(dest) / "SOURCE.txt").write_text(
-        f"exported from {run_dir} at step {run_state['step']} ({weights} weights, {dtype}, {fmt} format)\n")
+        f"exported from {run_dir} at step {run_state['step']} ({weights} weights, {dtype}, {fmt} format)\n"
+    )
     return Path(dest)
 
 

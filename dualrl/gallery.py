@@ -69,8 +69,7 @@ def draw(batch: dict, results: dict[str, tuple[list[str], torch.Tensor]], out: P
         expression = batch["expression"][k] or "(no expression)"
         show(axes[k, 0], k, truth[k], "lime", f"region: {expression}")
         for c, (name, (captions, masks)) in enumerate(results.items(), start=1):
-            show(axes[k, c], k, masks[k], "magenta",
-                 f"{name}: \"{captions[k]}\" (IoU {_iou(masks[k], truth[k]):.2f})")
+            show(axes[k, c], k, masks[k], "magenta", f'{name}: "{captions[k]}" (IoU {_iou(masks[k], truth[k]):.2f})')
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)

@@ -20,8 +20,9 @@ class RunLogger:
         self._truncate_after(start_step if resumed else -1)
         self.file = self.path.open("a")
         self.wandb = _start_wandb(recipe.wandb, Path(output_dir), config)
-        self.bar = tqdm(total=recipe.train.steps, initial=start_step, desc=recipe.algo.name, dynamic_ncols=True,
-                        mininterval=1.0)
+        self.bar = tqdm(
+            total=recipe.train.steps, initial=start_step, desc=recipe.algo.name, dynamic_ncols=True, mininterval=1.0
+        )
         self.last: dict[str, float] = {}
 
     def _truncate_after(self, step: int) -> None:
@@ -39,10 +40,18 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
         self.last.update(clean)
-        shown = {k.split("/")[-1]: f"{self.last[k]:.3g}" for k in
-                 ("train/loss", "train/dual_iou", "train/ref_iou", "reward/total", "eval/ref_miou",
-                  "eval/cycle_miou")
-                 if k in self.last}
+        shown = {
+            k.split("/")[-1]: f"{self.last[k]:.3g}"
+            for k in (
+                "train/loss",
+                "train/dual_iou",
+                "train/ref_iou",
+                "reward/total",
+                "eval/ref_miou",
+                "eval/cycle_miou",
+            )
+            if k in self.last
+        }
         self.bar.set_postfix(shown, refresh=False)
 
     def logged(self, step: int, prefix: str) -> dict[str, float]:
@@ -67,8 +76,13 @@ class RunLogger:
         columns = ["overlay", "reference", "caption", "cycle_iou", "ref_iou"]
         table = wandb.Table(columns=columns)
         for r in rows:
-            table.add_data(wandb.Image(overlay(r["image"], r["mask"], r["pred"])), r["reference"], r["caption"],
-                           r["cycle_iou"], r["ref_iou"])
+            table.add_data(
+                wandb.Image(overlay(r["image"], r["mask"], r["pred"])),
+                r["reference"],
+                r["caption"],
+                r["cycle_iou"],
+                r["ref_iou"],
+            )
         self.wandb.log({"eval/examples": table}, step=step)
 
     def groups(self, step: int, batch: dict, rollout, scored, regions: int = 2) -> None:
@@ -78,9 +92,16 @@ class RunLogger:
         rows = []
         for r in range(min(regions, len(batch["masks"]))):
             for i in range(r * g, r * g + g):
-                rows.append({"step": step, "region": r, "reference": batch["expression"][r],
-                             "caption": rollout.captions.texts[i], "total": float(scored.total[i]),
-                             **{k: v[i] for k, v in scored.scores.items()}})
+                rows.append(
+                    {
+                        "step": step,
+                        "region": r,
+                        "reference": batch["expression"][r],
+                        "caption": rollout.captions.texts[i],
+                        "total": float(scored.total[i]),
+                        **{k: v[i] for k, v in scored.scores.items()},
+                    }
+                )
         with (self.path.parent / "rollouts.jsonl").open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         if self.wandb is None or not rows:
@@ -126,7 +147,14 @@ def _start_wandb(spec, output_dir: Path, config: dict):
     id_file = output_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.exists() else None
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=spec.project, name=spec.name, mode=spec.mode, dir=str(output_dir), config=config,
-                     id=run_id, resume="allow")
+    run = wandb.init(
+        project=spec.project,
+        name=spec.name,
+        mode=spec.mode,
+        dir=str(output_dir),
+        config=config,
+        id=run_id,
+        resume="allow",
+    )
     id_file.write_text(run.id)
     return run

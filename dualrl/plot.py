@@ -82,8 +82,9 @@ def group_runs(runs: list[Path], named: list[str]) -> OrderedDict[str, list[Path
     return arms
 
 
-def summarise(evals: list[dict[int, dict[str, float]]], metric: str) -> tuple[list[int], list[float], list[float],
-                                                                             list[float]]:
+def summarise(
+    evals: list[dict[int, dict[str, float]]], metric: str
+) -> tuple[list[int], list[float], list[float], list[float]]:
     """Steps every seed evaluated `metric` at, with the mean and the band's low and high at each."""
     steps = sorted(set.intersection(*({s for s, v in e.items() if metric in v} for e in evals)))
     means, lows, highs = [], [], []
@@ -113,8 +114,10 @@ def final_table(arms: OrderedDict[str, list[Path]], evals: dict[str, list], metr
                 continue
             values = [e[step][metric] for e, step in zip(evals[name], lasts)]
             row["metrics"][metric] = {
-                "steps": lasts, "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values,
+                "steps": lasts,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values,
             }
         table[name] = row
     return table
@@ -145,7 +148,7 @@ def draw(arms: OrderedDict[str, list[Path]], evals: dict[str, list], metrics: li
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     if title:

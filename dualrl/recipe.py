@@ -39,9 +39,12 @@ class VisionSpec(Section):
 class TextSpec(Section):
     """The language model: Qwen2-shaped (Sa2VA-1B/4B, InternVL3) or InternLM2-shaped (Sa2VA-8B)."""
 
-    arch: Literal["qwen2", "internlm2"] = Field("qwen2", description="qwen2: Qwen2/2.5 (biases on q, k, v). "
-                                               "internlm2: InternLM2/2.5, run as transformers' Llama (no "
-                                               "biases; Sa2VA's fused `wqkv` is split on load, fused on export).")
+    arch: Literal["qwen2", "internlm2"] = Field(
+        "qwen2",
+        description="qwen2: Qwen2/2.5 (biases on q, k, v). "
+        "internlm2: InternLM2/2.5, run as transformers' Llama (no "
+        "biases; Sa2VA's fused `wqkv` is split on load, fused on export).",
+    )
     hidden_size: int = Field(128, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
@@ -74,12 +77,18 @@ class SamSpec(Section):
 
     config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 package config name.")
     image_size: int = Field(128, gt=0, description="Square SAM input size (1024 for real SAM2).")
-    overrides: list[str] = Field(default_factory=lambda: list(NANO_SAM_OVERRIDES),
-                                 description="Hydra overrides composed onto the config (tiny trunk).")
+    overrides: list[str] = Field(
+        default_factory=lambda: list(NANO_SAM_OVERRIDES),
+        description="Hydra overrides composed onto the config (tiny trunk).",
+    )
     checkpoint: str | None = Field(None, description="Official SAM2 `.pt` to load (real use).")
-    pe_gain: float = Field(1.0, gt=0, description="Gain on the prompt encoder's random-Fourier positional "
-                           "encodings. From scratch, 3 shortens the plateau before the mask decoder starts "
-                           "using its prompt; keep 1 for pretrained SAM2.")
+    pe_gain: float = Field(
+        1.0,
+        gt=0,
+        description="Gain on the prompt encoder's random-Fourier positional "
+        "encodings. From scratch, 3 shortens the plateau before the mask decoder starts "
+        "using its prompt; keep 1 for pretrained SAM2.",
+    )
 
 
 class TrainableSpec(Section):
@@ -90,7 +99,8 @@ class TrainableSpec(Section):
     lora_alpha: int = Field(256, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     llm: bool = Field(False, description="Train the whole LLM (no LoRA); used by tiny pretraining.")
     vision: bool = False
     projector: bool = Field(True, description="InternVL's mlp1 (multi_modal_projector).")
@@ -114,65 +124,105 @@ class PromptSpec(Section):
     region_question: str = "Please give me a short description of the region in the picture marked by region1."
     segment_question: str = "<image>\nPlease segment {expression} in this image."
     segment_answer: str = "Sure, [SEG]."
-    answer_end: str | None = Field(None, min_length=1, description="The token that ends every answer and stops caption "
-                                   "generation: Sa2VA's template suffix (phi3_chat `<|end|>`, qwen_chat and "
-                                   "internlm2_chat `<|im_end|>`). None: the tokenizer's eos token. Must be one "
-                                   "token of the tokenizer.")
+    answer_end: str | None = Field(
+        None,
+        min_length=1,
+        description="The token that ends every answer and stops caption "
+        "generation: Sa2VA's template suffix (phi3_chat `<|end|>`, qwen_chat and "
+        "internlm2_chat `<|im_end|>`). None: the tokenizer's eos token. Must be one "
+        "token of the tokenizer.",
+    )
 
 
 class ModelSpec(Section):
-    pretrained: str | None = Field(None, description="A dualrl model directory to start from "
-                                   "(model.safetensors + tokenizer files + arch.json).")
-    vlm: str | None = Field(None, description="A transformers-native InternVL directory (config.json, "
-                            "safetensors, tokenizer), e.g. InternVL2.5-4B converted to the HF format, whose weights "
-                            "start the VLM; SAM2 then comes from model.sam.checkpoint. vision/text must describe it "
-                            "(differences are listed). Exclusive with `pretrained` and `sa2va`.")
-    sa2va: str | None = Field(None, description="A Sa2VA Hugging Face checkpoint directory (model.safetensors "
-                              "or its sharded index, tokenizer files, config.json) whose weights start the model. "
-                              "vision/text/sam must describe its architecture; a mismatch is refused with a key "
-                              "report. Exclusive with `pretrained`.")
-    trust_remote_code: bool = Field(False, description="Let transformers run the tokenizer code shipped in "
-                                    "the model.sa2va / model.vlm directory (InternLM2's tokenizer, Sa2VA-8B, "
-                                    "is only there). Local files only; nothing is downloaded.")
-    init_from: str | None = Field(None, description="A dualrl training run (its output_dir, its checkpoints/ "
-                                  "folder or one step_N folder) whose trainable weights start this run, on top "
-                                  "of `pretrained`: how grpo continues from an sft_dual run.")
-    init_weights: Literal["ema", "policy"] = Field("ema", description="Which weights of `init_from` to take: "
-                                                   "the EMA teacher's or the student's.")
+    pretrained: str | None = Field(
+        None, description="A dualrl model directory to start from (model.safetensors + tokenizer files + arch.json)."
+    )
+    vlm: str | None = Field(
+        None,
+        description="A transformers-native InternVL directory (config.json, "
+        "safetensors, tokenizer), e.g. InternVL2.5-4B converted to the HF format, whose weights "
+        "start the VLM; SAM2 then comes from model.sam.checkpoint. vision/text must describe it "
+        "(differences are listed). Exclusive with `pretrained` and `sa2va`.",
+    )
+    sa2va: str | None = Field(
+        None,
+        description="A Sa2VA Hugging Face checkpoint directory (model.safetensors "
+        "or its sharded index, tokenizer files, config.json) whose weights start the model. "
+        "vision/text/sam must describe its architecture; a mismatch is refused with a key "
+        "report. Exclusive with `pretrained`.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run the tokenizer code shipped in "
+        "the model.sa2va / model.vlm directory (InternLM2's tokenizer, Sa2VA-8B, "
+        "is only there). Local files only; nothing is downloaded.",
+    )
+    init_from: str | None = Field(
+        None,
+        description="A dualrl training run (its output_dir, its checkpoints/ "
+        "folder or one step_N folder) whose trainable weights start this run, on top "
+        "of `pretrained`: how grpo continues from an sft_dual run.",
+    )
+    init_weights: Literal["ema", "policy"] = Field(
+        "ema", description="Which weights of `init_from` to take: the EMA teacher's or the student's."
+    )
     vision: VisionSpec = Field(default_factory=VisionSpec)
     text: TextSpec = Field(default_factory=TextSpec)
     sam: SamSpec = Field(default_factory=SamSpec)
     trainable: TrainableSpec = Field(default_factory=TrainableSpec)
     prompts: PromptSpec = Field(default_factory=PromptSpec)
-    multimask: bool = Field(True, description="Decode 3 masks, keep the best by predicted IoU (Sa2VA); "
-                            "False: single-mask output, steadier from scratch.")
+    multimask: bool = Field(
+        True,
+        description="Decode 3 masks, keep the best by predicted IoU (Sa2VA); "
+        "False: single-mask output, steadier from scratch.",
+    )
     max_caption_tokens: int = Field(24, gt=0, le=512)
     seed: int = Field(0, description="Seed of the random init.")
-    precision: Literal["float32", "bf16"] = Field("float32", description="bf16: frozen weights stored in "
-                                                  "bfloat16, trainable ones in float32, forward passes under "
-                                                  "bf16 autocast (Sa2VA trains with bf16 mixed precision).")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32",
+        description="bf16: frozen weights stored in "
+        "bfloat16, trainable ones in float32, forward passes under "
+        "bf16 autocast (Sa2VA trains with bf16 mixed precision).",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package).")
-    gradient_checkpointing: bool = Field(False, description="Recompute the LLM's activations in the backward "
-                                         "pass (less memory, ~30 % more compute).")
+        "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the LLM's activations in the backward pass (less memory, ~30 % more compute)."
+    )
     generation: Literal["engine", "generate"] = Field(
-        "engine", description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill "
+        "engine",
+        description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill "
         "per region shared by its samples, a fixed-shape decode step replayed as a CUDA graph on GPUs; its "
         "attention is sdpa whatever attn_implementation trains, eager stays eager). generate: transformers' "
-        "generate, every sample its own prompt (the path before 0.5; same greedy captions).")
-    decode_graphs: bool = Field(True, description="engine on CUDA: capture the decode step as a CUDA graph "
-                                "(once per number of rows and prompt capacity); False runs it eagerly.")
-    decode_compile: bool = Field(False, description="engine: compile the decode step with torch.compile before "
-                                 "capturing it (fuses its hundreds of small elementwise kernels; each new number "
-                                 "of rows or prompt capacity compiles once, tens of seconds on a 4B model).")
-    decode_merge_lora: bool = Field(True, description="engine: decode with LoRA folded into a copy of each adapted "
-                                    "weight (one product per layer instead of the adapter's extra kernels; costs "
-                                    "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA, kept between calls). Same "
-                                    "captions up to rounding: in bf16, W + BA rounded once shifts log-probs by "
-                                    "bf16 noise (grpo/rollout_logp_gap shows the sampler-learner gap).")
-    generation_cache: Literal["dynamic", "static"] = Field("dynamic", description="generation=generate only: "
-                                                           "its KV cache; static preallocates it and compiles "
-                                                           "per prompt shape (same captions).")
+        "generate, every sample its own prompt (the path before 0.5; same greedy captions).",
+    )
+    decode_graphs: bool = Field(
+        True,
+        description="engine on CUDA: capture the decode step as a CUDA graph "
+        "(once per number of rows and prompt capacity); False runs it eagerly.",
+    )
+    decode_compile: bool = Field(
+        False,
+        description="engine: compile the decode step with torch.compile before "
+        "capturing it (fuses its hundreds of small elementwise kernels; each new number "
+        "of rows or prompt capacity compiles once, tens of seconds on a 4B model).",
+    )
+    decode_merge_lora: bool = Field(
+        True,
+        description="engine: decode with LoRA folded into a copy of each adapted "
+        "weight (one product per layer instead of the adapter's extra kernels; costs "
+        "that copy's memory, 5.5 GB at Sa2VA-4B's LoRA, kept between calls). Same "
+        "captions up to rounding: in bf16, W + BA rounded once shifts log-probs by "
+        "bf16 noise (grpo/rollout_logp_gap shows the sampler-learner gap).",
+    )
+    generation_cache: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="generation=generate only: "
+        "its KV cache; static preallocates it and compiles "
+        "per prompt shape (same captions).",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -180,10 +230,12 @@ class SourceSpec(Section):
     """What every source has: its share of the mixture and an optional cap on the samples it contributes."""
 
     weight: float = Field(1.0, ge=0, description="Relative share of training draws (0: off).")
-    max_samples: int | None = Field(None, gt=0, description="Use only this many samples of the source (a "
-                                    "fixed seeded subset, reshuffled each epoch).")
-    min_area: int = Field(0, ge=0, description="Masks under this many pixels (at the file's resolution) "
-                          "are skipped.")
+    max_samples: int | None = Field(
+        None,
+        gt=0,
+        description="Use only this many samples of the source (a fixed seeded subset, reshuffled each epoch).",
+    )
+    min_area: int = Field(0, ge=0, description="Masks under this many pixels (at the file's resolution) are skipped.")
 
 
 class ShapesSpec(SourceSpec):
@@ -196,8 +248,12 @@ class ShapesSpec(SourceSpec):
     val_size: int = Field(64, gt=0)
     test_size: int = Field(256, gt=0)
     seed: int = Field(0, ge=0)
-    regions_per_scene: int = Field(1, ge=1, description="Consecutive training regions drawn from one scene "
-                                   "(Sa2VA packs several referred objects per image).")
+    regions_per_scene: int = Field(
+        1,
+        ge=1,
+        description="Consecutive training regions drawn from one scene "
+        "(Sa2VA packs several referred objects per image).",
+    )
 
 
 class RefCocoSpec(SourceSpec):
@@ -206,8 +262,9 @@ class RefCocoSpec(SourceSpec):
     root: str = Field(..., description="Folder holding refcoco/, refcoco+/, refcocog/ (or the dataset folder).")
     images: str = Field(..., description="COCO train2014 images (COCO_train2014_<id:012>.jpg).")
     dataset: Literal["refcoco", "refcoco+", "refcocog"] = "refcoco"
-    split_by: str | None = Field(None, description="refs(<split_by>).p; default unc (refcoco, refcoco+), "
-                                 "umd (refcocog).")
+    split_by: str | None = Field(
+        None, description="refs(<split_by>).p; default unc (refcoco, refcoco+), umd (refcocog)."
+    )
     split: str = Field("train", description="Training split: train, val, testA, testB (unc) or test (umd).")
     eval_split: str = "val"
 
@@ -216,19 +273,28 @@ class Sa1bSpec(SourceSpec):
     """SA-1B: sa_<n>.jpg + sa_<n>.json with COCO RLE masks; one sample per annotation, mask-only."""
 
     root: str = Field(..., description="Folder of sa_*.jpg/json, or of their extracted tar folders (shards).")
-    min_area: int = Field(1024, ge=0, description="Masks under this many pixels are skipped (SA-1B has many "
-                          "tiny parts).")
+    min_area: int = Field(
+        1024, ge=0, description="Masks under this many pixels are skipped (SA-1B has many tiny parts)."
+    )
     files_per_shard: int = Field(1000, gt=0, description="Index shard size for a flat folder of files.")
 
 
 class SavSpec(SourceSpec):
     """SA-V: sav_<n>.mp4 + sav_<n>_manual.json / _auto.json masklets; or pre-extracted .npz frame pairs."""
 
-    root: str = Field(..., description="Folder of sav_*.mp4 and their JSON (or sav_000/ style sub-folders), "
-                      "or of .npz pairs (frame1, mask1, frame2, mask2).")
+    root: str = Field(
+        ...,
+        description="Folder of sav_*.mp4 and their JSON (or sav_000/ style sub-folders), "
+        "or of .npz pairs (frame1, mask1, frame2, mask2).",
+    )
     annotations: Literal["manual", "auto", "both"] = "manual"
-    pairs: float = Field(0.5, ge=0, le=1, description="Share of samples that are frame pairs (describe frame "
-                         "t, segment frame t+k); the rest are single frames.")
+    pairs: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of samples that are frame pairs (describe frame "
+        "t, segment frame t+k); the rest are single frames.",
+    )
     pair_gap: int = Field(4, gt=0, description="k of a pair, in annotated frames (each 4 video frames).")
     min_area: int = Field(256, ge=0)
 
@@ -249,22 +315,34 @@ class DataSpec(Section):
     sa1b: Sa1bSpec | None = None
     sav: SavSpec | None = None
     openimages: OpenImagesSpec | None = None
-    expression_fraction: float = Field(0.3, ge=0, le=1, description="Share of shapes training regions that "
-                                       "carry a referring expression (RefCOCO-like); the rest are mask-only.")
+    expression_fraction: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Share of shapes training regions that "
+        "carry a referring expression (RefCOCO-like); the rest are mask-only.",
+    )
     batch_size: int = Field(8, gt=0)
     num_workers: int = Field(0, ge=0, description="Loader worker processes (decoding, resizing).")
     prefetch: int = Field(4, gt=0, description="Samples in flight per worker.")
     seed: int = Field(0, ge=0, description="Seed of the mixture and of every source's order.")
-    image_size: int | None = Field(None, gt=0, description="Square working size of every region. Default: "
-                                   "model.sam.image_size (1024 at real scale); shapes-only: shapes.image_size.")
-    aspect: Literal["squash", "pad"] = Field("squash", description="squash: plain resize to the square "
-                                             "(Sa2VA); pad: keep aspect, pad bottom/right.")
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Square working size of every region. Default: "
+        "model.sam.image_size (1024 at real scale); shapes-only: shapes.image_size.",
+    )
+    aspect: Literal["squash", "pad"] = Field(
+        "squash", description="squash: plain resize to the square (Sa2VA); pad: keep aspect, pad bottom/right."
+    )
     max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are skipped unread.")
-    cache_dir: str | None = Field("~/.cache/dualrl/index", description="Where shard indexes are cached; "
-                                  "null: rebuild every run.")
+    cache_dir: str | None = Field(
+        "~/.cache/dualrl/index", description="Where shard indexes are cached; null: rebuild every run."
+    )
     all_bad_after: int = Field(64, gt=0, description="A source whose first N draws are all bad stops the run.")
-    eval_source: Literal["auto", "shapes", "refcoco"] = Field("auto", description="Held-out referring data: "
-                                                              "auto = refcoco when configured, else shapes.")
+    eval_source: Literal["auto", "shapes", "refcoco"] = Field(
+        "auto", description="Held-out referring data: auto = refcoco when configured, else shapes."
+    )
     eval_size: int = Field(256, gt=0, description="Regions of the refcoco eval split used (shapes: val_size).")
 
 
@@ -286,12 +364,20 @@ class SftDualSpec(Section):
 
     dual_weight: float = Field(1.0, ge=0, description="Weight of the soft-caption segmentation loss.")
     ref_weight: float = Field(1.0, ge=0, description="Weight of supervised referring segmentation.")
-    caption_weight: float = Field(0.5, ge=0, description="LM loss of the student describing regions that "
-                                  "carry a reference (anchors the captioner to language).")
+    caption_weight: float = Field(
+        0.5,
+        ge=0,
+        description="LM loss of the student describing regions that "
+        "carry a reference (anchors the captioner to language).",
+    )
     gumbel_tau: float = Field(0.7, gt=0)
     gumbel_top_k: int = Field(128, gt=0)
-    caption_token_dropout: float = Field(0.25, ge=0, lt=1, description="Share of teacher caption tokens "
-                                         "replaced by padding in the student's teacher-forced input.")
+    caption_token_dropout: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of teacher caption tokens replaced by padding in the student's teacher-forced input.",
+    )
 
 
 class PretrainSpec(Section):
@@ -299,9 +385,13 @@ class PretrainSpec(Section):
 
     ref_weight: float = Field(1.0, ge=0)
     caption_weight: float = Field(1.0, ge=0)
-    point_weight: float = Field(0.0, ge=0, description="Mask loss of SAM2 prompted by one click inside each "
-                                "region (SAM's interactive training): teaches the from-scratch mask head to "
-                                "segment whatever it is pointed at, as pretrained SAM2 already can.")
+    point_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Mask loss of SAM2 prompted by one click inside each "
+        "region (SAM's interactive training): teaches the from-scratch mask head to "
+        "segment whatever it is pointed at, as pretrained SAM2 already can.",
+    )
 
 
 class GrpoSpec(Section):
@@ -310,21 +400,32 @@ class GrpoSpec(Section):
     num_generations: int = Field(8, ge=2, description="G: captions sampled per region.")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_completion_length: int | None = Field(None, gt=0, description="Caption tokens per sample "
-                                              "(None: model.max_caption_tokens).")
+    max_completion_length: int | None = Field(
+        None, gt=0, description="Caption tokens per sample (None: model.max_caption_tokens)."
+    )
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the ratio: 1 - epsilon.")
-    epsilon_high: float | None = Field(None, gt=0, description="Upper clip: 1 + epsilon_high (None: epsilon; "
-                                       "DAPO's clip-higher uses e.g. 0.28).")
-    beta: float = Field(0.0, ge=0, description="k3 KL to a frozen copy of the starting captioner (0: none, "
-                        "and no reference model is built).")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip: 1 + epsilon_high (None: epsilon; DAPO's clip-higher uses e.g. 0.28)."
+    )
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="k3 KL to a frozen copy of the starting captioner (0: none, and no reference model is built).",
+    )
     scale_rewards: Literal["group", "batch", "none"] = "group"
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    num_iterations: int = Field(1, ge=1, description="Optimizer updates per rollout batch (the first pass's "
-                                "log-probs are kept as the old policy's for the ratios).")
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        description="Optimizer updates per rollout batch (the first pass's "
+        "log-probs are kept as the old policy's for the ratios).",
+    )
     policy_weight: float = Field(1.0, ge=0, description="Weight of the GRPO term in the learner's loss.")
     seg_target: Literal["reference_or_best", "reference", "best"] = Field(
-        "reference_or_best", description="What the segmenter's SFT mask loss segments from: a region's "
-        "reference expression, its best-rewarded caption, or the reference where there is one, else the best.")
+        "reference_or_best",
+        description="What the segmenter's SFT mask loss segments from: a region's "
+        "reference expression, its best-rewarded caption, or the reference where there is one, else the best.",
+    )
     seg_weight: float = Field(1.0, ge=0, description="Weight of the segmenter's BCE + dice loss.")
 
 
@@ -344,8 +445,12 @@ class OptimSpec(Section):
     grad_clip: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
-    accumulation: int = Field(1, ge=1, description="Split each step's batch into this many micro-batches: one "
-                              "forward/backward each, one optimizer step (Sa2VA: 2 regions x 4 per GPU).")
+    accumulation: int = Field(
+        1,
+        ge=1,
+        description="Split each step's batch into this many micro-batches: one "
+        "forward/backward each, one optimizer step (Sa2VA: 2 regions x 4 per GPU).",
+    )
 
 
 class TrainSpec(Section):
@@ -357,8 +462,11 @@ class TrainSpec(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (None: torch's default).")
-    stop_at_step: int | None = Field(None, gt=0, description="Stop early at this step as if interrupted "
-                                     "(for resume tests); the schedule still spans `steps`.")
+    stop_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="Stop early at this step as if interrupted (for resume tests); the schedule still spans `steps`.",
+    )
 
 
 class EvalSpec(Section):
@@ -413,9 +521,11 @@ class Recipe(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="mask_iou")], description=
-                                      "Reward plugins and their weights; their weighted sum drives grpo and is "
-                                      "logged as reward/total by every algorithm.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="mask_iou")],
+        description="Reward plugins and their weights; their weighted sum drives grpo and is "
+        "logged as reward/total by every algorithm.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -497,9 +607,11 @@ def check_paths(recipe: Recipe) -> None:
     """Files the recipe names must exist before anything is built."""
     pretrained = recipe.model.pretrained
     if pretrained is not None and not (Path(pretrained) / "model.safetensors").is_file():
-        raise RecipeError(f"model.pretrained: no dualrl model at {pretrained!r} (expected model.safetensors "
-                          "there). Build it with `python -m dualrl.launch recipes/pretrain_tiny.yaml` or set "
-                          "model.pretrained=null to start from random init.")
+        raise RecipeError(
+            f"model.pretrained: no dualrl model at {pretrained!r} (expected model.safetensors "
+            "there). Build it with `python -m dualrl.launch recipes/pretrain_tiny.yaml` or set "
+            "model.pretrained=null to start from random init."
+        )
     if sum(x is not None for x in (pretrained, recipe.model.sa2va, recipe.model.vlm)) > 1:
         raise RecipeError("model.pretrained, model.sa2va and model.vlm are exclusive: set one of them")
     vlm = recipe.model.vlm
@@ -511,8 +623,10 @@ def check_paths(recipe: Recipe) -> None:
             raise RecipeError("model.sa2va and model.pretrained are exclusive: set one of them")
         folder = Path(sa2va).expanduser()
         if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-            raise RecipeError(f"model.sa2va: no Sa2VA checkpoint at {sa2va!r} (expected model.safetensors or "
-                              "model.safetensors.index.json there)")
+            raise RecipeError(
+                f"model.sa2va: no Sa2VA checkpoint at {sa2va!r} (expected model.safetensors or "
+                "model.safetensors.index.json there)"
+            )
     ckpt = recipe.model.sam.checkpoint
     if ckpt is not None and not Path(ckpt).is_file():
         raise RecipeError(f"model.sam.checkpoint: file not found: {ckpt!r}")
@@ -528,13 +642,18 @@ def check_paths(recipe: Recipe) -> None:
 
 # Recipe keys of each source that name files or folders, and what is expected there.
 DATA_PATHS = {
-    "refcoco": {"root": "the folder of refcoco/, refcoco+/, refcocog/ (instances.json + refs(*).p)",
-                "images": "the COCO train2014 image folder"},
+    "refcoco": {
+        "root": "the folder of refcoco/, refcoco+/, refcocog/ (instances.json + refs(*).p)",
+        "images": "the COCO train2014 image folder",
+    },
     "sa1b": {"root": "the SA-1B folder (sa_*.jpg + sa_*.json, or their extracted tar folders)"},
     "sav": {"root": "the SA-V folder (sav_*.mp4 + sav_*_manual.json, or .npz frame pairs)"},
-    "openimages": {"annotations": "train-annotations-object-segmentation.csv",
-                   "classes": "oidv7-class-descriptions.csv", "images": "the folder of <ImageID>.jpg",
-                   "masks": "the folder of mask PNGs or train-masks-<c>.zip files"},
+    "openimages": {
+        "annotations": "train-annotations-object-segmentation.csv",
+        "classes": "oidv7-class-descriptions.csv",
+        "images": "the folder of <ImageID>.jpg",
+        "masks": "the folder of mask PNGs or train-masks-<c>.zip files",
+    },
 }
 
 
@@ -547,9 +666,11 @@ def check_data_paths(data: DataSpec) -> None:
         for key, what in keys.items():
             path = Path(getattr(spec, key)).expanduser()
             if not path.exists():
-                raise RecipeError(f"data.{name}.{key}: {what} not found at '{path}'. Set it in the recipe or "
-                                  f"with data.{name}.{key}=/path/to/it, or switch the source off with "
-                                  f"data.{name}=null.")
+                raise RecipeError(
+                    f"data.{name}.{key}: {what} not found at '{path}'. Set it in the recipe or "
+                    f"with data.{name}.{key}=/path/to/it, or switch the source off with "
+                    f"data.{name}=null."
+                )
 
 
 def check_rewards(recipe: Recipe) -> None:

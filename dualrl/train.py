@@ -103,12 +103,16 @@ def run(recipe: Recipe) -> dict:
     steps_run = step - start_step
     loop_s = time.time() - t_loop
     summary = {
-        "steps": step, "steps_this_run": steps_run, "wall_time_s": time.time() - t_start,
+        "steps": step,
+        "steps_this_run": steps_run,
+        "wall_time_s": time.time() - t_start,
         "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
         "start": logger.logged(0, "eval/"),
         "final": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "skipped_nonfinite_steps": metrics.get("train/skipped_nonfinite", 0.0),
-        "runtime": recipe.runtime.kind, "algo": recipe.algo.name, "data_skipped": batches.skipped(),
+        "runtime": recipe.runtime.kind,
+        "algo": recipe.algo.name,
+        "data_skipped": batches.skipped(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     logger.close(summary["final"])

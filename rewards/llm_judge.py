@@ -126,8 +126,9 @@ def render_prompt(template: str, caption: str, references: list[str]) -> str:
 class _Failure(Exception):
     """A caption's score could not be obtained. `kind` is a short, secret-free label used for logging."""
 
-    def __init__(self, kind: str, transient: bool = False, bad_answer: bool = False,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, kind: str, transient: bool = False, bad_answer: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(kind)
         self.kind = kind
         self.transient = transient  # 429, 5xx, timeout, connection error: worth retrying
@@ -145,8 +146,12 @@ class _Stats:
 
     def metrics(self, cache_hits: int) -> dict[str, float]:
         latency = sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
-        return {"requests": float(self.requests), "retries": float(self.retries), "cache_hits": float(cache_hits),
-                "latency_ms": latency}
+        return {
+            "requests": float(self.requests),
+            "retries": float(self.retries),
+            "cache_hits": float(cache_hits),
+            "latency_ms": latency,
+        }
 
 
 class LLMJudge:
@@ -154,13 +159,35 @@ class LLMJudge:
 
     name = "llm_judge"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", prompt: str | None = None,
-                 max_concurrency: int = 8, request_timeout_s: float = 30.0, max_retries: int = 3,
-                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, deadline_s: float = 45.0,
-                 cache_size: int = 10_000, temperature: float = 0.0, max_tokens: int = 16) -> None:
-        _check_config(base_url, model, prompt, max_concurrency=max_concurrency, request_timeout_s=request_timeout_s,
-                      max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
-                      deadline_s=deadline_s, cache_size=cache_size, max_tokens=max_tokens)
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        prompt: str | None = None,
+        max_concurrency: int = 8,
+        request_timeout_s: float = 30.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        deadline_s: float = 45.0,
+        cache_size: int = 10_000,
+        temperature: float = 0.0,
+        max_tokens: int = 16,
+    ) -> None:
+        _check_config(
+            base_url,
+            model,
+            prompt,
+            max_concurrency=max_concurrency,
+            request_timeout_s=request_timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            deadline_s=deadline_s,
+            cache_size=cache_size,
+            max_tokens=max_tokens,
+        )
         self.base_url = base_url.strip().rstrip("/")
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only; its value is read at call time
@@ -182,8 +209,10 @@ class LLMJudge:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
 
     async def __call__(self, batch: RewardInput) -> RewardOutput:
-        prompts = [render_prompt(self.prompt, caption, refs) if refs else None
-                   for caption, refs in zip(batch.captions, batch.references)]
+        prompts = [
+            render_prompt(self.prompt, caption, refs) if refs else None
+            for caption, refs in zip(batch.captions, batch.references)
+        ]
         needed = [p for p in prompts if p is not None]
         known = {p: s for p in set(needed) if (s := self._cache_get(p)) is not None}
         to_ask = list(dict.fromkeys(p for p in needed if p not in known))
@@ -290,8 +319,9 @@ class LLMJudge:
             logger.debug("%s: a caption could not be scored (%s)", self.name, kind)
             return
         self._logged_kinds.add(kind)
-        logger.warning("%s: a caption could not be scored (%s); further '%s' failures are logged at DEBUG",
-                       self.name, kind, kind)
+        logger.warning(
+            "%s: a caption could not be scored (%s); further '%s' failures are logged at DEBUG", self.name, kind, kind
+        )
 
 
 def _read_score(response: httpx.Response) -> float:

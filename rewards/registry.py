@@ -91,8 +91,10 @@ def find_target(spec) -> Any:
     if spec.name in BUILTINS:
         module_name, _, attr = BUILTINS[spec.name].partition(":")
         return _import_attr(module_name, attr, spec.name)
-    raise RewardConfigError(f"unknown reward {spec.name!r}; built-ins: {sorted(BUILTINS)}, or give "
-                            "`module:attr`, or `path: file.py` with `name: function`")
+    raise RewardConfigError(
+        f"unknown reward {spec.name!r}; built-ins: {sorted(BUILTINS)}, or give "
+        "`module:attr`, or `path: file.py` with `name: function`"
+    )
 
 
 def _check_options(target: Any, options: dict[str, Any]) -> None:
@@ -110,8 +112,11 @@ def _check_options(target: Any, options: dict[str, Any]) -> None:
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise RewardConfigError(f"unknown option(s) {unknown}; allowed: {allowed}")
-    missing = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and p.name not in options]
+    missing = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in options
+    ]
     if missing:
         raise RewardConfigError(f"required option(s) missing: {missing}")
 
@@ -180,8 +185,9 @@ class RewardSet:
             target = resolve_plugin(spec)
             fn = target(**spec.options) if inspect.isclass(target) else functools.partial(target, **spec.options)
             self.plugins.append(_Plugin(spec.key, spec.weight, spec.timeout_s, fn, _is_async(fn)))
-        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(self.plugins)),
-                                                              thread_name_prefix="reward")
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, len(self.plugins)), thread_name_prefix="reward"
+        )
         self.failures = {p.key: 0 for p in self.plugins}  # captions left unscored by failures, whole run
         self._warned: set[tuple[str, str]] = set()
 
@@ -230,8 +236,14 @@ class RewardSet:
     def _warn(self, key: str, reason: str, message: str) -> None:
         level = logging.DEBUG if (key, reason) in self._warned else logging.WARNING
         self._warned.add((key, reason))
-        log.log(level, "reward %s failed this step (%s): %s; its captions are unscored (counted in "
-                "reward/%s/failures)", key, reason, message, key)
+        log.log(
+            level,
+            "reward %s failed this step (%s): %s; its captions are unscored (counted in reward/%s/failures)",
+            key,
+            reason,
+            message,
+            key,
+        )
 
     def close(self) -> None:
         for plugin in self.plugins:

@@ -37,6 +37,6 @@ def repetition(batch: RewardInput, n: int = 2) -> list[float]:
     out = []
     for caption in batch.captions:
         words = _words(caption)
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
         out.append(-(1 - len(set(grams)) / len(grams)) if grams else 0.0)
     return out

@@ -27,19 +27,40 @@ def fixtures(tmp_path_factory):
     oi = make_openimages(root / "oi", zipped=True)
     return [
         "data.shapes=null",
-        f"data.refcoco.root={refer}", f"data.refcoco.images={images}",
-        f"data.sa1b.root={root / 'sa1b'}", "data.sa1b.min_area=100",
-        f"data.sav.root={root / 'sav'}", "data.sav.min_area=20", "data.sav.pair_gap=1",
-        *(f"data.openimages.{k}={v}" for k, v in oi.items()), "data.openimages.min_area=4",
-        "data.image_size=64", f"data.cache_dir={root / 'cache'}", "data.all_bad_after=200",
+        f"data.refcoco.root={refer}",
+        f"data.refcoco.images={images}",
+        f"data.sa1b.root={root / 'sa1b'}",
+        "data.sa1b.min_area=100",
+        f"data.sav.root={root / 'sav'}",
+        "data.sav.min_area=20",
+        "data.sav.pair_gap=1",
+        *(f"data.openimages.{k}={v}" for k, v in oi.items()),
+        "data.openimages.min_area=4",
+        "data.image_size=64",
+        f"data.cache_dir={root / 'cache'}",
+        "data.all_bad_after=200",
     ]
 
 
 def _run(out, fixtures, *extra):
-    recipe = load_recipe("recipes/full_data/sft_dual_mixture.yaml",
-                         [*TINY, *fixtures, f"output_dir={out}", "model.pretrained=null", "model.max_caption_tokens=6",
-                          "model.trainable.lora_r=8", "model.trainable.lora_alpha=16", "algo.loss.num_points=256",
-                          "data.batch_size=6", "data.num_workers=0", "eval.batch_size=8", "optim.lr=1e-4", *extra])
+    recipe = load_recipe(
+        "recipes/full_data/sft_dual_mixture.yaml",
+        [
+            *TINY,
+            *fixtures,
+            f"output_dir={out}",
+            "model.pretrained=null",
+            "model.max_caption_tokens=6",
+            "model.trainable.lora_r=8",
+            "model.trainable.lora_alpha=16",
+            "algo.loss.num_points=256",
+            "data.batch_size=6",
+            "data.num_workers=0",
+            "eval.batch_size=8",
+            "optim.lr=1e-4",
+            *extra,
+        ],
+    )
     return run(recipe)
 
 
@@ -92,8 +113,12 @@ def test_index_command_builds_every_shard_in_parallel(tmp_path, fixtures, capsys
     assert main(["recipes/full_data/sft_dual_mixture.yaml", *overrides, "--workers", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"refcoco", "sa1b", "sav", "openimages"}
-    assert report["sa1b"] == {"shards": 1, "samples": 6, "skipped": {"mask_too_small": 3},
-                              "seconds": report["sa1b"]["seconds"]}
+    assert report["sa1b"] == {
+        "shards": 1,
+        "samples": 6,
+        "skipped": {"mask_too_small": 3},
+        "seconds": report["sa1b"]["seconds"],
+    }
     assert report["openimages"]["skipped"]["annotation_corrupt"] == 3
     assert {p.parent.name for p in tmp_path.rglob("*.npz")} == {"sa1b", "sav", "openimages"}  # refcoco: in memory
 

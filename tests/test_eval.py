@@ -34,8 +34,25 @@ def test_ciou_and_giou_follow_the_refcoco_protocol(tiny_model):
 
 def test_cli_on_a_model_directory_and_shapes(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["recipes/pretrained/shapes-tiny", "--data", "shapes", "--split", "test", "--max-regions", "6",
-                 "--batch-size", "4", "--out", str(out), "model.max_caption_tokens=6"]) == 0
+    assert (
+        main(
+            [
+                "recipes/pretrained/shapes-tiny",
+                "--data",
+                "shapes",
+                "--split",
+                "test",
+                "--max-regions",
+                "6",
+                "--batch-size",
+                "4",
+                "--out",
+                str(out),
+                "model.max_caption_tokens=6",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["regions"] == 6 and result["data"] == "shapes" and result["split"] == "test"
     for key in ("ref_ciou", "ref_giou", "cycle_miou"):
@@ -49,12 +66,24 @@ def test_cli_on_a_run_with_refcoco_data(tmp_path):
     from dualrl.train import run
     from tests.conftest import TINY
 
-    run(load_recipe("recipes/sft_dual.yaml", [*TINY, f"output_dir={tmp_path / 'run'}", "train.steps=1",
-                                               "eval.at_start=false"]))
+    run(
+        load_recipe(
+            "recipes/sft_dual.yaml", [*TINY, f"output_dir={tmp_path / 'run'}", "train.steps=1", "eval.at_start=false"]
+        )
+    )
     refer, images = make_refcoco(tmp_path / "refer")
     out = tmp_path / "e.json"
-    args = [str(tmp_path / "run"), "--data", "refcoco", f"data.refcoco.root={refer}",
-            f"data.refcoco.images={images}", "--out", str(out), "--weights", "policy"]
+    args = [
+        str(tmp_path / "run"),
+        "--data",
+        "refcoco",
+        f"data.refcoco.root={refer}",
+        f"data.refcoco.images={images}",
+        "--out",
+        str(out),
+        "--weights",
+        "policy",
+    ]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["regions"] == 1 and result["queries"] == 1 and result["weights"] == "policy"
@@ -67,8 +96,22 @@ def test_cli_on_a_sa2va_directory(tiny_model, tmp_path):
 
     save_sa2va(tiny_model, tiny_model.tokenizer, tmp_path / "sa2va")
     out = tmp_path / "e.json"
-    assert main([str(tmp_path / "sa2va"), "--data", "shapes", "--max-regions", "2", "--out", str(out),
-                 "model.sam.image_size=128", "model.multimask=false"]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "sa2va"),
+                "--data",
+                "shapes",
+                "--max-regions",
+                "2",
+                "--out",
+                str(out),
+                "model.sam.image_size=128",
+                "model.multimask=false",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["regions"] == 2
 
 
@@ -81,9 +124,18 @@ def test_refcoco_ious_are_at_the_file_resolution(tiny_model, tmp_path, aspect):
     from tests.conftest import TINY
 
     refer, images = make_refcoco(tmp_path / "refer")
-    recipe = load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x", f"data.refcoco.root={refer}",
-                                                    f"data.refcoco.images={images}", "data.refcoco.eval_split=train",
-                                                    f"data.aspect={aspect}", "data.image_size=128"])
+    recipe = load_recipe(
+        "recipes/sft_dual.yaml",
+        [
+            *TINY,
+            "output_dir=x",
+            f"data.refcoco.root={refer}",
+            f"data.refcoco.images={images}",
+            "data.refcoco.eval_split=train",
+            f"data.aspect={aspect}",
+            "data.image_size=128",
+        ],
+    )
     samples = list(regions(recipe, "refcoco", "train", None))
     assert [s["full_mask"].shape for s in samples] == [(48, 64)] * 2
     got = evaluate_model(tiny_model, iter(samples), 2, aspect)

@@ -13,17 +13,25 @@ from tests.conftest import TINY
 
 def test_lora_run_exports_to_sa2va_and_peft(tmp_path, region_batch, capsys):
     out = tmp_path / "run"
-    run(load_recipe("recipes/sft_dual.yaml", [*TINY, f"output_dir={out}", "train.steps=2", "eval.at_start=false",
-                                              "optim.lr=1e-2"]))
+    run(
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [*TINY, f"output_dir={out}", "train.steps=2", "eval.at_start=false", "optim.lr=1e-2"],
+        )
+    )
     assert main([str(out), str(tmp_path / "plain")]) == 2
     assert "--format sa2va" in capsys.readouterr().err
     assert main([str(out), str(tmp_path / "sa2va"), "--format", "sa2va"]) == 0
     assert main([str(out), str(tmp_path / "peft"), "--format", "peft", "--weights", "policy"]) == 0
-    assert {p.name for p in (tmp_path / "peft").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
-                                                                 "dualrl_heads.safetensors"}
+    assert {p.name for p in (tmp_path / "peft").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "dualrl_heads.safetensors",
+    }
     trained = build_model(load_recipe(out / "recipe.yaml", [f"model.init_from={out}"]).model).eval()
-    exported = build_model(load_recipe("recipes/sft_dual.yaml", [
-        *TINY, "output_dir=x", f"model.sa2va={tmp_path / 'sa2va'}"]).model).eval()
+    exported = build_model(
+        load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x", f"model.sa2va={tmp_path / 'sa2va'}"]).model
+    ).eval()
     fresh = build_model(load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x"]).model).eval()
     with torch.no_grad():
         want = trained.segment(region_batch["images"], region_batch["expression"])[0]

@@ -13,8 +13,12 @@ def test_gallery_of_a_run_shows_start_and_end(tmp_path, capsys):
     from dualrl.train import run
     from tests.conftest import TINY
 
-    run(load_recipe("recipes/sft_dual.yaml", [*TINY, f"output_dir={tmp_path / 'run'}", "train.steps=2",
-                                               "eval.at_start=false", "optim.lr=0.05"]))
+    run(
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [*TINY, f"output_dir={tmp_path / 'run'}", "train.steps=2", "eval.at_start=false", "optim.lr=0.05"],
+        )
+    )
     out = tmp_path / "g.png"
     assert main([str(tmp_path / "run"), "--regions", "2", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000

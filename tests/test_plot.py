@@ -14,8 +14,16 @@ def _run(path, evals: dict[int, float], extra_line: str | None = None):
     path.mkdir(parents=True)
     lines = [json.dumps({"step": 5, "train/loss": 1.0})]
     for step, value in evals.items():
-        lines.append(json.dumps({"step": step, "eval/cycle_miou": value, "eval/ref_miou": value / 2,
-                                 "eval/meteor": float("nan") if step == 0 else 0.8}).replace("NaN", "null"))
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "eval/cycle_miou": value,
+                    "eval/ref_miou": value / 2,
+                    "eval/meteor": float("nan") if step == 0 else 0.8,
+                }
+            ).replace("NaN", "null")
+        )
     if extra_line is not None:
         lines.append(extra_line)
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -26,8 +34,22 @@ def test_seeds_form_one_arm_and_the_table_reports_mean_and_std(tmp_path, capsys)
     a = [_run(tmp_path / f"dual_seed{s}", {0: 0.4, 100: 0.5 + 0.1 * s}) for s in range(3)]
     b = [_run(tmp_path / f"control_s{s}", {0: 0.4, 100: 0.45}) for s in range(2)]
     out, table = tmp_path / "fig.png", tmp_path / "table.json"
-    assert main([*map(str, a + b), "--out", str(out), "--json", str(table),
-                 "--metrics", "eval/cycle_miou", "eval/ref_miou", "eval/meteor"]) == 0
+    assert (
+        main(
+            [
+                *map(str, a + b),
+                "--out",
+                str(out),
+                "--json",
+                str(table),
+                "--metrics",
+                "eval/cycle_miou",
+                "eval/ref_miou",
+                "eval/meteor",
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 1000
     rows = json.loads(table.read_text())
     assert list(rows) == ["dual", "control"] and rows["dual"]["seeds"] == 3
@@ -41,8 +63,10 @@ def test_seeds_form_one_arm_and_the_table_reports_mean_and_std(tmp_path, capsys)
 
 def test_runs_of_one_arm_that_end_at_different_steps_report_their_last_evaluations(tmp_path, capsys):
     """Arms matched on wall time end at different steps: each run's own last evaluation counts."""
-    runs = [_run(tmp_path / "more_seed0", {0: 0.4, 100: 0.5, 130: 0.7}),
-            _run(tmp_path / "more_seed1", {0: 0.4, 100: 0.5})]
+    runs = [
+        _run(tmp_path / "more_seed0", {0: 0.4, 100: 0.5, 130: 0.7}),
+        _run(tmp_path / "more_seed1", {0: 0.4, 100: 0.5}),
+    ]
     table = tmp_path / "t.json"
     assert main([*map(str, runs), "--out", str(tmp_path / "f.png"), "--json", str(table)]) == 0
     cycle = json.loads(table.read_text())["more"]["metrics"]["eval/cycle_miou"]

@@ -83,8 +83,10 @@ def test_reward_entries_are_checked_at_load():
 
 def test_list_entries_take_indexed_overrides():
     """`rewards.1.weight=0.5` reaches into the list; an index past its end is refused."""
-    r = load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: length}]", "rewards.1.weight=0.5",
-                                              "rewards.1.max_words=9"])
+    r = load_recipe(
+        "recipes/sft_dual.yaml",
+        ["rewards=[{name: mask_iou}, {name: length}]", "rewards.1.weight=0.5", "rewards.1.max_words=9"],
+    )
     assert r.rewards[1].weight == 0.5 and r.rewards[1].options == {"max_words": 9}
     with pytest.raises(RecipeError, match="'2' is not an index of a 2-entry list"):
         load_recipe("recipes/sft_dual.yaml", ["rewards=[{name: mask_iou}, {name: length}]", "rewards.2.weight=1"])
@@ -106,9 +108,9 @@ def test_extends_merges_sections_key_by_key(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-SA2VA_RECIPES = [f"sa2va_{size}_{kind}" for size in ("1b", "4b", "8b")
-                 for kind in ("sft_dual", "sft_dual_short", "grpo")] + [
-    f"sa2va_internvl3_{size}_{kind}" for size in ("2b", "8b") for kind in ("sft_dual", "grpo")]
+SA2VA_RECIPES = [
+    f"sa2va_{size}_{kind}" for size in ("1b", "4b", "8b") for kind in ("sft_dual", "sft_dual_short", "grpo")
+] + [f"sa2va_internvl3_{size}_{kind}" for size in ("2b", "8b") for kind in ("sft_dual", "grpo")]
 
 
 @pytest.mark.parametrize("name", SA2VA_RECIPES)
@@ -117,8 +119,16 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
 
     with pytest.raises(RecipeError, match=r"model\.sa2va: no Sa2VA checkpoint at '/models/Sa2VA-"):
         load_recipe(f"recipes/sa2va/{name}.yaml")
-    off = ["model.sa2va=null", "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null",
-           "data.shapes={}", "data.eval_source=shapes", "model.init_from=null"]
+    off = [
+        "model.sa2va=null",
+        "data.refcoco=null",
+        "data.sa1b=null",
+        "data.sav=null",
+        "data.openimages=null",
+        "data.shapes={}",
+        "data.eval_source=shapes",
+        "model.init_from=null",
+    ]
     r = load_recipe(f"recipes/sa2va/{name}.yaml", off)
     assert r.model.precision == "bf16" and r.model.trainable.lora_r == 128 and r.optim.lr == 1e-5
     assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999

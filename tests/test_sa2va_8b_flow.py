@@ -19,15 +19,38 @@ from tests.conftest import TINY
 RECIPE = "recipes/sa2va/sa2va_8b_sft_dual.yaml"
 # The 8B recipe at tiny sizes (what its arch keeps: InternLM2, untied, the internlm2_chat template and answer end).
 TINY_8B = [
-    *TINY, "model.vision.hidden_size=64", "model.vision.layers=2", "model.vision.heads=2",
-    "model.vision.intermediate_size=256", "model.vision.image_size=128", "model.vision.patch_size=8",
-    "model.text.hidden_size=128", "model.text.layers=2", "model.text.heads=4", "model.text.kv_heads=2",
-    "model.text.intermediate_size=256", "model.text.vocab_size=512", "model.sam.config=configs/sam2/sam2_hiera_t.yaml",
+    *TINY,
+    "model.vision.hidden_size=64",
+    "model.vision.layers=2",
+    "model.vision.heads=2",
+    "model.vision.intermediate_size=256",
+    "model.vision.image_size=128",
+    "model.vision.patch_size=8",
+    "model.text.hidden_size=128",
+    "model.text.layers=2",
+    "model.text.heads=4",
+    "model.text.kv_heads=2",
+    "model.text.intermediate_size=256",
+    "model.text.vocab_size=512",
+    "model.sam.config=configs/sam2/sam2_hiera_t.yaml",
     "model.sam.overrides=" + json.dumps(load_recipe("recipes/sft_dual.yaml", ["output_dir=x"]).model.sam.overrides),
-    "model.precision=float32", "model.generation_cache=dynamic", "model.init_from=null",
-    "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.shapes={val_size: 4}",
-    "data.eval_source=shapes", "data.eval_size=4", "data.num_workers=0", "data.image_size=128",
-    "optim.accumulation=2", "train.steps=2", "train.save_every=2", "eval.every=2", "rewards=[{name: mask_iou}]",
+    "model.precision=float32",
+    "model.generation_cache=dynamic",
+    "model.init_from=null",
+    "data.refcoco=null",
+    "data.sa1b=null",
+    "data.sav=null",
+    "data.openimages=null",
+    "data.shapes={val_size: 4}",
+    "data.eval_source=shapes",
+    "data.eval_size=4",
+    "data.num_workers=0",
+    "data.image_size=128",
+    "optim.accumulation=2",
+    "train.steps=2",
+    "train.save_every=2",
+    "eval.every=2",
+    "rewards=[{name: mask_iou}]",
 ]
 
 
@@ -42,15 +65,26 @@ def test_internlm2_sa2va_directory_through_train_export_and_eval(tmp_path):
     common = [*TINY_8B, f"model.sa2va={tmp_path / 'Sa2VA-8B-tiny'}"]
     summary = run(load_recipe(RECIPE, [*common, f"output_dir={tmp_path / 'sft'}"]))
     assert "eval/cycle_miou" in summary["final"]
-    grpo = run(load_recipe(RECIPE, [*common, f"output_dir={tmp_path / 'grpo'}", "algo.name=grpo",
-                                    "algo.grpo.num_generations=2", f"model.init_from={tmp_path / 'sft'}"]))
+    grpo = run(
+        load_recipe(
+            RECIPE,
+            [
+                *common,
+                f"output_dir={tmp_path / 'grpo'}",
+                "algo.name=grpo",
+                "algo.grpo.num_generations=2",
+                f"model.init_from={tmp_path / 'sft'}",
+            ],
+        )
+    )
     assert "eval/cycle_miou" in grpo["final"]
 
     assert export_main([str(tmp_path / "sft"), str(tmp_path / "export"), "--format", "sa2va"]) == 0
     state = load_sa2va_state(tmp_path / "export")
     assert "language_model.model.layers.0.attention.wqkv.weight" in state
     assert json.loads((tmp_path / "export" / "config.json").read_text())["llm_config"]["architectures"] == [
-        "InternLM2ForCausalLM"]
+        "InternLM2ForCausalLM"
+    ]
     fresh = build_model(seed_spec)
     assert not from_sa2va(fresh, state).real
     moved = [k for k in state if k.startswith(("text_hidden_fcs", "language_model.model.tok_embeddings"))]

@@ -64,8 +64,17 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
 def test_pretrain_runs_without_rollout(tmp_path):
     """The pretrain objective runs through the same loop without rollouts or rewards."""
     out = tmp_path / "pre"
-    run(_recipe(out, "algo.name=pretrain", "train.steps=2", "eval.at_start=false", "eval.every=100",
-                "model.trainable.lora=false", "model.trainable.llm=true"))
+    run(
+        _recipe(
+            out,
+            "algo.name=pretrain",
+            "train.steps=2",
+            "eval.at_start=false",
+            "eval.every=100",
+            "model.trainable.lora=false",
+            "model.trainable.llm=true",
+        )
+    )
     train = [m for m in _lines(out) if "train/loss" in m]
     assert "train/caption_loss" in train[-1] and "reward/mask_iou" not in train[-1]
 
@@ -78,9 +87,15 @@ def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):
     from dualrl.model.build import build_model
 
     run(_recipe(tmp_path / "sft", "train.steps=1", "eval.at_start=false"))
-    grpo = ["algo.name=grpo", f"model.init_from={tmp_path / 'sft'}", "algo.grpo.num_generations=2",
-            "rewards=[{name: mask_iou}, {name: length, weight: 0.1}, {name: repetition, weight: 0.1}]",
-            "train.steps=3", "eval.every=3", "train.save_every=1"]
+    grpo = [
+        "algo.name=grpo",
+        f"model.init_from={tmp_path / 'sft'}",
+        "algo.grpo.num_generations=2",
+        "rewards=[{name: mask_iou}, {name: length, weight: 0.1}, {name: repetition, weight: 0.1}]",
+        "train.steps=3",
+        "eval.every=3",
+        "train.save_every=1",
+    ]
     recipe = _recipe(tmp_path / "whole", *grpo)
     ema = load_file(str(tmp_path / "sft" / "checkpoints" / "step_1" / "ema.safetensors"))
     start = build_model(recipe.model).trainable_state()
@@ -91,8 +106,17 @@ def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):
     run(_recipe(tmp_path / "split", *grpo))
     whole, split = _lines(tmp_path / "whole"), _lines(tmp_path / "split")
     train = [m for m in whole if "train/loss" in m]
-    for key in ("reward/total", "reward/mask_iou", "reward/length", "reward/repetition/failures", "grpo/clip_frac",
-                "grpo/adv_std", "grpo/zero_spread_frac", "grpo/caption_len", "train/seg_iou"):
+    for key in (
+        "reward/total",
+        "reward/mask_iou",
+        "reward/length",
+        "reward/repetition/failures",
+        "grpo/clip_frac",
+        "grpo/adv_std",
+        "grpo/zero_spread_frac",
+        "grpo/caption_len",
+        "train/seg_iou",
+    ):
         assert key in train[-1], key
     assert [m["step"] for m in whole] == [m["step"] for m in split]
     for a, b in zip(whole, split):

@@ -60,10 +60,22 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
     from dualrl.model.build import build_model
     from dualrl.model.sa2va_format import save_sa2va
 
-    recipe = load_recipe(args.recipe, [f"output_dir={out_dir / 'x'}", "model.sa2va=null", "model.init_from=null",
-                                       "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null",
-                                       "data.shapes={}", "data.eval_source=shapes",
-                                       "model.trainable.lora=false", *(TINY_MODEL if args.tiny else [])])
+    recipe = load_recipe(
+        args.recipe,
+        [
+            f"output_dir={out_dir / 'x'}",
+            "model.sa2va=null",
+            "model.init_from=null",
+            "data.refcoco=null",
+            "data.sa1b=null",
+            "data.sav=null",
+            "data.openimages=null",
+            "data.shapes={}",
+            "data.eval_source=shapes",
+            "model.trainable.lora=false",
+            *(TINY_MODEL if args.tiny else []),
+        ],
+    )
     t0 = time.perf_counter()
     model = build_model(recipe.model)
     t1 = time.perf_counter()
@@ -116,14 +128,29 @@ class _Timed:
 def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers: int = 2) -> dict:
     size = 128 if args.tiny else 1024
     overrides = [
-        f"output_dir={out_dir / algo}", f"model.sa2va={sa2va or 'null'}", "model.init_from=null", f"algo.name={algo}",
-        "data.refcoco=null", "data.sa1b=null", "data.sav=null", "data.openimages=null", "data.eval_source=shapes",
-        f"data.shapes={{image_size: {size}}}", "data.expression_fraction=0.3",
-        f"data.image_size={size}", f"data.num_workers={workers}", f"data.batch_size={args.batch_size}",
-        f"algo.grpo.num_generations={args.generations}", f"optim.accumulation={args.accumulation}",
-        f"model.generation={args.generation}", f"model.generation_cache={args.cache}",
-        "wandb.mode=disabled", "train.device=auto",
-        "rewards=[{name: mask_iou}]", *(TINY_MODEL if args.tiny else []), *args.set,
+        f"output_dir={out_dir / algo}",
+        f"model.sa2va={sa2va or 'null'}",
+        "model.init_from=null",
+        f"algo.name={algo}",
+        "data.refcoco=null",
+        "data.sa1b=null",
+        "data.sav=null",
+        "data.openimages=null",
+        "data.eval_source=shapes",
+        f"data.shapes={{image_size: {size}}}",
+        "data.expression_fraction=0.3",
+        f"data.image_size={size}",
+        f"data.num_workers={workers}",
+        f"data.batch_size={args.batch_size}",
+        f"algo.grpo.num_generations={args.generations}",
+        f"optim.accumulation={args.accumulation}",
+        f"model.generation={args.generation}",
+        f"model.generation_cache={args.cache}",
+        "wandb.mode=disabled",
+        "train.device=auto",
+        "rewards=[{name: mask_iou}]",
+        *(TINY_MODEL if args.tiny else []),
+        *args.set,
     ]
     recipe = load_recipe(args.recipe, overrides)
     if torch.cuda.is_available():
@@ -152,8 +179,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         sync()
         t_reward = time.perf_counter()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
-        metrics = runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total),
-                                       step_generator(recipe.train.seed, step))
+        metrics = runtime.learner.step(
+            batch, Rollout(captions, plan.group_size, scored.total), step_generator(recipe.train.seed, step)
+        )
         sync()
         t_update = time.perf_counter()
         runtime.sync()
@@ -164,30 +192,58 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         sync_host_s = time.perf_counter() - t_learn
         retries = (torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0) - retries
         parts = timer.split(t_reward, t_update)
-        phases.append({"rollout_s": t_roll - t, "reward_s": t_reward - t_roll, "learner_s": t_learn - t_reward,
-                       **parts,
-                       "update_s": t_update - t_reward, "sync_s": t_learn - t_update, "sync_host_s": sync_host_s,
-                       "step_s": t_learn - t,
-                       "loss": metrics["train/loss"], "alloc_retries": float(retries),
-                       "mask_cover": float(batch["masks"].float().mean()),
-                       "caption_tokens": sum(len(i) for i in captions.ids) / len(captions)})
+        phases.append(
+            {
+                "rollout_s": t_roll - t,
+                "reward_s": t_reward - t_roll,
+                "learner_s": t_learn - t_reward,
+                **parts,
+                "update_s": t_update - t_reward,
+                "sync_s": t_learn - t_update,
+                "sync_host_s": sync_host_s,
+                "step_s": t_learn - t,
+                "loss": metrics["train/loss"],
+                "alloc_retries": float(retries),
+                "mask_cover": float(batch["masks"].float().mean()),
+                "caption_tokens": sum(len(i) for i in captions.ids) / len(captions),
+            }
+        )
         print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
     batches.close()
     timed = phases[1:] or phases
-    median = {k: statistics.median(p[k] for p in timed)
-              for k in ("rollout_s", "reward_s", "learner_s", "update_s", "forward_s", "backward_s", "optimizer_s",
-                        "other_s", "sync_s", "sync_host_s", "step_s")}
+    median = {
+        k: statistics.median(p[k] for p in timed)
+        for k in (
+            "rollout_s",
+            "reward_s",
+            "learner_s",
+            "update_s",
+            "forward_s",
+            "backward_s",
+            "optimizer_s",
+            "other_s",
+            "sync_s",
+            "sync_host_s",
+            "step_s",
+        )
+    }
     steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rollout = Rollout(captions, plan.group_size, scored.total)
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
-    mfu = {"model_flops_per_update": flops, "achieved_flops_per_s": flops / median["update_s"],
-           "mfu": flops / median["update_s"] / peak if peak else None,
-           "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
-           "gradient_checkpointing": recipe.model.gradient_checkpointing, "accumulation": recipe.optim.accumulation}
+    mfu = {
+        "model_flops_per_update": flops,
+        "achieved_flops_per_s": flops / median["update_s"],
+        "mfu": flops / median["update_s"] / peak if peak else None,
+        "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
+        "gradient_checkpointing": recipe.model.gradient_checkpointing,
+        "accumulation": recipe.optim.accumulation,
+    }
     captions_per_step = recipe.data.batch_size * plan.group_size
-    speed = {"regions_per_s": recipe.data.batch_size / median["step_s"],
-             "captions_per_s": captions_per_step / median["step_s"]}
+    speed = {
+        "regions_per_s": recipe.data.batch_size / median["step_s"],
+        "captions_per_s": captions_per_step / median["step_s"],
+    }
     naive = None
     if args.naive_regions:
         naive = naive_step(runtime, batch, plan, args.naive_regions)
@@ -197,14 +253,29 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         speed["naive_speedup"] = naive["naive_step_s"] / median["step_s"]
     print(f"{algo}: {json.dumps({**mfu, **speed})}", flush=True)
     if args.profile_learner:
-        profile_learner(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 2),
-                        args.out.parent if args.out else None, algo)
+        profile_learner(
+            runtime.learner,
+            batch,
+            rollout,
+            step_generator(recipe.train.seed, args.steps + 2),
+            args.out.parent if args.out else None,
+            algo,
+        )
     result = {
-        "algo": algo, "regions_per_step": recipe.data.batch_size, "captions_per_region": plan.group_size,
+        "algo": algo,
+        "regions_per_step": recipe.data.batch_size,
+        "captions_per_region": plan.group_size,
         "loader_workers": workers,
-        "build_s": build_s, "estimate": estimate, "memory_after_build_gib": built_gib,
+        "build_s": build_s,
+        "estimate": estimate,
+        "memory_after_build_gib": built_gib,
         "peak_memory_gib": steps_peak_gib,  # the build and the timed steps (not the FLOP count's update)
-        "warmup_step": phases[0], "median": median, "steps": phases, "mfu": mfu, **speed, "naive": naive,
+        "warmup_step": phases[0],
+        "median": median,
+        "steps": phases,
+        "mfu": mfu,
+        **speed,
+        "naive": naive,
         "generation": recipe.model.generation,
     }
     runtime.shutdown()
@@ -230,8 +301,9 @@ def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Gener
     return float(counter.get_total_flops())
 
 
-def profile_learner(learner, batch: dict, rollout: Rollout, generator: torch.Generator, out_dir: Path | None,
-                    name: str) -> None:
+def profile_learner(
+    learner, batch: dict, rollout: Rollout, generator: torch.Generator, out_dir: Path | None, name: str
+) -> None:
     """torch.profiler over one learner update: operators by GPU and by host time, and the share of the update's
     wall time its kernels fill (below 1: the host, not the GPU, sets the pace)."""
     from torch.profiler import ProfilerActivity, profile
@@ -246,10 +318,14 @@ def profile_learner(learner, batch: dict, rollout: Rollout, generator: torch.Gen
     events = prof.key_averages()
     kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
     gpu_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    text = (f"one learner update under the profiler: wall {wall:.3f} s, kernel time {kernels:.3f} s "
-            f"({kernels / wall:.2f} of the wall), {sum(e.count for e in events if e.device_type.name == 'CPU')} "
-            f"host events\n" + events.table(sort_by=gpu_key, row_limit=30) + "\n"
-            + events.table(sort_by="self_cpu_time_total", row_limit=30))
+    text = (
+        f"one learner update under the profiler: wall {wall:.3f} s, kernel time {kernels:.3f} s "
+        f"({kernels / wall:.2f} of the wall), {sum(e.count for e in events if e.device_type.name == 'CPU')} "
+        f"host events\n"
+        + events.table(sort_by=gpu_key, row_limit=30)
+        + "\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=30)
+    )
     print(text, flush=True)
     if out_dir:
         (out_dir / f"learner_profile_{name}.txt").write_text(text)
@@ -274,23 +350,33 @@ def naive_step(runtime, batch: dict, plan, regions: int) -> dict:
             for i in range(n):
                 for _ in range(plan.group_size):
                     roll._features = None
-                    c = roll.describe(batch["images"][i:i + 1], batch["masks"][i:i + 1], sample=plan.sample,
-                                      temperature=plan.temperature, top_p=plan.top_p, max_new_tokens=max_new)
+                    c = roll.describe(
+                        batch["images"][i : i + 1],
+                        batch["masks"][i : i + 1],
+                        sample=plan.sample,
+                        temperature=plan.temperature,
+                        top_p=plan.top_p,
+                        max_new_tokens=max_new,
+                    )
                     captions.append((i, c.ids[0]))
         sync()
         t1 = time.perf_counter()
         with seg.autocast():
             for i, ids in captions:
                 seg._features = None
-                logits, *_ = seg.segment(batch["images"][i:i + 1], [Ids(ids)])
-                mask_iou(logits.float(), batch["masks"][i:i + 1].to(logits.device))
+                logits, *_ = seg.segment(batch["images"][i : i + 1], [Ids(ids)])
+                mask_iou(logits.float(), batch["masks"][i : i + 1].to(logits.device))
         sync()
         t2 = time.perf_counter()
     finally:
         roll.spec = spec
     scale = len(batch["masks"]) / n
-    return {"naive_rollout_s": (t1 - t0) * scale, "naive_reward_s": (t2 - t1) * scale, "naive_regions_run": n,
-            "naive_captions_run": len(captions)}
+    return {
+        "naive_rollout_s": (t1 - t0) * scale,
+        "naive_reward_s": (t2 - t1) * scale,
+        "naive_regions_run": n,
+        "naive_captions_run": len(captions),
+    }
 
 
 def main() -> int:
@@ -300,20 +386,35 @@ def main() -> int:
     parser.add_argument("--algos", nargs="+", default=["sft_dual", "grpo"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--generations", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (the 2026-11-26 "
-                        "results ran whole batches)")
+    parser.add_argument(
+        "--accumulation", type=int, default=1, help="micro-batches per step (the 2026-11-26 results ran whole batches)"
+    )
     parser.add_argument("--generation", choices=("engine", "generate"), default="engine", help="caption decoding")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="generate's KV cache")
-    parser.add_argument("--naive-regions", type=int, default=0, help="run the naive dual loop on this many regions "
-                        "of the last batch and scale it to the batch (0: off)")
+    parser.add_argument(
+        "--naive-regions",
+        type=int,
+        default=0,
+        help="run the naive dual loop on this many regions of the last batch and scale it to the batch (0: off)",
+    )
     parser.add_argument("--profile-learner", action="store_true", help="profile one more learner update")
-    parser.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. "
-                        "model.gradient_checkpointing=false")
-    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="data loader processes; several "
-                        "values run each algorithm once per value")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="more recipe overrides, e.g. model.gradient_checkpointing=false"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="data loader processes; several values run each algorithm once per value",
+    )
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--from-sa2va", action="store_true", help="write the random-init model as a Sa2VA "
-                        "directory first and build the runs from it (the load path's build time)")
+    parser.add_argument(
+        "--from-sa2va",
+        action="store_true",
+        help="write the random-init model as a Sa2VA "
+        "directory first and build the runs from it (the load path's build time)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     info = {**facts(), "recipe": args.recipe, "tiny": args.tiny, "set": args.set}
@@ -332,19 +433,26 @@ def main() -> int:
                 gc_cuda()
     for r in results:
         m = r["median"]
-        print(f"{r['algo']:9s} ({r['loader_workers']} loader workers) {r['regions_per_step']} regions x "
-              f"{r['captions_per_region']} captions: rollout "
-              f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s (update "
-              f"{m['update_s']:.3f} + sync {m['sync_s']:.3f}; host sync {m['sync_host_s']:.3f}), step "
-              f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
-              f"build {r['build_s']:.1f} s")
+        print(
+            f"{r['algo']:9s} ({r['loader_workers']} loader workers) {r['regions_per_step']} regions x "
+            f"{r['captions_per_region']} captions: rollout "
+            f"{m['rollout_s']:.3f} s, reward {m['reward_s']:.3f} s, learner {m['learner_s']:.3f} s (update "
+            f"{m['update_s']:.3f} + sync {m['sync_s']:.3f}; host sync {m['sync_host_s']:.3f}), step "
+            f"{m['step_s']:.3f} s (median after warm-up); peak {r['peak_memory_gib']} GiB; "
+            f"build {r['build_s']:.1f} s"
+        )
         print(f"          {r['estimate']}")
         mfu = r["mfu"]
-        print(f"          {r['regions_per_s']:.2f} regions/s, {r['captions_per_s']:.2f} captions/s; learner "
-              f"{mfu['model_flops_per_update'] / 1e12:.1f} TFLOP an update, MFU {mfu['mfu'] or 0:.3f} "
-              f"({mfu['mfu_of_measured_matmul']:.3f} of the measured matmul rate)"
-              + (f"; naive loop {r['naive']['naive_step_s']:.1f} s a step: {r['naive_speedup']:.1f}x"
-                 if r["naive"] else ""))
+        print(
+            f"          {r['regions_per_s']:.2f} regions/s, {r['captions_per_s']:.2f} captions/s; learner "
+            f"{mfu['model_flops_per_update'] / 1e12:.1f} TFLOP an update, MFU {mfu['mfu'] or 0:.3f} "
+            f"({mfu['mfu_of_measured_matmul']:.3f} of the measured matmul rate)"
+            + (
+                f"; naive loop {r['naive']['naive_step_s']:.1f} s a step: {r['naive_speedup']:.1f}x"
+                if r["naive"]
+                else ""
+            )
+        )
     if args.out:
         args.out.write_text(json.dumps({"facts": info, "results": results}, indent=1))
     return 0

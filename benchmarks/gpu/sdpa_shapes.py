@@ -23,13 +23,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import facts, sync
 
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "math": SDPBackend.MATH}
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def one_call(batch: int, heads: int, length: int, dim: int, backend: SDPBackend, device: str) -> float:
-    q, k, v = (torch.randn(batch, heads, length, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, length, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     real = torch.randint(length // 2, length + 1, (batch,), device=device)
     keys = torch.arange(length, device=device)
     mask = (keys[None, None, :] <= keys[None, :, None]) & (keys[None, None, None, :] < real[:, None, None, None])

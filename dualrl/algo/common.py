@@ -40,9 +40,15 @@ class MaskTerms:
     def __call__(self, logits: Tensor, gt: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         s = self.spec
         terms = mask_losses(
-            logits, gt, num_points=s.num_points, oversample_ratio=s.oversample_ratio,
-            importance_sample_ratio=s.importance_sample_ratio, bce_weight=s.bce_weight,
-            dice_weight=s.dice_weight, point_sampling=s.point_sampling, generator=generator,
+            logits,
+            gt,
+            num_points=s.num_points,
+            oversample_ratio=s.oversample_ratio,
+            importance_sample_ratio=s.importance_sample_ratio,
+            bce_weight=s.bce_weight,
+            dice_weight=s.dice_weight,
+            point_sampling=s.point_sampling,
+            generator=generator,
         )
         with torch.no_grad():
             iou = mask_iou(logits.detach(), gt).mean() if len(gt) else logits.new_zeros(())

@@ -30,8 +30,14 @@ from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
 
 
-def completion_logprobs(model: GroundedVLM, feats: ImageFeatures, masks: Tensor, region: Tensor,
-                        completions: list[Tensor], temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def completion_logprobs(
+    model: GroundedVLM,
+    feats: ImageFeatures,
+    masks: Tensor,
+    region: Tensor,
+    completions: list[Tensor],
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token log-probs of `completions[i]` as the answer to the region prompt of `region[i]`.
     Returns (logp [N, T] zero-padded, mask [N, T], the logits they came from [sum(T_i), V])."""
     image_tokens = model.project(feats)
@@ -64,9 +70,14 @@ class Grpo:
     @classmethod
     def plan(cls, recipe) -> RolloutPlan:
         g = recipe.algo.grpo
-        return RolloutPlan(weights=cls.rollout_weights, group_size=g.num_generations, sample=True,
-                           temperature=g.temperature, top_p=g.top_p,
-                           max_new_tokens=g.max_completion_length or recipe.model.max_caption_tokens)
+        return RolloutPlan(
+            weights=cls.rollout_weights,
+            group_size=g.num_generations,
+            sample=True,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            max_new_tokens=g.max_completion_length or recipe.model.max_caption_tokens,
+        )
 
     @property
     def iterations(self) -> int:
@@ -90,20 +101,32 @@ class Grpo:
         rewards = upload(rollout.rewards, device)
         adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
         pg_loss, pg = grpo_loss(
-            logp, rollout.old_logprobs, adv, mask, epsilon=s.epsilon, epsilon_high=s.epsilon_high, beta=s.beta,
-            ref_logp=ref_logp, loss_type=s.loss_type, max_completion_length=self.max_new_tokens,
+            logp,
+            rollout.old_logprobs,
+            adv,
+            mask,
+            epsilon=s.epsilon,
+            epsilon_high=s.epsilon_high,
+            beta=s.beta,
+            ref_logp=ref_logp,
+            loss_type=s.loss_type,
+            max_completion_length=self.max_new_tokens,
         )
 
-        loss_mask, loss_dice, llm_loss, seg_iou = self._segmenter_terms(model, feats, batch, rollout, rewards,
-                                                                        generator)
+        loss_mask, loss_dice, llm_loss, seg_iou = self._segmenter_terms(
+            model, feats, batch, rollout, rewards, generator
+        )
 
         loss = s.policy_weight * pg_loss + s.seg_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
         with torch.no_grad():
             entropy = entropy_from_logits(logits).mean().item() if len(logits) else 0.0
         metrics = {
-            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
-            "train/llm_loss": llm_loss.detach(), "train/seg_iou": seg_iou,
-            "grpo/loss": pg_loss.detach(), "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+            "train/loss_mask": loss_mask.detach(),
+            "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(),
+            "train/seg_iou": seg_iou,
+            "grpo/loss": pg_loss.detach(),
+            "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
             "grpo/zero_spread_frac": zero_spread_fraction(rewards, rollout.group_size),
             "grpo/caption_len": mask.sum(dim=1).float().mean().item(),
             "grpo/truncated_frac": 1.0 - sum(rollout.captions.finished) / len(completions),
@@ -113,8 +136,15 @@ class Grpo:
         }
         return StepOutput(loss, metrics)
 
-    def _segmenter_terms(self, model: GroundedVLM, feats: ImageFeatures, batch: dict, rollout: Rollout,
-                         rewards: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _segmenter_terms(
+        self,
+        model: GroundedVLM,
+        feats: ImageFeatures,
+        batch: dict,
+        rollout: Rollout,
+        rewards: Tensor,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         texts, rows = self._seg_targets(batch, rollout, rewards, generator)
         if not rows:  # seg_target=reference and no region in the batch has one
             zero = model.text_hidden_fcs[0].weight.sum() * 0.0
@@ -125,8 +155,9 @@ class Grpo:
         loss_mask, loss_dice, iou = self.mask_terms(logits, upload(seg_masks[index], model.device), generator)
         return loss_mask, loss_dice, model.lm_loss(hidden, seq), iou
 
-    def _seg_targets(self, batch: dict, rollout: Rollout, rewards: Tensor,
-                     generator: torch.Generator) -> tuple[list, list[int]]:
+    def _seg_targets(
+        self, batch: dict, rollout: Rollout, rewards: Tensor, generator: torch.Generator
+    ) -> tuple[list, list[int]]:
         """Per region: its reference expression, or its best-rewarded caption, as `seg_target` says."""
         g = rollout.group_size
         n = len(batch["masks"])

@@ -50,19 +50,26 @@ class Pretrain:
         feats = model.encode_images(batch["images"][index])
         local = torch.arange(len(rows))
         logits, hidden, seq, image_tokens = model.segment(
-            None, pick_references(batch, rows, generator), feats=feats, image_index=local)
+            None, pick_references(batch, rows, generator), feats=feats, image_index=local
+        )
         gt = upload(batch["masks"][index], device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
         # region prompts from the host masks: their cells are picked without a device round trip
-        cap_seq = model.assemble(model.region_prompts(image_tokens, batch["masks"][index], local,
-                                                      canonical(batch, rows)))
+        cap_seq = model.assemble(
+            model.region_prompts(image_tokens, batch["masks"][index], local, canonical(batch, rows))
+        )
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
-        loss = (self.spec.ref_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
-                + self.spec.caption_weight * caption_loss)
+        loss = (
+            self.spec.ref_weight * (loss_mask + loss_dice)
+            + self.llm_weight * llm_loss
+            + self.spec.caption_weight * caption_loss
+        )
         metrics = {
-            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
-            "train/llm_loss": llm_loss.detach(), "train/caption_loss": caption_loss.detach(),
+            "train/loss_mask": loss_mask.detach(),
+            "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(),
+            "train/caption_loss": caption_loss.detach(),
             "train/ref_iou": iou,
         }
         if self.spec.point_weight > 0:
@@ -115,8 +122,9 @@ class SftDual:
         # 2) Soft tokens from the student's next-token logits at each caption position.
         r, c = cap_seq.marks.get("caption", (torch.zeros(0, dtype=torch.long),) * 2)
         logits = model.logits_at(cap_hidden[r, c - 1])
-        weights, indices = topk_gumbel_softmax(logits.float(), self.spec.gumbel_top_k, self.spec.gumbel_tau,
-                                               hard=True, generator=generator)
+        weights, indices = topk_gumbel_softmax(
+            logits.float(), self.spec.gumbel_top_k, self.spec.gumbel_tau, hard=True, generator=generator
+        )
         soft = soft_embeddings(weights.to(logits.dtype), indices, model.vlm.get_input_embeddings())
         ids = hard_ids(weights, indices)
         lengths = [len(x) for x in rollout.ids]
@@ -140,9 +148,12 @@ class SftDual:
         loss_dice = s.ref_weight * ref_dice + s.dual_weight * dual_dice
         loss = loss_mask + loss_dice + self.llm_weight * llm_loss + s.caption_weight * caption_loss
         metrics = {
-            "train/loss_mask": loss_mask.detach(), "train/loss_dice": loss_dice.detach(),
-            "train/llm_loss": llm_loss.detach(), "train/caption_loss": caption_loss.detach(),
-            "train/dual_iou": dual_iou, "train/soft_token_agreement": _agreement(ids, rollout.ids),
+            "train/loss_mask": loss_mask.detach(),
+            "train/loss_dice": loss_dice.detach(),
+            "train/llm_loss": llm_loss.detach(),
+            "train/caption_loss": caption_loss.detach(),
+            "train/dual_iou": dual_iou,
+            "train/soft_token_agreement": _agreement(ids, rollout.ids),
         }
         if k:
             metrics["train/ref_iou"] = ref_iou

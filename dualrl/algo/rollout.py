@@ -43,8 +43,12 @@ class Rollout:
     def regions(self, lo: int, hi: int) -> Rollout:
         """The captions (and rewards) of regions lo .. hi-1."""
         a, b = lo * self.group_size, hi * self.group_size
-        return Rollout(self.captions.part(a, b), self.group_size, None if self.rewards is None else self.rewards[a:b],
-                       None if self.old_logprobs is None else self.old_logprobs[a:b])
+        return Rollout(
+            self.captions.part(a, b),
+            self.group_size,
+            None if self.rewards is None else self.rewards[a:b],
+            None if self.old_logprobs is None else self.old_logprobs[a:b],
+        )
 
 
 def micro_batches(batch: dict, rollout: Rollout | None, chunks: int) -> list[tuple[dict, Rollout | None]]:

@@ -1,9 +1,9 @@
 """Batches of regions: what the workers and the learner receive.
 
-    images  uint8 [B, 3, S, S]    masks  bool [B, S, S]     the region to describe (and, by default, to segment)
-    expression, references, source, index, ...: one list entry per region (None where a source has no value)
-    seg_images, seg_masks: only when some region is a frame pair (SA-V): the frame to segment, t + k; a
-        region without a pair repeats its own image and mask there.
+images  uint8 [B, 3, S, S]    masks  bool [B, S, S]     the region to describe (and, by default, to segment)
+expression, references, source, index, ...: one list entry per region (None where a source has no value)
+seg_images, seg_masks: only when some region is a frame pair (SA-V): the frame to segment, t + k; a
+    region without a pair repeats its own image and mask there.
 """
 
 from __future__ import annotations

@@ -66,8 +66,9 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def read_image(source: str | os.PathLike | bytes, max_pixels: int, expect_hw: tuple[int, int] | None = None
-               ) -> np.ndarray:
+def read_image(
+    source: str | os.PathLike | bytes, max_pixels: int, expect_hw: tuple[int, int] | None = None
+) -> np.ndarray:
     """An image file (path or bytes) -> uint8 [H, W, 3] in stored pixel order.
 
     `max_pixels` is checked from the header, before any pixel is decoded. `expect_hw`, when the annotation
@@ -87,8 +88,10 @@ def read_image(source: str | os.PathLike | bytes, max_pixels: int, expect_hw: tu
                 if w * h > max_pixels:
                     raise BadSample("image_too_large", f"{name} is {w}x{h}, over data.max_image_pixels={max_pixels}")
                 if expect_hw is not None and (h, w) != tuple(expect_hw):
-                    raise BadSample("mask_size_mismatch", f"{name} is {h}x{w} (h x w), the annotation says "
-                                    f"{expect_hw[0]}x{expect_hw[1]}")
+                    raise BadSample(
+                        "mask_size_mismatch",
+                        f"{name} is {h}x{w} (h x w), the annotation says {expect_hw[0]}x{expect_hw[1]}",
+                    )
                 img.load()
                 return _to_rgb8(img)
         except BadSample:
@@ -147,8 +150,7 @@ def rle_counts(counts: str | bytes) -> list[int]:
     return runs
 
 
-def rle_mask(rle: Any, height: int | None = None, width: int | None = None, max_pixels: int = 1 << 28
-             ) -> np.ndarray:
+def rle_mask(rle: Any, height: int | None = None, width: int | None = None, max_pixels: int = 1 << 28) -> np.ndarray:
     """A COCO RLE (compressed string or uncompressed list counts) -> bool [h, w]. Raises `BadSample`
     ("bad_rle") unless the runs are non-negative and add up to exactly h*w; ("mask_size_mismatch") when
     `height`/`width` are given and differ from the RLE's own size; ("image_too_large") over `max_pixels`,
@@ -167,8 +169,9 @@ def rle_mask(rle: Any, height: int | None = None, width: int | None = None, max_
     if h * w > max_pixels:
         raise BadSample("image_too_large", f"RLE of {h}x{w} pixels, over {max_pixels}")
     if h <= 0 or w <= 0 or any(r < 0 for r in runs) or sum(runs) != h * w:
-        raise BadSample("bad_rle", f"RLE runs sum to {sum(runs)} with min {min(runs, default=0)}, size {h}x{w} "
-                        f"needs {h * w}")
+        raise BadSample(
+            "bad_rle", f"RLE runs sum to {sum(runs)} with min {min(runs, default=0)}, size {h}x{w} needs {h * w}"
+        )
     if height is not None and (h, w) != (height, width):
         raise BadSample("mask_size_mismatch", f"RLE size {h}x{w}, image {height}x{width}")
     if isinstance(counts, list):
@@ -190,8 +193,13 @@ def polygon_mask(polygons: Any, height: int, width: int) -> np.ndarray:
             except (TypeError, ValueError):
                 continue
             reach = 4 * max(height, width)  # COCO polygons overshoot the border by a few pixels, not by this
-            if (xy.ndim == 1 and len(xy) >= 6 and len(xy) % 2 == 0 and np.isfinite(xy).all()
-                    and np.abs(xy).max() <= reach):  # pycocotools overflows (and crashes) on huge coordinates
+            if (
+                xy.ndim == 1
+                and len(xy) >= 6
+                and len(xy) % 2 == 0
+                and np.isfinite(xy).all()
+                and np.abs(xy).max() <= reach
+            ):  # pycocotools overflows (and crashes) on huge coordinates
                 parts.append(xy.tolist())
     if not parts:
         raise BadSample("bad_polygon", f"no polygon with >= 3 finite points near the image in {str(polygons)[:80]}")

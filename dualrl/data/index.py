@@ -43,8 +43,12 @@ def build_indexes(recipe, workers: int = 1) -> dict[str, dict]:
             samples += n
             for reason, k in skips.items():
                 skipped[reason] = skipped.get(reason, 0) + k
-        report[name] = {"shards": len(shards), "samples": samples, "skipped": skipped,
-                        "seconds": round(time.time() - t0, 2)}
+        report[name] = {
+            "shards": len(shards),
+            "samples": samples,
+            "skipped": skipped,
+            "seconds": round(time.time() - t0, 2),
+        }
     return report
 
 

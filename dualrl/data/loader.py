@@ -67,8 +67,12 @@ def working_size(recipe) -> int:
 
 def build_source(name: str, spec, recipe, split: str = "train") -> Source:
     data = recipe.data
-    kw = {"size": working_size(recipe), "aspect": data.aspect, "max_pixels": data.max_image_pixels,
-          "cache_dir": data.cache_dir}
+    kw = {
+        "size": working_size(recipe),
+        "aspect": data.aspect,
+        "max_pixels": data.max_image_pixels,
+        "cache_dir": data.cache_dir,
+    }
     if name == "shapes":
         fraction = data.expression_fraction if split == "train" else 1.0
         return source_class(name)(spec, split=split, expression_fraction=fraction, **kw)
@@ -132,26 +136,47 @@ class SkipLog:
         self.counts[skip.reason] = self.counts.get(skip.reason, 0) + 1
         if (skip.source, skip.reason) not in self.seen:
             self.seen.add((skip.source, skip.reason))
-            log.warning("%s: skipping a sample (%s): %s (further ones are counted in data/skipped/%s)",
-                        skip.source, skip.reason, skip.detail, skip.reason)
+            log.warning(
+                "%s: skipping a sample (%s): %s (further ones are counted in data/skipped/%s)",
+                skip.source,
+                skip.reason,
+                skip.detail,
+                skip.reason,
+            )
 
 
 class TrainBatches:
     """Full batches of good samples from draw `position` on. `position` and `skipped` go into checkpoints."""
 
-    def __init__(self, streams: list[SourceStream], mixture: Mixture, batch_size: int, position: int = 0,
-                 seed: int = 0, num_workers: int = 0, prefetch: int = 4, all_bad_after: int = 64,
-                 skipped: dict[str, int] | None = None, samples: dict[str, int] | None = None):
+    def __init__(
+        self,
+        streams: list[SourceStream],
+        mixture: Mixture,
+        batch_size: int,
+        position: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch: int = 4,
+        all_bad_after: int = 64,
+        skipped: dict[str, int] | None = None,
+        samples: dict[str, int] | None = None,
+    ):
         self.streams, self.batch_size, self.position = streams, batch_size, position
         self.all_bad_after = all_bad_after
         self.skips = SkipLog(skipped)
         self.tried = {s.source.name: 0 for s in streams}
         self.good = {name: int((samples or {}).get(name, 0)) for name in self.tried}
         self.reasons: dict[str, dict[str, int]] = {n: {} for n in self.tried}
-        loader = DataLoader(_Load({s.source.name: s.source for s in streams}), batch_size=None,
-                            sampler=_Draws(mixture, streams, position, seed), num_workers=num_workers,
-                            prefetch_factor=prefetch if num_workers else None, collate_fn=_identity,
-                            persistent_workers=False, generator=torch.Generator())
+        loader = DataLoader(
+            _Load({s.source.name: s.source for s in streams}),
+            batch_size=None,
+            sampler=_Draws(mixture, streams, position, seed),
+            num_workers=num_workers,
+            prefetch_factor=prefetch if num_workers else None,
+            collate_fn=_identity,
+            persistent_workers=False,
+            generator=torch.Generator(),
+        )
         # ^ its own generator: starting the iterator must not draw from the global RNG, which a resumed run
         # restores and must find exactly as the uninterrupted run had it.
         self._loader = loader
@@ -181,8 +206,10 @@ class TrainBatches:
         limit = min(self.all_bad_after, stream.epoch_size or self.all_bad_after)
         if self.good[name] == 0 and self.tried[name] >= limit:
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.reasons[name].items(), key=lambda x: -x[1]))
-            raise DataError(f"{stream.source.describe()}: all {self.tried[name]} samples tried were bad "
-                            f"({reasons}); check its paths and format (the first of each reason is logged above)")
+            raise DataError(
+                f"{stream.source.describe()}: all {self.tried[name]} samples tried were bad "
+                f"({reasons}); check its paths and format (the first of each reason is logged above)"
+            )
 
     def skipped(self) -> dict[str, int]:
         """Load-time skips of this run (and the runs it resumed) plus index-time skips of shards read."""
@@ -201,8 +228,11 @@ class TrainBatches:
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"data_position": self.position, "data_skipped": dict(self.skips.counts),
-                "data_samples": dict(self.good)}
+        return {
+            "data_position": self.position,
+            "data_skipped": dict(self.skips.counts),
+            "data_samples": dict(self.good),
+        }
 
     def close(self) -> None:
         self._it = None
@@ -222,8 +252,18 @@ def train_batches(recipe, position: int = 0, state: dict | None = None) -> Train
         streams.append(SourceStream(build_source(name, spec, recipe), data.seed, spec.max_samples))
         weights.append(spec.weight)
     mixture = Mixture(streams, weights, data.seed)
-    return TrainBatches(streams, mixture, data.batch_size, position, data.seed, data.num_workers, data.prefetch,
-                        data.all_bad_after, state.get("data_skipped"), state.get("data_samples"))
+    return TrainBatches(
+        streams,
+        mixture,
+        data.batch_size,
+        position,
+        data.seed,
+        data.num_workers,
+        data.prefetch,
+        data.all_bad_after,
+        state.get("data_skipped"),
+        state.get("data_samples"),
+    )
 
 
 # -------------------------------------------------------------------------------------------- eval
@@ -233,8 +273,9 @@ def eval_source_name(data) -> str:
     return "refcoco" if data.refcoco is not None else "shapes"
 
 
-def in_file_order(source: Source, skips: SkipLog, limit: int | None = None, seed: int = 0,
-                  full_masks: bool = False) -> Iterator[dict[str, Any]]:
+def in_file_order(
+    source: Source, skips: SkipLog, limit: int | None = None, seed: int = 0, full_masks: bool = False
+) -> Iterator[dict[str, Any]]:
     """Up to `limit` good samples of a source in file order (never shuffled), the same ones every time; bad
     ones are skipped into `skips`. Sample i loads with seed i (e.g. which RefCOCO sentence is the expression).
     `full_masks`: samples also carry their mask at the file's resolution (`full_mask`)."""

@@ -349,8 +349,9 @@ class ShapesDataset(Dataset):
 
     def scene(self, index: int) -> Scene:
         """The whole scene behind item `index`."""
-        return draw_scene(self._rng(index // self.regions_per_scene), self.image_size, self.min_objects,
-                          self.max_objects, self.noise)
+        return draw_scene(
+            self._rng(index // self.regions_per_scene), self.image_size, self.min_objects, self.max_objects, self.noise
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:

@@ -105,8 +105,10 @@ class SourceStream:
         if self.epoch_size is not None:
             if self.epoch_size == 0:
                 reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "no annotations"
-                raise DataError(f"{self.source.describe()}: no usable sample in {len(self.names)} shard(s) "
-                                f"(skipped while indexing: {reasons})")
+                raise DataError(
+                    f"{self.source.describe()}: no usable sample in {len(self.names)} shard(s) "
+                    f"(skipped while indexing: {reasons})"
+                )
             epoch, r = divmod(count, self.epoch_size)
         k = self._locate(r)
         shard = self._index(k)
@@ -157,7 +159,7 @@ class Mixture:
         p = position
         while True:
             block = self.choices(p // CHOICE_BLOCK)
-            for c in block[p % CHOICE_BLOCK:]:
+            for c in block[p % CHOICE_BLOCK :]:
                 yield p, int(c), int(counts[c])
                 counts[c] += 1
                 p += 1

@@ -63,8 +63,9 @@ def _u8(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask, dtype=bool).view(np.uint8) * np.uint8(255)
 
 
-def square(image: np.ndarray, mask: np.ndarray, size: int, aspect: Aspect = "squash"
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def square(
+    image: np.ndarray, mask: np.ndarray, size: int, aspect: Aspect = "squash"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [H, W, 3] + bool [H, W] -> uint8 [3, size, size] + bool [size, size]."""
     if image.shape[:2] != mask.shape:
         raise BadSample("mask_size_mismatch", f"image {image.shape[:2]} vs mask {mask.shape}")

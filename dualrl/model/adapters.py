@@ -25,17 +25,25 @@ PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's mod
 
 def save_peft_adapter(model: GroundedVLM, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     if not hasattr(model.vlm, "peft_config"):
-        raise ValueError("the model has no LoRA adapter (model.trainable.lora was false): export it as a model "
-                         "directory or in the Sa2VA layout instead")
+        raise ValueError(
+            "the model has no LoRA adapter (model.trainable.lora was false): export it as a model "
+            "directory or in the Sa2VA layout instead"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     adapter = get_peft_model_state_dict(model.vlm)
-    save_file({PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.items()},
-              str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.items()},
+        str(directory / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = model.vlm.peft_config["default"]
     config.base_model_name_or_path = None
     config.save_pretrained(str(directory))
-    heads = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.trainable_state().items()
-             if "lora_" not in k and "token_adapter" not in k}
+    heads = {
+        k: v.detach().to("cpu", dtype).contiguous()
+        for k, v in model.trainable_state().items()
+        if "lora_" not in k and "token_adapter" not in k
+    }
     save_file(heads, str(directory / "dualrl_heads.safetensors"), metadata={"format": "pt"})
     return directory

@@ -49,15 +49,25 @@ def _arch(spec) -> dict:
 def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
     v, t = spec.vision, spec.text
     vision = InternVLVisionConfig(
-        hidden_size=v.hidden_size, num_hidden_layers=v.layers, num_attention_heads=v.heads,
-        intermediate_size=v.intermediate_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
-        attention_bias=v.qkv_bias, layer_norm_eps=v.layer_norm_eps,
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        intermediate_size=v.intermediate_size,
+        image_size=[v.image_size] * 2,
+        patch_size=[v.patch_size] * 2,
+        attention_bias=v.qkv_bias,
+        layer_norm_eps=v.layer_norm_eps,
     )
     text = _text_config(t)
     tokens = (v.image_size // v.patch_size) ** 2 // 4
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                            downsample_ratio=0.5, image_seq_length=tokens,
-                            tie_word_embeddings=t.tie_word_embeddings)
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        downsample_ratio=0.5,
+        image_seq_length=tokens,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
     for part in (config, config.vision_config, config.text_config):
         part._attn_implementation = spec.attn_implementation
     return config
@@ -67,10 +77,16 @@ def _text_config(t):
     """Qwen2 for `qwen2`. InternLM2 is Llama's computation under other names (RMSNorm, SwiGLU, GQA, rotate-half
     RoPE, no biases), so `internlm2` runs as transformers' native Llama; `sa2va_format` maps the names."""
     common = dict(
-        hidden_size=t.hidden_size, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
-        tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"}, rms_norm_eps=t.rms_norm_eps,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        intermediate_size=t.intermediate_size,
+        vocab_size=t.vocab_size,
+        tie_word_embeddings=t.tie_word_embeddings,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"},
+        rms_norm_eps=t.rms_norm_eps,
     )
     if t.arch == "internlm2":
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
@@ -92,8 +108,9 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
     if len(tokenizer) > spec.text.vocab_size:
-        raise ValueError(f"model.text.vocab_size={spec.text.vocab_size} is smaller than the tokenizer "
-                         f"({len(tokenizer)} tokens)")
+        raise ValueError(
+            f"model.text.vocab_size={spec.text.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         if spec.vlm:
@@ -104,8 +121,9 @@ def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
             with _no_init() if spec.pretrained or spec.sa2va else contextlib.nullcontext():
                 vlm = InternVLForConditionalGeneration(_internvl_config(spec, image_token))
             vlm.tie_weights()  # part of the skipped `init_weights`; a no-op where already tied or untied
-        sam = samlib.build_sam(spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint,
-                               spec.sam.pe_gain)
+        sam = samlib.build_sam(
+            spec.sam.config, spec.sam.image_size, spec.sam.overrides, spec.sam.checkpoint, spec.sam.pe_gain
+        )
         model = GroundedVLM(vlm, sam, tokenizer, spec)
     if spec.pretrained:
         load_weights(model, Path(spec.pretrained) / "model.safetensors")
@@ -147,17 +165,26 @@ def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:
     vision/text sections; its embeddings grow to the tokenizer's size when dualrl added tokens."""
     directory = Path(spec.vlm).expanduser()
     vlm = InternVLForConditionalGeneration.from_pretrained(
-        str(directory), local_files_only=True, attn_implementation=spec.attn_implementation, dtype=torch.float32)
+        str(directory), local_files_only=True, attn_implementation=spec.attn_implementation, dtype=torch.float32
+    )
     if vlm.get_input_embeddings().num_embeddings < n_tokens:
         vlm.resize_token_embeddings(n_tokens)
     wanted = _internvl_config(spec, vlm.config.image_token_id)
-    diffs = [f"model.{sec}.{name}: recipe {getattr(w, key)!r} vs {directory} {getattr(h, key)!r}"
-             for sec, w, h in (("vision", wanted.vision_config, vlm.config.vision_config),
-                               ("text", wanted.text_config, vlm.config.text_config))
-             for name, key in _CHECKED[sec] if getattr(w, key) != getattr(h, key)]
+    diffs = [
+        f"model.{sec}.{name}: recipe {getattr(w, key)!r} vs {directory} {getattr(h, key)!r}"
+        for sec, w, h in (
+            ("vision", wanted.vision_config, vlm.config.vision_config),
+            ("text", wanted.text_config, vlm.config.text_config),
+        )
+        for name, key in _CHECKED[sec]
+        if getattr(w, key) != getattr(h, key)
+    ]
     if wanted.text_config.model_type != vlm.config.text_config.model_type:
-        diffs.insert(0, f"model.text.arch: recipe {spec.text.arch!r} (a {wanted.text_config.model_type} model) vs "
-                        f"{directory} {vlm.config.text_config.model_type!r}")
+        diffs.insert(
+            0,
+            f"model.text.arch: recipe {spec.text.arch!r} (a {wanted.text_config.model_type} model) vs "
+            f"{directory} {vlm.config.text_config.model_type!r}",
+        )
     if diffs:
         raise ValueError("model.vlm: the recipe describes another architecture:\n  " + "\n  ".join(diffs))
     return vlm
@@ -165,12 +192,24 @@ def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:
 
 # (recipe field, config attribute) pairs that must agree between a recipe and a model directory
 _CHECKED = {
-    "vision": [("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-               ("intermediate_size", "intermediate_size"), ("image_size", "image_size"),
-               ("patch_size", "patch_size"), ("qkv_bias", "attention_bias")],
-    "text": [("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-             ("kv_heads", "num_key_value_heads"), ("intermediate_size", "intermediate_size"),
-             ("vocab_size", "vocab_size"), ("tie_word_embeddings", "tie_word_embeddings")],
+    "vision": [
+        ("hidden_size", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("intermediate_size", "intermediate_size"),
+        ("image_size", "image_size"),
+        ("patch_size", "patch_size"),
+        ("qkv_bias", "attention_bias"),
+    ],
+    "text": [
+        ("hidden_size", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("kv_heads", "num_key_value_heads"),
+        ("intermediate_size", "intermediate_size"),
+        ("vocab_size", "vocab_size"),
+        ("tie_word_embeddings", "tie_word_embeddings"),
+    ],
 }
 
 
@@ -182,13 +221,16 @@ def _hf_tokenizer(directory: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except ValueError as err:
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
-        raise ValueError(f"{directory}: its tokenizer is code shipped in the directory (e.g. InternLM2's); "
-                         "set model.trust_remote_code=true to use it") from err
+        raise ValueError(
+            f"{directory}: its tokenizer is code shipped in the directory (e.g. InternLM2's); "
+            "set model.trust_remote_code=true to use it"
+        ) from err
     return ensure_special_tokens(tokenizer, MODEL_TOKENS)
 
 
@@ -200,19 +242,26 @@ def _init_trainable(model: GroundedVLM, spec) -> None:
     try:
         model.load_trainable(state)
     except KeyError as err:
-        raise ValueError(f"model.init_from={spec.init_from!r}: its trainable weights do not fit this recipe's "
-                         f"model (model.trainable must match the run that wrote it): {err}") from None
+        raise ValueError(
+            f"model.init_from={spec.init_from!r}: its trainable weights do not fit this recipe's "
+            f"model (model.trainable must match the run that wrote it): {err}"
+        ) from None
     log.info("trainable weights (%s) from %s", spec.init_weights, resolve_checkpoint(spec.init_from))
 
 
 def check_arch(spec, directory: Path) -> None:
     saved = json.loads((directory / "arch.json").read_text())
     wanted = _arch(spec)
-    diffs = [f"model.{sec}.{k}: recipe {wanted[sec].get(k)!r} vs checkpoint {v!r}"
-             for sec in ARCH_KEYS for k, v in saved.get(sec, {}).items() if wanted[sec].get(k) != v]
+    diffs = [
+        f"model.{sec}.{k}: recipe {wanted[sec].get(k)!r} vs checkpoint {v!r}"
+        for sec in ARCH_KEYS
+        for k, v in saved.get(sec, {}).items()
+        if wanted[sec].get(k) != v
+    ]
     if diffs:
-        raise ValueError(f"model.pretrained={str(directory)!r} was built with another architecture:\n  "
-                         + "\n  ".join(diffs))
+        raise ValueError(
+            f"model.pretrained={str(directory)!r} was built with another architecture:\n  " + "\n  ".join(diffs)
+        )
 
 
 def _is_video_only(name: str) -> bool:
@@ -226,8 +275,11 @@ def save_pretrained(model: GroundedVLM, directory: str | Path, dtype: torch.dtyp
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()
-             if not _is_video_only(n) and t.is_floating_point()}
+    state = {
+        n: t.detach().to("cpu", dtype).contiguous()
+        for n, t in model.state_dict().items()
+        if not _is_video_only(n) and t.is_floating_point()
+    }
     # Tied embeddings appear under two names; safetensors stores shared memory once.
     if model.vlm.config.tie_word_embeddings:
         state.pop("vlm.lm_head.weight", None)
@@ -270,7 +322,9 @@ def apply_trainable(model: GroundedVLM, spec) -> None:
         new_ids = model.tokenizer.convert_tokens_to_ids(list(SA2VA_TOKENS)) if spec.new_token_rows else None
         targets = "|".join(spec.lora_targets)
         config = LoraConfig(
-            r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
             target_modules=rf".*language_model.*\.({targets})",
             # The new tokens' input rows and, for an untied LLM, their output rows too ([SEG] must be generated).
             trainable_token_indices=_token_rows(model, new_ids),
@@ -300,6 +354,8 @@ def memory_estimate(model: GroundedVLM) -> str:
     weights = sum(p.numel() * p.element_size() for p in params)
     training = sum(p.numel() * (p.element_size() + 12) for p in trainable)  # grad + exp_avg, exp_avg_sq, EMA
     gib = 1024**3
-    return (f"parameters {n_all / 1e6:.2f} M, trainable {n_train / 1e6:.2f} M ({100 * n_train / max(1, n_all):.1f} %); "
-            f"memory before activations: weights {weights / gib:.2f} GiB + grads, AdamW states and EMA "
-            f"{training / gib:.2f} GiB = {(weights + training) / gib:.2f} GiB")
+    return (
+        f"parameters {n_all / 1e6:.2f} M, trainable {n_train / 1e6:.2f} M ({100 * n_train / max(1, n_all):.1f} %); "
+        f"memory before activations: weights {weights / gib:.2f} GiB + grads, AdamW states and EMA "
+        f"{training / gib:.2f} GiB = {(weights + training) / gib:.2f} GiB"
+    )

@@ -66,7 +66,7 @@ class _EndText(StoppingCriteria):
         self.tokenizer, self.end, self.width = tokenizer, end, width
 
     def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, -self.width:])
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.width :])
         return torch.tensor([self.end in t for t in tails], device=input_ids.device)
 
 
@@ -92,7 +92,9 @@ class GroundedVLM(nn.Module):
         hidden = vlm.config.text_config.hidden_size
         # Sa2VA's projection of the [SEG] hidden state into SAM2's prompt space.
         self.text_hidden_fcs = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, sam.sam_prompt_embed_dim),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, sam.sam_prompt_embed_dim),
             nn.Dropout(0.0),
         )
         self.seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
@@ -131,8 +133,7 @@ class GroundedVLM(nn.Module):
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         unknown = [n for n in state if n not in params]
         if missing or unknown:
-            raise KeyError(f"trainable weights do not match the model: missing {missing[:5]}, "
-                           f"unexpected {unknown[:5]}")
+            raise KeyError(f"trainable weights do not match the model: missing {missing[:5]}, unexpected {unknown[:5]}")
         names = list(state)
         if names:
             with torch.no_grad():  # one foreach call, not one copy per tensor (hundreds of launches a sync)
@@ -201,7 +202,7 @@ class GroundedVLM(nn.Module):
         are picked where the masks are (host masks: on the host, so the host never waits for the device), then
         gathered on the device by index. Region i lies in image `image_index[i]` (default: image i)."""
         count = image_tokens.shape[1]
-        side = int(count ** 0.5)
+        side = int(count**0.5)
         cover = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
         keep = cover >= 0.5
         empty = ~keep.any(dim=1)
@@ -253,8 +254,10 @@ class GroundedVLM(nn.Module):
 
     def decode_masks(self, queries: Tensor, sam_feats: samlib.SamFeatures | None, image_index: Tensor) -> Tensor:
         if sam_feats is None:
-            raise ValueError("these image features hold no SAM2 encoding (encoded with sam=False, for captioning): "
-                             "encode with encode_images(images) to segment")
+            raise ValueError(
+                "these image features hold no SAM2 encoding (encoded with sam=False, for captioning): "
+                "encode with encode_images(images) to segment"
+            )
         logits, _ = samlib.decode(self.sam, sam_feats.select(image_index), queries, self.spec.multimask)
         return logits
 
@@ -262,7 +265,10 @@ class GroundedVLM(nn.Module):
         return [self.prompts.segment(image_tokens[i], t) for i, t in zip(image_index.tolist(), texts)]
 
     def segment(
-        self, images: Tensor | None, texts: list[str | Ids], feats: ImageFeatures | None = None,
+        self,
+        images: Tensor | None,
+        texts: list[str | Ids],
+        feats: ImageFeatures | None = None,
         image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Batch, Tensor]:
         """Referring segmentation. Returns (low-res mask logits [N,h,w], LLM hidden states, batch,
@@ -278,22 +284,27 @@ class GroundedVLM(nn.Module):
         return self.decode_masks(queries, feats.sam, upload(image_index, self.device)), hidden, batch, image_tokens
 
     # ---------------------------------------------------------------------------------- captioning
-    def region_prompts(self, image_tokens: Tensor, masks: Tensor, image_index: Tensor,
-                       answers: list[str | Ids | None] | None = None) -> list[list[Piece]]:
+    def region_prompts(
+        self, image_tokens: Tensor, masks: Tensor, image_index: Tensor, answers: list[str | Ids | None] | None = None
+    ) -> list[list[Piece]]:
         regions = self.region_tokens(image_tokens, masks, image_index)
         answers = answers if answers is not None else [None] * len(regions)
-        return [self.prompts.region(image_tokens[i], r, a)
-                for i, r, a in zip(image_index.tolist(), regions, answers)]
+        return [self.prompts.region(image_tokens[i], r, a) for i, r, a in zip(image_index.tolist(), regions, answers)]
 
     @property
     def decoder(self) -> CaptionDecoder:
         """The caption decoding engine (`model.generation: engine`), made on first use."""
         if self._decoder is None:
             model = weakref.ref(self)  # the decoder must not keep its model (and the memory it holds) alive
-            self._decoder = CaptionDecoder(lambda: model().token_matrices(), self.lm, self.spec.attn_implementation,
-                                           lambda: model().autocast(), graphs=self.spec.decode_graphs,
-                                           merge_lora=self.spec.decode_merge_lora,
-                                           compile=self.spec.decode_compile)
+            self._decoder = CaptionDecoder(
+                lambda: model().token_matrices(),
+                self.lm,
+                self.spec.attn_implementation,
+                lambda: model().autocast(),
+                graphs=self.spec.decode_graphs,
+                merge_lora=self.spec.decode_merge_lora,
+                compile=self.spec.decode_compile,
+            )
         return self._decoder
 
     def token_matrices(self) -> tuple[Tensor, Tensor]:
@@ -313,17 +324,26 @@ class GroundedVLM(nn.Module):
 
         head, embed = self.vlm.lm_head, self.vlm.get_input_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise ValueError("the caption decoder assumes an output head without bias (Qwen2, InternLM2 and Llama "
-                             "have none)")
+            raise ValueError(
+                "the caption decoder assumes an output head without bias (Qwen2, InternLM2 and Llama have none)"
+            )
         embed_matrix = merged(embed)
         tied = base(head).data_ptr() == base(embed).data_ptr()
         return embed_matrix, embed_matrix if tied else merged(head)
 
     @torch.no_grad()
     def describe(
-        self, images: Tensor | None, masks: Tensor, feats: ImageFeatures | None = None,
-        image_index: Tensor | None = None, *, group_size: int = 1, sample: bool = False, temperature: float = 1.0,
-        top_p: float = 1.0, max_new_tokens: int | None = None,
+        self,
+        images: Tensor | None,
+        masks: Tensor,
+        feats: ImageFeatures | None = None,
+        image_index: Tensor | None = None,
+        *,
+        group_size: int = 1,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
     ) -> Captions:
         """Caption each (image, mask) region, `group_size` captions per region (consecutive rows, one prompt
         prefilled once for all of them): the decoding engine (`model.generation: engine`) or `generate`."""
@@ -336,8 +356,16 @@ class GroundedVLM(nn.Module):
         sampling = Sampling(sample, temperature, self._top_k() if sample else 0, top_p)
         if self.spec.generation == "engine":
             self._check_generation_config()
-            out = self.decoder(batch.inputs_embeds, batch.attention_mask, group_size, max_new, sampling,
-                               self.eos_id, self.pad_id, self._text_ended if len(self.end_ids) > 1 else None)
+            out = self.decoder(
+                batch.inputs_embeds,
+                batch.attention_mask,
+                group_size,
+                max_new,
+                sampling,
+                self.eos_id,
+                self.pad_id,
+                self._text_ended if len(self.end_ids) > 1 else None,
+            )
             seqs, logp = out.tokens, out.logprobs
         else:
             seqs, logp = self._generate(batch, group_size, max_new, sampling)
@@ -352,12 +380,14 @@ class GroundedVLM(nn.Module):
     def _check_generation_config(self) -> None:
         odd = unsupported_generation_settings(self.vlm.generation_config)
         if odd:
-            raise ValueError(f"the checkpoint's generation_config sets {odd}, which the caption decoder does not "
-                             "apply; set model.generation=generate to decode with them, or clear them there")
+            raise ValueError(
+                f"the checkpoint's generation_config sets {odd}, which the caption decoder does not "
+                "apply; set model.generation=generate to decode with them, or clear them there"
+            )
 
     def _text_ended(self, tokens: Tensor) -> Tensor:
         """Rows whose generated text contains a several-token answer end (checked on the host)."""
-        tails = self.tokenizer.batch_decode(tokens[:, -(len(self.end_ids) + 2):].cpu())
+        tails = self.tokenizer.batch_decode(tokens[:, -(len(self.end_ids) + 2) :].cpu())
         return torch.tensor([self.end_text in t for t in tails], device=tokens.device)
 
     def _generate(self, batch: Batch, group_size: int, max_new: int, sampling: Sampling) -> tuple[Tensor, Tensor]:
@@ -372,12 +402,18 @@ class GroundedVLM(nn.Module):
             gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         if len(self.end_ids) > 1:
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [_EndText(self.tokenizer, self.end_text, len(self.end_ids) + 2)])
+                [_EndText(self.tokenizer, self.end_text, len(self.end_ids) + 2)]
+            )
         out = self.vlm.generate(
-            inputs_embeds=embeds, attention_mask=attention, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True, **gen_kwargs,
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **gen_kwargs,
         )
-        seqs = out.sequences[:, -len(out.logits):]  # only the new tokens
+        seqs = out.sequences[:, -len(out.logits) :]  # only the new tokens
         logits = torch.stack(out.logits, dim=1).float()
         if sampling.sample:
             logits = logits / sampling.temperature

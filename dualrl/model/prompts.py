@@ -55,11 +55,14 @@ class PromptBuilder:
 
     def region(self, image_tokens: Tensor, region_tokens: Tensor, answer: str | Ids | None = None) -> list[Piece]:
         """Region prompt; with `answer`, the caption follows as labelled tokens ending in eos."""
-        user = self._fill(self.spec.region, {
-            "<image>": self._image(image_tokens),
-            "<region>": [Text("<vp>"), Feats(region_tokens), Text("</vp>")],
-            "{question}": [Text(self.spec.region_question)],
-        })
+        user = self._fill(
+            self.spec.region,
+            {
+                "<image>": self._image(image_tokens),
+                "<region>": [Text("<vp>"), Feats(region_tokens), Text("</vp>")],
+                "{question}": [Text(self.spec.region_question)],
+            },
+        )
         reply: list[Piece] = []
         if isinstance(answer, str):
             reply = [Text(answer + self.eos, label=True)]

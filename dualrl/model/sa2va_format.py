@@ -67,9 +67,13 @@ LM_NAMES = {
 }
 LLM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM"}
 # Parts the image-level model runs: an unexpected key there means the architectures differ.
-USED_PREFIXES = ("vision_model.", "mlp1.", "language_model.", "text_hidden_fcs.",
-                 *(SAM_PREFIX + p for p in ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.",
-                                            "no_mem_embed")))
+USED_PREFIXES = (
+    "vision_model.",
+    "mlp1.",
+    "language_model.",
+    "text_hidden_fcs.",
+    *(SAM_PREFIX + p for p in ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")),
+)
 # Sa2VA's templates (projects/llava_sam2/hf/models/templates.py) by their instruction string.
 TEMPLATES = {
     "<|user|>\n{input}<|end|>\n<|assistant|>\n": "phi3_chat",
@@ -102,8 +106,11 @@ _INTERNLM2_RULES = (
 # (GroundedVLM state-dict prefix, Sa2VA prefix, renames applied after the prefix swap)
 _SECTIONS = (
     ("vlm.model.vision_tower.", "vision_model.", _VISION_RULES),
-    ("vlm.model.multi_modal_projector.", "mlp1.",
-     ((r"^mlp1\.layer_norm\.", "mlp1.0."), (r"^mlp1\.linear_1\.", "mlp1.1."), (r"^mlp1\.linear_2\.", "mlp1.3."))),
+    (
+        "vlm.model.multi_modal_projector.",
+        "mlp1.",
+        ((r"^mlp1\.layer_norm\.", "mlp1.0."), (r"^mlp1\.linear_1\.", "mlp1.1."), (r"^mlp1\.linear_2\.", "mlp1.3.")),
+    ),
     ("vlm.model.language_model.", "language_model.model.", ()),
     ("vlm.lm_head.", "language_model.lm_head.", ()),
     ("sam.", SAM_PREFIX, ((r"\.fuser\.layers\.(\d+)\.gamma$", r".fuser.layers.\1.g_weight"),)),
@@ -117,7 +124,7 @@ def sa2va_name(name: str, arch: str = "qwen2") -> str:
     """GroundedVLM state-dict name (adapter wrappers removed) -> Sa2VA name, for an LLM of `arch`."""
     for ours, theirs, rules in _SECTIONS:
         if name.startswith(ours):
-            out = theirs + name[len(ours):]
+            out = theirs + name[len(ours) :]
             if theirs.startswith("language_model."):
                 rules = _LLM_RULES[arch]
             for pattern, repl in rules:
@@ -244,28 +251,41 @@ class LoadReport:
         return LM_NAMES[self.arch][1]
 
     def ignorable_missing(self, key: str) -> bool:
-        return (key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX):].startswith(VIDEO_ONLY_PREFIXES)) or (
-            self.tied and key == self.head)
+        return (key.startswith(SAM_PREFIX) and key[len(SAM_PREFIX) :].startswith(VIDEO_ONLY_PREFIXES)) or (
+            self.tied and key == self.head
+        )
 
     @property
     def real(self) -> list[str]:
-        hint = ([f"the checkpoint's LLM is {LLM_ARCHITECTURES[self.other_arch]} (e.g. {LM_NAMES[self.other_arch][0]})"
-                 f": set model.text.arch={self.other_arch}"] if self.other_arch else [])
-        hint += [f"set model.text.vocab_size={g[0]} (the checkpoint's {n} rows)" for n, e, g in self.mismatched
-                 if n == self.embed and e[0] != g[0]]
-        return hint + ([f"shape of {n}: model {e}, checkpoint {g}" for n, e, g in self.mismatched]
-                + [f"missing {k}" for k in self.missing if not self.ignorable_missing(k)]
-                + [f"unexpected {k} (in a part the model runs)" for k in self.unexpected
-                   if k.startswith(USED_PREFIXES)]
-                + [f"{k} differs from {self.embed} but the model ties them" for k in self.conflicts])
+        hint = (
+            [
+                f"the checkpoint's LLM is {LLM_ARCHITECTURES[self.other_arch]} (e.g. {LM_NAMES[self.other_arch][0]})"
+                f": set model.text.arch={self.other_arch}"
+            ]
+            if self.other_arch
+            else []
+        )
+        hint += [
+            f"set model.text.vocab_size={g[0]} (the checkpoint's {n} rows)"
+            for n, e, g in self.mismatched
+            if n == self.embed and e[0] != g[0]
+        ]
+        return hint + (
+            [f"shape of {n}: model {e}, checkpoint {g}" for n, e, g in self.mismatched]
+            + [f"missing {k}" for k in self.missing if not self.ignorable_missing(k)]
+            + [f"unexpected {k} (in a part the model runs)" for k in self.unexpected if k.startswith(USED_PREFIXES)]
+            + [f"{k} differs from {self.embed} but the model ties them" for k in self.conflicts]
+        )
 
     def __str__(self) -> str:
         def few(items, n=8):
             items = [str(i) for i in items]
             return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
-        lines = [f"Sa2VA load: {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                 f"{len(self.mismatched)} mismatched, {len(self.conflicts)} conflicts"]
+        lines = [
+            f"Sa2VA load: {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} mismatched, {len(self.conflicts)} conflicts"
+        ]
         if self.real:
             lines.append("  real mismatches: " + few(self.real))
         ignored_missing = [k for k in self.missing if self.ignorable_missing(k)]
@@ -281,12 +301,15 @@ def from_sa2va(model: GroundedVLM, state: dict[str, Tensor], strict: bool = True
     """Load a Sa2VA-layout state (HF or training-checkpoint spelling) into the model's base weights.
     Raises ValueError with the report on a real mismatch (see the module docstring) unless `strict=False`,
     which loads whatever fits. Nothing is written when it raises."""
-    trained = [n for n, p in model.named_parameters()
-               if ("lora_B" in n or "lora_embedding_B" in n) and bool(p.detach().any())]
+    trained = [
+        n for n, p in model.named_parameters() if ("lora_B" in n or "lora_embedding_B" in n) and bool(p.detach().any())
+    ]
     if trained:
-        raise ValueError(f"the model carries trained LoRA adapters ({trained[0]}, ...): loading base weights "
-                         "under them would not reproduce the checkpoint; load into a model without LoRA or with "
-                         "fresh adapters")
+        raise ValueError(
+            f"the model carries trained LoRA adapters ({trained[0]}, ...): loading base weights "
+            "under them would not reproduce the checkpoint; load into a model without LoRA or with "
+            "fresh adapters"
+        )
     state = {_normalize(k): v for k, v in state.items()}
     targets = _plain_tensors(model)
     arch = _arch(model)
@@ -333,14 +356,24 @@ def _llm_config(t, arch: str, vocab_size: int) -> dict:
     rope_theta = (t.rope_parameters or {}).get("rope_theta", 10000.0)
     if arch == "internlm2":
         return {
-            "architectures": [LLM_ARCHITECTURES[arch]], "model_type": "internlm2", "vocab_size": vocab_size,
-            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": rope_theta, "rope_scaling": None, "bias": False,
-            "tie_word_embeddings": t.tie_word_embeddings, "initializer_range": t.initializer_range,
-            "attn_implementation": "eager", "use_cache": True,
+            "architectures": [LLM_ARCHITECTURES[arch]],
+            "model_type": "internlm2",
+            "vocab_size": vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": rope_theta,
+            "rope_scaling": None,
+            "bias": False,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "initializer_range": t.initializer_range,
+            "attn_implementation": "eager",
+            "use_cache": True,
         }
     llm = t.to_dict()
     llm.update(architectures=[LLM_ARCHITECTURES[arch]], vocab_size=vocab_size)
@@ -363,14 +396,26 @@ def _sa2va_config(model: GroundedVLM, vocab_size: int, template: str | None) -> 
         "template": template,
         "llm_config": llm,
         "vision_config": {  # InternVisionConfig (configuration_intern_vit.py)
-            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-            "hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers,
-            "num_attention_heads": v.num_attention_heads, "intermediate_size": v.intermediate_size,
-            "image_size": image_size, "patch_size": patch_size, "num_channels": v.num_channels,
-            "qkv_bias": v.attention_bias, "qk_normalization": v.use_qk_norm, "norm_type": v.norm_type,
-            "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act, "dropout": 0.0,
-            "drop_path_rate": 0.0, "attention_dropout": v.attention_dropout,
-            "initializer_range": v.initializer_range, "initializer_factor": 1.0, "use_flash_attn": False,
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "num_channels": v.num_channels,
+            "qkv_bias": v.attention_bias,
+            "qk_normalization": v.use_qk_norm,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": v.hidden_act,
+            "dropout": 0.0,
+            "drop_path_rate": 0.0,
+            "attention_dropout": v.attention_dropout,
+            "initializer_range": v.initializer_range,
+            "initializer_factor": 1.0,
+            "use_flash_attn": False,
         },
         "downsample_ratio": model.vlm.config.downsample_ratio,
         "force_image_size": image_size,
@@ -378,17 +423,28 @@ def _sa2va_config(model: GroundedVLM, vocab_size: int, template: str | None) -> 
         "ps_version": "v2",  # transformers' pixel_shuffle swaps height and width back, as v2 does
         # GroundedVLM sees one square tile, no thumbnail. Sa2VA's own predict_forward ignores these three and
         # tiles 1..12 + thumbnail (preparing_for_generation hard-codes it).
-        "dynamic_image_size": False, "use_thumbnail": False, "min_dynamic_patch": 1, "max_dynamic_patch": 1,
+        "dynamic_image_size": False,
+        "use_thumbnail": False,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 1,
         "pad2square": False,
-        "use_backbone_lora": 0, "use_llm_lora": 0,  # LoRA is merged into the weights
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,  # LoRA is merged into the weights
         "hidden_size": t.hidden_size,
         "tie_word_embeddings": False,  # Sa2VAChatConfig forces this; lm_head is stored either way
         "torch_dtype": str(model.text_hidden_fcs[0].weight.dtype).removeprefix("torch."),
     }
 
 
-def save_sa2va(model: GroundedVLM, tokenizer, directory: str | Path, *, dtype: torch.dtype | None = None,
-               template: str | None = None, shard_bytes: int | None = None) -> Path:
+def save_sa2va(
+    model: GroundedVLM,
+    tokenizer,
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    template: str | None = None,
+    shard_bytes: int | None = None,
+) -> Path:
     """Write a Sa2VA HF directory: `model.safetensors` (or shards + `model.safetensors.index.json` when
     `shard_bytes` is given), the tokenizer and `config.json`. Refuses a non-empty directory."""
     directory = Path(directory)
@@ -427,12 +483,25 @@ def save_sa2va(model: GroundedVLM, tokenizer, directory: str | Path, *, dtype: t
 
 # (recipe field, Sa2VA config field) pairs checked by `check_sa2va_config`
 _CONFIG_FIELDS = {
-    "text": (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-             ("kv_heads", "num_key_value_heads"), ("intermediate_size", "intermediate_size"),
-             ("rope_theta", "rope_theta"), ("rms_norm_eps", "rms_norm_eps")),
-    "vision": (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-               ("intermediate_size", "intermediate_size"), ("image_size", "image_size"),
-               ("patch_size", "patch_size"), ("qkv_bias", "qkv_bias"), ("layer_norm_eps", "layer_norm_eps")),
+    "text": (
+        ("hidden_size", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("kv_heads", "num_key_value_heads"),
+        ("intermediate_size", "intermediate_size"),
+        ("rope_theta", "rope_theta"),
+        ("rms_norm_eps", "rms_norm_eps"),
+    ),
+    "vision": (
+        ("hidden_size", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("intermediate_size", "intermediate_size"),
+        ("image_size", "image_size"),
+        ("patch_size", "patch_size"),
+        ("qkv_bias", "qkv_bias"),
+        ("layer_norm_eps", "layer_norm_eps"),
+    ),
 }
 
 
@@ -447,11 +516,14 @@ def config_differences(spec, config: dict) -> list[str]:
     architecture = (llm.get("architectures") or [None])[0]
     known = {v: k for k, v in LLM_ARCHITECTURES.items()}
     if architecture is not None and architecture not in known:
-        diffs.append(f"model.text.arch: the checkpoint's LLM is {architecture}; dualrl runs "
-                     + " and ".join(LLM_ARCHITECTURES.values()))
+        diffs.append(
+            f"model.text.arch: the checkpoint's LLM is {architecture}; dualrl runs "
+            + " and ".join(LLM_ARCHITECTURES.values())
+        )
     elif architecture is not None and known[architecture] != spec.text.arch:
-        diffs.append(f"model.text.arch: recipe {spec.text.arch!r} vs checkpoint {known[architecture]!r} "
-                     f"({architecture})")
+        diffs.append(
+            f"model.text.arch: recipe {spec.text.arch!r} vs checkpoint {known[architecture]!r} ({architecture})"
+        )
     for section, fields in (("text", llm), ("vision", vision)):
         ours = getattr(spec, section)
         for name, key in _CONFIG_FIELDS[section]:
@@ -467,8 +539,9 @@ def check_sa2va_config(spec, directory: Path) -> None:
         return  # the weights are still checked key by key on load
     diffs = config_differences(spec, json.loads(path.read_text()))
     if diffs:
-        raise ValueError(f"model.sa2va={str(directory)!r}: the recipe describes another architecture:\n  "
-                         + "\n  ".join(diffs))
+        raise ValueError(
+            f"model.sa2va={str(directory)!r}: the recipe describes another architecture:\n  " + "\n  ".join(diffs)
+        )
 
 
 def load_sa2va_state(directory: str | Path) -> dict[str, Tensor]:

@@ -49,8 +49,9 @@ class ScaledPositionEmbedding(PositionEmbeddingRandom):
         return self.pe_gain * super()._pe_encoding(coords)
 
 
-def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: str | None,
-              pe_gain: float = 1.0) -> SAM2Base:
+def build_sam(
+    config: str, image_size: int, overrides: list[str], checkpoint: str | None, pe_gain: float = 1.0
+) -> SAM2Base:
     """Compose SAM2 from one of the package's configs plus hydra overrides; load a `.pt` if given.
 
     `apply_postprocessing` is off: its dynamic multimask fallback changes outputs between train and eval
@@ -58,7 +59,11 @@ def build_sam(config: str, image_size: int, overrides: list[str], checkpoint: st
     """
     extra = [f"++model.image_size={image_size}", *overrides]
     model = build_sam2(
-        config, ckpt_path=None, device="cpu", mode="train", hydra_overrides_extra=extra,
+        config,
+        ckpt_path=None,
+        device="cpu",
+        mode="train",
+        hydra_overrides_extra=extra,
         apply_postprocessing=False,
     )
     if checkpoint is not None:
@@ -82,9 +87,11 @@ def load_sam_checkpoint(model: SAM2Base, path: str, config: str) -> None:
         state = state.get("model", state) if isinstance(state, dict) else state
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"model.sam.checkpoint={str(path)!r} does not fit model.sam.config={config!r}: missing "
-                         f"{result.missing_keys[:8]} ({len(result.missing_keys)}), unexpected "
-                         f"{result.unexpected_keys[:8]} ({len(result.unexpected_keys)})")
+        raise ValueError(
+            f"model.sam.checkpoint={str(path)!r} does not fit model.sam.config={config!r}: missing "
+            f"{result.missing_keys[:8]} ({len(result.missing_keys)}), unexpected "
+            f"{result.unexpected_keys[:8]} ({len(result.unexpected_keys)})"
+        )
 
 
 @dataclass
@@ -112,8 +119,10 @@ def imagenet_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean and std as [1, 3, 1, 1] float32 tensors on `device`, made once (a fresh tensor from a Python
     list at every call is a blocking host-to-device copy on a GPU)."""
-    return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
-            torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
+    return (
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device),
+    )
 
 
 def encode(sam: SAM2Base, pixels: torch.Tensor) -> SamFeatures:
@@ -124,7 +133,10 @@ def encode(sam: SAM2Base, pixels: torch.Tensor) -> SamFeatures:
 
 
 def decode(
-    sam: SAM2Base, feats: SamFeatures, queries: torch.Tensor | None, multimask: bool,
+    sam: SAM2Base,
+    feats: SamFeatures,
+    queries: torch.Tensor | None,
+    multimask: bool,
     points: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one mask per prompt; `feats` must already be aligned with the prompts (`SamFeatures.select`).

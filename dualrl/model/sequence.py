@@ -127,12 +127,19 @@ class Assembler:
                 all_labels.append(labels + [-100] * pad)
                 attention.append([1] * len(ids) + [0] * pad)
         # everything known on the host goes over in one copy: gather index, attention, labels, ids, marks
-        flat_marks = {name: ([b for b, _, n in spans for _ in range(n)],
-                             [offsets[b] + s + k for b, s, n in spans for k in range(n)])
-                      for name, spans in marks.items()}
+        flat_marks = {
+            name: (
+                [b for b, _, n in spans for _ in range(n)],
+                [offsets[b] + s + k for b, s, n in spans for k in range(n)],
+            )
+            for name, spans in marks.items()
+        }
         mark_sizes = [len(r) for r, _ in flat_marks.values()]
-        host = torch.tensor([v for m in (index, attention, all_labels, all_ids) for row in m for v in row]
-                            + [v for r, c in flat_marks.values() for v in (*r, *c)], dtype=torch.long)
+        host = torch.tensor(
+            [v for m in (index, attention, all_labels, all_ids) for row in m for v in row]
+            + [v for r, c in flat_marks.values() for v in (*r, *c)],
+            dtype=torch.long,
+        )
         on_device = upload(host, device)
         cells = len(rows) * width
         index_d, attention_d, labels_d, ids_d = on_device[: 4 * cells].view(4, len(rows), width).unbind(0)

@@ -43,8 +43,12 @@ class RayRuntime:
     def __init__(self, recipe):
         spec = recipe.runtime
         if not ray.is_initialized():
-            ray.init(address=spec.address, num_cpus=spec.num_cpus if spec.address is None else None,
-                     include_dashboard=False, log_to_driver=True)
+            ray.init(
+                address=spec.address,
+                num_cpus=spec.num_cpus if spec.address is None else None,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
         device = resolve_device(recipe.train.device)
         opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
         threads = recipe.train.threads

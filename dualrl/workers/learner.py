@@ -50,8 +50,9 @@ class Learner:
         self.objective = build_objective(recipe.algo, self.model, self._reference(recipe, device))
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = recipe.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                                           fused=device.startswith("cuda"))
+        self.optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.startswith("cuda")
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, recipe.train.steps))
         self.ema = EMA(self.model.trainable_state(), recipe.algo.ema_decay)
         self.skipped_steps = 0
@@ -76,8 +77,9 @@ class Learner:
                 sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
         metrics = {k: v / self.objective.iterations for k, v in sums.items()}
-        metrics.update({"train/lr": self.scheduler.get_last_lr()[0],
-                        "train/skipped_nonfinite": float(self.skipped_steps)})
+        metrics.update(
+            {"train/lr": self.scheduler.get_last_lr()[0], "train/skipped_nonfinite": float(self.skipped_steps)}
+        )
         return metrics
 
     def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator) -> dict[str, float]:
@@ -97,8 +99,9 @@ class Learner:
         # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
         # the host wait for the device mid-step.
         names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-        figures = torch.stack([loss, grad_norm.float().to(loss.device),
-                               *(metrics[k].detach().float().to(loss.device) for k in names)]).tolist()
+        figures = torch.stack(
+            [loss, grad_norm.float().to(loss.device), *(metrics[k].detach().float().to(loss.device) for k in names)]
+        ).tolist()
         loss, grad = figures[0], figures[1]
         metrics.update(zip(names, figures[2:]))
         if not (math.isfinite(loss) and math.isfinite(grad)):

@@ -55,13 +55,22 @@ class RewardWorker:
         region = torch.arange(len(batch["masks"])).repeat_interleave(group_size)
         seg = self.segment(batch, captions.ids, region)
         rows = region.tolist()
-        columns = {k: [v[r] for r in rows] for k, v in batch.items()
-                   if k not in _NOT_COLUMNS and isinstance(v, list) and len(v) == len(batch["masks"])}
+        columns = {
+            k: [v[r] for r in rows]
+            for k, v in batch.items()
+            if k not in _NOT_COLUMNS and isinstance(v, list) and len(v) == len(batch["masks"])
+        }
         references = batch.get("references") or [[] for _ in batch["masks"]]
         inputs = RewardInput(
-            captions=captions.texts, caption_ids=captions.ids, region=region, images=batch["images"],
-            masks=batch["masks"], references=[list(references[r]) for r in rows], group_size=group_size,
-            columns=columns, segmentation={"mask_iou": seg["mask_iou"], "mask_soft_iou": seg["mask_soft_iou"]},
+            captions=captions.texts,
+            caption_ids=captions.ids,
+            region=region,
+            images=batch["images"],
+            masks=batch["masks"],
+            references=[list(references[r]) for r in rows],
+            group_size=group_size,
+            columns=columns,
+            segmentation={"mask_iou": seg["mask_iou"], "mask_soft_iou": seg["mask_soft_iou"]},
         )
         result = self.rewards(inputs)
         result.metrics["train/cycle_iou"] = seg["mask_iou"].mean().item()

@@ -29,6 +29,12 @@ class RolloutWorker:
         with torch.random.fork_rng(devices=cuda, enabled=seed is not None), self.model.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
-            return self.model.describe(batch["images"], batch["masks"], group_size=plan.group_size,
-                                       sample=plan.sample, temperature=plan.temperature, top_p=plan.top_p,
-                                       max_new_tokens=plan.max_new_tokens or self.max_new_tokens)
+            return self.model.describe(
+                batch["images"],
+                batch["masks"],
+                group_size=plan.group_size,
+                sample=plan.sample,
+                temperature=plan.temperature,
+                top_p=plan.top_p,
+                max_new_tokens=plan.max_new_tokens or self.max_new_tokens,
+            )

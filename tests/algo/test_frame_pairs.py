@@ -23,8 +23,9 @@ def test_reward_worker_scores_against_the_later_frame(tiny_model, region_batch):
     with torch.no_grad():
         captions = tiny_model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=5)
     paired = worker.segment(_paired(region_batch), captions.ids)
-    later_only = worker.segment({"images": region_batch["images"].flip(-1),
-                                 "masks": region_batch["masks"].flip(-1)}, captions.ids)
+    later_only = worker.segment(
+        {"images": region_batch["images"].flip(-1), "masks": region_batch["masks"].flip(-1)}, captions.ids
+    )
     same = worker.segment(region_batch, captions.ids)
     torch.testing.assert_close(paired["mask_iou"], later_only["mask_iou"])
     assert not torch.equal(paired["logits"], same["logits"])

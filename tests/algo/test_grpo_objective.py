@@ -15,8 +15,9 @@ G = 2
 
 
 def _algo(llm_weight: float = 1.0, **grpo) -> AlgoSpec:
-    return AlgoSpec(name="grpo", grpo={"num_generations": G, **grpo},
-                    loss={"num_points": 128, "llm_weight": llm_weight})
+    return AlgoSpec(
+        name="grpo", grpo={"num_generations": G, **grpo}, loss={"num_points": 128, "llm_weight": llm_weight}
+    )
 
 
 @pytest.fixture
@@ -29,8 +30,14 @@ def _sample(model, batch, temperature=1.0):
     region = torch.arange(len(batch["masks"])).repeat_interleave(G)
     model.eval()
     with torch.no_grad():
-        caps = model.describe(batch["images"], batch["masks"][region], image_index=region, sample=True,
-                              temperature=temperature, max_new_tokens=6)
+        caps = model.describe(
+            batch["images"],
+            batch["masks"][region],
+            image_index=region,
+            sample=True,
+            temperature=temperature,
+            max_new_tokens=6,
+        )
     model.train()
     return caps
 
@@ -71,8 +78,14 @@ def test_policy_gradient_moves_probability_to_the_better_caption(policy, region_
                 p -= 0.5 * p.grad / max(1e-8, max(q.grad.abs().max().item() for q in params if q.grad is not None))
     policy.eval()
     with torch.no_grad():
-        after, _, _ = completion_logprobs(policy, policy.encode_images(region_batch["images"]),
-                                          region_batch["masks"], rollout.region, rollout.captions.completions(), 1.0)
+        after, _, _ = completion_logprobs(
+            policy,
+            policy.encode_images(region_batch["images"]),
+            region_batch["masks"],
+            rollout.region,
+            rollout.captions.completions(),
+            1.0,
+        )
     seq_gain = (after - before).sum(dim=1).view(4, G)
     distinct = [r for r in range(4) if not torch.equal(caps.ids[2 * r], caps.ids[2 * r + 1])]
     assert distinct
@@ -88,8 +101,16 @@ def test_metrics_iterations_and_segmenter_terms(policy, region_batch):
     objective = Grpo(_algo(num_iterations=2), policy)
     rollout = Rollout(caps, G, torch.tensor([0.2, 0.9, 0.5, 0.5, 0.0, 1.0, 0.3, 0.1]))
     out = objective(policy, region_batch, rollout, torch.Generator().manual_seed(0))
-    for key in ("grpo/clip_frac", "grpo/adv_std", "grpo/zero_spread_frac", "grpo/caption_len", "grpo/entropy",
-                "train/loss_mask", "train/loss_dice", "train/seg_iou"):
+    for key in (
+        "grpo/clip_frac",
+        "grpo/adv_std",
+        "grpo/zero_spread_frac",
+        "grpo/caption_len",
+        "grpo/entropy",
+        "train/loss_mask",
+        "train/loss_dice",
+        "train/seg_iou",
+    ):
         assert key in out.metrics
     assert out.metrics["grpo/zero_spread_frac"] == 0.25
     policy.zero_grad(set_to_none=True)
@@ -103,19 +124,23 @@ def test_metrics_iterations_and_segmenter_terms(policy, region_batch):
     assert abs(second.metrics["grpo/ratio_mean"] - 1.0) > 1e-4
 
 
-@pytest.mark.parametrize(("target", "rows", "captions"), [
-    ("reference_or_best", [0, 1, 2, 3], {1: 3, 3: 7}),
-    ("best", [0, 1, 2, 3], {0: 0, 1: 3, 2: 5, 3: 7}),
-    ("reference", [0, 2], {}),
-])
+@pytest.mark.parametrize(
+    ("target", "rows", "captions"),
+    [
+        ("reference_or_best", [0, 1, 2, 3], {1: 3, 3: 7}),
+        ("best", [0, 1, 2, 3], {0: 0, 1: 3, 2: 5, 3: 7}),
+        ("reference", [0, 2], {}),
+    ],
+)
 def test_segmenter_targets(policy, region_batch, target, rows, captions):
     """Regions with a reference segment from it (unless seg_target=best); the others from the caption of
     their group with the highest reward."""
     caps = _sample(policy, region_batch)
     batch = dict(region_batch, expression=["the red circle", "", "a blue square", ""])
     rewards = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.0, 0.4, 0.3, 0.6])
-    texts, got = Grpo(_algo(seg_target=target), policy)._seg_targets(batch, Rollout(caps, G, rewards), rewards,
-                                                                     torch.Generator().manual_seed(0))
+    texts, got = Grpo(_algo(seg_target=target), policy)._seg_targets(
+        batch, Rollout(caps, G, rewards), rewards, torch.Generator().manual_seed(0)
+    )
     assert got == rows
     for text, r in zip(texts, got):
         if r in captions:
@@ -132,8 +157,9 @@ def test_kl_to_the_reference_starts_at_zero(tiny_spec, region_batch):
     reference.load_state_dict(policy.state_dict())
     caps = _sample(policy, region_batch)
     policy.eval()
-    out = Grpo(_algo(beta=0.04), policy, reference)(policy, region_batch, Rollout(caps, G, torch.rand(8)),
-                                                     torch.Generator().manual_seed(0))
+    out = Grpo(_algo(beta=0.04), policy, reference)(
+        policy, region_batch, Rollout(caps, G, torch.rand(8)), torch.Generator().manual_seed(0)
+    )
     assert out.metrics["grpo/kl"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="beta > 0 needs a frozen reference"):
         Grpo(_algo(beta=0.04), policy)
@@ -151,5 +177,8 @@ def test_learner_step_reuses_the_rollouts_encoding(policy, region_batch):
     out = Grpo(_algo(), policy)(policy, region_batch, Rollout(caps, G, torch.rand(8)), torch.Generator().manual_seed(0))
     out.loss.backward()
     assert calls == ["vision", "sam"]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in policy.named_parameters() if "multi_modal_projector" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in policy.named_parameters()
+        if "multi_modal_projector" in n
+    )

@@ -141,7 +141,7 @@ def image_bytes(kind: str, h: int = H, w: int = W, seed: int = 0) -> bytes | Non
     if kind == "huge_jpeg":  # a JPEG whose frame header says 8000x9000: over max_pixels, under PIL's bomb limit
         data = bytearray(image_bytes("rgb", h, w, seed))
         sof = data.index(b"\xff\xc0")
-        data[sof + 5: sof + 9] = struct.pack(">HH", 9000, 8000)
+        data[sof + 5 : sof + 9] = struct.pack(">HH", 9000, 8000)
         return bytes(data)
     if kind == "missing":
         return None
@@ -234,12 +234,29 @@ def build_refcoco(root: Path) -> Corpus:
 
     def add(case: str, image_id: int, segmentation, sentences: list, ann_id: int | None = None) -> None:
         ref_id = len(by_ref) + 1
-        coco["annotations"].append({"id": ref_id, "image_id": image_id, "category_id": 1, "area": 256.0,
-                                    "segmentation": segmentation, "bbox": [2, 2, 16, 16],
-                                    "iscrowd": int(isinstance(segmentation, dict))})
-        refs.append({b"sent_ids": list(range(len(sentences))), b"file_name": b"x.jpg", b"ann_id": ann_id or ref_id,
-                     b"ref_id": ref_id, b"image_id": image_id, b"split": b"train", b"category_id": 1,
-                     b"sentences": [sentence(10 * ref_id + i, s) for i, s in enumerate(sentences)]})
+        coco["annotations"].append(
+            {
+                "id": ref_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "area": 256.0,
+                "segmentation": segmentation,
+                "bbox": [2, 2, 16, 16],
+                "iscrowd": int(isinstance(segmentation, dict)),
+            }
+        )
+        refs.append(
+            {
+                b"sent_ids": list(range(len(sentences))),
+                b"file_name": b"x.jpg",
+                b"ann_id": ann_id or ref_id,
+                b"ref_id": ref_id,
+                b"image_id": image_id,
+                b"split": b"train",
+                b"category_id": 1,
+                b"sentences": [sentence(10 * ref_id + i, s) for i, s in enumerate(sentences)],
+            }
+        )
         by_ref[ref_id] = case
 
     good_image = image_ids["rgb_jpeg"]
@@ -264,8 +281,9 @@ def build_refcoco(root: Path) -> Corpus:
 # -------------------------------------------------------------------------------------------- SA-1B
 def _sa1b_json(folder: Path, n: int, anns: list[dict], h: int = H, w: int = W) -> Path:
     path = folder / f"sa_{n}.json"
-    path.write_text(json.dumps({"image": {"image_id": n, "width": w, "height": h, "file_name": f"sa_{n}.jpg"},
-                                "annotations": anns}))
+    path.write_text(
+        json.dumps({"image": {"image_id": n, "width": w, "height": h, "file_name": f"sa_{n}.jpg"}, "annotations": anns})
+    )
     return path
 
 
@@ -291,8 +309,7 @@ def build_sa1b(root: Path) -> Corpus:
         "rle_without_counts": (ann(8, {"size": [H, W]}), "bad_rle"),
         "rle_ends_inside_a_run": (ann(9, ENDS_INSIDE_A_RUN), "bad_rle"),
         "rle_zero_size": (ann(10, {"size": [0, 0], "counts": ""}), "bad_rle"),
-        "segmentation_missing": ({k: v for k, v in ann(11, None).items() if k != "segmentation"},
-                                 "annotation_corrupt"),
+        "segmentation_missing": ({k: v for k, v in ann(11, None).items() if k != "segmentation"}, "annotation_corrupt"),
     }
     anns = [a for a, _ in masks.values()] + [ann(len(masks), sa1b_rle(_box(2, 2, 4, 4)), area=4)]
     index_cases["mask_under_min_area"] = "mask_too_small"  # by the JSON's area: never a key
@@ -346,8 +363,9 @@ def build_sa1b(root: Path) -> Corpus:
     source = Sa1bSource(spec, size=SIZE, aspect="squash", max_pixels=MAX_PIXELS, cache_dir=None)
     # a sample's index is "<stem>:<annotation id>"; here every id is the annotation's ordinal
     good_index = {f"{stem}:{i}": case for (stem, i), case in where.items() if expected[case] == OK}
-    return Corpus("sa1b", source, expected, lambda key: where[Path(key[0]).name, key[1]], good_index, index_cases,
-                  after_index)
+    return Corpus(
+        "sa1b", source, expected, lambda key: where[Path(key[0]).name, key[1]], good_index, index_cases, after_index
+    )
 
 
 # -------------------------------------------------------------------------------------------- SA-V
@@ -370,8 +388,10 @@ def write_faststart_mp4(path: Path, frames: int = 40) -> Path:
 
 def _masklet(visible: list[bool], height: int = H, width: int = W) -> list[list[dict]]:
     """One object: obj0's box where visible, an all-zero RLE (out of view) elsewhere."""
-    return [[sav_rle(object_mask(0, k, height, width) if v else np.zeros((height, width), bool))]
-            for k, v in enumerate(visible)]
+    return [
+        [sav_rle(object_mask(0, k, height, width) if v else np.zeros((height, width), bool))]
+        for k, v in enumerate(visible)
+    ]
 
 
 def build_sav(root: Path) -> Corpus:
@@ -396,13 +416,22 @@ def build_sav(root: Path) -> Corpus:
         "mp4_empty_file": ("empty", _masklet([True]), "video_corrupt"),
         "video_ends_before_frame": ("good", _masklet([False, False, False, True]), "video_corrupt"),  # frame 12
         "rle_smaller_than_video": ("good", _masklet([True], 24, 32), "mask_size_mismatch"),
-        "rle_runs_dont_sum": ("good", [[{"size": [H, W], "counts": sav_rle(object_mask(0, 0, 40, W))["counts"]}]],
-                              "bad_rle"),
+        "rle_runs_dont_sum": (
+            "good",
+            [[{"size": [H, W], "counts": sav_rle(object_mask(0, 0, 40, W))["counts"]}]],
+            "bad_rle",
+        ),
         "rle_bad_alphabet": ("good", [[BAD_ALPHABET]], "bad_rle"),
         "rle_uncompressed_negative_counts": ("good", [[NEGATIVE_COUNTS]], "bad_rle"),
     }
-    at_index = {"video_missing_at_index", "json_corrupt", "json_without_masklet", "json_not_utf8", "rle_bad_alphabet",
-                "rle_uncompressed_negative_counts"}
+    at_index = {
+        "video_missing_at_index",
+        "json_corrupt",
+        "json_without_masklet",
+        "json_not_utf8",
+        "rle_bad_alphabet",
+        "rle_uncompressed_negative_counts",
+    }
     for n, (case, (mp4, masklet, reason)) in enumerate(cases.items(), start=1):
         stem = f"sav_{n:06d}"
         stems[stem] = case
@@ -432,14 +461,25 @@ def build_sav(root: Path) -> Corpus:
     (pairs / "npz_truncated.npz").write_bytes(npz[: len(npz) // 2])
     write_npz(pairs / "npz_deleted_after_indexing.npz")
     frame = np.full((H, W, 3), grey(2), np.uint8)
-    for case, mask in (("npz_empty_mask", np.zeros((H, W), bool)), ("npz_full_mask", np.ones((H, W), bool)),
-                       ("npz_mask_under_min_area", _box(2, 2, 4, 4))):
+    for case, mask in (
+        ("npz_empty_mask", np.zeros((H, W), bool)),
+        ("npz_full_mask", np.ones((H, W), bool)),
+        ("npz_mask_under_min_area", _box(2, 2, 4, 4)),
+    ):
         np.savez(pairs / f"{case}.npz", frame1=frame, mask1=mask, frame2=frame, mask2=BOX)
-    expected.update({"npz_pair": OK, "npz_missing_key": "annotation_corrupt",
-                     "npz_mask_wrong_size": "mask_size_mismatch", "npz_not_a_zip": "annotation_corrupt",
-                     "npz_truncated": "annotation_corrupt",
-                     "npz_deleted_after_indexing": "video_missing", "npz_empty_mask": "empty_mask",
-                     "npz_full_mask": "full_mask", "npz_mask_under_min_area": "mask_too_small"})
+    expected.update(
+        {
+            "npz_pair": OK,
+            "npz_missing_key": "annotation_corrupt",
+            "npz_mask_wrong_size": "mask_size_mismatch",
+            "npz_not_a_zip": "annotation_corrupt",
+            "npz_truncated": "annotation_corrupt",
+            "npz_deleted_after_indexing": "video_missing",
+            "npz_empty_mask": "empty_mask",
+            "npz_full_mask": "full_mask",
+            "npz_mask_under_min_area": "mask_too_small",
+        }
+    )
     by_case = {case: stem for stem, case in stems.items()}
 
     def after_index() -> None:
@@ -463,8 +503,11 @@ OPENIMAGES_CASES = {  # case -> (image kind, mask kind as in make_openimages or 
     "rgb_jpeg_half_size_mask": ("rgb", "half", OK),
     "rgb_jpeg_double_size_mask": ("rgb", "double", OK),
     "gray_jpeg_1bit_mask": ("gray", "bit", OK),
-    **{case: (kind, "half", reason) for case, (kind, reason) in IMAGE_CASES.items()
-       if case not in ("rgb_jpeg", "gray_jpeg", "exif_transposed_jpeg")},  # no size in the CSV to disagree with
+    **{
+        case: (kind, "half", reason)
+        for case, (kind, reason) in IMAGE_CASES.items()
+        if case not in ("rgb_jpeg", "gray_jpeg", "exif_transposed_jpeg")
+    },  # no size in the CSV to disagree with
     "mask_missing": ("rgb", "missing", "mask_missing"),
     "mask_png_corrupt": ("rgb", "corrupt", "mask_missing"),
     "mask_png_truncated": ("rgb", "truncated", "mask_missing"),
@@ -481,8 +524,9 @@ OPENIMAGES_BAD_LINES = {  # case -> CSV line, each annotation_corrupt at index t
 }
 
 
-def write_openimages(root: Path, cases: dict[str, tuple[str, str, str]], bad_lines: dict[str, bytes]
-                     ) -> tuple[dict[str, str], dict[int, str], dict[str, str]]:
+def write_openimages(
+    root: Path, cases: dict[str, tuple[str, str, str]], bad_lines: dict[str, bytes]
+) -> tuple[dict[str, str], dict[int, str], dict[str, str]]:
     """The published layout under root (masks in a folder). Returns the spec's paths, {CSV byte offset: case}
     and {sample index: case}."""
     (root / "images").mkdir(parents=True)
@@ -509,11 +553,14 @@ def write_openimages(root: Path, cases: dict[str, tuple[str, str, str]], bad_lin
         elif mask == "huge":
             png = huge_png()
         _write(root / "masks" / row.mask_path, png)
-    lines += bad[len(cases):]
+    lines += bad[len(cases) :]
     (root / "train-annotations-object-segmentation.csv").write_bytes(b"".join(lines))
-    paths = {"annotations": str(root / "train-annotations-object-segmentation.csv"),
-             "classes": str(root / "oidv7-class-descriptions.csv"), "images": str(root / "images"),
-             "masks": str(root / "masks")}
+    paths = {
+        "annotations": str(root / "train-annotations-object-segmentation.csv"),
+        "classes": str(root / "oidv7-class-descriptions.csv"),
+        "images": str(root / "images"),
+        "masks": str(root / "masks"),
+    }
     return paths, by_offset, by_index
 
 
@@ -527,8 +574,9 @@ def build_openimages(root: Path) -> Corpus:
     expected = {case: reason for case, (_, _, reason) in OPENIMAGES_CASES.items()}
     good_index = {index: case for index, case in by_index.items() if expected[case] == OK}
     index_cases = dict.fromkeys(OPENIMAGES_BAD_LINES, "annotation_corrupt")
-    return Corpus("openimages", openimages_source(paths), expected, lambda key: by_offset[key[1]], good_index,
-                  index_cases)
+    return Corpus(
+        "openimages", openimages_source(paths), expected, lambda key: by_offset[key[1]], good_index, index_cases
+    )
 
 
 # ----------------------------------------------------------------------------------------------- all

@@ -42,7 +42,7 @@ class Case:
         size masks add single pixels that nearest neighbour keeps and an area resize would drop."""
         k = int(self.box, 16) % 5
         mask = np.zeros((H, W), dtype=bool)
-        mask[10 + 2 * k: 36 + 2 * k, 8 + 4 * k: 40 + 4 * k] = True
+        mask[10 + 2 * k : 36 + 2 * k, 8 + 4 * k : 40 + 4 * k] = True
         if specks and self.mask == "double":
             mask[tuple(zip(*SPECKS))] = True
         return mask
@@ -154,16 +154,18 @@ def mask_bytes(case: Case) -> bytes | None:
     return buf.getvalue()
 
 
-def make_openimages(root: Path, cases: list[Case] | None = None, zipped: bool = False,
-                    bad_lines: list[bytes] | None = None) -> dict[str, str]:
+def make_openimages(
+    root: Path, cases: list[Case] | None = None, zipped: bool = False, bad_lines: list[bytes] | None = None
+) -> dict[str, str]:
     """Write a fixture under root; the returned paths are `OpenImagesSpec` fields."""
     cases = CASES if cases is None else cases
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
     write_classes(root / "oidv7-class-descriptions.csv")
-    write_annotations(root / "train-annotations-object-segmentation.csv", cases,
-                      BAD_LINES if bad_lines is None else bad_lines)
+    write_annotations(
+        root / "train-annotations-object-segmentation.csv", cases, BAD_LINES if bad_lines is None else bad_lines
+    )
     zips: dict[str, zipfile.ZipFile] = {}
     for case in cases:
         data = image_bytes(case.image)
@@ -182,6 +184,9 @@ def make_openimages(root: Path, cases: list[Case] | None = None, zipped: bool = 
         zips[c].writestr(member, png)
     for z in zips.values():
         z.close()
-    return {"annotations": str(root / "train-annotations-object-segmentation.csv"),
-            "classes": str(root / "oidv7-class-descriptions.csv"), "images": str(root / "images"),
-            "masks": str(root / "masks")}
+    return {
+        "annotations": str(root / "train-annotations-object-segmentation.csv"),
+        "classes": str(root / "oidv7-class-descriptions.csv"),
+        "images": str(root / "images"),
+        "masks": str(root / "masks"),
+    }

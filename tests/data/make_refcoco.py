@@ -72,16 +72,48 @@ def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[P
     two_parts = [[30.0, 2.0, 40.0, 2.0, 40.0, 12.0, 30.0, 12.0], [44.0, 2.0, 54.0, 2.0, 54.0, 12.0]]
     crowd = {"size": [h, w], "counts": [h * 10 + 5, 10, h * w - h * 10 - 15]}  # uncompressed RLE
     for ann_id, image_id, seg in ((1, 9, square), (2, 9, two_parts), (3, 581857, crowd)):
-        coco["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": 1, "segmentation": seg,
-                                    "area": 100.0, "bbox": [0, 0, 1, 1], "iscrowd": int(isinstance(seg, dict))})
+        coco["annotations"].append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "segmentation": seg,
+                "area": 100.0,
+                "bbox": [0, 0, 1, 1],
+                "iscrowd": int(isinstance(seg, dict)),
+            }
+        )
     refs = [
-        {b"sent_ids": [0, 1], b"file_name": b"COCO_train2014_000000000009_1.jpg", b"ann_id": 1, b"ref_id": 0,
-         b"image_id": 9, b"split": b"train", b"category_id": 1,
-         b"sentences": [sentence(0, b"left square"), sentence(1, "the box on the left")]},
-        {b"sent_ids": [2], b"file_name": b"x.jpg", b"ann_id": 2, b"ref_id": 1, b"image_id": 9, b"split": b"train",
-         b"category_id": 1, b"sentences": [sentence(2, "two small boxes")]},
-        {b"sent_ids": [3], b"file_name": b"y.jpg", b"ann_id": 3, b"ref_id": 2, b"image_id": 581857,
-         b"split": b"val", b"category_id": 1, b"sentences": [sentence(3, "the crowd stripe")]},
+        {
+            b"sent_ids": [0, 1],
+            b"file_name": b"COCO_train2014_000000000009_1.jpg",
+            b"ann_id": 1,
+            b"ref_id": 0,
+            b"image_id": 9,
+            b"split": b"train",
+            b"category_id": 1,
+            b"sentences": [sentence(0, b"left square"), sentence(1, "the box on the left")],
+        },
+        {
+            b"sent_ids": [2],
+            b"file_name": b"x.jpg",
+            b"ann_id": 2,
+            b"ref_id": 1,
+            b"image_id": 9,
+            b"split": b"train",
+            b"category_id": 1,
+            b"sentences": [sentence(2, "two small boxes")],
+        },
+        {
+            b"sent_ids": [3],
+            b"file_name": b"y.jpg",
+            b"ann_id": 3,
+            b"ref_id": 2,
+            b"image_id": 581857,
+            b"split": b"val",
+            b"category_id": 1,
+            b"sentences": [sentence(3, "the crowd stripe")],
+        },
     ]
     (folder / "instances.json").write_text(json.dumps(coco))
     (folder / "refs(unc).p").write_bytes(py2_pickle(refs))

@@ -31,18 +31,26 @@ def boxes_image(h: int, w: int, boxes: list[tuple[int, int, int, int]], seed: in
 
 def annotation(ann_id: int, mask: np.ndarray) -> dict:
     ys, xs = np.nonzero(mask)
-    return {"id": ann_id, "segmentation": rle(mask), "area": int(mask.sum()),
-            "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
-            "predicted_iou": 0.9, "point_coords": [[float(xs.mean()), float(ys.mean())]],
-            "crop_box": [0, 0, int(mask.shape[1]), int(mask.shape[0])], "stability_score": 0.95}
+    return {
+        "id": ann_id,
+        "segmentation": rle(mask),
+        "area": int(mask.sum()),
+        "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
+        "predicted_iou": 0.9,
+        "point_coords": [[float(xs.mean()), float(ys.mean())]],
+        "crop_box": [0, 0, int(mask.shape[1]), int(mask.shape[0])],
+        "stability_score": 0.95,
+    }
 
 
 def write_image(folder: Path, image_id: int, image: np.ndarray, anns: list[dict]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     h, w = image.shape[:2]
     Image.fromarray(image).save(folder / f"sa_{image_id}.jpg", quality=95)
-    record = {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
-              "annotations": anns}
+    record = {
+        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
+        "annotations": anns,
+    }
     path = folder / f"sa_{image_id}.json"
     path.write_text(json.dumps(record))
     return path

@@ -64,7 +64,7 @@ def rle(mask: np.ndarray) -> dict:
 
 def box(y0: int, x0: int, h: int, w: int, height: int = H, width: int = W) -> np.ndarray:
     mask = np.zeros((height, width), dtype=bool)
-    mask[y0:y0 + h, x0:x0 + w] = True
+    mask[y0 : y0 + h, x0 : x0 + w] = True
     return mask
 
 
@@ -81,8 +81,15 @@ def masklet(objects: int = 3, annotated: int = ANNOTATED, height: int = H, width
     return [[rle(object_mask(j, k, height, width)) for j in range(objects)] for k in range(annotated)]
 
 
-def write_json(path: Path, video_id: str, masks: list[list[dict]], kind: str = "manual", frames: int = FRAMES,
-               height: int = H, width: int = W) -> Path:
+def write_json(
+    path: Path,
+    video_id: str,
+    masks: list[list[dict]],
+    kind: str = "manual",
+    frames: int = FRAMES,
+    height: int = H,
+    width: int = W,
+) -> Path:
     """An SA-V annotation file with the published fields (video numbers as floats, like the release)."""
     objects = len(masks[0]) if masks else 0
     doc = {
@@ -123,8 +130,9 @@ def write_video_sample(folder: Path, video_id: str, auto: bool = False, **mp4) -
     return path
 
 
-def write_npz(path: Path, frame1: int = 3, frame2: int = 7, mask_hw: tuple[int, int] = (H, W),
-              drop: str | None = None) -> Path:
+def write_npz(
+    path: Path, frame1: int = 3, frame2: int = 7, mask_hw: tuple[int, int] = (H, W), drop: str | None = None
+) -> Path:
     """A pre-extracted frame pair: frames grey(frame1), grey(frame2); masks obj0's boxes (mask2 as uint8).
     `mask_hw` other than (H, W) makes mismatched masks; `drop` leaves out one array."""
     path.parent.mkdir(parents=True, exist_ok=True)

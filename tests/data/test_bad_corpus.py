@@ -98,8 +98,14 @@ def epoch(name: str, corpus: dict[str, Corpus], epochs: dict[str, Epoch], caplog
         size = stream.size()  # builds every shard's index
         if c.after_index:
             c.after_index()
-        batches = TrainBatches([stream], Mixture([stream], [1.0], seed=0), batch_size=1,
-                               num_workers=WORKERS[name], prefetch=2, all_bad_after=10_000)
+        batches = TrainBatches(
+            [stream],
+            Mixture([stream], [1.0], seed=0),
+            batch_size=1,
+            num_workers=WORKERS[name],
+            prefetch=2,
+            all_bad_after=10_000,
+        )
         samples: dict[str, list[dict]] = {}
         unknown = []
         try:
@@ -111,8 +117,19 @@ def epoch(name: str, corpus: dict[str, Corpus], epochs: dict[str, Epoch], caplog
                 else:
                     unknown.append(index)
             drawn = Counter(c.expected[c.case_of(stream.key(p))] for p in range(batches.position))
-            result = Epoch(size, batches.position, drawn, dict(batches.reasons[name]), dict(batches.skips.counts),
-                           batches.skipped(), dict(stream.skipped), samples, unknown, {}, [])
+            result = Epoch(
+                size,
+                batches.position,
+                drawn,
+                dict(batches.reasons[name]),
+                dict(batches.skips.counts),
+                batches.skipped(),
+                dict(stream.skipped),
+                samples,
+                unknown,
+                {},
+                [],
+            )
         finally:
             batches.close()
         for p in range(size):
@@ -204,8 +221,10 @@ def test_summary(corpus, epochs, caplog):
     crashes += sum("load_error" in outcomes for e in runs.values() for outcomes in e.per_case.values())
     assert set(REASONS) - {"load_error"} <= kinds and "load_error" not in kinds
     assert len(corpus) >= 4 and crashes == 0
-    print(f"\nbad-data corpus: {len(kinds)} kinds (distinct reasons), {broken} broken cases (+{good} good cases "
-          f"that must load) across {len(corpus)} sources, {crashes} crashes")
+    print(
+        f"\nbad-data corpus: {len(kinds)} kinds (distinct reasons), {broken} broken cases (+{good} good cases "
+        f"that must load) across {len(corpus)} sources, {crashes} crashes"
+    )
 
 
 # --------------------------------------------------------------------------------- all sources mixed
@@ -266,17 +285,20 @@ def _refcoco_json_corrupt(root: Path):
     return source, None, r"^refcoco \(.*no usable sample.*annotation_corrupt 1"
 
 
-@pytest.mark.parametrize(("build", "workers"), [(_sa1b_jpgs_deleted, 2), (_openimages_masks_full, 0),
-                                                (_refcoco_json_corrupt, 0)],
-                         ids=["sa1b_every_jpg_deleted", "openimages_every_mask_full", "refcoco_instances_corrupt"])
+@pytest.mark.parametrize(
+    ("build", "workers"),
+    [(_sa1b_jpgs_deleted, 2), (_openimages_masks_full, 0), (_refcoco_json_corrupt, 0)],
+    ids=["sa1b_every_jpg_deleted", "openimages_every_mask_full", "refcoco_instances_corrupt"],
+)
 def test_all_broken_source_stops_the_run(tmp_path, build, workers):
     source, breaks, message = build(tmp_path)
     stream = SourceStream(source, seed=0)
     if breaks:
         stream.size()
         breaks()
-    batches = TrainBatches([stream], Mixture([stream], [1.0], seed=0), batch_size=1, num_workers=workers,
-                           prefetch=2, all_bad_after=64)
+    batches = TrainBatches(
+        [stream], Mixture([stream], [1.0], seed=0), batch_size=1, num_workers=workers, prefetch=2, all_bad_after=64
+    )
     try:
         with pytest.raises(DataError, match=message):
             next(batches)
@@ -288,8 +310,12 @@ def test_all_broken_source_stops_the_run(tmp_path, build, workers):
 def test_sav_index_counts_full_and_small_masks(tmp_path):
     write_mp4(tmp_path / "sav_000001.mp4", frames=12)
     full, small = np.ones((48, 64), bool), object_mask(2, 0)  # 4 px
-    write_json(tmp_path / "sav_000001_manual.json", "sav_000001",
-               [[sav_rle(full)], [sav_rle(small)], [sav_rle(object_mask(0, 2))]], frames=12)
+    write_json(
+        tmp_path / "sav_000001_manual.json",
+        "sav_000001",
+        [[sav_rle(full)], [sav_rle(small)], [sav_rle(object_mask(0, 2))]],
+        frames=12,
+    )
     shard = SavSource(SavSpec(root=str(tmp_path), min_area=20), SIZE).build_shard(".")
     assert len(shard) == 1
     assert shard.skipped == {"full_mask": 1, "mask_too_small": 1}
@@ -300,12 +326,15 @@ def _no_core_dump():
 
 
 def test_absurd_polygon_coordinates_do_not_crash():
-    code = ("from dualrl.data.decode import BadSample, polygon_mask\n"
-            "try:\n"
-            "    polygon_mask([[0.0, 0.0, 1e12, 0.0, 1e12, 1e12]], 48, 64)\n"
-            "    print('ok')\n"
-            "except BadSample as bad:\n"
-            "    print(bad.reason)\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         preexec_fn=_no_core_dump)
+    code = (
+        "from dualrl.data.decode import BadSample, polygon_mask\n"
+        "try:\n"
+        "    polygon_mask([[0.0, 0.0, 1e12, 0.0, 1e12, 1e12]], 48, 64)\n"
+        "    print('ok')\n"
+        "except BadSample as bad:\n"
+        "    print(bad.reason)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=_no_core_dump
+    )
     assert run.returncode == 0 and run.stdout.strip() in ("bad_polygon", OK), (run.returncode, run.stderr[-500:])

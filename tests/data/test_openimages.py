@@ -69,7 +69,8 @@ def test_load_good_and_bad(layout):
     by_offset = {data.index(b"\n" + c.mask_path.encode()) + 1: c for c in mk.CASES}
     got = {by_offset[key[1]]: outcome(src, key) for key in all_keys(src)}
     assert {c.index: out if isinstance(out, str) else None for c, out in got.items()} == {
-        c.index: c.expect for c in mk.CASES}
+        c.index: c.expect for c in mk.CASES
+    }
     for case in mk.GOOD:
         sample = got[case]
         assert sample["source"] == "openimages" and sample["index"] == case.index
@@ -78,7 +79,7 @@ def test_load_good_and_bad(layout):
         image, mask = sample["image"], sample["mask"].numpy()
         assert image.shape == (3, SIZE, SIZE) and str(image.dtype) == "torch.uint8"
         assert np.array_equal(mask[: mk.H], case.region()), case  # nearest resize, up and down
-        assert not mask[mk.H:].any()  # padding
+        assert not mask[mk.H :].any()  # padding
         pixels = image[:, : mk.H].numpy().astype(int)
         if case.image == "gray":
             assert abs(pixels - 200).max() <= 2
@@ -178,7 +179,7 @@ def data_start(path: Path, name: str) -> int:
     """Where a member's (compressed) bytes start in the file, from its local header."""
     with zipfile.ZipFile(path) as zf:
         offset = zf.getinfo(name).header_offset
-    head = path.read_bytes()[offset: offset + 30]
+    head = path.read_bytes()[offset : offset + 30]
     return offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
 
 
@@ -210,8 +211,10 @@ def test_zip_table_reads_zip64(tmp_path, monkeypatch):
     forced = write_zip(tmp_path / "forced.zip", force_zip64=True)
     monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 16)
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
-    big = {f"{k:03d}.png": (bytes([k]) * (k * 37), zipfile.ZIP_DEFLATED if k % 2 else zipfile.ZIP_STORED)
-           for k in range(1, 8)}
+    big = {
+        f"{k:03d}.png": (bytes([k]) * (k * 37), zipfile.ZIP_DEFLATED if k % 2 else zipfile.ZIP_STORED)
+        for k in range(1, 8)
+    }
     zip64 = write_zip(tmp_path / "zip64.zip", {**MEMBERS, **big})
     monkeypatch.undo()
     assert b"PK\x06\x06" in zip64.read_bytes()  # the zip64 end of central directory record
@@ -260,7 +263,7 @@ def test_corrupt_member_in_source(tmp_path):
     path = Path(paths["masks"]) / f"train-masks-{case.image_id[0]}.zip"
     raw = bytearray(path.read_bytes())
     start = data_start(path, case.mask_path)
-    raw[start + 40: start + 48] = bytes(b ^ 0xA5 for b in raw[start + 40: start + 48])
+    raw[start + 40 : start + 48] = bytes(b ^ 0xA5 for b in raw[start + 40 : start + 48])
     path.write_bytes(bytes(raw))
     src = make_source(paths)
     data = Path(paths["annotations"]).read_bytes()
@@ -281,8 +284,9 @@ def test_zip_tables_survive_a_fork(tmp_path):
     pid = os.fork()
     if pid == 0:  # the child: exit status 0 when it read the mask through a handle of its own
         try:
-            ok = (src.load(keys[0], 0)["mask"].any() and table._file is not parent_file
-                  and src._zips[table.path] is table)
+            ok = (
+                src.load(keys[0], 0)["mask"].any() and table._file is not parent_file and src._zips[table.path] is table
+            )
         finally:
             os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0

@@ -71,8 +71,13 @@ def test_refcoco_bad_refs_are_counted_at_index_time(tmp_path):
     refs = load_refs(root / "refcoco" / "refs(unc).p")
     refs += [
         {"ref_id": 7, "ann_id": 999, "image_id": 9, "split": "train", "sentences": []},  # unknown annotation
-        {"ref_id": 8, "ann_id": 1, "image_id": 9, "split": "train",
-         "sentences": [{"sent": b"\xff\xfe bad", "raw": b"\xff"}, {"sent": "   ", "raw": ""}]},  # no usable text
+        {
+            "ref_id": 8,
+            "ann_id": 1,
+            "image_id": 9,
+            "split": "train",
+            "sentences": [{"sent": b"\xff\xfe bad", "raw": b"\xff"}, {"sent": "   ", "raw": ""}],
+        },  # no usable text
     ]
     raw = [{k.encode(): v for k, v in r.items()} for r in refs]
     for r in raw:
@@ -181,9 +186,15 @@ def test_sa1b_bad_data(tmp_path):
             reasons[key[1], key[0][-4:]] = "ok"
         except BadSample as bad:
             reasons[key[1], key[0][-4:]] = bad.reason
-    assert reasons == {(0, "sa_1"): "ok", (1, "sa_1"): "full_mask", (2, "sa_1"): "bad_rle",
-                       (3, "sa_1"): "mask_size_mismatch", (4, "sa_1"): "annotation_corrupt",
-                       (0, "sa_2"): "image_corrupt", (0, "sa_6"): "image_corrupt"}
+    assert reasons == {
+        (0, "sa_1"): "ok",
+        (1, "sa_1"): "full_mask",
+        (2, "sa_1"): "bad_rle",
+        (3, "sa_1"): "mask_size_mismatch",
+        (4, "sa_1"): "annotation_corrupt",
+        (0, "sa_2"): "image_corrupt",
+        (0, "sa_6"): "image_corrupt",
+    }
 
 
 def test_sa1b_image_checks(tmp_path):

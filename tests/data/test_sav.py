@@ -112,7 +112,8 @@ def test_index_cache(tmp_path):
     for shard in ("sav_000", "npz_pairs"):
         built, cached = source.shard_index(shard), source.shard_index(shard)
         assert len(built) > 0 and [source.key(built, shard, i) for i in range(len(built))] == [
-            source.key(cached, shard, i) for i in range(len(cached))]
+            source.key(cached, shard, i) for i in range(len(cached))
+        ]
     assert len(list((cache / "sav").glob("*.npz"))) == 2
 
 
@@ -205,8 +206,11 @@ def test_bad_videos_and_annotations(sav_root, tmp_path):
     write_mp4(folder / "sav_000017.mp4")
     write_json(folder / "sav_000017_manual.json", "sav_000017", masklet(1, height=24, width=32))
     write_mp4(folder / "sav_000018.mp4")  # RLE of a 40x64 mask labelled 48x64: well-formed, wrong run sum
-    write_json(folder / "sav_000018_manual.json", "sav_000018",
-               [[{"size": [48, 64], "counts": rle(object_mask(0, k, 40, 64))["counts"]}] for k in range(ANNOTATED)])
+    write_json(
+        folder / "sav_000018_manual.json",
+        "sav_000018",
+        [[{"size": [48, 64], "counts": rle(object_mask(0, k, 40, 64))["counts"]}] for k in range(ANNOTATED)],
+    )
 
     source = make_source(tmp_path, pairs=0.0)
     shard = source.build_shard("sav_000")
@@ -214,7 +218,9 @@ def test_bad_videos_and_annotations(sav_root, tmp_path):
     assert shard.names == ["sav_000010", "sav_000014", "sav_000015", "sav_000016", "sav_000017", "sav_000018"]
     assert rows(shard) >= expected_rows(0, 0)
     assert {(j, k) for v, _, j, k, _ in rows(shard) if v == 1} == {(j, k) for _, _, j, k, _ in expected_rows(1, 0)} - {
-        (0, 0), (0, 1)}  # the two bad entries of sav_000014 are skipped, the rest of it kept
+        (0, 0),
+        (0, 1),
+    }  # the two bad entries of sav_000014 are skipped, the rest of it kept
     first = {shard.names[int(row[0])]: source.key(shard, "sav_000", i) for i, row in enumerate(shard.rows)}
     assert reason(source, first["sav_000015"]) == "video_corrupt"  # truncated
     assert reason(source, first["sav_000016"]) == "video_corrupt"  # not a video

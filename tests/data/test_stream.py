@@ -39,8 +39,14 @@ class Toy(Source):
             raise BadSample(self.reason, f"row {key} is broken")
         mask = torch.zeros(4, 4, dtype=torch.bool)
         mask[0, 0] = True
-        return {"image": torch.full((3, 4, 4), key[0] * 100 + key[1], dtype=torch.uint8), "mask": mask,
-                "expression": None, "references": [], "source": self.name, "index": f"{key}"}
+        return {
+            "image": torch.full((3, 4, 4), key[0] * 100 + key[1], dtype=torch.uint8),
+            "mask": mask,
+            "expression": None,
+            "references": [],
+            "source": self.name,
+            "index": f"{key}",
+        }
 
 
 def _keys(stream, n):
@@ -95,8 +101,15 @@ def test_mixture_follows_weights_and_replays_counts():
 def _batches(position=0, workers=0, bad=(), all_bad_after=64):
     a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
     streams = [SourceStream(a, 0), SourceStream(b, 0)]
-    return TrainBatches(streams, Mixture(streams, [1, 1], 0), batch_size=4, position=position, seed=0,
-                        num_workers=workers, all_bad_after=all_bad_after)
+    return TrainBatches(
+        streams,
+        Mixture(streams, [1, 1], 0),
+        batch_size=4,
+        position=position,
+        seed=0,
+        num_workers=workers,
+        all_bad_after=all_bad_after,
+    )
 
 
 def _ids(batches, n):

@@ -39,5 +39,6 @@ def test_peft_adapter_round_trip(tiny_spec, tmp_path, arch):
     assert (want - got).abs().max() < 1e-5
     heads = load_file(str(tmp_path / "dualrl_heads.safetensors"))
     assert any("sam_mask_decoder" in k for k in heads) and not any("lora_" in k for k in heads)
-    torch.testing.assert_close(heads["sam.sam_mask_decoder.iou_token.weight"],
-                               trained.sam.sam_mask_decoder.iou_token.weight)
+    torch.testing.assert_close(
+        heads["sam.sam_mask_decoder.iou_token.weight"], trained.sam.sam_mask_decoder.iou_token.weight
+    )

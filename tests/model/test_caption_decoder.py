@@ -156,8 +156,9 @@ def test_the_compiled_step_decodes_generates_captions(regions):
     assert model.decoder.compile
     _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"))
     kwargs = {"group_size": 2, "sample": True, "temperature": 1.3, "top_p": 0.9}
-    _assert_same(_describe(model, regions, "engine", seed=5, **kwargs),
-                 _describe(model, regions, "generate", seed=5, **kwargs))
+    _assert_same(
+        _describe(model, regions, "engine", seed=5, **kwargs), _describe(model, regions, "generate", seed=5, **kwargs)
+    )
     assert model.decoder._compiled is not None
 
 

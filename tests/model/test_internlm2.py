@@ -44,7 +44,7 @@ def _internlm2_logits(state: dict, t, embeds: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
 
     def rope(x):  # [heads, T, hd], rotate-half
-        return x * cos + torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1) * sin
+        return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
 
     def rms(x, w):
         return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + t.rms_norm_eps)
@@ -52,7 +52,7 @@ def _internlm2_logits(state: dict, t, embeds: torch.Tensor) -> torch.Tensor:
     causal = torch.full((n, n), float("-inf")).triu(1)
     x = embeds
     for i in range(t.layers):
-        w = {k[len(f"{LM}model.layers.{i}."):]: v for k, v in state.items() if k.startswith(f"{LM}model.layers.{i}.")}
+        w = {k[len(f"{LM}model.layers.{i}.") :]: v for k, v in state.items() if k.startswith(f"{LM}model.layers.{i}.")}
         qkv = (rms(x, w["attention_norm.weight"]) @ w["attention.wqkv.weight"].T).reshape(n, kv, g + 2, hd)
         q = rope(qkv[:, :, :g].reshape(n, kv * g, hd).transpose(0, 1))
         k = rope(qkv[:, :, g].transpose(0, 1)).repeat_interleave(g, 0)
@@ -60,8 +60,11 @@ def _internlm2_logits(state: dict, t, embeds: torch.Tensor) -> torch.Tensor:
         att = (q @ k.transpose(1, 2) / hd**0.5 + causal).softmax(-1)
         x = x + (att @ v).transpose(0, 1).reshape(n, h) @ w["attention.wo.weight"].T
         y = rms(x, w["ffn_norm.weight"])
-        x = x + (F.silu(y @ w["feed_forward.w1.weight"].T) * (y @ w["feed_forward.w3.weight"].T)) @ w[
-            "feed_forward.w2.weight"].T
+        x = (
+            x
+            + (F.silu(y @ w["feed_forward.w1.weight"].T) * (y @ w["feed_forward.w3.weight"].T))
+            @ w["feed_forward.w2.weight"].T
+        )
     return rms(x, state[f"{LM}model.norm.weight"]) @ state[f"{LM}output.weight"].T
 
 
@@ -70,8 +73,7 @@ def test_export_uses_internlm2_names_and_its_forward_pass(trained, spec):
     t = spec.text
     hd = t.hidden_size // t.heads
     assert f"{LM}model.tok_embeddings.weight" in state and f"{LM}output.weight" in state
-    assert state[f"{LM}model.layers.0.attention.wqkv.weight"].shape == ((t.heads + 2 * t.kv_heads) * hd,
-                                                                        t.hidden_size)
+    assert state[f"{LM}model.layers.0.attention.wqkv.weight"].shape == ((t.heads + 2 * t.kv_heads) * hd, t.hidden_size)
     lm_keys = [k for k in state if k.startswith(LM)]
     assert not any(".self_attn." in k or ".mlp." in k or "embed_tokens" in k or "lm_head" in k for k in lm_keys)
     ids = torch.randint(0, t.vocab_size, (11,))
@@ -99,8 +101,9 @@ def test_a_qwen2_recipe_on_an_internlm2_checkpoint_is_named(trained, tiny_spec, 
     with pytest.raises(ValueError, match=r"InternLM2ForCausalLM .*set model\.text\.arch=internlm2"):
         from_sa2va(qwen, state)
     # A checkpoint with more token rows (its tokenizer grew) names the vocab_size to set.
-    rows = {k: torch.cat([v, v[:3]]) for k, v in state.items()
-            if k.endswith(("tok_embeddings.weight", "output.weight"))}
+    rows = {
+        k: torch.cat([v, v[:3]]) for k, v in state.items() if k.endswith(("tok_embeddings.weight", "output.weight"))
+    }
     with pytest.raises(ValueError, match=rf"set model\.text\.vocab_size={spec.text.vocab_size + 3} "):
         from_sa2va(_build(spec, seed=1, lora=False, tied=False), {**state, **rows})
 
@@ -123,5 +126,7 @@ def test_config_names_the_llm_and_a_recipe_mismatch(trained, spec, tmp_path):
     good = spec.model_copy(deep=True)
     good.sa2va, good.trainable.lora, good.text.tie_word_embeddings = str(tmp_path / "ckpt"), False, False
     rebuilt = build_model(good)
-    assert torch.equal(to_sa2va(rebuilt)[f"{LM}model.layers.1.attention.wqkv.weight"],
-                       to_sa2va(model)[f"{LM}model.layers.1.attention.wqkv.weight"])
+    assert torch.equal(
+        to_sa2va(rebuilt)[f"{LM}model.layers.1.attention.wqkv.weight"],
+        to_sa2va(model)[f"{LM}model.layers.1.attention.wqkv.weight"],
+    )

@@ -20,8 +20,9 @@ def test_native_vlm_directory_and_sam_checkpoint(tmp_path):
     source.vlm.save_pretrained(str(tmp_path / "vlm"))
     source.tokenizer.save_pretrained(str(tmp_path / "vlm"))
     torch.save({"model": source.sam.state_dict()}, tmp_path / "sam.pt")  # the official SAM2 checkpoint form
-    model = build_model(_spec(f"model.vlm={tmp_path / 'vlm'}", f"model.sam.checkpoint={tmp_path / 'sam.pt'}",
-                              "model.seed=5")).eval()
+    model = build_model(
+        _spec(f"model.vlm={tmp_path / 'vlm'}", f"model.sam.checkpoint={tmp_path / 'sam.pt'}", "model.seed=5")
+    ).eval()
     for (name, a), (_, b) in zip(source.vlm.state_dict().items(), model.vlm.state_dict().items()):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(source.sam.state_dict().items(), model.sam.state_dict().items()):

@@ -23,8 +23,12 @@ def test_bf16_stores_frozen_weights_in_bf16_and_trains_in_float32(tmp_path):
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
     from dualrl.train import run
 
-    summary = run(load_recipe("recipes/sft_dual.yaml", [*TINY, f"output_dir={tmp_path}", "model.precision=bf16",
-                                                       "train.steps=2", "eval.every=2"]))
+    summary = run(
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [*TINY, f"output_dir={tmp_path}", "model.precision=bf16", "train.steps=2", "eval.every=2"],
+        )
+    )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in lines if "train/loss" in m]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -21,20 +21,26 @@ def _checkpoint_tokenizer(directory, tokenizer_class: str | None = None):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(QWEN_LIKE), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(QWEN_LIKE),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["please segment the red circle in this image", "sure it is the square"] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.save_pretrained(str(directory))
     if tokenizer_class:
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text())
-        config.update(tokenizer_class=tokenizer_class,
-                      auto_map={"AutoTokenizer": [None, f"tokenization_demo.{tokenizer_class}"]})
+        config.update(
+            tokenizer_class=tokenizer_class, auto_map={"AutoTokenizer": [None, f"tokenization_demo.{tokenizer_class}"]}
+        )
         config_path.write_text(json.dumps(config))
         (directory / "tokenization_demo.py").write_text(
             "from transformers import PreTrainedTokenizerFast\n\n\n"
-            f"class {tokenizer_class}(PreTrainedTokenizerFast):\n    pass\n")
+            f"class {tokenizer_class}(PreTrainedTokenizerFast):\n    pass\n"
+        )
     return len(fast)
 
 

@@ -42,8 +42,13 @@ def _outputs(model, batch) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         masks, hidden, *_ = model.segment(batch["images"], batch["expression"])
         caps = model.describe(batch["images"], batch["masks"], max_new_tokens=4)
-        return {"masks": masks, "hidden": hidden, "logits": model.logits_at(hidden),
-                "caption_ids": torch.cat(caps.ids), "caption_logprobs": torch.cat(caps.logprobs)}
+        return {
+            "masks": masks,
+            "hidden": hidden,
+            "logits": model.logits_at(hidden),
+            "caption_ids": torch.cat(caps.ids),
+            "caption_logprobs": torch.cat(caps.logprobs),
+        }
 
 
 def _max_diff(a: dict, b: dict) -> dict[str, float]:
@@ -107,13 +112,22 @@ def test_keys_follow_the_sa2va_layout(trained):
     assert state[QKV].shape == (3 * hidden, hidden)
     q = a.vlm.model.vision_tower.encoder.layer[0].attention
     torch.testing.assert_close(state[QKV], torch.cat([q.q_proj.weight, q.k_proj.weight, q.v_proj.weight]))
-    for key in ("mlp1.0.weight", "mlp1.1.weight", "mlp1.3.bias", "language_model.lm_head.weight",
-                "vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding",
-                "vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.1.ls2",
-                "vision_model.encoder.layers.0.attn.proj.weight", "vision_model.encoder.layers.0.norm1.bias",
-                "grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight",
-                "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight",
-                "text_hidden_fcs.0.weight", "text_hidden_fcs.2.bias"):
+    for key in (
+        "mlp1.0.weight",
+        "mlp1.1.weight",
+        "mlp1.3.bias",
+        "language_model.lm_head.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.position_embedding",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.encoder.layers.1.ls2",
+        "vision_model.encoder.layers.0.attn.proj.weight",
+        "vision_model.encoder.layers.0.norm1.bias",
+        "grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight",
+        "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight",
+        "text_hidden_fcs.0.weight",
+        "text_hidden_fcs.2.bias",
+    ):
         assert key in state, key
     assert all(v.is_contiguous() for v in state.values())
 
@@ -176,8 +190,7 @@ def test_training_checkpoint_spelling_loads(trained, tiny_spec):
     """Sa2VA training checkpoints: `mllm.model.` before MLLM keys, SAM2's memory fuser scale as `.gamma`."""
     _, state = trained
     mllm = ("vision_model.", "mlp1.", "language_model.")
-    raw = {("mllm.model." + k if k.startswith(mllm) else k.replace(".g_weight", ".gamma")): v
-           for k, v in state.items()}
+    raw = {("mllm.model." + k if k.startswith(mllm) else k.replace(".g_weight", ".gamma")): v for k, v in state.items()}
     assert any(k.endswith(".gamma") for k in raw)
     b = _build(tiny_spec, seed=1, lora=False)
     report = from_sa2va(b, raw)

@@ -160,9 +160,16 @@ def server(judge_server: JudgeServer, monkeypatch: pytest.MonkeyPatch) -> JudgeS
 
 
 def make_judge(server: JudgeServer, **options: object) -> LLMJudge:
-    settings: dict = {"base_url": server.base_url + "/", "model": "judge-test", "prompt": TEST_PROMPT,
-                      "api_key_env": "DUALRL_TEST_JUDGE_KEY", "backoff_s": 0.01, "max_backoff_s": 0.05,
-                      "request_timeout_s": 2.0, "deadline_s": 10.0}
+    settings: dict = {
+        "base_url": server.base_url + "/",
+        "model": "judge-test",
+        "prompt": TEST_PROMPT,
+        "api_key_env": "DUALRL_TEST_JUDGE_KEY",
+        "backoff_s": 0.01,
+        "max_backoff_s": 0.05,
+        "request_timeout_s": 2.0,
+        "deadline_s": 10.0,
+    }
     return LLMJudge(**{**settings, **options})
 
 
@@ -186,35 +193,51 @@ def judge(plugin: LLMJudge, batch: RewardInput) -> RewardOutput:
 # --- parsing and prompts --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("7", 7.0),
-    ("0", 0.0),
-    ("10", 10.0),
-    ("7.", 7.0),
-    ("7/10", 7.0),
-    ("7 / 10", 7.0),
-    ("I would rate it 6 out of 10.", 6.0),
-    ("Score: 7", 7.0),
-    ("score = 7.5", 7.5),
-    ("The score is 4", 4.0),
-    ("**Score:** 9", 9.0),
-    ("Score: 10/10", 10.0),
-    ('{"score": 7}', 7.0),
-    ('{"score": "6", "reason": "misses 2 of the 3 objects"}', 6.0),
-    ('```json\n{"score": 8}\n```', 8.0),
-    ("The caption names the right object (1 car) but the wrong colour.\nScore: 8", 8.0),
-    ("Score: 3. A score of 10 would need the colour too.", 3.0),
-    ("Considering 2 references, I'd give it 5", 5.0),
-    ("In 2024 terms: 4", 4.0),  # numbers outside 0..10 are skipped when there is no label
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7", 7.0),
+        ("0", 0.0),
+        ("10", 10.0),
+        ("7.", 7.0),
+        ("7/10", 7.0),
+        ("7 / 10", 7.0),
+        ("I would rate it 6 out of 10.", 6.0),
+        ("Score: 7", 7.0),
+        ("score = 7.5", 7.5),
+        ("The score is 4", 4.0),
+        ("**Score:** 9", 9.0),
+        ("Score: 10/10", 10.0),
+        ('{"score": 7}', 7.0),
+        ('{"score": "6", "reason": "misses 2 of the 3 objects"}', 6.0),
+        ('```json\n{"score": 8}\n```', 8.0),
+        ("The caption names the right object (1 car) but the wrong colour.\nScore: 8", 8.0),
+        ("Score: 3. A score of 10 would need the colour too.", 3.0),
+        ("Considering 2 references, I'd give it 5", 5.0),
+        ("In 2024 terms: 4", 4.0),  # numbers outside 0..10 are skipped when there is no label
+    ],
+)
 def test_parse_score_accepts(text: str, expected: float) -> None:
     assert parse_score(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    None, "", "   \n", "I cannot help with that.", "Score: seven", "11", "-3", "-0.5", "100/10",
-    "Score: 11", "Score: -1", '{"score": 42}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "   \n",
+        "I cannot help with that.",
+        "Score: seven",
+        "11",
+        "-3",
+        "-0.5",
+        "100/10",
+        "Score: 11",
+        "Score: -1",
+        '{"score": 42}',
+    ],
+)
 def test_parse_score_rejects(text: str | None) -> None:
     assert parse_score(text) is None
 
@@ -228,19 +251,22 @@ def test_render_prompt_fills_both_placeholders_only() -> None:
     )
 
 
-@pytest.mark.parametrize("options", [
-    {"base_url": ""},
-    {"base_url": "   "},
-    {"base_url": "127.0.0.1:8000/v1"},
-    {"model": ""},
-    {"prompt": "Rate {caption}."},
-    {"max_concurrency": 0},
-    {"request_timeout_s": 0},
-    {"deadline_s": -1},
-    {"max_retries": -1},
-    {"cache_size": -5},
-    {"max_tokens": 0},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"base_url": ""},
+        {"base_url": "   "},
+        {"base_url": "127.0.0.1:8000/v1"},
+        {"model": ""},
+        {"prompt": "Rate {caption}."},
+        {"max_concurrency": 0},
+        {"request_timeout_s": 0},
+        {"deadline_s": -1},
+        {"max_retries": -1},
+        {"cache_size": -5},
+        {"max_tokens": 0},
+    ],
+)
 def test_bad_configuration_raises(options: dict) -> None:
     settings = {"base_url": "http://127.0.0.1:8000/v1", "model": "m", **options}
     with pytest.raises(ValueError, match="llm_judge"):
@@ -260,8 +286,13 @@ def test_scores_are_normalised_and_in_caption_order(server: JudgeServer) -> None
 
 
 def test_request_payload_and_default_prompt(server: JudgeServer) -> None:
-    plugin = LLMJudge(base_url=server.base_url, model="judge-test", api_key_env="DUALRL_TEST_JUDGE_KEY",
-                      temperature=0.0, max_tokens=16)
+    plugin = LLMJudge(
+        base_url=server.base_url,
+        model="judge-test",
+        api_key_env="DUALRL_TEST_JUDGE_KEY",
+        temperature=0.0,
+        max_tokens=16,
+    )
     out = judge(plugin, make_batch(["a small red car"], [["the red car", "a toy car"]]))
     assert out.scores == [0.5]  # the default prompt has no CAPTION<<>> marker: the server answers "Score: 5"
     body = server.bodies[-1]

@@ -14,7 +14,7 @@ from dualrl.recipe import RewardSpec
 from rewards.base import RewardInput
 from rewards.registry import RewardConfigError, RewardSet, resolve_plugin
 
-PLUGINS = '''
+PLUGINS = """
 import asyncio, time
 from rewards.base import RewardOutput
 
@@ -47,7 +47,7 @@ class Counter:
     def __call__(self, batch):
         self.calls += 1
         return RewardOutput([float(self.calls)] * len(batch), failures=1, metrics={"calls": self.calls})
-'''
+"""
 
 
 @pytest.fixture
@@ -60,10 +60,15 @@ def plugin_file(tmp_path):
 def _batch(captions, refs=None, attributes=None) -> RewardInput:
     n = len(captions)
     columns = {"attributes": attributes} if attributes is not None else {}
-    return RewardInput(captions=captions, caption_ids=[torch.zeros(1, dtype=torch.long)] * n,
-                       region=torch.arange(n), images=torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
-                       masks=torch.zeros(n, 4, 4, dtype=torch.bool), references=refs or [[] for _ in range(n)],
-                       columns=columns)
+    return RewardInput(
+        captions=captions,
+        caption_ids=[torch.zeros(1, dtype=torch.long)] * n,
+        region=torch.arange(n),
+        images=torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+        masks=torch.zeros(n, 4, 4, dtype=torch.bool),
+        references=refs or [[] for _ in range(n)],
+        columns=columns,
+    )
 
 
 def _spec(**kw) -> RewardSpec:
@@ -78,14 +83,17 @@ def test_resolve_builtin_module_attr_and_file(plugin_file):
     assert resolve_plugin(_spec(name="words", path=plugin_file, per_word=2.0)).__name__ == "words"
 
 
-@pytest.mark.parametrize(("entry", "message"), [
-    ({"name": "bleu"}, "unknown reward 'bleu'; built-ins: ['length', 'llm_judge', 'mask_iou'"),
-    ({"name": "length", "max_word": 3}, "unknown option(s) ['max_word']; allowed: ['min_words', 'max_words']"),
-    ({"name": "llm_judge", "model": "judge"}, "required option(s) missing: ['base_url']"),
-    ({"name": "words", "path": "nowhere.py"}, "path: file not found: 'nowhere.py'"),
-    ({"name": "nothing_here", "path": "PLUGIN"}, "has no 'nothing_here'; callables there:"),
-    ({"name": "no_such_module_xyz:f"}, "cannot import 'no_such_module_xyz'"),
-])
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "bleu"}, "unknown reward 'bleu'; built-ins: ['length', 'llm_judge', 'mask_iou'"),
+        ({"name": "length", "max_word": 3}, "unknown option(s) ['max_word']; allowed: ['min_words', 'max_words']"),
+        ({"name": "llm_judge", "model": "judge"}, "required option(s) missing: ['base_url']"),
+        ({"name": "words", "path": "nowhere.py"}, "path: file not found: 'nowhere.py'"),
+        ({"name": "nothing_here", "path": "PLUGIN"}, "has no 'nothing_here'; callables there:"),
+        ({"name": "no_such_module_xyz:f"}, "cannot import 'no_such_module_xyz'"),
+    ],
+)
 def test_bad_entries_are_named(entry, message, plugin_file):
     if entry.get("path") == "PLUGIN":
         entry = dict(entry, path=plugin_file)
@@ -96,8 +104,9 @@ def test_bad_entries_are_named(entry, message, plugin_file):
 
 def test_weighted_total_leaves_out_none(plugin_file):
     """total = sum of weight * score over the plugins that scored a caption; None is not 0."""
-    rewards = RewardSet([_spec(name="words", path=plugin_file, weight=0.5),
-                         _spec(name="only_first", path=plugin_file, weight=10.0)])
+    rewards = RewardSet(
+        [_spec(name="words", path=plugin_file, weight=0.5), _spec(name="only_first", path=plugin_file, weight=10.0)]
+    )
     result = rewards(_batch(["a b", "a b c d", ""]))
     assert result.total.tolist() == [0.5 * 2 + 10.0, 0.5 * 4, 0.0]
     assert result.scores["only_first"] == [1.0, None, None]
@@ -110,13 +119,15 @@ def test_weighted_total_leaves_out_none(plugin_file):
 def test_failures_are_counted_logged_once_and_never_raise(plugin_file, caplog):
     """An exception, a timeout, a wrong-length answer and a NaN fail only that plugin's scores; the
     others still count; each kind is logged at WARNING the first time, then at DEBUG."""
-    rewards = RewardSet([
-        _spec(name="words", path=plugin_file),
-        _spec(name="broken", path=plugin_file),
-        _spec(name="slow", path=plugin_file, timeout_s=0.2, seconds=2.0),
-        _spec(name="short", path=plugin_file),
-        _spec(name="nan_second", path=plugin_file),
-    ])
+    rewards = RewardSet(
+        [
+            _spec(name="words", path=plugin_file),
+            _spec(name="broken", path=plugin_file),
+            _spec(name="slow", path=plugin_file, timeout_s=0.2, seconds=2.0),
+            _spec(name="short", path=plugin_file),
+            _spec(name="nan_second", path=plugin_file),
+        ]
+    )
     batch = _batch(["a", "b c", "d e f"])
     with caplog.at_level(logging.DEBUG, logger="rewards.registry"):
         t0 = time.perf_counter()

@@ -31,7 +31,8 @@ def test_ray_runtime_matches_local_and_syncs_only_trainable_weights(tmp_path):
     timing = lambda k: k.startswith("sync/") or k.endswith("/ms")  # noqa: E731  wall-clock, not results
     for a, b in zip(lines, local):
         assert {k: v for k, v in a.items() if not timing(k)} == pytest.approx(
-            {k: v for k, v in b.items() if not timing(k)}, rel=2e-3, abs=1e-5)
+            {k: v for k, v in b.items() if not timing(k)}, rel=2e-3, abs=1e-5
+        )
     last = [m for m in lines if "train/loss" in m][-1]
     assert summary["runtime"] == "ray" and "eval/cycle_miou" in summary["final"]
     from dualrl.model.build import build_model
@@ -46,8 +47,16 @@ def test_ray_grpo_samples_from_the_synced_policy(tmp_path):
     """Under Ray, grpo's rollout actor gets the learner's policy weights and the reward actor the EMA's;
     with per-step sampling seeds it draws the captions the in-process runtime draws (which samples from
     the learner's own model), so rewards and losses match the local run."""
-    common = [*TINY, "runtime.num_cpus=2", "train.steps=2", "eval.every=2", "eval.at_start=false",
-              "algo.name=grpo", "algo.grpo.num_generations=2", "rewards=[{name: mask_iou}, {name: length}]"]
+    common = [
+        *TINY,
+        "runtime.num_cpus=2",
+        "train.steps=2",
+        "eval.every=2",
+        "eval.at_start=false",
+        "algo.name=grpo",
+        "algo.grpo.num_generations=2",
+        "rewards=[{name: mask_iou}, {name: length}]",
+    ]
     run(load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'ray'}", "runtime.kind=ray"]))
     run(load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'local'}"]))
     ray_lines, local = _lines(tmp_path / "ray"), _lines(tmp_path / "local")

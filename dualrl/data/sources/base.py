@@ -65,8 +65,9 @@ class Source(ABC):
     shuffle: bool = True  # False for sources whose items are already in random order (shapes)
     full_masks: bool = False  # samples also carry the mask at the file's resolution (`full_mask`), for eval
 
-    def __init__(self, spec, size: int, aspect: str = "squash", max_pixels: int = 1 << 28,
-                 cache_dir: str | None = None):
+    def __init__(
+        self, spec, size: int, aspect: str = "squash", max_pixels: int = 1 << 28, cache_dir: str | None = None
+    ):
         self.spec, self.size, self.aspect, self.max_pixels = spec, size, aspect, max_pixels
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
 
@@ -99,8 +100,11 @@ class Source(ABC):
         """`build_shard`, read from or written to the cache."""
         if self.cache_dir is None:
             return self.build_shard(shard)
-        stamp = json.dumps([INDEX_VERSION, self.name, self.index_options(), shard, self.shard_stamp(shard)],
-                           sort_keys=True, default=str)
+        stamp = json.dumps(
+            [INDEX_VERSION, self.name, self.index_options(), shard, self.shard_stamp(shard)],
+            sort_keys=True,
+            default=str,
+        )
         digest = hashlib.sha1(stamp.encode()).hexdigest()[:20]
         path = self.cache_dir / self.name / f"{digest}.npz"
         if path.exists():
@@ -114,8 +118,12 @@ class Source(ABC):
         built = self.build_shard(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, rows=np.asarray(built.rows), names=np.asarray(built.names, dtype=str),
-                 meta=json.dumps({"skipped": built.skipped, "stamp": stamp}))
+        np.savez(
+            tmp,
+            rows=np.asarray(built.rows),
+            names=np.asarray(built.names, dtype=str),
+            meta=json.dumps({"skipped": built.skipped, "stamp": stamp}),
+        )
         os.replace(tmp, path)
         return built
 
@@ -124,14 +132,28 @@ class Source(ABC):
     def load(self, key: tuple, seed: int) -> dict[str, Any]:
         """A key -> a sample (see `region`). Raises `BadSample`."""
 
-    def region(self, image: np.ndarray, mask: np.ndarray, index: str, expression: str | None = None,
-               references: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    def region(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        index: str,
+        expression: str | None = None,
+        references: list[str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """The sample form every source returns: the region brought to the working square, plus text."""
         image_t, mask_t = square(image, mask, self.size, self.aspect)
         if self.full_masks:
             extra["full_mask"] = np.asarray(mask, dtype=bool)
-        return {"image": image_t, "mask": mask_t, "expression": expression, "references": references or [],
-                "source": self.name, "index": index, **extra}
+        return {
+            "image": image_t,
+            "mask": mask_t,
+            "expression": expression,
+            "references": references or [],
+            "source": self.name,
+            "index": index,
+            **extra,
+        }
 
     def pair(self, sample: dict[str, Any], image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
         """Add the frame to segment (`seg_image`, `seg_mask`) to a sample described on another frame."""

@@ -87,8 +87,19 @@ class ZipTable:
             infos = zf.infolist()
         names = np.array([i.filename.encode() for i in infos], dtype=bytes)
         order = np.argsort(names, kind="stable")  # duplicates keep their order: the last one wins, as in ZipFile
-        entries = np.array([(i.header_offset, i.compress_size, i.file_size, i.CRC,
-                             self.ENCRYPTED if i.flag_bits & 1 else i.compress_type) for i in infos], self.ENTRY)
+        entries = np.array(
+            [
+                (
+                    i.header_offset,
+                    i.compress_size,
+                    i.file_size,
+                    i.CRC,
+                    self.ENCRYPTED if i.flag_bits & 1 else i.compress_type,
+                )
+                for i in infos
+            ],
+            self.ENTRY,
+        )
         self.names, self.entries = names[order], entries[order]
         self._file, self._pid = None, None
 
@@ -115,8 +126,11 @@ class ZipTable:
         except (OSError, zlib.error) as err:
             raise BadSample("mask_missing", f"{where}: {err}") from None
         if len(data) != size or zlib.crc32(data) != crc:
-            raise BadSample("mask_missing", f"{where}: corrupt ({len(data)} bytes, CRC-32 {zlib.crc32(data):08x}; "
-                            f"the directory says {size} bytes, {crc:08x})")
+            raise BadSample(
+                "mask_missing",
+                f"{where}: corrupt ({len(data)} bytes, CRC-32 {zlib.crc32(data):08x}; "
+                f"the directory says {size} bytes, {crc:08x})",
+            )
         return data
 
     def _handle(self):
@@ -129,8 +143,16 @@ class OpenImagesSource(Source):
     name = "openimages"
     shard_bytes = 64 << 20
 
-    def __init__(self, spec, size: int, split: str = "train", aspect: str = "squash", max_pixels: int = 1 << 28,
-                 cache_dir: str | None = None, shard_bytes: int | None = None):
+    def __init__(
+        self,
+        spec,
+        size: int,
+        split: str = "train",
+        aspect: str = "squash",
+        max_pixels: int = 1 << 28,
+        cache_dir: str | None = None,
+        shard_bytes: int | None = None,
+    ):
         super().__init__(spec, size, aspect, max_pixels, cache_dir)
         self.split = split
         self.annotations = require(spec.annotations, "annotation CSV", "data.openimages.annotations")
@@ -187,8 +209,12 @@ class OpenImagesSource(Source):
                             raise ValueError(f"LabelName {label!r} is not in {self.classes_path.name}")
                         offsets.append(pos)
                     except ValueError as err:  # UnicodeDecodeError included
-                        skip(skipped, "annotation_corrupt", f"{self.annotations.name} byte {pos}: {err} "
-                             f"({line[:80]!r})", self.name)
+                        skip(
+                            skipped,
+                            "annotation_corrupt",
+                            f"{self.annotations.name} byte {pos}: {err} ({line[:80]!r})",
+                            self.name,
+                        )
                 pos += len(line)
         return Shard(np.frombuffer(offsets, dtype=np.uint64).reshape(-1, 1), [], skipped)
 
@@ -215,8 +241,15 @@ class OpenImagesSource(Source):
         except BadSample as bad:  # name the zip member, not "<bytes>"
             raise BadSample(bad.reason, bad.detail.replace("<bytes>", mask_path)) from None
         mask = check_mask(resize_mask_nearest(mask, image.shape[:2]), self.spec.min_area)
-        return self.region(image, mask, index=f"{image_id}:{label}:{box_id}", expression=None, references=[],
-                           weak_references=[name], label=label)
+        return self.region(
+            image,
+            mask,
+            index=f"{image_id}:{label}:{box_id}",
+            expression=None,
+            references=[],
+            weak_references=[name],
+            label=label,
+        )
 
     def _mask_file(self, image_id: str, mask_path: str) -> Path | bytes:
         stem = f"{self.zip_prefix}-masks-{image_id[0]}"

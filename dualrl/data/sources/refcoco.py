@@ -33,8 +33,9 @@ class PlainUnpickler(pickle.Unpickler):
     """Admits dicts, lists, tuples, strings, bytes, numbers, booleans and None; refuses every global."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refused: the pickle names {module}.{name}; only plain containers are "
-                                     "allowed in annotation files")
+        raise pickle.UnpicklingError(
+            f"refused: the pickle names {module}.{name}; only plain containers are allowed in annotation files"
+        )
 
 
 def _plain_keys(obj: Any) -> Any:
@@ -98,8 +99,14 @@ class RefCocoSource(Source):
                 sentences = [s.get("sent") or s.get("raw") for s in ref["sentences"] if isinstance(s, dict)]
                 texts = list(dict.fromkeys(t for t in map(clean_text, sentences) if t))
                 file_name = image.get("file_name") or f"COCO_train2014_{ref['image_id']:012d}.jpg"
-                key = (str(self.images / file_name), int(image["height"]), int(image["width"]),
-                       ann["segmentation"], texts, int(ref["ref_id"]))
+                key = (
+                    str(self.images / file_name),
+                    int(image["height"]),
+                    int(image["width"]),
+                    ann["segmentation"],
+                    texts,
+                    int(ref["ref_id"]),
+                )
             except (KeyError, TypeError, ValueError) as err:
                 skip(skipped, "annotation_corrupt", f"ref {str(ref)[:80]}: {err!r}", self.name)
                 continue
@@ -118,8 +125,9 @@ class RefCocoSource(Source):
         image = read_image(path, self.max_pixels, expect_hw=(h, w))
         mask = check_mask(coco_segmentation(segmentation, h, w, self.max_pixels), self.spec.min_area)
         expression = texts[int(np.random.default_rng(seed).integers(len(texts)))]
-        return self.region(image, mask, index=f"{self.spec.dataset}:{ref_id}", expression=expression,
-                           references=list(texts))
+        return self.region(
+            image, mask, index=f"{self.spec.dataset}:{ref_id}", expression=expression, references=list(texts)
+        )
 
     def __getstate__(self) -> dict:  # workers get keys, not the parsed split
         return {**self.__dict__, "_keys": [], "_shard": None}
@@ -127,4 +135,3 @@ class RefCocoSource(Source):
 
 def _text(value: Any) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-

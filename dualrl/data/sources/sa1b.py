@@ -56,8 +56,8 @@ class Sa1bSource(Source):
 
     def _stems(self, shard: str) -> tuple[Path, list[str]]:
         if shard.startswith(FLAT):
-            i, per = int(shard[len(FLAT):]), self.spec.files_per_shard
-            return self.root, self._flat_stems()[i * per:(i + 1) * per]
+            i, per = int(shard[len(FLAT) :]), self.spec.files_per_shard
+            return self.root, self._flat_stems()[i * per : (i + 1) * per]
         folder = self.root / shard
         with os.scandir(folder) as it:
             return folder, sorted(e.name[:-5] for e in it if e.name.endswith(".json"))
@@ -85,8 +85,13 @@ class Sa1bSource(Source):
                 continue
             keep = np.flatnonzero(areas >= max(1, self.spec.min_area))
             if len(keep) < len(areas):
-                skip(skipped, "mask_too_small", f"{folder / stem}.json: {len(areas) - len(keep)} masks under "
-                     f"min_area={self.spec.min_area}", self.name, n=len(areas) - len(keep))
+                skip(
+                    skipped,
+                    "mask_too_small",
+                    f"{folder / stem}.json: {len(areas) - len(keep)} masks under min_area={self.spec.min_area}",
+                    self.name,
+                    n=len(areas) - len(keep),
+                )
             if len(keep):
                 rows.append(np.stack([np.full(len(keep), len(kept), dtype=np.uint32), keep.astype(np.uint32)], 1))
                 kept.append(stem)

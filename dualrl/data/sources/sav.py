@@ -66,8 +66,16 @@ def _rle_ok(rle: Any) -> bool:
     try:
         h, w = rle["size"]
         counts = rle["counts"]
-        return (int(h) > 0 and int(w) > 0 and isinstance(counts, str) and counts.isascii() and counts != ""
-                and min(counts) >= "0" and max(counts) <= "o" and counts[-1] < "P")
+        return (
+            int(h) > 0
+            and int(w) > 0
+            and isinstance(counts, str)
+            and counts.isascii()
+            and counts != ""
+            and min(counts) >= "0"
+            and max(counts) <= "o"
+            and counts[-1] < "P"
+        )
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -90,8 +98,9 @@ def _decode(container, stream, frames: list[int]) -> dict[int, np.ndarray]:
         return round((pts - start) * tb * fps)
 
     if frames[0] > 0:  # half a frame early, so that a rounded timestamp cannot land past the target
-        container.seek(start + int((frames[0] - Fraction(1, 2)) / fps / tb), stream=stream, backward=True,
-                       any_frame=False)
+        container.seek(
+            start + int((frames[0] - Fraction(1, 2)) / fps / tb), stream=stream, backward=True, any_frame=False
+        )
     out: dict[int, np.ndarray] = {}
     for packet in container.demux(stream):
         if packet.pts is not None:
@@ -108,8 +117,15 @@ def _decode(container, stream, frames: list[int]) -> dict[int, np.ndarray]:
 class SavSource(Source):
     name = "sav"
 
-    def __init__(self, spec, size: int, split: str = "train", aspect: str = "squash", max_pixels: int = 1 << 28,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        spec,
+        size: int,
+        split: str = "train",
+        aspect: str = "squash",
+        max_pixels: int = 1 << 28,
+        cache_dir: str | None = None,
+    ):
         super().__init__(spec, size, aspect, max_pixels, cache_dir)
         self.split = split  # SA-V train has no splits to choose from
         self.root = require(spec.root, "SA-V folder", "data.sav.root").resolve()
@@ -129,8 +145,9 @@ class SavSource(Source):
     def shard_stamp(self, shard: str) -> list:
         """Name, size and mtime of every file of the shard (edits in place do not change a folder's mtime)."""
         files = _files(self.shard_path(shard))
-        return [str(self.shard_path(shard))] + [[n, e.stat().st_size, e.stat().st_mtime_ns]
-                                                for n, e in sorted(files.items())]
+        return [str(self.shard_path(shard))] + [
+            [n, e.stat().st_size, e.stat().st_mtime_ns] for n, e in sorted(files.items())
+        ]
 
     def index_options(self) -> dict[str, Any]:
         return {"annotations": self.spec.annotations, "pair_gap": self.spec.pair_gap, "min_area": self.spec.min_area}

@@ -17,9 +17,15 @@ class ShapesSource(Source):
         super().__init__(spec, size, **kw)
         n = spec.train_size if split == "train" else spec.val_size if split == "val" else spec.test_size
         self.dataset = ShapesDataset(
-            split, n, image_size=spec.image_size, seed=spec.seed, min_objects=spec.min_objects,
-            max_objects=spec.max_objects, expression_fraction=expression_fraction,
-            regions_per_scene=spec.regions_per_scene if split == "train" else 1)
+            split,
+            n,
+            image_size=spec.image_size,
+            seed=spec.seed,
+            min_objects=spec.min_objects,
+            max_objects=spec.max_objects,
+            expression_fraction=expression_fraction,
+            regions_per_scene=spec.regions_per_scene if split == "train" else 1,
+        )
         self.cache_dir = None  # nothing to index
 
     def shards(self) -> list[str]:
