@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout import Rollout
 from dualrl.checkpoint import load_latest, save_checkpoint
 from dualrl.data.loader import EvalBatches, train_batches
@@ -71,7 +71,7 @@ def run(recipe: Recipe) -> dict:
 
     if start_step == 0 and recipe.eval.at_start:
         run_eval(0)
-    plan = OBJECTIVES[recipe.algo.name].plan(recipe)  # how captions are drawn; None: no rollout
+    plan = objective_class(recipe.algo).plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
     batches = train_batches(recipe, position, run_state)
     metrics: dict[str, float] = {}

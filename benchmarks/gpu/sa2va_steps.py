@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, TINY_MODEL, ceilings, facts, sync
 
 from dualrl.algo.losses import mask_iou
-from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
@@ -164,7 +164,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     build_s = time.perf_counter() - t0
     estimate = memory_estimate(runtime.learner.model)
     built_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    plan = OBJECTIVES[algo].plan(recipe)
+    plan = objective_class(recipe.algo).plan(recipe)
     timer = _Timed(runtime.learner)
     batches = train_batches(recipe)
     phases: list[dict[str, float]] = []

@@ -71,7 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, sync
 
-from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.recipe import load_recipe
@@ -690,7 +690,7 @@ def main() -> int:
                 trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
                 trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
             )
-            plan = OBJECTIVES[recipe.algo.name].plan(recipe)
+            plan = objective_class(recipe.algo).plan(recipe)
             draw = train_batches(make_recipe(args, 0))
             host_batch = next(draw)
             draw.close()

@@ -24,6 +24,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
 from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
+from dualrl.algo.registry import register
 from dualrl.algo.rollout import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
 from dualrl.model.sequence import Ids
@@ -54,8 +55,8 @@ def completion_logprobs(
     return padded, mask, logits
 
 
+@register("grpo")
 class Grpo:
-    needs_rollout = True
     rollout_weights = "policy"
 
     def __init__(self, algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
@@ -68,10 +69,14 @@ class Grpo:
         self.reference = reference
 
     @classmethod
+    def needs_reference(cls, algo_spec) -> bool:
+        """A frozen copy of the starting model, for the KL term (beta > 0)."""
+        return algo_spec.grpo.beta > 0
+
+    @classmethod
     def plan(cls, recipe) -> RolloutPlan:
         g = recipe.algo.grpo
         return RolloutPlan(
-            weights=cls.rollout_weights,
             group_size=g.num_generations,
             sample=True,
             temperature=g.temperature,

@@ -1,6 +1,7 @@
 """Training objectives: what one learner step optimises, given a batch of regions (and captions, for the
-dual loop). Each objective is a small class with one `__call__`; the learner and the driver loop do not
-branch on the algorithm.
+dual loop). Each objective is a small class with one `__call__`, registered by name (`registry.py`, which also
+says what an objective declares); the learner, the runtimes and the driver loop read those declarations and never
+branch on the algorithm's name.
 
 - `Pretrain`: Sa2VA's supervised training at tiny scale: referring segmentation (text -> mask, LM loss on
   "Sure, [SEG].") and region captioning (mask -> reference expression).
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows, segment_view
-from dualrl.algo.grpo_objective import Grpo
+from dualrl.algo.registry import register
 from dualrl.algo.rollout import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
 from dualrl.model import sam as samlib
@@ -27,15 +28,20 @@ from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
 
 
+@register("pretrain")
 class Pretrain:
-    needs_rollout = False
+    rollout_weights = None  # no rollout: supervised terms only
     iterations = 1
 
     @classmethod
     def plan(cls, recipe) -> RolloutPlan | None:
         return None
 
-    def __init__(self, algo_spec):
+    @classmethod
+    def needs_reference(cls, algo_spec) -> bool:
+        return False
+
+    def __init__(self, algo_spec, model: GroundedVLM | None = None, reference: GroundedVLM | None = None):
         self.spec = algo_spec.pretrain
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)
@@ -81,21 +87,25 @@ class Pretrain:
         return StepOutput(loss, metrics)
 
 
+@register("sft_dual")
 class SftDual:
-    needs_rollout = True
     rollout_weights = "ema"
     iterations = 1
 
     @classmethod
     def plan(cls, recipe) -> RolloutPlan:
         """One greedy caption per region by the EMA teacher."""
-        return RolloutPlan(weights=cls.rollout_weights)
+        return RolloutPlan()
 
-    def __init__(self, algo_spec, pad_id: int):
+    @classmethod
+    def needs_reference(cls, algo_spec) -> bool:
+        return False
+
+    def __init__(self, algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
         self.spec = algo_spec.sft_dual
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)
-        self.pad_id = pad_id
+        self.pad_id = model.pad_id
 
     def _teacher_forced(self, ids: Tensor, generator: torch.Generator) -> Tensor:
         """The EMA caption as the student's input, with a share of tokens replaced by padding so the
@@ -165,14 +175,3 @@ def _agreement(ids: Tensor, teacher: list[Tensor]) -> float:
     if ids.numel() == 0:
         return 0.0
     return (ids.cpu() == torch.cat(teacher)).float().mean().item()
-
-
-def build_objective(algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
-    if algo_spec.name == "pretrain":
-        return Pretrain(algo_spec)
-    if algo_spec.name == "grpo":
-        return Grpo(algo_spec, model, reference)
-    return SftDual(algo_spec, model.pad_id)
-
-
-OBJECTIVES = {"pretrain": Pretrain, "sft_dual": SftDual, "grpo": Grpo}

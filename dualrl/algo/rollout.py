@@ -12,10 +12,9 @@ from dualrl.model.grounded_vlm import Captions
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """How captions are drawn for a step: `group_size` per region (consecutive rows), greedy or sampled, by
-    the EMA teacher or by the current policy."""
+    """How captions are drawn for a step: `group_size` per region (consecutive rows), greedy or sampled (whose
+    weights draw them is the objective's `rollout_weights`)."""
 
-    weights: str = "ema"  # "ema" | "policy"
     group_size: int = 1
     sample: bool = False
     temperature: float = 1.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.registry import objective_class
 from dualrl.model.build import build_model
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
@@ -18,7 +18,7 @@ class LocalRuntime:
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe, device)
         teacher = build_model(recipe.model, device)
-        on_policy = getattr(OBJECTIVES[recipe.algo.name], "rollout_weights", "ema") == "policy"
+        on_policy = objective_class(recipe.algo).rollout_weights == "policy"
         self.rollout = RolloutWorker(recipe, device, model=self.learner.model if on_policy else teacher)
         self.reward = RewardWorker(recipe, device, model=teacher)
 

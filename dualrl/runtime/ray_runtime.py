@@ -13,7 +13,7 @@ import time
 import ray
 import torch
 
-from dualrl.algo.objectives import OBJECTIVES
+from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
 
@@ -56,7 +56,7 @@ class RayRuntime:
         self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe, device))
         self.reward = _Proxy(ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe, device))
 
-        self.rollout_weights = getattr(OBJECTIVES[recipe.algo.name], "rollout_weights", "ema")
+        self.rollout_weights = objective_class(recipe.algo).rollout_weights
 
     def sync(self) -> dict[str, float]:
         """Weights straight from the learner actor to the workers (the driver only passes refs): the EMA to

@@ -15,7 +15,7 @@ import torch
 
 from dualrl.algo.ema import EMA
 from dualrl.algo.losses import mask_iou
-from dualrl.algo.objectives import build_objective
+from dualrl.algo.registry import build_objective, objective_class
 from dualrl.algo.rollout import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
@@ -60,7 +60,7 @@ class Learner:
     @staticmethod
     def _reference(recipe, device: str):
         """A frozen copy of the starting model, only for GRPO's KL term (beta > 0)."""
-        if recipe.algo.name != "grpo" or recipe.algo.grpo.beta == 0:
+        if not objective_class(recipe.algo).needs_reference(recipe.algo):
             return None
         reference = build_model(recipe.model, device).eval()
         reference.requires_grad_(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dualrl.algo.objectives import Pretrain, SftDual
@@ -22,7 +23,7 @@ def _dual_only_step(model, batch):
     batch = dict(batch, expression=[None] * 4, references=[[]] * 4)
     with torch.no_grad():
         rollout = model.describe(batch["images"], batch["masks"], max_new_tokens=5)
-    return SftDual(algo, model.pad_id)(model, batch, rollout, torch.Generator().manual_seed(0))
+    return SftDual(algo, model)(model, batch, rollout, torch.Generator().manual_seed(0))
 
 
 def test_dual_loss_flows_into_captioner_and_segmenter(tiny_spec, region_batch):
@@ -68,3 +69,26 @@ def test_pretrain_terms(tiny_spec, region_batch):
         assert key in out.metrics
     assert torch.isfinite(out.loss)
     _grads(model, out.loss)
+
+
+def test_objectives_are_found_by_name_and_declare_what_a_step_needs():
+    """One registry maps algo.name to its objective; the driver, runtimes and learner read its declarations."""
+    from types import SimpleNamespace
+
+    from dualrl.algo.registry import OBJECTIVES, objective_class, register
+    from dualrl.recipe import AlgoSpec
+
+    objective_class(AlgoSpec())  # the built-in objectives register on first lookup
+    assert {"pretrain", "sft_dual", "grpo"} <= set(OBJECTIVES)
+    expected = {"pretrain": (None, False), "sft_dual": ("ema", False), "grpo": ("policy", False)}
+    for name, (weights, reference) in expected.items():
+        cls = objective_class(AlgoSpec(name=name))
+        assert cls.name == name and cls.rollout_weights == weights
+        assert cls.needs_reference(AlgoSpec(name=name)) is reference
+    assert objective_class(AlgoSpec(name="grpo", grpo={"beta": 0.04})).needs_reference(
+        AlgoSpec(name="grpo", grpo={"beta": 0.04})
+    )
+    with pytest.raises(ValueError, match="no such objective"):
+        objective_class(SimpleNamespace(name="nope"))
+    with pytest.raises(ValueError, match="registered twice"):
+        register("sft_dual")(type("Other", (), {}))

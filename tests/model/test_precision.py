@@ -43,7 +43,7 @@ def _grads(spec, batch):
     algo = AlgoSpec(loss={"num_points": 128}, sft_dual={"caption_token_dropout": 0.0})
     saved = []  # elements autograd keeps for the backward pass
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = SftDual(algo, model.pad_id)(model, batch, rollout, torch.Generator().manual_seed(0))
+        out = SftDual(algo, model)(model, batch, rollout, torch.Generator().manual_seed(0))
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.loss.item(), grads, sum(saved)
