@@ -191,10 +191,6 @@ class RewardSet:
         self.failures = {p.key: 0 for p in self.plugins}  # captions left unscored by failures, whole run
         self._warned: set[tuple[str, str]] = set()
 
-    @property
-    def keys(self) -> list[str]:
-        return [p.key for p in self.plugins]
-
     def __call__(self, batch: RewardInput) -> RewardResult:
         outcomes = asyncio.run(self._all(batch))
         n = len(batch)

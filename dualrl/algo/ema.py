@@ -57,13 +57,6 @@ class EMA:
         """The live float32 EMA tensors by name (not copies)."""
         return dict(self._shadow)
 
-    @torch.no_grad()
-    def copy_to(self, named_params: Mapping[str, Tensor]) -> None:
-        """Write the EMA values into ``named_params`` in place (e.g. a teacher model's parameters)."""
-        _check_names(self._shadow, named_params, "EMA.copy_to")
-        for name, p in named_params.items():
-            p.copy_(self._shadow[name])
-
     def state_dict(self) -> dict[str, Tensor]:
         """Checkpoint state: name -> float32 EMA tensor (detached references, like ``nn.Module``)."""
         return dict(self._shadow)

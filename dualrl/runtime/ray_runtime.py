@@ -19,8 +19,14 @@ from dualrl.workers import Learner, RewardWorker, RolloutWorker
 
 
 class _Proxy:
+    """An actor whose methods are called like local ones (the call waits for the result); `submit` starts a call
+    and returns its object ref instead, for results handed on to other actors by reference."""
+
     def __init__(self, actor):
         self._actor = actor
+
+    def submit(self, name: str, *args, **kwargs) -> ray.ObjectRef:
+        return getattr(self._actor, name).remote(*args, **kwargs)
 
     def __getattr__(self, name):
         method = getattr(self._actor, name)
@@ -62,9 +68,9 @@ class RayRuntime:
         """Weights straight from the learner actor to the workers (the driver only passes refs): the EMA to
         the reward worker, and to the rollout worker the EMA (`sft_dual`) or the policy (`grpo`)."""
         t0 = time.perf_counter()
-        ema = self.learner._actor.sync_state.remote("ema")
-        policy = ema if self.rollout_weights == "ema" else self.learner._actor.sync_state.remote("policy")
-        ray.get([self.rollout._actor.load_weights.remote(policy), self.reward._actor.load_weights.remote(ema)])
+        ema = self.learner.submit("sync_state", "ema")
+        policy = ema if self.rollout_weights == "ema" else self.learner.submit("sync_state", "policy")
+        ray.get([self.rollout.submit("load_weights", policy), self.reward.submit("load_weights", ema)])
         copies = 1 if policy is ema else 2
         return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 

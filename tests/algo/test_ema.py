@@ -86,11 +86,3 @@ def test_shape_mismatch_on_load_is_an_error() -> None:
     with pytest.raises(ValueError, match="'w'"):
         ema.load_state_dict({"w": torch.zeros(3), "b": torch.zeros(1, 1)})
     assert ema.tensors()["w"].tolist() == [1.0, 2.0]
-
-
-def test_copy_to_writes_the_average_into_a_model() -> None:
-    """copy_to loads the EMA values into another set of parameters (e.g. the teacher) in place."""
-    ema = EMA({"weight": torch.full((2, 3), 5.0)}, decay=0.9)
-    teacher = torch.nn.Linear(3, 2, bias=False)
-    ema.copy_to(dict(teacher.named_parameters()))
-    assert torch.equal(teacher.weight.detach(), torch.full((2, 3), 5.0))
