@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe("recipes/sft_dual.yaml", ["output_dir=unused", "wandb.mode=disabled"])
-    worker = RewardWorker(recipe, "cpu")
+    worker = RewardWorker(recipe.model, recipe.rewards, "cpu")
     model = worker.model
     ds = ShapesDataset("val", 64, image_size=recipe.data.shapes.image_size)
     batch = collate_regions([ds[i] for i in range(args.regions)])

@@ -16,11 +16,11 @@ from dualrl.workers import Learner, RewardWorker, RolloutWorker
 class LocalRuntime:
     def __init__(self, recipe):
         device = resolve_device(recipe.train.device)
-        self.learner = Learner(recipe, device)
+        self.learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, device)
         teacher = build_model(recipe.model, device)
         on_policy = objective_class(recipe.algo).rollout_weights == "policy"
-        self.rollout = RolloutWorker(recipe, device, model=self.learner.model if on_policy else teacher)
-        self.reward = RewardWorker(recipe, device, model=teacher)
+        self.rollout = RolloutWorker(recipe.model, device, model=self.learner.model if on_policy else teacher)
+        self.reward = RewardWorker(recipe.model, recipe.rewards, device, model=teacher)
 
     def sync(self) -> dict[str, float]:
         """EMA weights -> the teacher model (trainable tensors only), copied on the device: no host round trip

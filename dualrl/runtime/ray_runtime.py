@@ -58,9 +58,15 @@ class RayRuntime:
         device = resolve_device(recipe.train.device)
         opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
         threads = recipe.train.threads
-        self.learner = _Proxy(ray.remote(**opts)(_in_actor(Learner, threads)).remote(recipe, device))
-        self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe, device))
-        self.reward = _Proxy(ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe, device))
+        self.learner = _Proxy(
+            ray.remote(**opts)(_in_actor(Learner, threads)).remote(
+                recipe.model, recipe.algo, recipe.optim, recipe.train, device
+            )
+        )
+        self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe.model, device))
+        self.reward = _Proxy(
+            ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe.model, recipe.rewards, device)
+        )
 
         self.rollout_weights = objective_class(recipe.algo).rollout_weights
 

@@ -19,6 +19,7 @@ from dualrl.algo.registry import build_objective, objective_class
 from dualrl.algo.rollout import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
+from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +39,31 @@ def _schedule(optim_spec, total_steps: int):
 
 
 class Learner:
-    def __init__(self, recipe, device: str):
-        self.recipe = recipe
+    def __init__(self, model: ModelSpec, algo: AlgoSpec, optim: OptimSpec, train: TrainSpec, device: str):
+        self.optim_spec = optim
         self.device = device
         # The learner's process owns the randomness of training (LoRA init and dropout): seeded here, and
         # saved with its checkpoints, so a run is the same in-process or in a Ray actor, and on resume.
-        torch.manual_seed(recipe.train.seed)
-        random.seed(recipe.train.seed)
-        self.model = build_model(recipe.model, device)
+        torch.manual_seed(train.seed)
+        random.seed(train.seed)
+        self.model = build_model(model, device)
         self.model.train()
-        self.objective = build_objective(recipe.algo, self.model, self._reference(recipe, device))
+        self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        o = recipe.optim
+        o = optim
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.startswith("cuda")
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, recipe.train.steps))
-        self.ema = EMA(self.model.trainable_state(), recipe.algo.ema_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, train.steps))
+        self.ema = EMA(self.model.trainable_state(), algo.ema_decay)
         self.skipped_steps = 0
 
     @staticmethod
-    def _reference(recipe, device: str):
+    def _reference(model: ModelSpec, algo: AlgoSpec, device: str):
         """A frozen copy of the starting model, only for GRPO's KL term (beta > 0)."""
-        if not objective_class(recipe.algo).needs_reference(recipe.algo):
+        if not objective_class(algo).needs_reference(algo):
             return None
-        reference = build_model(recipe.model, device).eval()
+        reference = build_model(model, device).eval()
         reference.requires_grad_(False)
         return reference
 
@@ -70,7 +71,7 @@ class Learner:
         """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
         then one scheduler step. Metrics are the mean over the updates."""
         self.model.train()
-        parts = micro_batches(batch, rollout, self.recipe.optim.accumulation)
+        parts = micro_batches(batch, rollout, self.optim_spec.accumulation)
         sums: dict[str, float] = {}
         for _ in range(self.objective.iterations):
             for k, v in self._update(parts, generator).items():
@@ -95,7 +96,7 @@ class Learner:
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(parts)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip)
         # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
         # the host wait for the device mid-step.
         names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]

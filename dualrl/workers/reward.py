@@ -13,9 +13,10 @@ import torch
 
 from dualrl.algo.losses import mask_iou, soft_mask_iou
 from dualrl.model.build import build_model
-from dualrl.model.grounded_vlm import Captions
+from dualrl.model.grounded_vlm import Captions, GroundedVLM
 from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
+from dualrl.recipe import ModelSpec, RewardSpec
 from rewards.base import RewardInput
 from rewards.registry import RewardResult, RewardSet
 
@@ -23,10 +24,10 @@ _NOT_COLUMNS = ("images", "masks", "references")
 
 
 class RewardWorker:
-    def __init__(self, recipe, device: str, model=None):
-        self.model = model if model is not None else build_model(recipe.model, device)
+    def __init__(self, model_spec: ModelSpec, rewards: list[RewardSpec], device: str, model: GroundedVLM | None = None):
+        self.model = model if model is not None else build_model(model_spec, device)
         self.model.eval()
-        self.rewards = RewardSet(recipe.rewards)
+        self.rewards = RewardSet(rewards)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_trainable(state)

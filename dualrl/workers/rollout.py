@@ -7,14 +7,15 @@ import torch
 
 from dualrl.algo.rollout import RolloutPlan
 from dualrl.model.build import build_model
-from dualrl.model.grounded_vlm import Captions
+from dualrl.model.grounded_vlm import Captions, GroundedVLM
+from dualrl.recipe import ModelSpec
 
 
 class RolloutWorker:
-    def __init__(self, recipe, device: str, model=None):
-        self.model = model if model is not None else build_model(recipe.model, device)
+    def __init__(self, model_spec: ModelSpec, device: str, model: GroundedVLM | None = None):
+        self.model = model if model is not None else build_model(model_spec, device)
         self.model.eval()
-        self.max_new_tokens = recipe.model.max_caption_tokens
+        self.max_new_tokens = model_spec.max_caption_tokens
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_trainable(state)

@@ -33,7 +33,7 @@ def test_accumulated_gradient_is_the_mean_of_the_parts(region_batch, monkeypatch
     recipe = load_recipe(
         "recipes/sft_dual.yaml", [*TINY, "output_dir=x", "optim.accumulation=2", "model.trainable.lora_dropout=0.0"]
     )
-    learner = Learner(recipe, "cpu")
+    learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu")
     with torch.no_grad():
         rollout = Rollout(learner.model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=4))
     seen = {}

@@ -19,7 +19,7 @@ def _paired(batch):
 
 def test_reward_worker_scores_against_the_later_frame(tiny_model, region_batch):
     recipe = load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=unused"])
-    worker = RewardWorker(recipe, "cpu", model=tiny_model)
+    worker = RewardWorker(recipe.model, recipe.rewards, "cpu", model=tiny_model)
     with torch.no_grad():
         captions = tiny_model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=5)
     paired = worker.segment(_paired(region_batch), captions.ids)

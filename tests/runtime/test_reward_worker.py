@@ -14,7 +14,7 @@ def test_group_of_captions_is_encoded_once_and_scored_like_single_ones(tiny_mode
     recipe = load_recipe(
         "recipes/sft_dual.yaml", [*TINY, "output_dir=unused", "rewards=[{name: mask_iou}, {name: length, weight: 0.5}]"]
     )
-    worker = RewardWorker(recipe, "cpu", model=tiny_model)
+    worker = RewardWorker(recipe.model, recipe.rewards, "cpu", model=tiny_model)
     g = 3
     region = torch.arange(4).repeat_interleave(g)
     torch.manual_seed(0)
