@@ -74,7 +74,7 @@ def regions(recipe, data: str, split: str, limit: int | None, full_masks: bool =
         spec = spec.model_copy(update={"eval_split": split})
     skips = SkipLog()
     yield from in_file_order(
-        build_source(data, spec, recipe, split="val" if data == "refcoco" else split),
+        build_source(data, spec, recipe.data, recipe.model.sam.image_size, split="val" if data == "refcoco" else split),
         skips,
         limit,
         full_masks=full_masks,

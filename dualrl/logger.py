@@ -7,22 +7,34 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from dualrl.recipe import WandbSpec
 
 log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, recipe, output_dir: Path, start_step: int, config: dict, resumed: bool):
+    def __init__(
+        self,
+        wandb_spec: WandbSpec,
+        total_steps: int,
+        label: str,
+        output_dir: Path,
+        start_step: int,
+        config: dict,
+        resumed: bool,
+    ):
+        """`total_steps` and `label` (the algorithm's name) for the progress bar; `config` goes to wandb."""
         self.path = Path(output_dir) / "metrics.jsonl"
         self._truncate_after(start_step if resumed else -1)
         self.file = self.path.open("a")
-        self.wandb = _start_wandb(recipe.wandb, Path(output_dir), config)
-        self.bar = tqdm(
-            total=recipe.train.steps, initial=start_step, desc=recipe.algo.name, dynamic_ncols=True, mininterval=1.0
-        )
+        self.wandb = _start_wandb(wandb_spec, Path(output_dir), config)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=label, dynamic_ncols=True, mininterval=1.0)
         self.last: dict[str, float] = {}
 
     def _truncate_after(self, step: int) -> None:

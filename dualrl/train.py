@@ -50,7 +50,7 @@ def run(recipe: Recipe) -> dict:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
 
-    val_batches = EvalBatches(recipe)
+    val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size)
     runtime = start_runtime(recipe)
     start_step, position, run_state = 0, 0, {}
     resumed = load_latest(out)
@@ -59,7 +59,15 @@ def run(recipe: Recipe) -> dict:
         runtime.learner.load_state_dict(learner_state)
         start_step, position = run_state["step"], run_state["data_position"]
         log.info("resumed from %s at step %d", out / "checkpoints", start_step)
-    logger = RunLogger(recipe, out, start_step, recipe.model_dump(mode="json"), resumed=resumed is not None)
+    logger = RunLogger(
+        recipe.wandb,
+        recipe.train.steps,
+        recipe.algo.name,
+        out,
+        start_step,
+        recipe.model_dump(mode="json"),
+        resumed=resumed is not None,
+    )
     runtime.sync()
 
     def run_eval(step: int) -> dict:
@@ -73,7 +81,7 @@ def run(recipe: Recipe) -> dict:
         run_eval(0)
     plan = objective_class(recipe.algo).plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
-    batches = train_batches(recipe, position, run_state)
+    batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
     for step in range(start_step + 1, stop + 1):

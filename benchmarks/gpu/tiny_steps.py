@@ -12,7 +12,7 @@
 One process, the recipe's model (random init, as the run starts) in the local runtime, `key=value` overrides
 applied after the script's own. The target is 20 steps/s at batch 64 (1280 samples/s). Five measurements:
 
-1. data: batches/s of the training stream alone (`train_batches(recipe)`: loader workers generate the shapes
+1. data: batches/s of the training stream alone (`train_batches(recipe.data, ...)`: loader workers generate the shapes
    scenes, the training process receives them one by one and collates), for each `--workers` value; the first
    batch (worker start-up) is timed apart. Shows whether data generation can feed the target at all, and
    what receiving a batch costs the training process's CPU (time its Python thread cannot spend on steps).
@@ -145,7 +145,7 @@ def measure_data(args) -> list[dict]:
     for workers in args.workers:
         recipe = make_recipe(args, workers)
         t0 = time.perf_counter()
-        batches = train_batches(recipe)
+        batches = train_batches(recipe.data, recipe.model.sam.image_size)
         next(batches)
         first_s = time.perf_counter() - t0
         n, t1, cpu1 = 0, time.perf_counter(), time.process_time()
@@ -282,7 +282,7 @@ class GpuUtilisation:
 
 def measure_loop(args, runtime, recipe, plan) -> dict:
     """The loop of `dualrl.train.run` without logging, eval and checkpoints."""
-    batches = train_batches(recipe)
+    batches = train_batches(recipe.data, recipe.model.sam.image_size)
     seed, sampler = recipe.train.seed, None
     waits, steps, n = [], [], 0
     t_start = time.perf_counter()
@@ -691,7 +691,8 @@ def main() -> int:
                 trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
             )
             plan = objective_class(recipe.algo).plan(recipe)
-            draw = train_batches(make_recipe(args, 0))
+            draw_recipe = make_recipe(args, 0)
+            draw = train_batches(draw_recipe.data, draw_recipe.model.sam.image_size)
             host_batch = next(draw)
             draw.close()
             device_batch = to_device(host_batch, args.device)

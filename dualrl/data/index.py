@@ -29,7 +29,7 @@ def _index(args: tuple) -> tuple[str, int, dict[str, int]]:
 def build_indexes(recipe, workers: int = 1) -> dict[str, dict]:
     report = {}
     for name, spec in enabled(recipe.data):
-        source = build_source(name, spec, recipe)
+        source = build_source(name, spec, recipe.data, recipe.model.sam.image_size)
         shards = source.shards()
         t0 = time.time()
         samples, skipped = 0, {}

@@ -16,7 +16,7 @@ import logging
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,6 +25,9 @@ from dualrl.data.batch import TENSORS, collate_regions
 from dualrl.data.decode import BadSample
 from dualrl.data.sources.base import Source
 from dualrl.data.stream import DataError, Mixture, SourceStream
+
+if TYPE_CHECKING:
+    from dualrl.recipe import DataSpec
 
 log = logging.getLogger("dualrl.data")
 
@@ -53,22 +56,21 @@ def enabled(data) -> list[tuple[str, Any]]:
     return [(n, getattr(data, n)) for n in SOURCE_NAMES if getattr(data, n) is not None and getattr(data, n).weight > 0]
 
 
-def working_size(recipe) -> int:
-    """The square every region is brought to: `data.image_size`, else SAM2's input size; a shapes-only run
-    keeps the shapes' own size."""
-    data = recipe.data
+def working_size(data: DataSpec, sam_size: int) -> int:
+    """The square every region is brought to: `data.image_size`, else SAM2's input size (`sam_size`); a shapes-only
+    run keeps the shapes' own size."""
     if data.image_size:
         return data.image_size
     names = [n for n, _ in enabled(data)]
     if names == ["shapes"] or (not names and data.shapes is not None):
         return data.shapes.image_size
-    return recipe.model.sam.image_size
+    return sam_size
 
 
-def build_source(name: str, spec, recipe, split: str = "train") -> Source:
-    data = recipe.data
+def build_source(name: str, spec, data: DataSpec, sam_size: int, split: str = "train") -> Source:
+    """Source `name` with its section `spec`, bringing samples to the run's working size (`working_size`)."""
     kw = {
-        "size": working_size(recipe),
+        "size": working_size(data, sam_size),
         "aspect": data.aspect,
         "max_pixels": data.max_image_pixels,
         "cache_dir": data.cache_dir,
@@ -243,13 +245,13 @@ def _identity(x):
     return x
 
 
-def train_batches(recipe, position: int = 0, state: dict | None = None) -> TrainBatches:
-    """The training stream from draw `position`; `state` is a checkpoint's run state (skip and sample counts)."""
+def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict | None = None) -> TrainBatches:
+    """The training stream from draw `position`; `state` is a checkpoint's run state (skip and sample counts).
+    `sam_size`: SAM2's input size, the working size unless `data` sets one."""
     state = state or {}
-    data = recipe.data
     streams, weights = [], []
     for name, spec in enabled(data):
-        streams.append(SourceStream(build_source(name, spec, recipe), data.seed, spec.max_samples))
+        streams.append(SourceStream(build_source(name, spec, data, sam_size), data.seed, spec.max_samples))
         weights.append(spec.weight)
     mixture = Mixture(streams, weights, data.seed)
     return TrainBatches(
@@ -299,8 +301,7 @@ class EvalBatches:
     """The held-out regions, the same ones at every eval: the first `size` good samples of the eval
     source's eval split in file order, bad ones skipped and counted."""
 
-    def __init__(self, recipe):
-        data = recipe.data
+    def __init__(self, data: DataSpec, sam_size: int, batch_size: int):
         name = eval_source_name(data)
         spec = getattr(data, name)
         if spec is None:
@@ -309,9 +310,9 @@ class EvalBatches:
             from dualrl.recipe import ShapesSpec
 
             spec = ShapesSpec()
-        self.source = build_source(name, spec, recipe, split="val")
+        self.source = build_source(name, spec, data, sam_size, split="val")
         self.size = spec.val_size if name == "shapes" else data.eval_size
-        self.batch_size = recipe.eval.batch_size
+        self.batch_size = batch_size
         self.skips = SkipLog()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
