@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from dualrl.data.batch import collate_regions
 from dualrl.data.loader import SkipLog, build_source, in_file_order
 from dualrl.model.build import build_model
-from dualrl.recipe import RecipeError, ShapesSpec, load_recipe
+from dualrl.recipe import Recipe, RecipeError, ShapesSpec, load_recipe
 
 log = logging.getLogger("dualrl.eval")
 
@@ -64,7 +64,7 @@ def eval_recipe(checkpoint: Path, overrides: list[str], weights: str, recipe: Pa
     )
 
 
-def regions(recipe, data: str, split: str, limit: int | None, full_masks: bool = True):
+def regions(recipe: Recipe, data: str, split: str, limit: int | None, full_masks: bool = True):
     """Good samples of the split in file order (bad ones skipped, counted and logged once per reason), with
     their masks at the file's resolution when `full_masks`."""
     spec = getattr(recipe.data, data) or (ShapesSpec() if data == "shapes" else None)

@@ -148,7 +148,7 @@ def overlay(image, mask, pred) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
-def _start_wandb(spec, output_dir: Path, config: dict):
+def _start_wandb(spec: WandbSpec, output_dir: Path, config: dict):
     if spec.mode == "disabled":
         return None
     try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dualrl.algo.losses import mask_iou, mask_losses
+
+if TYPE_CHECKING:
+    from dualrl.recipe import LossSpec
 
 
 @dataclass
@@ -34,7 +38,7 @@ def canonical(batch: dict, rows: list[int]) -> list[str]:
 class MaskTerms:
     """BCE + dice (Sa2VA parity) on a group of predicted masks, plus the training IoU for logging."""
 
-    def __init__(self, loss_spec):
+    def __init__(self, loss_spec: LossSpec):
         self.spec = loss_spec
 
     def __call__(self, logits: Tensor, gt: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,6 +17,8 @@ are kept as the old policy's (`Rollout.old_logprobs`), so the ratios of later ca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -29,6 +31,9 @@ from dualrl.algo.rollout import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
 from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
+
+if TYPE_CHECKING:
+    from dualrl.recipe import AlgoSpec, Recipe
 
 
 def completion_logprobs(
@@ -59,7 +64,7 @@ def completion_logprobs(
 class Grpo:
     rollout_weights = "policy"
 
-    def __init__(self, algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
+    def __init__(self, algo_spec: AlgoSpec, model: GroundedVLM, reference: GroundedVLM | None = None):
         self.spec = algo_spec.grpo
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)
@@ -69,12 +74,12 @@ class Grpo:
         self.reference = reference
 
     @classmethod
-    def needs_reference(cls, algo_spec) -> bool:
+    def needs_reference(cls, algo_spec: AlgoSpec) -> bool:
         """A frozen copy of the starting model, for the KL term (beta > 0)."""
         return algo_spec.grpo.beta > 0
 
     @classmethod
-    def plan(cls, recipe) -> RolloutPlan:
+    def plan(cls, recipe: Recipe) -> RolloutPlan:
         g = recipe.algo.grpo
         return RolloutPlan(
             group_size=g.num_generations,

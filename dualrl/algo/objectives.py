@@ -15,6 +15,8 @@ branch on the algorithm's name.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,9 @@ from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
 
+if TYPE_CHECKING:
+    from dualrl.recipe import AlgoSpec, Recipe
+
 
 @register("pretrain")
 class Pretrain:
@@ -34,14 +39,14 @@ class Pretrain:
     iterations = 1
 
     @classmethod
-    def plan(cls, recipe) -> RolloutPlan | None:
+    def plan(cls, recipe: Recipe) -> RolloutPlan | None:
         return None
 
     @classmethod
-    def needs_reference(cls, algo_spec) -> bool:
+    def needs_reference(cls, algo_spec: AlgoSpec) -> bool:
         return False
 
-    def __init__(self, algo_spec, model: GroundedVLM | None = None, reference: GroundedVLM | None = None):
+    def __init__(self, algo_spec: AlgoSpec, model: GroundedVLM | None = None, reference: GroundedVLM | None = None):
         self.spec = algo_spec.pretrain
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)
@@ -93,15 +98,15 @@ class SftDual:
     iterations = 1
 
     @classmethod
-    def plan(cls, recipe) -> RolloutPlan:
+    def plan(cls, recipe: Recipe) -> RolloutPlan:
         """One greedy caption per region by the EMA teacher."""
         return RolloutPlan()
 
     @classmethod
-    def needs_reference(cls, algo_spec) -> bool:
+    def needs_reference(cls, algo_spec: AlgoSpec) -> bool:
         return False
 
-    def __init__(self, algo_spec, model: GroundedVLM, reference: GroundedVLM | None = None):
+    def __init__(self, algo_spec: AlgoSpec, model: GroundedVLM, reference: GroundedVLM | None = None):
         self.spec = algo_spec.sft_dual
         self.llm_weight = algo_spec.loss.llm_weight
         self.mask_terms = MaskTerms(algo_spec.loss)

@@ -16,9 +16,15 @@ of them compares names. A new objective is a file with a class decorated `@regis
 from __future__ import annotations
 
 import importlib
-from typing import ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from dualrl.algo.rollout import RolloutPlan
+    from dualrl.model.grounded_vlm import GroundedVLM
+    from dualrl.recipe import AlgoSpec, Recipe
+
 
 # modules whose objectives register themselves when imported
 _MODULES = ("dualrl.algo.objectives", "dualrl.algo.grpo_objective")
@@ -32,12 +38,12 @@ class Objective(Protocol):
     iterations: int
 
     @classmethod
-    def plan(cls, recipe): ...
+    def plan(cls, recipe: Recipe) -> RolloutPlan | None: ...
 
     @classmethod
-    def needs_reference(cls, algo_spec) -> bool: ...
+    def needs_reference(cls, algo_spec: AlgoSpec) -> bool: ...
 
-    def __init__(self, algo_spec, model, reference=None): ...
+    def __init__(self, algo_spec: AlgoSpec, model: GroundedVLM, reference: GroundedVLM | None = None): ...
 
     def __call__(self, model, batch: dict, rollout, generator: torch.Generator): ...
 
@@ -57,7 +63,7 @@ def register(name: str):
     return add
 
 
-def objective_class(algo_spec) -> type[Objective]:
+def objective_class(algo_spec: AlgoSpec) -> type[Objective]:
     """The objective class `algo_spec.name` names."""
     for module in _MODULES:
         importlib.import_module(module)
@@ -69,6 +75,6 @@ def objective_class(algo_spec) -> type[Objective]:
         ) from None
 
 
-def build_objective(algo_spec, model, reference=None) -> Objective:
+def build_objective(algo_spec: AlgoSpec, model: GroundedVLM, reference: GroundedVLM | None = None) -> Objective:
     """The loss call of a run: its objective built on the learner's model (and the reference, when it needs one)."""
     return objective_class(algo_spec)(algo_spec, model, reference)

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from dualrl.data.loader import build_source, enabled
-from dualrl.recipe import RecipeError, load_recipe
+from dualrl.recipe import Recipe, RecipeError, load_recipe
 
 
 def _index(args: tuple) -> tuple[str, int, dict[str, int]]:
@@ -26,7 +26,7 @@ def _index(args: tuple) -> tuple[str, int, dict[str, int]]:
     return shard, len(built), built.skipped
 
 
-def build_indexes(recipe, workers: int = 1) -> dict[str, dict]:
+def build_indexes(recipe: Recipe, workers: int = 1) -> dict[str, dict]:
     report = {}
     for name, spec in enabled(recipe.data):
         source = build_source(name, spec, recipe.data, recipe.model.sam.image_size)

@@ -27,7 +27,7 @@ from dualrl.data.sources.base import Source
 from dualrl.data.stream import DataError, Mixture, SourceStream
 
 if TYPE_CHECKING:
-    from dualrl.recipe import DataSpec
+    from dualrl.recipe import DataSpec, SourceSpec
 
 log = logging.getLogger("dualrl.data")
 
@@ -67,7 +67,7 @@ def working_size(data: DataSpec, sam_size: int) -> int:
     return sam_size
 
 
-def build_source(name: str, spec, data: DataSpec, sam_size: int, split: str = "train") -> Source:
+def build_source(name: str, spec: SourceSpec, data: DataSpec, sam_size: int, split: str = "train") -> Source:
     """Source `name` with its section `spec`, bringing samples to the run's working size (`working_size`)."""
     kw = {
         "size": working_size(data, sam_size),

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -35,18 +36,22 @@ from dualrl.model.tokenizer import (
     wrap_tokenizer,
 )
 
+if TYPE_CHECKING:
+    from dualrl.recipe import ModelSpec
+
+
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("vision", "text", "sam")
 
 
-def _arch(spec) -> dict:
+def _arch(spec: ModelSpec) -> dict:
     arch = {k: getattr(spec, k).model_dump(mode="json") for k in ARCH_KEYS}
     arch["sam"].pop("checkpoint", None)
     return arch
 
 
-def _internvl_config(spec, image_token_id: int) -> InternVLConfig:
+def _internvl_config(spec: ModelSpec, image_token_id: int) -> InternVLConfig:
     v, t = spec.vision, spec.text
     vision = InternVLVisionConfig(
         hidden_size=v.hidden_size,
@@ -93,7 +98,7 @@ def _text_config(t):
     return Qwen2Config(**common)
 
 
-def build_model(spec, device: str | torch.device = "cpu") -> GroundedVLM:
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> GroundedVLM:
     """Random init from `spec` (seeded; skipped for the VLM when a directory's weights are loaded next), then
     the pretrained or Sa2VA directory if any, then the trainable set."""
     if spec.pretrained:
@@ -160,7 +165,7 @@ def _no_init():
     return no_init_weights()
 
 
-def _native_vlm(spec, n_tokens: int) -> InternVLForConditionalGeneration:
+def _native_vlm(spec: ModelSpec, n_tokens: int) -> InternVLForConditionalGeneration:
     """A transformers-native InternVL from its directory (local files only), checked against the recipe's
     vision/text sections; its embeddings grow to the tokenizer's size when dualrl added tokens."""
     directory = Path(spec.vlm).expanduser()
@@ -234,7 +239,7 @@ def _hf_tokenizer(directory: Path, trust_remote_code: bool = False):
     return ensure_special_tokens(tokenizer, MODEL_TOKENS)
 
 
-def _init_trainable(model: GroundedVLM, spec) -> None:
+def _init_trainable(model: GroundedVLM, spec: ModelSpec) -> None:
     """Start from the trainable weights of an earlier run (e.g. grpo from the sft_dual default's EMA)."""
     from dualrl.checkpoint import load_trainable_weights, resolve_checkpoint
 
@@ -249,7 +254,7 @@ def _init_trainable(model: GroundedVLM, spec) -> None:
     log.info("trainable weights (%s) from %s", spec.init_weights, resolve_checkpoint(spec.init_from))
 
 
-def check_arch(spec, directory: Path) -> None:
+def check_arch(spec: ModelSpec, directory: Path) -> None:
     saved = json.loads((directory / "arch.json").read_text())
     wanted = _arch(spec)
     diffs = [
@@ -314,7 +319,7 @@ def _token_rows(model: GroundedVLM, ids: list[int] | None) -> dict[str, list[int
     return {"embed_tokens": ids} if model.vlm.config.tie_word_embeddings else {"embed_tokens": ids, "lm_head": ids}
 
 
-def apply_trainable(model: GroundedVLM, spec) -> None:
+def apply_trainable(model: GroundedVLM, spec: ModelSpec) -> None:
     """Freeze everything, then open Sa2VA's trainable set (or whatever the recipe asks)."""
     model.requires_grad_(False)
     inner = model.vlm.model

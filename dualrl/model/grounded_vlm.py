@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from dualrl.model.decode import CaptionDecoder
 from dualrl.model.prompts import PromptBuilder
 from dualrl.model.sampling import Sampling, unsupported_generation_settings
 from dualrl.model.sequence import Assembler, Batch, Ids, Piece, upload
+
+if TYPE_CHECKING:
+    from dualrl.recipe import ModelSpec
 
 
 @dataclass
@@ -83,7 +87,7 @@ def causal_padding_mask(attention: Tensor) -> Tensor:
 
 
 class GroundedVLM(nn.Module):
-    def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec):
+    def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec: ModelSpec):
         super().__init__()
         self.vlm = vlm
         self.sam = sam

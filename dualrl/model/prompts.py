@@ -10,10 +10,15 @@ its soft embeddings) enters the prompt token for token, never re-tokenized.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from dualrl.model.sequence import Feats, Ids, Piece, Text
+
+if TYPE_CHECKING:
+    from dualrl.recipe import PromptSpec
+
 
 _MARKER = re.compile(r"(<image>|<region>|\{question\}|\{expression\})")
 
@@ -30,7 +35,7 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
 
 
 class PromptBuilder:
-    def __init__(self, spec, eos_token: str):
+    def __init__(self, spec: PromptSpec, eos_token: str):
         self.spec = spec
         self.eos = eos_token
         self.turn_open, sep, self.turn_close = spec.chat.partition("{input}")

@@ -48,6 +48,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -57,6 +58,10 @@ from torch import Tensor
 
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sam import VIDEO_ONLY_PREFIXES
+
+if TYPE_CHECKING:
+    from dualrl.recipe import ModelSpec
+
 
 SAM_PREFIX = "grounding_encoder.sam2_model."
 SA2VA_PREFIXES = ("vision_model.", "mlp1.", "language_model.", SAM_PREFIX, "text_hidden_fcs.")
@@ -505,7 +510,7 @@ _CONFIG_FIELDS = {
 }
 
 
-def config_differences(spec, config: dict) -> list[str]:
+def config_differences(spec: ModelSpec, config: dict) -> list[str]:
     """What a recipe's `model.text` / `model.vision` say against a Sa2VA `config.json`, by recipe key. Fields
     the config lacks are not compared; embedding rows are checked on the weights (the config's vocab_size can
     predate the added tokens)."""

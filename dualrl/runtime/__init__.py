@@ -3,7 +3,12 @@ imports Ray; everything it hosts is a plain class from `dualrl.workers`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from dualrl.recipe import Recipe
 
 
 def resolve_device(name: str) -> str:
@@ -14,7 +19,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def start_runtime(recipe):
+def start_runtime(recipe: Recipe):
     if recipe.runtime.kind == "ray":
         from dualrl.runtime.ray_runtime import RayRuntime
 

@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from dualrl.algo.registry import objective_class
 from dualrl.model.build import build_model
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
 
+if TYPE_CHECKING:
+    from dualrl.recipe import Recipe
+
 
 class LocalRuntime:
-    def __init__(self, recipe):
+    def __init__(self, recipe: Recipe):
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, device)
         teacher = build_model(recipe.model, device)

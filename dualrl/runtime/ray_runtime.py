@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import ray
 import torch
@@ -16,6 +17,9 @@ import torch
 from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
+
+if TYPE_CHECKING:
+    from dualrl.recipe import Recipe
 
 
 class _Proxy:
@@ -46,7 +50,7 @@ def _in_actor(cls, threads: int | None):
 
 
 class RayRuntime:
-    def __init__(self, recipe):
+    def __init__(self, recipe: Recipe):
         spec = recipe.runtime
         if not ray.is_initialized():
             ray.init(

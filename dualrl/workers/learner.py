@@ -24,7 +24,7 @@ from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 log = logging.getLogger(__name__)
 
 
-def _schedule(optim_spec, total_steps: int):
+def _schedule(optim_spec: OptimSpec, total_steps: int):
     warmup = int(optim_spec.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:

@@ -19,12 +19,16 @@ import io
 import json
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dualrl.data.decode import check_mask, clean_text, coco_segmentation, read_image
 from dualrl.data.sources.base import Shard, Source, skip
+
+if TYPE_CHECKING:
+    from dualrl.recipe import RefCocoSpec
+
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 
@@ -58,7 +62,7 @@ def load_refs(path: str | Path) -> list[dict]:
 class RefCocoSource(Source):
     name = "refcoco"
 
-    def __init__(self, spec, size: int, split: str = "train", **kw):
+    def __init__(self, spec: RefCocoSpec, size: int, split: str = "train", **kw):
         super().__init__(spec, size, **kw)
         self.split = spec.split if split == "train" else spec.eval_split
         root = Path(spec.root).expanduser()

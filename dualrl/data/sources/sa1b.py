@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dualrl.data.decode import BadSample, check_mask, read_image, rle_mask
 from dualrl.data.sources.base import Shard, Source, skip
+
+if TYPE_CHECKING:
+    from dualrl.recipe import Sa1bSpec
+
 
 FLAT = "flat:"  # shard name prefix for runs of files in the root folder
 
@@ -30,7 +34,7 @@ FLAT = "flat:"  # shard name prefix for runs of files in the root folder
 class Sa1bSource(Source):
     name = "sa1b"
 
-    def __init__(self, spec, size: int, split: str = "train", **kw):
+    def __init__(self, spec: Sa1bSpec, size: int, split: str = "train", **kw):
         super().__init__(spec, size, **kw)
         self.root = Path(spec.root).expanduser()
         self._flat: list[str] | None = None

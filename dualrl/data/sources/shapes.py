@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dualrl.data.shapes import ShapesDataset
 from dualrl.data.sources.base import Shard, Source
 from dualrl.data.transforms import square
+
+if TYPE_CHECKING:
+    from dualrl.recipe import ShapesSpec
 
 
 class ShapesSource(Source):
     name = "shapes"
     shuffle = False  # item i is an independent random scene already
 
-    def __init__(self, spec, size: int, split: str = "train", expression_fraction: float = 1.0, **kw):
+    def __init__(self, spec: ShapesSpec, size: int, split: str = "train", expression_fraction: float = 1.0, **kw):
         super().__init__(spec, size, **kw)
         n = spec.train_size if split == "train" else spec.val_size if split == "val" else spec.test_size
         self.dataset = ShapesDataset(
