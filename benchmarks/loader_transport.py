@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dualrl.data.batch import collate_regions
-from dualrl.data.shapes import ShapesDataset
+from dualrl.data.scenes import ShapesDataset
 
 
 class _Samples(Dataset):

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dualrl.data.shapes import ShapesDataset, collate_regions
+from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.recipe import load_recipe
 from dualrl.workers import RewardWorker
 

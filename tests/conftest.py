@@ -45,7 +45,7 @@ def tiny_model(tiny_spec):
 
 @pytest.fixture(scope="session")
 def region_batch():
-    from dualrl.data.shapes import ShapesDataset, collate_regions
+    from dualrl.data.scenes import ShapesDataset, collate_regions
 
     ds = ShapesDataset("val", 8)
     return collate_regions([ds[i] for i in range(4)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualrl.algo.losses import mask_iou
-from dualrl.data.shapes import ShapesDataset
+from dualrl.data.scenes import ShapesDataset
 from dualrl.eval import evaluate_model, main
 from tests.data.make_refcoco import make_refcoco
 

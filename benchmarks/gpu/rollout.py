@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, TINY_MODEL, build_on_device, ceilings, facts, median_ms, sync
 
 from dualrl.data.batch import collate_regions
-from dualrl.data.shapes import ShapesDataset
+from dualrl.data.scenes import ShapesDataset
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device
 

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from dualrl.data.shapes import ShapesDataset, collate_regions
+from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.model.build import build_model
 from dualrl.model.sampling import Sampling, choose
 from dualrl.recipe import load_recipe

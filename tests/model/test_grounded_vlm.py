@@ -104,7 +104,7 @@ def test_committed_pretrained_checkpoint_refers():
     """The committed tiny checkpoint loads into the default recipe's model and segments held-out regions
     from their expressions far better than random init does (random init: mIoU about 0.05)."""
     from dualrl.algo.losses import mask_iou
-    from dualrl.data.shapes import ShapesDataset, collate_regions
+    from dualrl.data.scenes import ShapesDataset, collate_regions
     from dualrl.recipe import load_recipe
 
     spec = load_recipe("recipes/sft_dual.yaml", ["output_dir=unused"]).model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dualrl.data.shapes import ShapesDataset
+from dualrl.data.scenes import ShapesDataset
 from dualrl.data.sources.base import Shard, Source
 from dualrl.data.transforms import square
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualrl.data.shapes import (
+from dualrl.data.scenes import (
     ATTRIBUTES,
     COLOURS,
     POSITIONS,
