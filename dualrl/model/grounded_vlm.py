@@ -25,7 +25,8 @@ from dualrl.model import sam as samlib
 from dualrl.model.decode import CaptionDecoder
 from dualrl.model.prompts import PromptBuilder
 from dualrl.model.sampling import Sampling, unsupported_generation_settings
-from dualrl.model.sequence import Assembler, Batch, Ids, Piece, upload
+from dualrl.model.sequence import Assembler, Ids, Piece, Sequences
+from dualrl.model.transfer import upload
 
 if TYPE_CHECKING:
     from dualrl.recipe import ModelSpec
@@ -218,24 +219,24 @@ class GroundedVLM(nn.Module):
         return list(image_tokens.flatten(0, 1).index_select(0, cells).split(keep.sum(dim=1).tolist()))
 
     # ------------------------------------------------------------------------------------ language
-    def lm_hidden(self, batch: Batch) -> Tensor:
-        """Last-layer hidden states of the LLM on an assembled batch (right padding). On a GPU with sdpa the causal
+    def lm_hidden(self, seq: Sequences) -> Tensor:
+        """Last-layer hidden states of the LLM on assembled sequences (right padding). On a GPU with sdpa the causal
         padding mask goes in ready-made (4-D, what transformers would build for a padded batch): given a 2-D mask,
         transformers first checks on the host whether any row is padded, which makes the host wait twice a pass."""
-        mask = batch.attention_mask
+        mask = seq.attention_mask
         if mask.is_cuda and self.lm.config._attn_implementation == "sdpa":
             mask = causal_padding_mask(mask)
-        out = self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=mask)
+        out = self.lm(inputs_embeds=seq.inputs_embeds, attention_mask=mask)
         return out.last_hidden_state
 
     def logits_at(self, hidden: Tensor) -> Tensor:
         """lm_head on selected hidden states only (vocab 150k x full sequence would waste memory)."""
         return self.vlm.lm_head(hidden)
 
-    def lm_loss(self, hidden: Tensor, batch: Batch) -> Tensor:
+    def lm_loss(self, hidden: Tensor, seq: Sequences) -> Tensor:
         """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100."""
-        labels = batch.labels[:, 1:]
-        host = batch.host_labels[:, 1:] if batch.host_labels is not None else labels.cpu()
+        labels = seq.labels[:, 1:]
+        host = seq.host_labels[:, 1:] if seq.host_labels is not None else labels.cpu()
         rows, cols = (host != -100).nonzero(as_tuple=True)  # positions known on the host: no device wait
         if rows.numel() == 0:
             return hidden.sum() * 0.0
@@ -244,10 +245,10 @@ class GroundedVLM(nn.Module):
         return F.cross_entropy(logits.float(), labels[rows, cols])
 
     # ------------------------------------------------------------------------------- segmentation
-    def seg_queries(self, hidden: Tensor, batch: Batch) -> Tensor:
+    def seg_queries(self, hidden: Tensor, seq: Sequences) -> Tensor:
         """Hidden state at the answer's `[SEG]` input position -> SAM prompt embedding [N, 256]. The answer
         comes last, so its `[SEG]` is the last one in the row (a caption may contain the token too)."""
-        ids = batch.host_ids if batch.host_ids is not None else batch.input_ids.cpu()
+        ids = seq.host_ids if seq.host_ids is not None else seq.input_ids.cpu()
         is_seg = ids == self.seg_id  # on the host: the check and the columns make the host wait for nothing
         if not is_seg.any(dim=1).all():
             raise ValueError("each segmentation prompt must contain a [SEG] token")
@@ -274,18 +275,18 @@ class GroundedVLM(nn.Module):
         texts: list[str | Ids],
         feats: ImageFeatures | None = None,
         image_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Batch, Tensor]:
-        """Referring segmentation. Returns (low-res mask logits [N,h,w], LLM hidden states, batch,
-        image tokens). `texts[i]` is a string or an `Ids` piece (a caption, possibly with soft embeddings);
+    ) -> tuple[Tensor, Tensor, Sequences, Tensor]:
+        """Referring segmentation. Returns (low-res mask logits [N,h,w], LLM hidden states, the assembled
+        sequences, image tokens). `texts[i]` is a string or an `Ids` piece (a caption, possibly with soft embeddings);
         `image_index[i]` says which image of `feats` it refers to (default: i)."""
         feats = feats if feats is not None else self.encode_images(images)
         if image_index is None:
             image_index = torch.arange(len(texts))
         image_tokens = self.project(feats)
-        batch = self.assemble(self.segment_prompts(image_tokens, image_index, texts))
-        hidden = self.lm_hidden(batch)
-        queries = self.seg_queries(hidden, batch)
-        return self.decode_masks(queries, feats.sam, upload(image_index, self.device)), hidden, batch, image_tokens
+        seq = self.assemble(self.segment_prompts(image_tokens, image_index, texts))
+        hidden = self.lm_hidden(seq)
+        queries = self.seg_queries(hidden, seq)
+        return self.decode_masks(queries, feats.sam, upload(image_index, self.device)), hidden, seq, image_tokens
 
     # ---------------------------------------------------------------------------------- captioning
     def region_prompts(
@@ -355,14 +356,14 @@ class GroundedVLM(nn.Module):
         if image_index is None:
             image_index = torch.arange(masks.shape[0])
         image_tokens = self.project(feats)
-        batch = self.assemble(self.region_prompts(image_tokens, masks, image_index), pad_left=True)
+        seq = self.assemble(self.region_prompts(image_tokens, masks, image_index), pad_left=True)
         max_new = max_new_tokens or self.spec.max_caption_tokens
         sampling = Sampling(sample, temperature, self._top_k() if sample else 0, top_p)
         if self.spec.generation == "engine":
             self._check_generation_config()
             out = self.decoder(
-                batch.inputs_embeds,
-                batch.attention_mask,
+                seq.inputs_embeds,
+                seq.attention_mask,
                 group_size,
                 max_new,
                 sampling,
@@ -372,7 +373,7 @@ class GroundedVLM(nn.Module):
             )
             seqs, logp = out.tokens, out.logprobs
         else:
-            seqs, logp = self._generate(batch, group_size, max_new, sampling)
+            seqs, logp = self._generate(seq, group_size, max_new, sampling)
         return self._captions(seqs, logp)
 
     def _top_k(self) -> int:
@@ -394,11 +395,11 @@ class GroundedVLM(nn.Module):
         tails = self.tokenizer.batch_decode(tokens[:, -(len(self.end_ids) + 2) :].cpu())
         return torch.tensor([self.end_text in t for t in tails], device=tokens.device)
 
-    def _generate(self, batch: Batch, group_size: int, max_new: int, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    def _generate(self, seq: Sequences, group_size: int, max_new: int, sampling: Sampling) -> tuple[Tensor, Tensor]:
         """transformers' `generate` (`model.generation: generate`, the path before the engine): every row a
         prompt of its own. Returns the new tokens and their log-probs as the engine does."""
-        embeds = batch.inputs_embeds.repeat_interleave(group_size, dim=0)
-        attention = batch.attention_mask.repeat_interleave(group_size, dim=0)
+        embeds = seq.inputs_embeds.repeat_interleave(group_size, dim=0)
+        attention = seq.attention_mask.repeat_interleave(group_size, dim=0)
         gen_kwargs = {"do_sample": sampling.sample, "max_new_tokens": max_new}
         if self.spec.generation_cache == "static":
             gen_kwargs["cache_implementation"] = "static"

@@ -40,8 +40,9 @@ Piece = Text | Ids | Feats
 
 
 @dataclass
-class Batch:
-    """A padded batch: `inputs_embeds` [B, L, H], `attention_mask` [B, L], `labels` [B, L] (-100 = none),
+class Sequences:
+    """Assembled LLM input sequences, padded (not to be confused with a data batch, the dict of regions):
+    `inputs_embeds` [B, L, H], `attention_mask` [B, L], `labels` [B, L] (-100 = none),
     `input_ids` [B, L] (-1 where a piece had no ids), and named position marks: name -> (rows, cols).
     `host_ids` and `host_labels` are the same ids and labels on the host, where positions can be looked up
     without making the host wait for the device."""
@@ -67,7 +68,7 @@ class Assembler:
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
-    def __call__(self, prompts: list[list[Piece]], pad_left: bool = False) -> Batch:
+    def __call__(self, prompts: list[list[Piece]], pad_left: bool = False) -> Sequences:
         """Pad and stack the prompts. Every output row is one row of a single source matrix (the embedded
         ids of the whole batch, then the dense pieces, then a zero row for padding), gathered with one
         index: a handful of kernels for any batch size, and one scatter-add in the backward pass."""
@@ -148,4 +149,4 @@ class Assembler:
             mark_index[name] = (on_device[at : at + n], on_device[at + n : at + 2 * n])
             at += 2 * n
         host_labels, host_ids = host[2 * cells : 4 * cells].view(2, len(rows), width).unbind(0)
-        return Batch(source[index_d], attention_d, labels_d, ids_d, mark_index, host_ids, host_labels)
+        return Sequences(source[index_d], attention_d, labels_d, ids_d, mark_index, host_ids, host_labels)
