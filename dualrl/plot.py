@@ -49,7 +49,11 @@ def read_evals(run: Path) -> dict[int, dict[str, float]]:
                 print(f"warning: {path}: torn last line skipped", file=sys.stderr)
                 continue
             raise PlotError(f"{path}:{number}: not a JSON line") from None
-        values = {k: v for k, v in record.items() if k.startswith("eval/") and _finite(v)}
+        logged = {k: v for k, v in record.items() if k.startswith("eval/")}
+        values = {k: v for k, v in logged.items() if _finite(v)}
+        if len(values) < len(logged):  # a NaN/inf evaluation is not a measurement: left out, and said so
+            bad = sorted(set(logged) - set(values))
+            print(f"warning: {path}:{number}: non-finite {', '.join(bad)} left out", file=sys.stderr)
         if values and "step" in record:
             evals.setdefault(int(record["step"]), {}).update(values)
     if not evals:

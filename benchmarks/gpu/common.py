@@ -46,6 +46,18 @@ TINY_MODEL = [
     "model.sam.overrides=" + json.dumps(NANO_SAM_OVERRIDES),
 ]
 
+# A Sa2VA recipe without its checkpoint and data paths (none exist where the benchmarks run): random init, and the
+# built-in shapes for every source (the caller sets their size)
+NO_PATHS = [
+    "model.sa2va=null",
+    "model.init_from=null",
+    "data.refcoco=null",
+    "data.sa1b=null",
+    "data.sav=null",
+    "data.openimages=null",
+    "data.eval_source=shapes",
+]
+
 
 def sync() -> None:
     if torch.cuda.is_available():

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TINY_MODEL, build_on_device, ceilings, facts, median_ms, sync
+from common import NO_PATHS, ROOT, TINY_MODEL, build_on_device, ceilings, facts, median_ms, sync
 
 from dualrl.data.batch import collate_regions
 from dualrl.data.scenes import ShapesDataset
@@ -292,15 +292,9 @@ def main() -> int:
 
     overrides = [
         "output_dir=/tmp/unused",
-        "model.sa2va=null",
-        "model.init_from=null",
+        *NO_PATHS,
         "train.device=auto",
-        "data.refcoco=null",
-        "data.sa1b=null",
-        "data.sav=null",
-        "data.openimages=null",
         "data.shapes={}",
-        "data.eval_source=shapes",
         *(TINY_MODEL if args.tiny else []),
     ]
     recipe = load_recipe(args.recipe, overrides)

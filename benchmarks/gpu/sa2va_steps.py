@@ -37,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TINY_MODEL, ceilings, facts, sync
+from common import NO_PATHS, ROOT, TINY_MODEL, ceilings, facts, sync
 
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import objective_class
@@ -64,14 +64,8 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
         args.recipe,
         [
             f"output_dir={out_dir / 'x'}",
-            "model.sa2va=null",
-            "model.init_from=null",
-            "data.refcoco=null",
-            "data.sa1b=null",
-            "data.sav=null",
-            "data.openimages=null",
+            *NO_PATHS,
             "data.shapes={}",
-            "data.eval_source=shapes",
             "model.trainable.lora=false",
             *(TINY_MODEL if args.tiny else []),
         ],
@@ -129,14 +123,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     size = 128 if args.tiny else 1024
     overrides = [
         f"output_dir={out_dir / algo}",
+        *NO_PATHS,
         f"model.sa2va={sa2va or 'null'}",
-        "model.init_from=null",
         f"algo.name={algo}",
-        "data.refcoco=null",
-        "data.sa1b=null",
-        "data.sav=null",
-        "data.openimages=null",
-        "data.eval_source=shapes",
         f"data.shapes={{image_size: {size}}}",
         "data.expression_fraction=0.3",
         f"data.image_size={size}",

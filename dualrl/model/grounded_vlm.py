@@ -236,7 +236,7 @@ class GroundedVLM(nn.Module):
     def lm_loss(self, hidden: Tensor, seq: Sequences) -> Tensor:
         """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100."""
         labels = seq.labels[:, 1:]
-        host = seq.host_labels[:, 1:] if seq.host_labels is not None else labels.cpu()
+        host = seq.host_labels[:, 1:]
         rows, cols = (host != -100).nonzero(as_tuple=True)  # positions known on the host: no device wait
         if rows.numel() == 0:
             return hidden.sum() * 0.0
@@ -248,8 +248,7 @@ class GroundedVLM(nn.Module):
     def seg_queries(self, hidden: Tensor, seq: Sequences) -> Tensor:
         """Hidden state at the answer's `[SEG]` input position -> SAM prompt embedding [N, 256]. The answer
         comes last, so its `[SEG]` is the last one in the row (a caption may contain the token too)."""
-        ids = seq.host_ids if seq.host_ids is not None else seq.input_ids.cpu()
-        is_seg = ids == self.seg_id  # on the host: the check and the columns make the host wait for nothing
+        is_seg = seq.host_ids == self.seg_id  # on the host: the check and the columns make the host wait for nothing
         if not is_seg.any(dim=1).all():
             raise ValueError("each segmentation prompt must contain a [SEG] token")
         width = is_seg.shape[1]

@@ -51,9 +51,9 @@ class Sequences:
     attention_mask: Tensor
     labels: Tensor
     input_ids: Tensor
+    host_ids: Tensor
+    host_labels: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    host_ids: Tensor | None = None
-    host_labels: Tensor | None = None
 
 
 class Assembler:
@@ -149,4 +149,4 @@ class Assembler:
             mark_index[name] = (on_device[at : at + n], on_device[at + n : at + 2 * n])
             at += 2 * n
         host_labels, host_ids = host[2 * cells : 4 * cells].view(2, len(rows), width).unbind(0)
-        return Sequences(source[index_d], attention_d, labels_d, ids_d, mark_index, host_ids, host_labels)
+        return Sequences(source[index_d], attention_d, labels_d, ids_d, host_ids, host_labels, mark_index)
