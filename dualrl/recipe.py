@@ -467,6 +467,12 @@ class TrainSpec(Section):
         gt=0,
         description="Stop early at this step as if interrupted (for resume tests); the schedule still spans `steps`.",
     )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop at the first step boundary after this much wall time, save a checkpoint and exit as if "
+        "interrupted (for job time limits); the same command resumes, and the schedule still spans `steps`.",
+    )
 
 
 class EvalSpec(Section):

@@ -84,6 +84,7 @@ def run(recipe: Recipe) -> dict:
     batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
+    deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     for step in range(start_step + 1, stop + 1):
         batch = next(batches)
         metrics = batches.metrics()
@@ -98,6 +99,9 @@ def run(recipe: Recipe) -> dict:
         if step % recipe.train.sync_every == 0:
             metrics.update(runtime.sync())
         logger.advance()
+        if deadline is not None and step < stop and time.time() > deadline:
+            log.info("train.max_minutes reached at step %d: saving; the same command resumes from here", step)
+            stop = step
         if step % recipe.train.log_every == 0 or step == stop:
             logger.log(step, metrics)
         if step % recipe.eval.every == 0 or step == recipe.train.steps:
@@ -106,6 +110,8 @@ def run(recipe: Recipe) -> dict:
             metrics.update(run_eval(step))
         if step % recipe.train.save_every == 0 or step == stop:
             save_checkpoint(out, step, runtime.learner.state_dict(), batches.state(), recipe.train.keep_checkpoints)
+        if step == stop:
+            break
 
     batches.close()
     steps_run = step - start_step
@@ -113,6 +119,7 @@ def run(recipe: Recipe) -> dict:
     summary = {
         "steps": step,
         "steps_this_run": steps_run,
+        "complete": step >= recipe.train.steps,
         "wall_time_s": time.time() - t_start,
         "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
         "start": logger.logged(0, "eval/"),

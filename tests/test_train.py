@@ -41,6 +41,19 @@ def test_run_writes_the_output_contract(tmp_path):
     assert set(summary["final"]) >= {"eval/ref_miou", "eval/cycle_miou"}
 
 
+def test_max_minutes_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_path):
+    """With `train.max_minutes` passed (a limit the first step already exceeds) the run stops after one step,
+    saves it and reports itself incomplete; the same command without the limit finishes the schedule."""
+    out = tmp_path / "run"
+    steps = ["train.steps=3", "eval.every=3", "eval.at_start=false", "train.save_every=3"]
+    summary = run(_recipe(out, *steps, "train.max_minutes=1e-6"))
+    assert summary["steps"] == summary["steps_this_run"] == 1 and not summary["complete"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_1"
+    summary = run(_recipe(out, *steps))
+    assert summary["steps"] == 3 and summary["steps_this_run"] == 2 and summary["complete"]
+    assert [m["step"] for m in _lines(out) if "train/loss" in m] == [1, 2, 3]
+
+
 def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
     """Stopping at step 2 and rerunning with the same output_dir resumes (weights, EMA, optimizer,
     scheduler, data position, RNG) and logs the same metrics at the same steps as an uninterrupted run."""
