@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = run(recipe)
     if not summary["complete"]:
-        print(f"stopped at step {summary['steps']} of {recipe.train.steps} after {summary['wall_time_s']:.0f} s; "
-              "run the same command again to resume")
+        print(
+            f"stopped at step {summary['steps']} of {recipe.train.steps} after {summary['wall_time_s']:.0f} s; "
+            "run the same command again to resume"
+        )
         return 0
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s; final {summary['final']}")
     return 0
