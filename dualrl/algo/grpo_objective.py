@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
 from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
@@ -53,6 +52,8 @@ def completion_logprobs(
     rows, cols = seq.marks["caption"]
     logits = model.logits_at(hidden[rows, cols - 1]).float()  # the position before a token predicts it
     targets = upload(torch.cat(completions), logits.device)
+    from trl.trainer.utils import selective_log_softmax  # TRL pulls `datasets` in: only where it is used
+
     logp = selective_log_softmax(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature)[0]
     lengths = [len(c) for c in completions]
     padded = pad_sequence(list(logp.split(lengths)), batch_first=True)
@@ -129,6 +130,8 @@ class Grpo:
 
         loss = s.policy_weight * pg_loss + s.seg_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
         with torch.no_grad():
+            from trl.trainer.utils import entropy_from_logits
+
             entropy = entropy_from_logits(logits).mean().item() if len(logits) else 0.0
         metrics = {
             "train/loss_mask": loss_mask.detach(),
