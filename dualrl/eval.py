@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     parser.add_argument("--data", choices=("refcoco", "shapes"), default="refcoco")
-    parser.add_argument("--split", default="val", help="refcoco: val, testA, testB, test; shapes: val, test")
+    parser.add_argument("--split", default="val", help="refcoco: val, testA, testB, test; shapes: val, test, select")
     parser.add_argument("--weights", choices=("ema", "policy"), default="ema")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

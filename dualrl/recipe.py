@@ -247,6 +247,9 @@ class ShapesSpec(SourceSpec):
     train_size: int = Field(1_000_000, gt=0, description="Regions in the train split (drawn on the fly).")
     val_size: int = Field(64, gt=0)
     test_size: int = Field(256, gt=0)
+    select_size: int = Field(
+        256, gt=0, description="Regions in the `select` split: choose settings there, never on `val` or `test`."
+    )
     seed: int = Field(0, ge=0)
     regions_per_scene: int = Field(
         1,
@@ -479,6 +482,11 @@ class EvalSpec(Section):
     every: int = Field(100, gt=0)
     at_start: bool = True
     batch_size: int = Field(32, gt=0)
+    split: Literal["val", "select"] = Field(
+        "val",
+        description="Held-out regions the run evaluates on: `val`, or `select` (shapes only: a disjoint split "
+        "for choosing settings, so that `val` figures stay unbiased).",
+    )
 
 
 class RuntimeSpec(Section):

@@ -50,7 +50,7 @@ def run(recipe: Recipe) -> dict:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
 
-    val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size)
+    val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size, recipe.eval.split)
     runtime = start_runtime(recipe)
     start_step, position, run_state = 0, 0, {}
     resumed = load_latest(out)

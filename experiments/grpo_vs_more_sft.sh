@@ -3,10 +3,11 @@
 # from the same weights for the same wall time (its steps: 300 x grpo's wall time / the median wall time of the
 # sft_dual runs). Needs experiments/sft_dual_vs_supervised.sh's runs in $OUT. Run it alone: wall times set the
 # step counts.
-#   bash experiments/grpo_vs_more_sft.sh [OUT=outputs/compare] [SEEDS="0 1 2"]
+#   bash experiments/grpo_vs_more_sft.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."]
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}
+read -r -a EXTRA <<<"${EXTRA:-}"  # overrides for every arm, e.g. eval.split=select to choose settings
 wall() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['wall_time_s'])" "$1/summary.json"; }
 sft_wall=$(python -c "import json,statistics,sys; print(statistics.median(json.load(open(f + '/summary.json'))['wall_time_s'] for f in sys.argv[1:]))" "$OUT"/sft_dual_seed*/)
 launch() {  # output_dir, recipe, overrides...
@@ -20,7 +21,7 @@ launch() {  # output_dir, recipe, overrides...
 for seed in $SEEDS; do
   base=$OUT/sft_dual_seed$seed
   [ -f "$base/summary.json" ] || { echo "$base: missing; run experiments/sft_dual_vs_supervised.sh first" >&2; exit 1; }
-  common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled model.init_from=$base
+  common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled ${EXTRA[@]+"${EXTRA[@]}"} model.init_from=$base
           model.init_weights=ema)
   launch "$OUT/grpo_dual_seed$seed" recipes/grpo_dual.yaml "${common[@]}"
   steps=$(python -c "import sys; print(round(300 * float(sys.argv[1]) / float(sys.argv[2])))" \

@@ -2,16 +2,17 @@
 # What the dual loop adds: the default sft_dual run against the same run with only its supervised terms
 # (referring segmentation + captioning of the regions that have an expression: algo.name=pretrain with sft_dual's
 # weights), same steps, data and seeds. Each seed sets the data order, the step generators and the LoRA init.
-#   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"]
+#   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."]
 # then: python -m dualrl.plot $OUT/sft_dual_seed*/ $OUT/supervised_seed*/ --out $OUT/sft_dual_vs_supervised.png
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}
+read -r -a EXTRA <<<"${EXTRA:-}"  # overrides for every arm, e.g. eval.split=select to choose settings
 mkdir -p "$OUT"
 supervised=(algo.name=pretrain algo.pretrain.ref_weight=1.0 algo.pretrain.caption_weight=0.5
             algo.pretrain.point_weight=0.0)
 for seed in $SEEDS; do
-  common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled)
+  common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled ${EXTRA[@]+"${EXTRA[@]}"})
   for arm in sft_dual supervised; do
     dir=$OUT/${arm}_seed$seed
     [ -f "$dir/summary.json" ] && { echo "$dir: done before, kept"; continue; }

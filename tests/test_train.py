@@ -54,6 +54,24 @@ def test_max_minutes_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_
     assert [m["step"] for m in _lines(out) if "train/loss" in m] == [1, 2, 3]
 
 
+def test_eval_split_select_evaluates_other_regions_than_val(tmp_path):
+    """`eval.split=select` evaluates shapes' selection split (for choosing settings) instead of `val`: the same
+    model at step 0 scores differently on the two; another source refuses it with a clear error."""
+    first = {}
+    for split in ("val", "select"):
+        run(_recipe(tmp_path / split, "train.steps=1", "eval.every=5", f"eval.split={split}"))
+        first[split] = _lines(tmp_path / split)[0]
+        assert first[split]["step"] == 0
+    assert first["val"]["eval/ref_miou"] != first["select"]["eval/ref_miou"]
+    from dualrl.data.loader import DataError, EvalBatches
+    from dualrl.recipe import RefCocoSpec
+
+    recipe = _recipe(tmp_path / "x")
+    data = recipe.data.model_copy(update={"refcoco": RefCocoSpec(root="r", images="i"), "eval_source": "refcoco"})
+    with pytest.raises(DataError, match=r"eval\.split=select exists for the shapes source only"):
+        EvalBatches(data, 64, 4, "select")
+
+
 def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
     """Stopping at step 2 and rerunning with the same output_dir resumes (weights, EMA, optimizer,
     scheduler, data position, RNG) and logs the same metrics at the same steps as an uninterrupted run."""

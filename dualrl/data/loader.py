@@ -299,9 +299,9 @@ def in_file_order(
 
 class EvalBatches:
     """The held-out regions, the same ones at every eval: the first `size` good samples of the eval
-    source's eval split in file order, bad ones skipped and counted."""
+    source's `split` (`val`, or shapes' `select`) in file order, bad ones skipped and counted."""
 
-    def __init__(self, data: DataSpec, sam_size: int, batch_size: int):
+    def __init__(self, data: DataSpec, sam_size: int, batch_size: int, split: str = "val"):
         name = eval_source_name(data)
         spec = getattr(data, name)
         if spec is None:
@@ -310,8 +310,13 @@ class EvalBatches:
             from dualrl.recipe import ShapesSpec
 
             spec = ShapesSpec()
-        self.source = build_source(name, spec, data, sam_size, split="val")
-        self.size = spec.val_size if name == "shapes" else data.eval_size
+        if split != "val" and name != "shapes":
+            raise DataError(
+                f"eval.split={split} exists for the shapes source only; for {name}, point a second run's "
+                f"data.{name} at held-out files of its own to choose settings on"
+            )
+        self.source = build_source(name, spec, data, sam_size, split=split)
+        self.size = data.eval_size if name != "shapes" else spec.val_size if split == "val" else spec.select_size
         self.batch_size = batch_size
         self.skips = SkipLog()
 

@@ -40,7 +40,7 @@ POSITIONS = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "select")  # appended: the codes of the first three never change
 ATTRIBUTES = ("size", "colour", "shape", "position")
 
 # Radii in px at 128 px, scaled with image_size. The gap (13 -> 20) keeps the largest small shape at less

@@ -75,6 +75,7 @@ def test_splits_and_seeds_give_different_scenes():
             "train": ShapesDataset("train", 10),
             "val": ShapesDataset("val", 10),
             "test": ShapesDataset("test", 10),
+            "select": ShapesDataset("select", 10),
             "train1": ShapesDataset("train", 10, seed=1),
         }.items()
     }

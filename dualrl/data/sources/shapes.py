@@ -18,7 +18,10 @@ class ShapesSource(Source):
 
     def __init__(self, spec: ShapesSpec, size: int, split: str = "train", expression_fraction: float = 1.0, **kw):
         super().__init__(spec, size, **kw)
-        n = spec.train_size if split == "train" else spec.val_size if split == "val" else spec.test_size
+        sizes = {"train": spec.train_size, "val": spec.val_size, "test": spec.test_size, "select": spec.select_size}
+        if split not in sizes:
+            raise ValueError(f"shapes has the splits {', '.join(sizes)}; got {split!r}")
+        n = sizes[split]
         self.dataset = ShapesDataset(
             split,
             n,
