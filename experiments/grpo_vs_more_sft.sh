@@ -4,9 +4,12 @@
 # sft_dual runs). Needs experiments/sft_dual_vs_supervised.sh's runs in $OUT. Run it alone: wall times set the
 # step counts.
 #   bash experiments/grpo_vs_more_sft.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."]
+#       [RECIPE=recipes/sft_dual.yaml] [GRPO_RECIPE=recipes/grpo_dual.yaml]
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}
+RECIPE=${RECIPE:-recipes/sft_dual.yaml}
+GRPO_RECIPE=${GRPO_RECIPE:-recipes/grpo_dual.yaml}
 read -r -a EXTRA <<<"${EXTRA:-}"  # overrides for every arm, e.g. eval.split=select to choose settings
 wall() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['wall_time_s'])" "$1/summary.json"; }
 sft_wall=$(python -c "import json,statistics,sys; print(statistics.median(json.load(open(f + '/summary.json'))['wall_time_s'] for f in sys.argv[1:]))" "$OUT"/sft_dual_seed*/)
@@ -23,10 +26,10 @@ for seed in $SEEDS; do
   [ -f "$base/summary.json" ] || { echo "$base: missing; run experiments/sft_dual_vs_supervised.sh first" >&2; exit 1; }
   common=(train.seed=$seed data.seed=$seed model.seed=$seed wandb.mode=disabled ${EXTRA[@]+"${EXTRA[@]}"} model.init_from=$base
           model.init_weights=ema)
-  launch "$OUT/grpo_dual_seed$seed" recipes/grpo_dual.yaml "${common[@]}"
+  launch "$OUT/grpo_dual_seed$seed" "$GRPO_RECIPE" "${common[@]}"
   steps=$(python -c "import sys; print(round(300 * float(sys.argv[1]) / float(sys.argv[2])))" \
     "$(wall "$OUT/grpo_dual_seed$seed")" "$sft_wall")
-  launch "$OUT/more_sft_dual_seed$seed" recipes/sft_dual.yaml "${common[@]}" train.steps="$steps"
+  launch "$OUT/more_sft_dual_seed$seed" "$RECIPE" "${common[@]}" train.steps="$steps"
 done
 python -m dualrl.plot "$OUT"/grpo_dual_seed*/ "$OUT"/more_sft_dual_seed*/ --out "$OUT/grpo_vs_more_sft.png" \
   --metrics eval/cycle_miou eval/ref_miou eval/meteor \

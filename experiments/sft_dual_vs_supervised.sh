@@ -2,11 +2,12 @@
 # What the dual loop adds: the default sft_dual run against the same run with only its supervised terms
 # (referring segmentation + captioning of the regions that have an expression: algo.name=pretrain with sft_dual's
 # weights), same steps, data and seeds. Each seed sets the data order, the step generators and the LoRA init.
-#   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."]
+#   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."] [RECIPE=recipes/sft_dual.yaml]
 # then: python -m dualrl.plot $OUT/sft_dual_seed*/ $OUT/supervised_seed*/ --out $OUT/sft_dual_vs_supervised.png
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}
+RECIPE=${RECIPE:-recipes/sft_dual.yaml}
 read -r -a EXTRA <<<"${EXTRA:-}"  # overrides for every arm, e.g. eval.split=select to choose settings
 mkdir -p "$OUT"
 supervised=(algo.name=pretrain algo.pretrain.ref_weight=1.0 algo.pretrain.caption_weight=0.5
@@ -19,7 +20,7 @@ for seed in $SEEDS; do
     extra=()
     [ "$arm" = supervised ] && extra=("${supervised[@]}")
     start=$SECONDS
-    python -m dualrl.launch recipes/sft_dual.yaml output_dir="$dir" "${common[@]}" "${extra[@]}" >"$dir.log" 2>&1 \
+    python -m dualrl.launch "$RECIPE" output_dir="$dir" "${common[@]}" "${extra[@]}" >"$dir.log" 2>&1 \
       || { echo "$dir: failed, see $dir.log" >&2; exit 1; }
     echo "$dir: $((SECONDS - start)) s"
   done
