@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,7 +160,18 @@ def test_extends_takes_a_list_merged_in_order(tmp_path):
         load_recipe(tmp_path / "d.yaml")
 
 
-@pytest.mark.parametrize("name", ["sft_dual", "grpo_dual", "pretrain_tiny", "pretrain_tiny_wide"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sft_dual",
+        "grpo_dual",
+        "pretrain_tiny",
+        "pretrain_tiny_wide",
+        "pretrain_tiny_medium",
+        "sft_dual_wide",
+        "grpo_dual_wide",
+    ],
+)
 def test_top_level_recipes_validate(name):
     from dualrl.recipe import load_recipe
 
@@ -168,3 +180,7 @@ def test_top_level_recipes_validate(name):
     if name == "pretrain_tiny_wide":  # the wider tiny size of the pretraining calibration, otherwise pretrain_tiny
         assert (r.model.vision.hidden_size, r.model.vision.image_size, r.model.text.hidden_size) == (128, 224, 256)
         assert r.algo.name == "pretrain" and r.data.batch_size == 64 and r.model.pretrained is None
+    if r.model.pretrained:  # a recipe states its checkpoint's architecture (else the build stops with the differences)
+        from dualrl.model.build import check_arch
+
+        check_arch(r.model, Path(r.model.pretrained))
