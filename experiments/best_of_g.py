@@ -20,7 +20,7 @@ import sys
 import torch
 
 from dualrl.algo.rollout import RolloutPlan
-from dualrl.data.loader import EvalBatches
+from dualrl.data.loader import DataError, EvalBatches
 from dualrl.recipe import RecipeError, load_recipe
 
 
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if data.shapes is not None:
         size_key = "val_size" if args.split == "val" else "select_size"
         data = data.model_copy(update={"shapes": data.shapes.model_copy(update={size_key: args.regions})})
-    batches = EvalBatches(data, recipe.model.sam.image_size, recipe.eval.batch_size, args.split)
+    try:
+        batches = EvalBatches(data, recipe.model.sam.image_size, recipe.eval.batch_size, args.split)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     runtime = start_runtime(recipe)
     runtime.sync()
     sampled_plan = RolloutPlan(group_size=args.g, sample=True, temperature=args.temperature)

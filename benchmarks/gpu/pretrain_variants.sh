@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu/pretrain_variants.sh resume MINUTES
 # After each call every variant's EMA weights (float16) are exported with its metrics, recipe, summary and log
 # to $OUT/NAME.tar, split into 15 MB parts (join: cat NAME.tar.part* > NAME.tar).
-set -u
+set -u -o pipefail  # an export that fails fails its pipeline
 [ "${DEVICE:-cuda}" = cuda ] && source benchmarks/gpu/setup.sh
 state=/tmp/pv
 common="train.device=${DEVICE:-cuda} data.num_workers=${WORKERS:-4} wandb.mode=disabled ${EXTRA:-}"
@@ -45,12 +45,15 @@ while read -r spec; do
     | grep -v "it/s\]" >> $state/$name.log &
 done < $state/specs
 wait
+failed=0
 while read -r spec; do
   name=${spec%%=*}; run=$state/$name; ex=/tmp/export_$name
   echo "== $name"; grep -i "error\|traceback\|eval at\|done\|stopped\|resumed" $state/$name.log | tail -8
-  [ -f $run/summary.json ] || { tail -20 $state/$name.log; continue; }
-  rm -rf $ex && python3 -m dualrl.export $run $ex/$name --weights ema --dtype float16 | tail -1 || continue
+  [ -f $run/summary.json ] || { tail -20 $state/$name.log; echo "error: $name did not finish"; failed=1; continue; }
+  rm -rf $ex && python3 -m dualrl.export $run $ex/$name --weights ema --dtype float16 | tail -1 \
+    || { echo "error: export of $name failed"; failed=1; continue; }
   cp $run/metrics.jsonl $run/recipe.yaml $run/summary.json $state/$name.log $ex/
   tar -C $ex -cf /tmp/$name.tar . && split -b 15M /tmp/$name.tar $OUT/$name.tar.part
 done < $state/specs
 ls -la $OUT
+exit $failed
