@@ -17,10 +17,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dualrl.data.batch import collate_regions
-from dualrl.eval import eval_recipe, regions
+from dualrl.eval.inputs import eval_recipe, regions
+from dualrl.eval.metrics import binarize, intersection_union
 from dualrl.model.build import build_model
 from dualrl.recipe import RecipeError, load_recipe
 
@@ -32,14 +32,12 @@ def cycle(model, batch: dict) -> tuple[list[str], torch.Tensor]:
         feats = model.encode_images(batch["images"])
         captions = model.describe(None, batch["masks"], feats=feats).texts
         logits, *_ = model.segment(None, captions, feats=feats)
-    size = batch["masks"].shape[-2:]
-    masks = F.interpolate(logits.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] > 0
-    return captions, masks.cpu()
+    return captions, binarize(logits, batch["masks"].shape[-2:]).cpu()
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = (a | b).sum().item()
-    return (a & b).sum().item() / union if union else 1.0
+    inter, union = intersection_union(a[None], b[None])
+    return inter.item() / union.item() if union.item() else 1.0
 
 
 def draw(batch: dict, results: dict[str, tuple[list[str], torch.Tensor]], out: Path, dpi: int = 80) -> None:

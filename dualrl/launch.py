@@ -2,6 +2,8 @@
 
 Everything about the recipe (unknown keys, bad values, missing files) is checked before any model is
 built; a problem ends the command with one message naming the key and what is allowed.
+`python -m dualrl.launch RECIPE.yaml [dotted.key=value ...] --help` prints every key of that recipe (type,
+default, value, help) and stops.
 """
 
 from __future__ import annotations
@@ -10,14 +12,55 @@ import argparse
 import logging
 import sys
 
-from dualrl.recipe import RecipeError, load_recipe
+from dualrl.recipe import RecipeError, check_paths, check_rewards, load_recipe, resolve_recipe
+from dualrl.recipe.help import describe_recipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dualrl.launch",
+        usage="%(prog)s [-h] recipe [overrides ...]",
+        description=__doc__.splitlines()[0],
+        add_help=False,  # -h after a recipe prints that recipe's keys (see `recipe_help`)
+    )
+    parser.add_argument("recipe", nargs="?", help="path to a YAML recipe, e.g. recipes/sft_dual.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, later ones win")
+    parser.add_argument(
+        "-h",
+        "--help",
+        action="store_true",
+        help="show this help message and exit; with a recipe: every key of that recipe with its type, default, "
+        "value in the recipe and help",
+    )
+    return parser
+
+
+def recipe_help(path: str, overrides: list[str]) -> int:
+    """Print every key of the recipe (after `extends` and overrides); build, train and write nothing."""
+    try:
+        recipe = resolve_recipe(path, overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(describe_recipe(recipe, title=" ".join([path, *overrides])), end="")
+    try:  # what a run would refuse, said after the keys rather than instead of them
+        check_paths(recipe)
+        check_rewards(recipe)
+    except RecipeError as err:
+        print(f"\nnote: this recipe does not start as it stands: {err}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dualrl.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/sft_dual.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, later ones win")
-    args = parser.parse_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.help:
+        if args.recipe is None:
+            parser.print_help()
+            return 0
+        return recipe_help(args.recipe, args.overrides)
+    if args.recipe is None:
+        parser.error("the following arguments are required: recipe")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from dualrl.algo.registry import objective_class
-from dualrl.algo.rollout import Rollout
+from dualrl.algo.rollout_data import Rollout
 from dualrl.checkpoint import load_latest, save_checkpoint
 from dualrl.data.loader import EvalBatches, train_batches
-from dualrl.evaluate import evaluate
+from dualrl.eval.training import evaluate
 from dualrl.logger import RunLogger
 from dualrl.recipe import Recipe, dump_recipe
 from dualrl.runtime import start_runtime

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from dualrl.algo.rollout import RolloutPlan
+from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.data.loader import DataError, EvalBatches
 from dualrl.recipe import RecipeError, load_recipe
 

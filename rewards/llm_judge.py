@@ -55,8 +55,13 @@ Serving a judge
 
 API key
     The key is read only from the environment variable named by `api_key_env` (default `OPENAI_API_KEY`),
-    at every call, and sent as `Authorization: Bearer <key>` when the variable is set. It is never stored
-    on the plugin, logged, or put in an error message; `repr` shows only `base_url` and `model`.
+    at construction and at every call, and sent as `Authorization: Bearer <key>` when the variable is set.
+    It is never stored on the plugin, logged, or put in an error message; `repr` shows only `base_url` and
+    `model`. A key that an HTTP header cannot carry (a newline, a space, a control or non-ASCII character:
+    often a trailing newline from the file it was read from) is refused with a ValueError that names the
+    variable, not the key; sent, it would fail in the HTTP library, whose debug log quotes the header.
+    A `base_url` with credentials (`https://user:password@host/v1`) or a query string is refused: the HTTP
+    library logs every request's URL at INFO. Error messages about `base_url` show it without them.
 """
 
 from __future__ import annotations
@@ -188,6 +193,7 @@ class LLMJudge:
             cache_size=cache_size,
             max_tokens=max_tokens,
         )
+        _api_key(api_key_env)  # a key that cannot be sent fails here, before training starts
         self.base_url = base_url.strip().rstrip("/")
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only; its value is read at call time
@@ -245,7 +251,7 @@ class LLMJudge:
         return {prompt: _outcome(task) for prompt, task in tasks.items()}
 
     def _headers(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = _api_key(self.api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def _score(self, client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: str, stats: _Stats) -> float:
@@ -362,12 +368,54 @@ def _outcome(task: asyncio.Task[float]) -> float | str:
     return f"unexpected {type(error).__name__}"  # never the message: it could quote a header
 
 
-def _check_config(base_url: str, model: str, prompt: str | None, **numbers: float) -> None:
-    """Raise ValueError for options that cannot work."""
+def _api_key(variable: str | None) -> str | None:
+    """The key in the environment variable `variable` (None when unset or empty); ValueError, naming the
+    variable and never the key, when an HTTP header cannot carry it."""
+    key = os.environ.get(variable) if variable else None
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        raise ValueError(
+            f"llm_judge: the API key in ${variable} holds a newline, a space or another character that an HTTP "
+            "header cannot carry; export the key alone (e.g. without the trailing newline of the file it came from)"
+        )
+    return key or None
+
+
+_USERINFO = re.compile(r"^([A-Za-z][\w+.-]*://)?.*@", re.DOTALL)  # to the last "@": user:password, whatever it holds
+
+
+def _redacted(url: str) -> str:
+    """`url` for an error message: credentials, query and fragment replaced, as they may hold secrets."""
+    url = _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url)
+    return re.sub(r"[?#].*", "?***", url, flags=re.DOTALL)
+
+
+def _check_base_url(base_url: str) -> None:
+    """Raise ValueError for a base_url that cannot work or would put a secret in the HTTP library's logs."""
     if not isinstance(base_url, str) or not base_url.strip():
         raise ValueError("llm_judge: base_url is empty; set it to the server's /v1 URL, e.g. http://127.0.0.1:8000/v1")
+    shown = _redacted(base_url.strip())
     if not base_url.strip().startswith(("http://", "https://")):
-        raise ValueError(f"llm_judge: base_url must start with http:// or https://, got {base_url!r}")
+        raise ValueError(f"llm_judge: base_url must start with http:// or https://, got {shown!r}")
+    try:
+        url = httpx.URL(base_url.strip())
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise ValueError(f"llm_judge: base_url {shown!r} is not a valid URL") from None
+    if url.userinfo:
+        raise ValueError(
+            f"llm_judge: base_url {shown!r} carries credentials (user:password@), which the HTTP library logs with "
+            "every request; remove them and export the key in the variable named by api_key_env (sent as a "
+            "Bearer token)"
+        )
+    if url.query or url.fragment or "?" in base_url or "#" in base_url:
+        raise ValueError(
+            f"llm_judge: base_url {shown!r} has a query or fragment; give the server's bare /v1 URL (requests go "
+            "to <base_url>/chat/completions, and a key in a query string would be logged with every request)"
+        )
+
+
+def _check_config(base_url: str, model: str, prompt: str | None, **numbers: float) -> None:
+    """Raise ValueError for options that cannot work."""
+    _check_base_url(base_url)
     if not isinstance(model, str) or not model.strip():
         raise ValueError("llm_judge: model is empty; set it to the model name the server serves")
     if prompt is not None and not all(f"{{{name}}}" in prompt for name in ("references", "caption")):

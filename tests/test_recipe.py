@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from dualrl.launch import main
-from dualrl.recipe import RecipeError, load_recipe, parse_override
+from dualrl.recipe import DERIVED, Recipe, RecipeError, dump_recipe, load_recipe, parse_override
 
 
 def test_default_recipe_loads_and_overrides_win():
@@ -114,6 +118,11 @@ SA2VA_RECIPES = [
 ] + [f"sa2va_internvl3_{size}_{kind}" for size in ("2b", "8b") for kind in ("sft_dual", "grpo")]
 
 
+def _stated_or_left(section, key: str, checkpoint_value) -> bool:
+    """The recipe leaves `key` to the checkpoint (it is not set in any of its files), or states the same value."""
+    return key not in section.model_fields_set or getattr(section, key) == checkpoint_value
+
+
 @pytest.mark.parametrize("name", SA2VA_RECIPES)
 def test_sa2va_recipes_validate_and_name_missing_paths(name):
     from dualrl.recipe import RecipeError, load_recipe
@@ -132,16 +141,19 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
     ]
     r = load_recipe(f"recipes/sa2va/{name}.yaml", off)
     assert r.model.precision == "bf16" and r.model.trainable.lora_r == 128 and r.optim.lr == 1e-5
-    assert r.model.sam.image_size == 1024 and r.model.vision.image_size == 448 and r.algo.ema_decay == 0.999
+    assert r.algo.ema_decay == 0.999
+    # the architecture is the checkpoint's: a recipe leaves it out, or states the checkpoint's value
+    assert _stated_or_left(r.model.sam, "image_size", 1024) and _stated_or_left(r.model.vision, "image_size", 448)
     assert (r.algo.loss.bce_weight, r.algo.loss.dice_weight, r.algo.loss.llm_weight) == (2.0, 0.5, 1.0)
     # a 7-8B LLM recomputes activations in micro-batches of 2 (Sa2VA's setting); smaller ones take 2 micro-batches
     # without recomputation (both fit an 80 GB card); every one compiles its decode step
     big = name.startswith(("sa2va_8b", "sa2va_internvl3_8b"))
     assert (r.optim.accumulation, r.model.gradient_checkpointing) == ((4, True) if big else (2, False))
     assert r.model.decode_compile and r.model.generation == "engine"
-    assert r.model.prompts.answer_end == ("<|end|>" if name.startswith("sa2va_4b") else "<|im_end|>")
+    assert _stated_or_left(r.model.prompts, "answer_end", "<|end|>" if name.startswith("sa2va_4b") else "<|im_end|>")
     internlm2 = name.startswith("sa2va_8b")
-    assert (r.model.text.arch, r.model.trust_remote_code) == (("internlm2", True) if internlm2 else ("qwen2", False))
+    assert _stated_or_left(r.model.text, "arch", "internlm2" if internlm2 else "qwen2")
+    assert r.model.trust_remote_code == internlm2
     assert (r.algo.name == "grpo") == name.endswith("grpo") and (r.train.steps == 50) == ("short" in name)
     if name.endswith("grpo"):
         assert r.algo.grpo.num_generations == 8 and r.model.init_weights == "ema"
@@ -184,3 +196,83 @@ def test_top_level_recipes_validate(name):
         from dualrl.model.build import check_arch
 
         check_arch(r.model, Path(r.model.pretrained))
+
+
+def _all_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """(dotted key, field) of every field under `model`, into nested sections, optional ones and list entries."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        out.append((key, field))
+        candidates = [field.annotation, *get_args(field.annotation)]
+        for inner in candidates:
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                out += _all_fields(inner, key + (".N" if get_origin(field.annotation) is list else ""))
+    return out
+
+
+def test_every_field_has_help():
+    """Every key of every section, nested ones included, carries help text (`Field(description=...)`)."""
+    fields = _all_fields(Recipe)
+    keys = {k for k, _ in fields}
+    assert {"data.openimages.masks", "rewards.N.timeout_s", "model.sam.pe_gain", "algo.grpo.beta"} <= keys
+    missing = [k for k, f in fields if not (f.description or "").strip()]
+    assert not missing, f"fields without a description: {missing}"
+
+
+def test_derived_keys_follow_their_source_unless_set():
+    """model.seed and data.seed follow train.seed, algo.grpo.max_completion_length follows
+    model.max_caption_tokens; a value of their own wins; each one's help names its source."""
+    r = load_recipe("recipes/sft_dual.yaml", ["train.seed=3", "model.max_caption_tokens=9"])
+    assert (r.model.seed, r.data.seed, r.algo.grpo.max_completion_length) == (3, 3, 9)
+    r = load_recipe("recipes/sft_dual.yaml", ["train.seed=3", "data.seed=5", "algo.grpo.max_completion_length=4"])
+    assert (r.model.seed, r.data.seed, r.algo.grpo.max_completion_length) == (3, 5, 4)
+    fields = dict(_all_fields(Recipe))
+    for key, source in DERIVED.items():
+        assert source in fields[key].description and "null" in fields[key].description, key
+    with pytest.raises(RecipeError, match=r"data\.seed follows train\.seed=-1: .*greater than or equal to 0"):
+        load_recipe("recipes/sft_dual.yaml", ["train.seed=-1"])
+    assert load_recipe("recipes/sft_dual.yaml", ["train.seed=-1", "data.seed=0"]).model.seed == -1
+
+
+def test_dumped_recipe_loads_back_the_same(tmp_path):
+    """The resolved recipe a run writes (derived keys filled in) loads back to the same recipe."""
+    r = load_recipe("recipes/grpo_dual.yaml", ["model.init_from=null", "train.seed=2"])
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(r))
+    assert load_recipe(tmp_path / "recipe.yaml") == r
+
+
+def test_unknown_key_in_an_optional_section_lists_its_keys():
+    """A misspelt key inside a section that may be null (data.shapes) names the keys allowed there."""
+    with pytest.raises(RecipeError, match=r"data\.shapes\.val_siz: unknown key; allowed here: weight, .*val_size"):
+        load_recipe("recipes/sft_dual.yaml", ["data.shapes.val_siz=3"])
+
+
+def test_launch_help_prints_every_key_with_value_default_and_help(tmp_path, capsys, monkeypatch):
+    """`launch RECIPE --help` prints each key with its type, the recipe's value (overrides applied), its default
+    and its help, grouped by section; it trains nothing (dualrl.train is never imported) and writes nothing."""
+    monkeypatch.setitem(sys.modules, "dualrl.train", None)  # importing it would raise
+    out_dir = tmp_path / "run"
+    args = ["recipes/grpo_dual.yaml", "--help", "train.steps=7", f"output_dir={out_dir}", "model.init_from=/no/run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert not out_dir.exists()
+    assert "model.sam.image_size (int, > 0) = 256  (default 128)" in out
+    assert "SAM2's square input in pixels" in out
+    assert "train.steps (int, > 0) = 7  (default 200)" in out
+    assert "model.seed (int | null) = 0  (default null: same as train.seed)" in out
+    assert "[data.refcoco] (off: null in this recipe" in out and "data.refcoco.root (str) = -  (required)" in out
+    assert "rewards.1.workers = 2  (the plugin's own option)" in out
+    for key, _ in _all_fields(Recipe):
+        if ".N." not in key and not key.startswith("rewards."):
+            assert f"\n  {key} (" in out or f"\n[{key}]" in out, key
+    # a missing starting run is said after the keys, not instead of them
+    assert "note: this recipe does not start as it stands: model.init_from: no dualrl checkpoint" in out
+
+
+def test_launch_help_without_recipe_and_with_a_bad_one(capsys):
+    """Without a recipe --help prints the usage; a recipe that does not validate gives the usual error."""
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m dualrl.launch [-h] recipe [overrides ...]")
+    assert main(["recipes/sft_dual.yaml", "--help", "optim.lr=-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: invalid recipe:\n  optim.lr")

@@ -8,18 +8,26 @@ import json
 
 import torch
 
-from dualrl.eval import main as eval_main
+from dualrl.eval.cli import main as eval_main
 from dualrl.export import main as export_main
 from dualrl.model.build import build_model
-from dualrl.model.sa2va_format import from_sa2va, load_sa2va_state, save_sa2va
+from dualrl.model.sa2va_convert import from_sa2va
+from dualrl.model.sa2va_format import load_sa2va_state, save_sa2va
 from dualrl.recipe import load_recipe
 from dualrl.train import run
 from tests.conftest import TINY
 
 RECIPE = "recipes/sa2va/sa2va_8b_sft_dual.yaml"
-# The 8B recipe at tiny sizes (what its arch keeps: InternLM2, untied, the internlm2_chat template and answer end).
+# The 8B recipe at tiny sizes: what Sa2VA-8B's checkpoint states (InternLM2, untied, the internlm2_chat turns and
+# answer end) at tiny sizes. The seed model is built from these keys; the runs state them too, equal to the
+# checkpoint's, so that the recipe each run writes out reads back the same wherever it is loaded.
+IM_TURN = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 TINY_8B = [
     *TINY,
+    "model.text.arch=internlm2",
+    "model.text.tie_word_embeddings=false",
+    "model.prompts.chat=" + json.dumps(IM_TURN),
+    "model.prompts.answer_end=<|im_end|>",
     "model.vision.hidden_size=64",
     "model.vision.layers=2",
     "model.vision.heads=2",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11's GPU measurements, in stages that fit one device call each (logs and JSON under $OUT):
 #   bash benchmarks/gpu/issue11.sh rollout   # engine vs engine_compiled at the 4B grpo shape, profile of the compiled step
+#   bash benchmarks/gpu/issue11.sh decode    # decode attention kernels; engine, compiled layers, fused projections
 #   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 set -u
@@ -22,6 +23,12 @@ case ${1:-} in
       --profile-path engine_compiled --out "$OUT/rollout.json"
     run sdpa_shapes 60 python3 benchmarks/gpu/sdpa_shapes.py --out "$OUT/sdpa_shapes.json"
     ;;
+  decode)
+    run decode_attention 90 python3 benchmarks/gpu/decode_attention.py --out "$OUT/decode_attention.json"
+    run rollout_fused 420 python3 benchmarks/gpu/rollout.py \
+      --paths engine engine_compiled engine_fused --steps 8 \
+      --profile --profile-path engine_fused --out "$OUT/rollout_fused.json"
+    ;;
   learner)  # one micro-batch, no recomputation (what H200-class memory allows), with a profile of one update
     run sft_acc1_norecompute 240 python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 4 \
       --set model.gradient_checkpointing=false --profile-learner --out "$OUT/sft_acc1_norecompute.json"
@@ -34,5 +41,5 @@ case ${1:-} in
     run whole_grpo 270 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_grpo.json"
     ;;
-  *) echo "usage: issue11.sh rollout|learner|whole" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|whole" >&2; exit 2 ;;
 esac

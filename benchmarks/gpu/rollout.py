@@ -1,7 +1,8 @@
 """Caption rollout on one GPU: dualrl's decoding engine against transformers' `generate` and this shape's limit.
 
-    python benchmarks/gpu/rollout.py [--recipe recipes/sa2va/sa2va_4b_grpo.yaml] [--regions 16] [--generations 4]
-        [--steps 8] [--paths engine engine_eager generate_dynamic generate_static] [--tiny] [--out rollout.json]
+    python benchmarks/gpu/rollout.py [--recipe recipes/sa2va/random_init/sa2va_4b_grpo.yaml] [--regions 16]
+        [--generations 4] [--steps 8] [--paths engine engine_eager generate_dynamic generate_static] [--tiny]
+        [--out rollout.json]
 
 One captioner (the recipe's model, random init on the device: speed does not depend on weight values; bf16; LoRA
 as the recipe sets it) captions `--regions` regions x `--generations` samples a step, 64 tokens each (random
@@ -11,7 +12,8 @@ images (`encode_s`) and the captions (`caption_s`: prompt assembly, prefill, dec
 synchronisation; the first step (warm-up: graph capture, compilation) is reported apart.
 
 Paths: `engine` (model.generation=engine, CUDA graphs), `engine_eager` (the same without graphs),
-`engine_compiled` (model.decode_compile: the step compiled by torch.compile, then captured),
+`engine_compiled` (model.decode_compile: the step's decoder layers compiled by torch.compile, then captured),
+`engine_fused` (the same with model.decode_fuse_projections: q/k/v and gate/up as one product each),
 `generate_dynamic` and `generate_static` (model.generation=generate with either cache: every sample its own
 prompt). `generate_static` recompiles for each new prompt shape (tens of seconds each): it runs
 `--static-steps` steps on one repeated batch, its best case.
@@ -43,7 +45,7 @@ from dualrl.data.scenes import ShapesDataset
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device
 
-ENGINES = ("engine_eager", "engine", "engine_compiled")
+ENGINES = ("engine_eager", "engine", "engine_compiled", "engine_fused")
 
 
 def shape_limit(model, prompt_lengths: list[int], group: int, max_new: int, rates: dict) -> dict:
@@ -104,15 +106,23 @@ def to_bf16(model) -> None:
 
 
 def set_path(model, path: str) -> None:
+    """The model's generation settings for `path`; an engine path whose decoder settings differ from the last
+    one's gets a decoder made afresh (its graphs and compilations were made for the other settings)."""
     generation = "engine" if path.startswith("engine") else "generate"
     cache = "static" if path == "generate_static" else "dynamic"
-    model.spec = model.spec.model_copy(update={"generation": generation, "generation_cache": cache})
+    update = {"generation": generation, "generation_cache": cache}
     if generation == "engine":
-        decoder = model.decoder
-        compiled = path == "engine_compiled"
-        if decoder.compile != compiled:
-            decoder._states.clear()  # graphs captured around the other step
-        decoder.graphs, decoder.compile = path != "engine_eager", compiled
+        update.update(
+            decode_graphs=path != "engine_eager",
+            decode_compile=path in ("engine_compiled", "engine_fused"),
+            decode_fuse_projections=path == "engine_fused",
+        )
+    before = model.spec
+    model.spec = model.spec.model_copy(update=update)
+    if any(getattr(before, key) != value for key, value in update.items() if key.startswith("decode_")):
+        model._decoder = None
+        torch._dynamo.reset()  # a compiled path's warm-up pays its own compilations, not an earlier path's
+        torch._dynamo.utils.counters.clear()
 
 
 class _PhaseTimer:
@@ -236,6 +246,7 @@ def run_path(model, path: str, steps: list[dict], group: int, max_new: int, rate
         "fraction_of_limit": median["limit_s"] / median["caption_s"],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "graph_captures": getattr(model._decoder, "captures", 0) if path != "engine_eager" else 0,
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
 
 
@@ -275,7 +286,7 @@ def breakdown(model, batch: dict, group: int, max_new: int, out_dir: Path | None
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/sa2va_4b_grpo.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/random_init/sa2va_4b_grpo.yaml"))
     parser.add_argument("--regions", type=int, default=16)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max-new", type=int, default=64)
@@ -333,7 +344,7 @@ def main() -> int:
     for path in args.paths:
         if path == "generate_static":
             steps = [data[0]] * args.static_steps  # one batch repeated: static's best case (no new shapes)
-        elif path in ("engine", "engine_compiled"):
+        elif path in ("engine", "engine_compiled", "engine_fused"):
             steps = data[: args.steps]
         else:
             steps = data[: args.slow_steps]

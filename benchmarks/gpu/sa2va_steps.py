@@ -1,6 +1,6 @@
 """Sa2VA-sized dualrl steps on one GPU: time per phase and peak memory.
 
-    python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/sa2va_4b_sft_dual.yaml] [--steps 4]
+    python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--set KEY=VALUE ...] [--tiny] [--out results.json]
 
@@ -41,7 +41,7 @@ from common import NO_PATHS, ROOT, TINY_MODEL, ceilings, facts, sync
 
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import objective_class
-from dualrl.algo.rollout import Rollout
+from dualrl.algo.rollout_data import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
 from dualrl.model.decode import attention_implementation
@@ -370,7 +370,7 @@ def naive_step(runtime, batch: dict, plan, regions: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/sa2va_4b_sft_dual.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--algos", nargs="+", default=["sft_dual", "grpo"])
     parser.add_argument("--batch-size", type=int, default=4)

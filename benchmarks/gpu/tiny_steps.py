@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, sync
 
 from dualrl.algo.registry import objective_class
-from dualrl.algo.rollout import Rollout
+from dualrl.algo.rollout_data import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device, start_runtime

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
 from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
 from dualrl.algo.registry import register
-from dualrl.algo.rollout import Rollout, RolloutPlan
+from dualrl.algo.rollout_data import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
 from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload

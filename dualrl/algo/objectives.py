@@ -22,7 +22,7 @@ from torch import Tensor
 
 from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows, segment_view
 from dualrl.algo.registry import register
-from dualrl.algo.rollout import RolloutPlan
+from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
 from dualrl.model import sam as samlib
 from dualrl.model.grounded_vlm import GroundedVLM

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from dualrl.algo.rollout import RolloutPlan
+    from dualrl.algo.rollout_data import RolloutPlan
     from dualrl.model.grounded_vlm import GroundedVLM
     from dualrl.recipe import AlgoSpec, Recipe
 

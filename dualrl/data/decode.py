@@ -25,6 +25,7 @@ REASONS = (
     "annotation_corrupt",  # an annotation file (JSON, CSV row, pickle) cannot be parsed or misses fields
     "bad_polygon",  # no polygon with >= 3 finite points
     "bad_rle",  # RLE counts that do not decode to exactly h*w pixels, or of an unknown form
+    "bad_sentence",  # one sentence dropped from a referring object that keeps others (counts sentences)
     "bad_text",  # every sentence of a referring object is empty or not UTF-8
     "empty_mask",  # no foreground pixel (or none left after resizing)
     "full_mask",  # every pixel is foreground: no region to describe
@@ -32,10 +33,13 @@ REASONS = (
     "image_missing",
     "image_too_large",
     "load_error",  # anything else a loader raised (logged with its traceback once)
+    "mask_aspect_mismatch",  # a mask stored at a resolution of its own has another aspect ratio than its image
     "mask_missing",
     "mask_size_mismatch",  # mask and image disagree on (h, w) where the format says they must agree
     "mask_too_small",  # under the source's minimum area
+    "masklet_mismatch",  # a video masklet's annotated frames or objects per frame disagree with its video
     "video_corrupt",
+    "video_frame_rate",  # a video not at the frame rate its annotations assume (SA-V: 24 fps)
     "video_missing",
 )
 
@@ -230,13 +234,21 @@ def check_mask(mask: np.ndarray, min_area: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- text
 def clean_text(value: Any) -> str | None:
     """A sentence from an annotation file -> normalised text, or None when it is unusable (bytes that are
-    not UTF-8, control characters only, empty)."""
+    not UTF-8, text with a lone surrogate, control characters only, empty).
+
+    Python 2's `unicode` arrives through pickle with its surrogates passed through: a pair is joined into
+    the character it encodes, a lone one makes the text invalid (it is not a character, and no tokenizer
+    can encode it)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return None
     if not isinstance(value, str):
+        return None
+    try:
+        value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
         return None
     text = unicodedata.normalize("NFC", value)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)

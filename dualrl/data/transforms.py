@@ -31,7 +31,9 @@ Aspect = Literal["squash", "pad"]
 PAD_COLOUR = (124, 116, 104)  # ImageNet mean in 8 bits
 
 
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> [h, w, 3] for size (h, w), bilinear (PIL, shrinking large factors in steps); the
+    image itself when it already has that size."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
@@ -71,13 +73,13 @@ def square(
         raise BadSample("mask_size_mismatch", f"image {image.shape[:2]} vs mask {mask.shape}")
     h, w = mask.shape
     if aspect == "squash":
-        out_image, out_mask = _resize_image(image, (size, size)), resize_mask(mask, (size, size))
+        out_image, out_mask = resize_image(image, (size, size)), resize_mask(mask, (size, size))
     elif aspect == "pad":
         scale = size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         out_image = np.empty((size, size, 3), dtype=np.uint8)
         out_image[:] = PAD_COLOUR
-        out_image[:nh, :nw] = _resize_image(image, (nh, nw))
+        out_image[:nh, :nw] = resize_image(image, (nh, nw))
         out_mask = np.zeros((size, size), dtype=bool)
         out_mask[:nh, :nw] = resize_mask(mask, (nh, nw))
     else:

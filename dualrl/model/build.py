@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from dualrl.model import sam as samlib
+from dualrl.model.checkpoint_config import TEXT_KEYS, VISION_KEYS, resolve_model_spec
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.tokenizer import (
     MODEL_TOKENS,
@@ -53,21 +54,12 @@ def _arch(spec: ModelSpec) -> dict:
 
 def _internvl_config(spec: ModelSpec, image_token_id: int) -> InternVLConfig:
     v, t = spec.vision, spec.text
-    vision = InternVLVisionConfig(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.layers,
-        num_attention_heads=v.heads,
-        intermediate_size=v.intermediate_size,
-        image_size=[v.image_size] * 2,
-        patch_size=[v.patch_size] * 2,
-        attention_bias=v.qkv_bias,
-        layer_norm_eps=v.layer_norm_eps,
-    )
-    text = _text_config(t)
+    vision = {native: getattr(v, field) for field, (_, native) in VISION_KEYS.items()}
+    vision.update(image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2)
     tokens = (v.image_size // v.patch_size) ** 2 // 4
     config = InternVLConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=InternVLVisionConfig(**vision),
+        text_config=_text_config(t),
         image_token_id=image_token_id,
         downsample_ratio=0.5,
         image_seq_length=tokens,
@@ -80,19 +72,9 @@ def _internvl_config(spec: ModelSpec, image_token_id: int) -> InternVLConfig:
 
 def _text_config(t):
     """Qwen2 for `qwen2`. InternLM2 is Llama's computation under other names (RMSNorm, SwiGLU, GQA, rotate-half
-    RoPE, no biases), so `internlm2` runs as transformers' native Llama; `sa2va_format` maps the names."""
-    common = dict(
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        intermediate_size=t.intermediate_size,
-        vocab_size=t.vocab_size,
-        tie_word_embeddings=t.tie_word_embeddings,
-        max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"},
-        rms_norm_eps=t.rms_norm_eps,
-    )
+    RoPE, no biases), so `internlm2` runs as transformers' native Llama; `sa2va_layout` maps the names."""
+    common = {key: getattr(t, field) for field, key in TEXT_KEYS.items()}
+    common["rope_parameters"] = {"rope_theta": t.rope_theta, "rope_type": "default"}
     if t.arch == "internlm2":
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
     return Qwen2Config(**common)
@@ -101,14 +83,11 @@ def _text_config(t):
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> GroundedVLM:
     """Random init from `spec` (seeded; skipped for the VLM when a directory's weights are loaded next), then
     the pretrained or Sa2VA directory if any, then the trainable set."""
+    spec = resolve_model_spec(spec)  # the architecture a checkpoint holds (a contradiction stops here)
     if spec.pretrained:
         check_arch(spec, Path(spec.pretrained))
         tokenizer = _hf_tokenizer(Path(spec.pretrained), spec.trust_remote_code)
     elif spec.sa2va or spec.vlm:
-        if spec.sa2va:
-            from dualrl.model.sa2va_format import check_sa2va_config
-
-            check_sa2va_config(spec, Path(spec.sa2va).expanduser())
         tokenizer = _hf_tokenizer(Path(spec.sa2va or spec.vlm).expanduser(), spec.trust_remote_code)
     else:
         tokenizer = build_tiny_tokenizer(spec.text.vocab_size)
@@ -119,7 +98,7 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Grounded
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         if spec.vlm:
-            vlm = _native_vlm(spec, len(tokenizer))
+            vlm = _native_vlm(spec)
         else:
             image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             # Weights that are loaded next need no random init (every VLM weight is: a missing one is refused).
@@ -133,7 +112,8 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Grounded
     if spec.pretrained:
         load_weights(model, Path(spec.pretrained) / "model.safetensors")
     elif spec.sa2va:
-        from dualrl.model.sa2va_format import from_sa2va, load_sa2va_state
+        from dualrl.model.sa2va_convert import from_sa2va
+        from dualrl.model.sa2va_format import load_sa2va_state
 
         report = from_sa2va(model, load_sa2va_state(Path(spec.sa2va).expanduser()))  # raises on a real mismatch
         log.info("model.sa2va=%s: %s", spec.sa2va, report)
@@ -165,57 +145,18 @@ def _no_init():
     return no_init_weights()
 
 
-def _native_vlm(spec: ModelSpec, n_tokens: int) -> InternVLForConditionalGeneration:
-    """A transformers-native InternVL from its directory (local files only), checked against the recipe's
-    vision/text sections; its embeddings grow to the tokenizer's size when dualrl added tokens."""
-    directory = Path(spec.vlm).expanduser()
+def _native_vlm(spec: ModelSpec) -> InternVLForConditionalGeneration:
+    """A transformers-native InternVL from its directory (local files only; `resolve_model_spec` has matched the
+    recipe to its config.json); its embeddings grow to model.text.vocab_size when dualrl added tokens."""
     vlm = InternVLForConditionalGeneration.from_pretrained(
-        str(directory), local_files_only=True, attn_implementation=spec.attn_implementation, dtype=torch.float32
+        str(Path(spec.vlm).expanduser()),
+        local_files_only=True,
+        attn_implementation=spec.attn_implementation,
+        dtype=torch.float32,
     )
-    if vlm.get_input_embeddings().num_embeddings < n_tokens:
-        vlm.resize_token_embeddings(n_tokens)
-    wanted = _internvl_config(spec, vlm.config.image_token_id)
-    diffs = [
-        f"model.{sec}.{name}: recipe {getattr(w, key)!r} vs {directory} {getattr(h, key)!r}"
-        for sec, w, h in (
-            ("vision", wanted.vision_config, vlm.config.vision_config),
-            ("text", wanted.text_config, vlm.config.text_config),
-        )
-        for name, key in _CHECKED[sec]
-        if getattr(w, key) != getattr(h, key)
-    ]
-    if wanted.text_config.model_type != vlm.config.text_config.model_type:
-        diffs.insert(
-            0,
-            f"model.text.arch: recipe {spec.text.arch!r} (a {wanted.text_config.model_type} model) vs "
-            f"{directory} {vlm.config.text_config.model_type!r}",
-        )
-    if diffs:
-        raise ValueError("model.vlm: the recipe describes another architecture:\n  " + "\n  ".join(diffs))
+    if vlm.get_input_embeddings().num_embeddings < spec.text.vocab_size:
+        vlm.resize_token_embeddings(spec.text.vocab_size)
     return vlm
-
-
-# (recipe field, config attribute) pairs that must agree between a recipe and a model directory
-_CHECKED = {
-    "vision": [
-        ("hidden_size", "hidden_size"),
-        ("layers", "num_hidden_layers"),
-        ("heads", "num_attention_heads"),
-        ("intermediate_size", "intermediate_size"),
-        ("image_size", "image_size"),
-        ("patch_size", "patch_size"),
-        ("qkv_bias", "attention_bias"),
-    ],
-    "text": [
-        ("hidden_size", "hidden_size"),
-        ("layers", "num_hidden_layers"),
-        ("heads", "num_attention_heads"),
-        ("kv_heads", "num_key_value_heads"),
-        ("intermediate_size", "intermediate_size"),
-        ("vocab_size", "vocab_size"),
-        ("tie_word_embeddings", "tie_word_embeddings"),
-    ],
-}
 
 
 def _hf_tokenizer(directory: Path, trust_remote_code: bool = False):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dualrl.model.fused_projections import FusedProjections
 from dualrl.model.lora_merge import MergedLora
 from dualrl.model.sampling import Sampling, choose
 
@@ -118,17 +119,19 @@ class _PromptKV:
 
 
 class _SlotKV:
-    """A KV cache of fixed slots, [rows, kv_heads, slots, head_dim] per layer. The attention layers call
-    `update`, which writes the step's keys and values at `slot` (a device tensor, so a captured graph reads the
-    position it is replayed at) and returns the whole cache; the attention mask hides unused slots."""
+    """A KV cache of fixed slots, [layers, rows, kv_heads, slots, head_dim] for keys and for values. The attention
+    layers call `update`, which writes the step's keys and values at `slot` (a device tensor, so a captured graph
+    reads the position it is replayed at) and returns the layer's whole cache; the attention mask hides unused
+    slots. One tensor for all layers, indexed by the layer's number, so the compiled layers share one compilation
+    (a list of tensors would be indexed at trace time, one compilation per layer)."""
 
     def __init__(self, prompt: _PromptKV, rows: int, slots: int):
         def alloc(t: Tensor) -> Tensor:
-            return t.new_zeros(rows, t.shape[1], slots, t.shape[3])
+            return t.new_zeros(len(prompt.keys), rows, t.shape[1], slots, t.shape[3])
 
-        self.keys = [alloc(prompt.keys[i]) for i in range(len(prompt.keys))]
-        self.values = [alloc(prompt.values[i]) for i in range(len(prompt.values))]
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+        self.keys = alloc(prompt.keys[0])
+        self.values = alloc(prompt.values[0])
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.keys.device)
 
     def fits(self, prompt: _PromptKV) -> bool:
         k = prompt.keys[0]
@@ -142,7 +145,10 @@ class _SlotKV:
             k[:, :, start : start + length] = prompt.keys[layer].repeat_interleave(group, dim=0)
             v[:, :, start : start + length] = prompt.values[layer].repeat_interleave(group, dim=0)
 
+    @torch.compiler.disable
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        # outside the compiled layers: compiled, the write into a view at a layer-dependent offset cannot be proven
+        # not to overlap, and inductor copies the layer's whole cache to write one slot (measured: 12 us a write)
         self.keys[layer_idx].index_copy_(2, self.slot, key)
         self.values[layer_idx].index_copy_(2, self.slot, value)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -219,10 +225,14 @@ class CaptionDecoder:
         merge_lora: bool = True,
         prefill_bucket: int = 64,
         compile: bool = False,
+        fuse: bool = False,
     ):
         self.weights, self.lm = weights, lm
-        self.lora = MergedLora(lm) if merge_lora else None
+        # q/k/v and gate/up as one product each (LoRA folded into the fused copies, not into MergedLora's)
+        self.fused = FusedProjections(lm) if fuse else None
+        self.lora = MergedLora(lm, skip=self.fused.lora_layers() if fuse else ()) if merge_lora else None
         self._merged = False  # this call decodes with the merged LoRA copies
+        self._fusing = False  # ... and with the fused projections
         self._busy = False
         self._placed: dict[str, tuple[int, bool]] = {}  # held matrix -> (its storage as placed, a model parameter)
         # attention runs as `packed_sdpa` here (no KV copy per query head); eager stays transformers' own
@@ -239,10 +249,11 @@ class CaptionDecoder:
         self.graphs, self.bucket, self.keep, self.prefill_bucket = graphs, bucket, keep, prefill_bucket
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
         self.captures = 0  # CUDA graphs captured so far (a new shape, or a longer prompt than seen)
-        # the step compiled by torch.compile (inductor fuses the norms, rotary embedding, activations and residual
-        # adds: hundreds of small kernels a step), then captured as a graph on CUDA
+        # the step's decoder layers compiled by torch.compile (inductor fuses the norms, rotary embedding,
+        # activations and residual adds: hundreds of small kernels a step), then captured as a graph on CUDA.
+        # The layers are alike, so one compilation serves them all (compiling the whole step took 30-45 s at 4B)
         self.compile = compile
-        self._compiled: Callable | None = None
+        self._compiled: list[Callable] | None = None
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
@@ -347,10 +358,13 @@ class CaptionDecoder:
         (another shape or dtype), every captured graph is dropped: it would read the old one."""
         embed, head = self.weights()
         merged = self.lora is not None and self.lora.usable()
-        replaced = merged != self._merged  # graphs captured with the other weights
-        self._merged = merged
+        fusing = self.fused is not None and self.fused.usable()
+        replaced = merged != self._merged or fusing != self._fusing  # graphs captured with the other weights
+        self._merged, self._fusing = merged, fusing
         if merged:
             replaced |= self.lora.refresh()
+        if fusing:
+            replaced |= self.fused.refresh()
 
         def place(name: str, new: Tensor, held: Tensor | None) -> Tensor:
             """A model parameter is used where it is, as long as it keeps the storage it was placed with; a fresh
@@ -377,8 +391,31 @@ class CaptionDecoder:
     def _attending(self):
         """How the decoder's modules run here: packed sdpa, and merged LoRA weights when there are any."""
         merged = self.lora.active() if self._merged else contextlib.nullcontext()
-        with attention_implementation(self.lm.config, self._attention), merged:
+        fused = self.fused.active() if self._fusing else contextlib.nullcontext()
+        with attention_implementation(self.lm.config, self._attention), merged, fused:
             yield
+
+    @contextlib.contextmanager
+    def _compiled_layers(self):
+        """The decoder layers run compiled for the block's duration (the prefill, whose lengths vary, stays eager).
+        Static shapes at first; a second (rows, capacity) makes torch.compile mark those sizes dynamic, so later
+        prompt capacities reuse that compilation instead of compiling again. The layers' integer attributes are
+        left unspecialised, so the second layer's number makes it dynamic rather than compiling once per layer.
+        The layers' code is transformers' own, shared by every model in the process (eval, float32 checks,
+        another dtype), so the recompilation limit is raised: past it torch.compile would run them eagerly."""
+        layers = _decoder_layers(self.lm)
+        if self._compiled is None:
+            self._compiled = [torch.compile(layer._call_impl) for layer in layers]
+        unspecialised = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64)
+        try:
+            unspecialised.__enter__()
+            for layer, compiled in zip(layers, self._compiled):
+                layer._compiled_call_impl = compiled
+            yield
+        finally:
+            unspecialised.__exit__(None, None, None)
+            for layer in layers:
+                layer._compiled_call_impl = None
 
     def _lm_step(self, tokens: Tensor, positions: Tensor, allowed: Tensor, kv: _SlotKV) -> Tensor:
         """The decode step proper: next-token logits (float32) for the rows' last tokens. The mask is made additive
@@ -394,15 +431,8 @@ class CaptionDecoder:
         return F.linear(hidden[:, -1], self._head).float()
 
     def _forward(self, state: _DecodeState, compiled: bool = False) -> Tensor:
-        step = self._lm_step
-        if compiled:
-            if self._compiled is None:
-                # static shapes at first; a second (rows, capacity) makes torch.compile mark those sizes dynamic,
-                # so later prompt lengths reuse that compilation instead of compiling again
-                self._compiled = torch.compile(self._lm_step)
-            step = self._compiled
-        with self._attending():
-            return step(state.tokens, state.positions, state.allowed, state.kv)
+        with self._attending(), self._compiled_layers() if compiled else contextlib.nullcontext():
+            return self._lm_step(state.tokens, state.positions, state.allowed, state.kv)
 
     def _step(self, state: _DecodeState) -> Tensor:
         """One decode step: eager, or the state's CUDA graph (captured on first use)."""
@@ -430,6 +460,14 @@ class CaptionDecoder:
             state.logits = self._forward(state, self.compile)
         state.graph = graph
         self.captures += 1
+
+
+def _decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The transformers decoder's stack of layers (`layers`, as every decoder-only LM in transformers names it)."""
+    layers = getattr(lm, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"model.decode_compile: {type(lm).__name__} has no `layers` list of decoder layers to compile")
+    return layers
 
 
 def _cast_cache_off(device_type: str) -> contextlib.AbstractContextManager:

@@ -308,6 +308,7 @@ class GroundedVLM(nn.Module):
                 graphs=self.spec.decode_graphs,
                 merge_lora=self.spec.decode_merge_lora,
                 compile=self.spec.decode_compile,
+                fuse=self.spec.decode_fuse_projections,
             )
         return self._decoder
 

@@ -16,7 +16,7 @@ import torch
 from dualrl.algo.ema import EMA
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import build_objective, objective_class
-from dualrl.algo.rollout import micro_batches
+from dualrl.algo.rollout_data import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec

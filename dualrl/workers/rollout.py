@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dualrl.algo.rollout import RolloutPlan
+from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.model.build import build_model
 from dualrl.model.grounded_vlm import Captions, GroundedVLM
 from dualrl.recipe import ModelSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dualrl.algo.rollout import Rollout, micro_batches
+from dualrl.algo.rollout_data import Rollout, micro_batches
 from dualrl.model.grounded_vlm import Captions
 from dualrl.recipe import load_recipe
 from dualrl.workers.learner import Learner

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dualrl.algo.grpo_objective import Grpo, completion_logprobs
-from dualrl.algo.rollout import Rollout
+from dualrl.algo.rollout_data import Rollout
 from dualrl.model.build import build_model
 from dualrl.recipe import AlgoSpec
 

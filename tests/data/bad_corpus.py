@@ -30,6 +30,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from dualrl.data.fixtures import OPENIMAGES_HEADER, VIDEO_CODEC, VIDEO_FPS, coco_rle, py2_pickle, refer_sentence
 from dualrl.data.sources.base import Source
 from dualrl.data.sources.openimages import OpenImagesSource
 from dualrl.data.sources.refcoco import RefCocoSource
@@ -37,11 +38,8 @@ from dualrl.data.sources.sa1b import Sa1bSource
 from dualrl.data.sources.sav import SavSource
 from dualrl.recipe import OpenImagesSpec, RefCocoSpec, Sa1bSpec, SavSpec
 from tests.data import make_openimages as mk_oi
-from tests.data.make_refcoco import py2_pickle, sentence
 from tests.data.make_sa1b import annotation, boxes_image
-from tests.data.make_sa1b import rle as sa1b_rle
-from tests.data.make_sav import CODEC, FPS, grey, object_mask, write_json, write_mp4, write_npz
-from tests.data.make_sav import rle as sav_rle
+from tests.data.make_sav import grey, object_mask, write_json, write_mp4, write_npz
 
 H, W = 48, 64  # every image but OpenImages' (mk_oi.H x mk_oi.W, the size its masks are drawn for)
 SIZE = 32  # the working square
@@ -183,17 +181,17 @@ def _box(y0: int, x0: int, y1: int, x1: int, h: int = H, w: int = W) -> np.ndarr
 
 
 BOX = _box(2, 2, 18, 18)  # 256 px
-RUNS_SHORT = {"size": [H, W], "counts": sa1b_rle(_box(2, 2, 18, 18, 40, W))["counts"]}  # runs sum to 40*64
+RUNS_SHORT = {"size": [H, W], "counts": coco_rle(_box(2, 2, 18, 18, 40, W))["counts"]}  # runs sum to 40*64
 BAD_ALPHABET = {"size": [H, W], "counts": "PP!!~~ not rle"}
 NEGATIVE_COUNTS = {"size": [H, W], "counts": [-5, H * W + 5]}
-ENDS_INSIDE_A_RUN = {"size": [H, W], "counts": sa1b_rle(BOX)["counts"] + "P"}  # "P": a continuation bit
+ENDS_INSIDE_A_RUN = {"size": [H, W], "counts": coco_rle(BOX)["counts"] + "P"}  # "P": a continuation bit
 
 
 # ------------------------------------------------------------------------------------------ RefCOCO
 SQUARE = [[2.0, 2.0, 18.0, 2.0, 18.0, 18.0, 2.0, 18.0]]
 REFCOCO_MASKS = {  # case -> (segmentation, expected) on a good image
     "polygon_with_a_box_part": ([*SQUARE, [1.0, 1.0, 5.0, 5.0]], OK),
-    "rle_compressed": (sa1b_rle(BOX), OK),
+    "rle_compressed": (coco_rle(BOX), OK),
     "rle_uncompressed": ({"size": [H, W], "counts": [H * 10 + 5, 40, H * W - H * 10 - 45]}, OK),
     "polygon_4_numbers": ([[1.0, 1.0, 5.0, 5.0]], "bad_polygon"),
     "polygon_nan": ([[0.0, 0.0, float("nan"), 1.0, 20.0, 20.0, 0.0, 20.0]], "bad_polygon"),
@@ -204,7 +202,7 @@ REFCOCO_MASKS = {  # case -> (segmentation, expected) on a good image
     "rle_negative_counts": (NEGATIVE_COUNTS, "bad_rle"),
     "rle_ends_inside_a_run": (ENDS_INSIDE_A_RUN, "bad_rle"),
     "segmentation_null": (None, "bad_polygon"),
-    "mask_wrong_size": (sa1b_rle(_box(2, 2, 18, 18, 50, W)), "mask_size_mismatch"),
+    "mask_wrong_size": (coco_rle(_box(2, 2, 18, 18, 50, W)), "mask_size_mismatch"),
     "empty_mask": ({"size": [H, W], "counts": [H * W]}, "empty_mask"),
     "full_mask": ([[0.0, 0.0, 64.0, 0.0, 64.0, 48.0, 0.0, 48.0]], "full_mask"),
     "mask_under_min_area": ([[2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0]], "mask_too_small"),  # 16 px
@@ -254,7 +252,7 @@ def build_refcoco(root: Path) -> Corpus:
                 b"image_id": image_id,
                 b"split": b"train",
                 b"category_id": 1,
-                b"sentences": [sentence(10 * ref_id + i, s) for i, s in enumerate(sentences)],
+                b"sentences": [refer_sentence(10 * ref_id + i, s) for i, s in enumerate(sentences)],
             }
         )
         by_ref[ref_id] = case
@@ -269,6 +267,7 @@ def build_refcoco(root: Path) -> Corpus:
     for case, (sentences, ann_id, reason) in REFCOCO_TEXT.items():
         add(case, good_image, SQUARE, sentences, ann_id)
         (expected if reason == OK else index_cases)[case] = reason
+    index_cases["one_bad_one_good_sentence: its sentence that is not UTF-8"] = "bad_sentence"  # ref kept
     refs.append({**refs[0], b"ref_id": 999, b"split": b"val"})  # another split: not read, not counted
     (folder / "instances.json").write_text(json.dumps(coco))  # NaN is written as NaN, as Python's json reads it
     (folder / "refs(unc).p").write_bytes(py2_pickle(refs))
@@ -299,10 +298,10 @@ def build_sa1b(root: Path) -> Corpus:
     # one good image, many masks; "area" is the JSON's (index-time filter), the RLE decides at load time
     masks = {
         "rle_box": (good, OK),
-        "empty_mask": (ann(1, sa1b_rle(np.zeros((H, W), bool))), "empty_mask"),
-        "full_mask": (ann(2, sa1b_rle(np.ones((H, W), bool)), H * W), "full_mask"),
-        "mask_under_min_area_json_area_wrong": (ann(3, sa1b_rle(_box(2, 2, 4, 4))), "mask_too_small"),
-        "mask_wrong_size": (ann(4, sa1b_rle(_box(2, 2, 18, 18, 50, W))), "mask_size_mismatch"),
+        "empty_mask": (ann(1, coco_rle(np.zeros((H, W), bool))), "empty_mask"),
+        "full_mask": (ann(2, coco_rle(np.ones((H, W), bool)), H * W), "full_mask"),
+        "mask_under_min_area_json_area_wrong": (ann(3, coco_rle(_box(2, 2, 4, 4))), "mask_too_small"),
+        "mask_wrong_size": (ann(4, coco_rle(_box(2, 2, 18, 18, 50, W))), "mask_size_mismatch"),
         "rle_runs_dont_sum": (ann(5, RUNS_SHORT), "bad_rle"),
         "rle_bad_alphabet": (ann(6, BAD_ALPHABET), "bad_rle"),
         "rle_negative_counts": (ann(7, NEGATIVE_COUNTS), "bad_rle"),
@@ -311,7 +310,7 @@ def build_sa1b(root: Path) -> Corpus:
         "rle_zero_size": (ann(10, {"size": [0, 0], "counts": ""}), "bad_rle"),
         "segmentation_missing": ({k: v for k, v in ann(11, None).items() if k != "segmentation"}, "annotation_corrupt"),
     }
-    anns = [a for a, _ in masks.values()] + [ann(len(masks), sa1b_rle(_box(2, 2, 4, 4)), area=4)]
+    anns = [a for a, _ in masks.values()] + [ann(len(masks), coco_rle(_box(2, 2, 4, 4)), area=4)]
     index_cases["mask_under_min_area"] = "mask_too_small"  # by the JSON's area: never a key
     _write(folder / "sa_1.jpg", image_bytes("rgb"))
     _sa1b_json(folder, 1, anns)
@@ -372,13 +371,13 @@ def build_sa1b(root: Path) -> Corpus:
 FRAMES = 8  # video frames (annotations 0, 1 = frames 0, 4)
 
 
-def write_faststart_mp4(path: Path, frames: int = 40) -> Path:
+def write_faststart_mp4(path: Path, frames: int = 40, fps: int = VIDEO_FPS) -> Path:
     """Like make_sav.write_mp4, with the moov box before the frames (movflags=faststart), as streamed files are."""
     with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream(CODEC, rate=FPS)
+        stream = out.add_stream(VIDEO_CODEC, rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.gop_size = 4
-        if CODEC == "libx264":
+        if VIDEO_CODEC == "libx264":
             stream.options = {"crf": "10", "keyint_min": "4"}
         for i in range(frames):
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((H, W, 3), grey(i), np.uint8), format="rgb24")))
@@ -389,9 +388,14 @@ def write_faststart_mp4(path: Path, frames: int = 40) -> Path:
 def _masklet(visible: list[bool], height: int = H, width: int = W) -> list[list[dict]]:
     """One object: obj0's box where visible, an all-zero RLE (out of view) elsewhere."""
     return [
-        [sav_rle(object_mask(0, k, height, width) if v else np.zeros((height, width), bool))]
+        [coco_rle(object_mask(0, k, height, width) if v else np.zeros((height, width), bool))]
         for k, v in enumerate(visible)
     ]
+
+
+OUT_OF_VIEW = coco_rle(np.zeros((H, W), bool))
+ZERO_RUNS_SHORT = {"size": [H, W], "counts": coco_rle(np.zeros((40, W), bool))["counts"]}  # area 0, runs 40*64
+JSON_SIZE = {"json_size_not_video_size": {"height": 24, "width": 32}}  # the JSON's video_height, video_width
 
 
 def build_sav(root: Path) -> Corpus:
@@ -401,36 +405,51 @@ def build_sav(root: Path) -> Corpus:
     good_mp4 = write_mp4(videos / "sav_000001.mp4", frames=FRAMES, gop=4)
     data = good_mp4.read_bytes()
     expected, index_cases, stems = {}, {}, {}
-    # case -> (mp4: "good", "truncated", "text", "empty", "short", None; masklet JSON text or list; reason)
+    # case -> (mp4: "good", "truncated", "text", "empty", "faststart_cut", "30fps", None; masklet JSON text or
+    # list; reason). An 8-frame video has 2 annotated frames (0, 4); every masklet has 2 unless its case says.
     cases = {
         "video_pair": ("good", _masklet([True, True]), OK),  # rows k=0 (a pair, frames 0+4) and k=1 (frame 4)
-        "video_missing_at_index": (None, _masklet([True]), "video_missing"),
-        "video_deleted_after_indexing": ("good", _masklet([True]), "video_missing"),
-        "json_deleted_after_indexing": ("good", _masklet([True]), "annotation_corrupt"),
+        "video_missing_at_index": (None, _masklet([True, False]), "video_missing"),
+        "video_deleted_after_indexing": ("good", _masklet([True, False]), "video_missing"),
+        "json_deleted_after_indexing": ("good", _masklet([True, False]), "annotation_corrupt"),
         "json_corrupt": ("good", '{"video_id": "x", "masklet": [[{"size"', "annotation_corrupt"),
         "json_without_masklet": ("good", '{"video_id": "x"}', "annotation_corrupt"),
         "json_not_utf8": ("good", b'{"video_id": "caf\xe9", "masklet": []}', "annotation_corrupt"),
-        "mp4_truncated": ("truncated", _masklet([True]), "video_corrupt"),
+        "json_size_not_video_size": ("good", _masklet([True, False]), "mask_size_mismatch"),
+        "mp4_truncated": ("truncated", _masklet([True, False]), "video_corrupt"),  # cannot be opened
         "mp4_faststart_truncated": ("faststart_cut", _masklet([False] * 9 + [True]), "video_corrupt"),  # frame 36
-        "mp4_not_a_video": ("text", _masklet([True]), "video_corrupt"),
-        "mp4_empty_file": ("empty", _masklet([True]), "video_corrupt"),
-        "video_ends_before_frame": ("good", _masklet([False, False, False, True]), "video_corrupt"),  # frame 12
-        "rle_smaller_than_video": ("good", _masklet([True], 24, 32), "mask_size_mismatch"),
+        "mp4_not_a_video": ("text", _masklet([True, False]), "video_corrupt"),
+        "mp4_empty_file": ("empty", _masklet([True, False]), "video_corrupt"),
+        "video_at_30_fps": ("30fps", _masklet([True, False]), "video_frame_rate"),
+        "masklet_longer_than_video": ("good", _masklet([False, False, False, True]), "masklet_mismatch"),
+        "masklet_shorter_than_video": ("good", _masklet([True]), "masklet_mismatch"),
+        "objects_per_frame_differ": ("good", [[OUT_OF_VIEW], [OUT_OF_VIEW, OUT_OF_VIEW]], "masklet_mismatch"),
+        "rle_smaller_than_video": ("good", _masklet([True, False], 24, 32), "mask_size_mismatch"),
         "rle_runs_dont_sum": (
             "good",
-            [[{"size": [H, W], "counts": sav_rle(object_mask(0, 0, 40, W))["counts"]}]],
+            [[{"size": [H, W], "counts": coco_rle(object_mask(0, 0, 40, W))["counts"]}], [OUT_OF_VIEW]],
             "bad_rle",
         ),
-        "rle_bad_alphabet": ("good", [[BAD_ALPHABET]], "bad_rle"),
-        "rle_uncompressed_negative_counts": ("good", [[NEGATIVE_COUNTS]], "bad_rle"),
+        "rle_bad_alphabet": ("good", [[BAD_ALPHABET], [OUT_OF_VIEW]], "bad_rle"),
+        "rle_uncompressed_negative_counts": ("good", [[NEGATIVE_COUNTS], [OUT_OF_VIEW]], "bad_rle"),
+        "rle_area_zero_runs_dont_sum": ("good", [[ZERO_RUNS_SHORT], [OUT_OF_VIEW]], "bad_rle"),  # not out of view
     }
     at_index = {
         "video_missing_at_index",
         "json_corrupt",
         "json_without_masklet",
         "json_not_utf8",
+        "json_size_not_video_size",
+        "mp4_truncated",
+        "mp4_not_a_video",
+        "mp4_empty_file",
+        "video_at_30_fps",
+        "masklet_longer_than_video",
+        "masklet_shorter_than_video",
+        "objects_per_frame_differ",
         "rle_bad_alphabet",
         "rle_uncompressed_negative_counts",
+        "rle_area_zero_runs_dont_sum",
     }
     for n, (case, (mp4, masklet, reason)) in enumerate(cases.items(), start=1):
         stem = f"sav_{n:06d}"
@@ -447,10 +466,12 @@ def build_sav(root: Path) -> Corpus:
         elif mp4 == "faststart_cut":  # moov first, then 80% of the frames' data: the late frames are gone
             full = write_faststart_mp4(path).read_bytes()
             path.write_bytes(full[: int(len(full) * 0.8)])
+        elif mp4 == "30fps":
+            write_faststart_mp4(path, frames=FRAMES, fps=30)
         if isinstance(masklet, (str, bytes)):
             (videos / f"{stem}_manual.json").write_bytes(masklet if isinstance(masklet, bytes) else masklet.encode())
         else:
-            write_json(videos / f"{stem}_manual.json", stem, masklet, frames=FRAMES)
+            write_json(videos / f"{stem}_manual.json", stem, masklet, frames=FRAMES, **JSON_SIZE.get(case, {}))
         (index_cases if case in at_index else expected)[case] = reason
     # pre-extracted pairs: file stem = case name
     write_npz(pairs / "npz_pair.npz", frame1=1, frame2=5)
@@ -515,6 +536,7 @@ OPENIMAGES_CASES = {  # case -> (image kind, mask kind as in make_openimages or 
     "empty_mask": ("rgb", "zero", "empty_mask"),
     "full_mask": ("rgb", "full", "full_mask"),
     "mask_under_min_area": ("rgb", "tiny", "mask_too_small"),  # 4 px at the image's size
+    "mask_transposed": ("rgb", "transposed", "mask_aspect_mismatch"),  # 40x30 for a 60x80 image: not stretched
 }
 OPENIMAGES_BAD_LINES = {  # case -> CSV line, each annotation_corrupt at index time
     "row_missing_fields": mk_oi.BAD_LINES[0],
@@ -532,11 +554,11 @@ def write_openimages(
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     mk_oi.write_classes(root / "oidv7-class-descriptions.csv")
-    lines, by_offset, by_index = [mk_oi.HEADER.encode() + b"\n"], {}, {}
+    lines, by_offset, by_index = [OPENIMAGES_HEADER.encode() + b"\n"], {}, {}
     pos = len(lines[0])
     bad = list(bad_lines.values())
     for n, (case, (image, mask, _)) in enumerate(cases.items()):
-        written = "half" if mask in ("truncated", "huge") else mask  # then cut, or replaced
+        written = "half" if mask in ("truncated", "huge", "transposed") else mask  # then cut, or replaced
         row = mk_oi.Case(f"{n + 1:016x}", "/m/04yx4", f"{n:02x}", image, written, None)
         line = mk_oi.csv_line(row)
         lines.append(line)
@@ -552,6 +574,8 @@ def write_openimages(
             png = png[: len(png) // 2]
         elif mask == "huge":
             png = huge_png()
+        elif mask == "transposed":
+            png = _save(Image.fromarray(np.asarray(Image.open(io.BytesIO(png))).T.copy()), "PNG")
         _write(root / "masks" / row.mask_path, png)
     lines += bad[len(cases) :]
     (root / "train-annotations-object-segmentation.csv").write_bytes(b"".join(lines))

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
+from dualrl.data.fixtures import OPENIMAGES_HEADER
+
 CLASSES = {"/m/04yx4": "Man", "/m/0k4j": "Car", "/m/04bcr3": "Table, desk", "/m/01bad": "Caf\ufffd"}
 W, H = 80, 60  # every image but the large one
 
@@ -96,7 +97,7 @@ def write_classes(path: Path) -> None:
 
 
 def write_annotations(path: Path, cases: list[Case], bad_lines: list[bytes]) -> None:
-    lines = [HEADER.encode() + b"\n"]
+    lines = [OPENIMAGES_HEADER.encode() + b"\n"]
     for i, case in enumerate(cases):
         lines.append(csv_line(case, quoted=i == 1))
         if i == 2:

@@ -3,56 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def py2_pickle(obj) -> bytes:
-    """Pickle as Python 2's cPickle (protocol 2) did: `bytes` become py2 `str` (SHORT_BINSTRING /
-    BINSTRING), `str` py2 `unicode` (BINUNICODE). The refer pickles hold both."""
-    out = bytearray(b"\x80\x02")
-
-    def put(x):
-        if x is None:
-            out.extend(b"N")
-        elif isinstance(x, bool):
-            out.extend(b"\x88" if x else b"\x89")
-        elif isinstance(x, int):
-            out.extend(b"J" + struct.pack("<i", x))
-        elif isinstance(x, float):
-            out.extend(b"G" + struct.pack(">d", x))
-        elif isinstance(x, bytes):
-            out.extend((b"U" + bytes([len(x)])) if len(x) < 256 else (b"T" + struct.pack("<I", len(x))))
-            out.extend(x)
-        elif isinstance(x, str):
-            data = x.encode("utf-8")
-            out.extend(b"X" + struct.pack("<I", len(data)) + data)
-        elif isinstance(x, list):
-            out.extend(b"](")
-            for v in x:
-                put(v)
-            out.extend(b"e")
-        elif isinstance(x, dict):
-            out.extend(b"}(")
-            for k, v in x.items():
-                put(k)
-                put(v)
-            out.extend(b"u")
-        else:
-            raise TypeError(type(x))
-
-    put(obj)
-    out.extend(b".")
-    return bytes(out)
-
-
-def sentence(sent_id: int, text) -> dict:
-    raw = text if isinstance(text, (str, bytes)) else ""
-    tokens = raw.split() if isinstance(raw, (str, bytes)) else []
-    return {b"tokens": tokens, b"raw": raw, b"sent_id": sent_id, b"sent": raw}
+from dualrl.data.fixtures import py2_pickle, refer_sentence
 
 
 def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[Path, Path]:
@@ -92,7 +48,7 @@ def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[P
             b"image_id": 9,
             b"split": b"train",
             b"category_id": 1,
-            b"sentences": [sentence(0, b"left square"), sentence(1, "the box on the left")],
+            b"sentences": [refer_sentence(0, b"left square"), refer_sentence(1, "the box on the left")],
         },
         {
             b"sent_ids": [2],
@@ -102,7 +58,7 @@ def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[P
             b"image_id": 9,
             b"split": b"train",
             b"category_id": 1,
-            b"sentences": [sentence(2, "two small boxes")],
+            b"sentences": [refer_sentence(2, "two small boxes")],
         },
         {
             b"sent_ids": [3],
@@ -112,7 +68,7 @@ def make_refcoco(root: Path, h: int = 48, w: int = 64, seed: int = 0) -> tuple[P
             b"image_id": 581857,
             b"split": b"val",
             b"category_id": 1,
-            b"sentences": [sentence(3, "the crowd stripe")],
+            b"sentences": [refer_sentence(3, "the crowd stripe")],
         },
     ]
     (folder / "instances.json").write_text(json.dumps(coco))

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from pycocotools import mask as mask_utils
 
-
-def rle(mask: np.ndarray) -> dict:
-    """bool [h, w] -> {"size": [h, w], "counts": str}, as SA-1B stores it."""
-    enc = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in enc["size"]], "counts": enc["counts"].decode("ascii")}
+from dualrl.data.fixtures import coco_rle, write_sa1b_record
 
 
 def boxes_image(h: int, w: int, boxes: list[tuple[int, int, int, int]], seed: int = 0):
@@ -33,7 +26,7 @@ def annotation(ann_id: int, mask: np.ndarray) -> dict:
     ys, xs = np.nonzero(mask)
     return {
         "id": ann_id,
-        "segmentation": rle(mask),
+        "segmentation": coco_rle(mask),
         "area": int(mask.sum()),
         "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
         "predicted_iou": 0.9,
@@ -43,22 +36,9 @@ def annotation(ann_id: int, mask: np.ndarray) -> dict:
     }
 
 
-def write_image(folder: Path, image_id: int, image: np.ndarray, anns: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    h, w = image.shape[:2]
-    Image.fromarray(image).save(folder / f"sa_{image_id}.jpg", quality=95)
-    record = {
-        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
-        "annotations": anns,
-    }
-    path = folder / f"sa_{image_id}.json"
-    path.write_text(json.dumps(record))
-    return path
-
-
 def make_sa1b(root: Path, images: int = 3, h: int = 48, w: int = 64, seed: int = 0) -> Path:
     """`images` pictures with 3 box masks each (areas 16*16, 12*20, 4*4 px) under root."""
     for n in range(images):
         image, masks = boxes_image(h, w, [(2, 2, 18, 18), (20, 30, 32, 50), (40, 56, 44, 60)], seed + n)
-        write_image(root, 100 + n, image, [annotation(1000 * n + i, m) for i, m in enumerate(masks)])
+        write_sa1b_record(root, 100 + n, image, [annotation(1000 * n + i, m) for i, m in enumerate(masks)])
     return root

@@ -14,17 +14,16 @@ frame 4k):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import av
 import numpy as np
-from pycocotools import mask as mask_utils
 
-H, W, FPS, FRAMES = 48, 64, 24, 40
+from dualrl.data.fixtures import VIDEO_CODEC, VIDEO_FPS, coco_rle, write_sav_json
+
+H, W, FRAMES = 48, 64, 40
 ANNOTATED = FRAMES // 4  # annotations 0..9 = frames 0, 4, ..., 36
 HIDDEN = (5, 6, 7)  # annotations where obj1 is out of view
-CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
 def grey(frame: int) -> int:
@@ -42,10 +41,10 @@ def write_mp4(path: Path, frames: int = FRAMES, height: int = H, width: int = W,
     late frame needs a seek and decoding forward."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream(CODEC, rate=FPS)
+        stream = out.add_stream(VIDEO_CODEC, rate=VIDEO_FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
-        if CODEC == "libx264":
+        if VIDEO_CODEC == "libx264":
             stream.options = {"crf": "10", "keyint_min": str(gop)}
         else:
             stream.bit_rate = 2_000_000
@@ -54,12 +53,6 @@ def write_mp4(path: Path, frames: int = FRAMES, height: int = H, width: int = W,
             out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         out.mux(stream.encode())
     return path
-
-
-def rle(mask: np.ndarray) -> dict:
-    """bool [h, w] -> a COCO RLE as in the SA-V JSON: {"size": [h, w], "counts": str}."""
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def box(y0: int, x0: int, h: int, w: int, height: int = H, width: int = W) -> np.ndarray:
@@ -78,7 +71,7 @@ def object_mask(obj: int, k: int, height: int = H, width: int = W) -> np.ndarray
 
 
 def masklet(objects: int = 3, annotated: int = ANNOTATED, height: int = H, width: int = W) -> list[list[dict]]:
-    return [[rle(object_mask(j, k, height, width)) for j in range(objects)] for k in range(annotated)]
+    return [[coco_rle(object_mask(j, k, height, width)) for j in range(objects)] for k in range(annotated)]
 
 
 def write_json(
@@ -90,33 +83,8 @@ def write_json(
     height: int = H,
     width: int = W,
 ) -> Path:
-    """An SA-V annotation file with the published fields (video numbers as floats, like the release)."""
-    objects = len(masks[0]) if masks else 0
-    doc = {
-        "video_id": video_id,
-        "video_duration": frames / FPS,
-        "video_frame_count": float(frames),
-        "video_height": float(height),
-        "video_width": float(width),
-        "video_resolution": float(height * width),
-        "video_environment": "Indoor",
-        "video_split": "train",
-        "masklet": masks,
-        "masklet_id": list(range(objects)),
-        "masklet_size_rel": [0.1] * objects,
-        "masklet_size_abs": [300.0] * objects,
-        "masklet_size_bucket": ["medium"] * objects,
-        "masklet_visibility_changes": [0] * objects,
-        "masklet_first_appeared_frame": [0.0] * objects,
-        "masklet_frame_count": [float(len(masks))] * objects,
-        "masklet_edited_frame_count": [0.0] * objects,
-        "masklet_type": [kind] * objects,
-        "masklet_num": objects,
-    }
-    if kind == "auto":
-        doc["masklet_stability_score"] = [[0.95] * len(masks)] * objects
-    path.write_text(json.dumps(doc))
-    return path
+    """An SA-V annotation file for this fixture's videos (FRAMES frames of H x W unless told otherwise)."""
+    return write_sav_json(path, video_id, masks, kind, frames, height, width)
 
 
 def write_video_sample(folder: Path, video_id: str, auto: bool = False, **mp4) -> Path:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dualrl.data.decode import REASONS, BadSample
+from dualrl.data.fixtures import coco_rle
 from dualrl.data.loader import TrainBatches
 from dualrl.data.sources.refcoco import RefCocoSource
 from dualrl.data.sources.sa1b import Sa1bSource
@@ -42,7 +43,6 @@ from tests.data.bad_corpus import (
 from tests.data.make_refcoco import make_refcoco
 from tests.data.make_sa1b import make_sa1b
 from tests.data.make_sav import frame_of, object_mask, write_json, write_mp4
-from tests.data.make_sav import rle as sav_rle
 
 SOURCES = tuple(BUILDERS)
 WORKERS = {"refcoco": 0, "sa1b": 0, "sav": 2, "openimages": 2}  # loader worker processes per source
@@ -313,7 +313,7 @@ def test_sav_index_counts_full_and_small_masks(tmp_path):
     write_json(
         tmp_path / "sav_000001_manual.json",
         "sav_000001",
-        [[sav_rle(full)], [sav_rle(small)], [sav_rle(object_mask(0, 2))]],
+        [[coco_rle(full)], [coco_rle(small)], [coco_rle(object_mask(0, 2))]],
         frames=12,
     )
     shard = SavSource(SavSpec(root=str(tmp_path), min_area=20), SIZE).build_shard(".")

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from dualrl.data.decode import BadSample
+from dualrl.data.fixtures import coco_rle, py2_pickle, write_sa1b_record
 from dualrl.data.sources.refcoco import RefCocoSource, load_refs
 from dualrl.data.sources.sa1b import Sa1bSource
 from dualrl.data.stream import DataError, SourceStream
 from dualrl.recipe import RefCocoSpec, Sa1bSpec
-from tests.data.make_refcoco import make_refcoco, py2_pickle
-from tests.data.make_sa1b import annotation, boxes_image, make_sa1b, rle, write_image
+from tests.data.make_refcoco import make_refcoco
+from tests.data.make_sa1b import annotation, boxes_image, make_sa1b
 
 
 def _refcoco(tmp_path, split="train", **spec):
@@ -130,7 +131,7 @@ def test_sa1b_one_sample_per_annotation_above_min_area(tmp_path):
 
 def test_sa1b_masks_match_their_annotation(tmp_path):
     image, masks = boxes_image(40, 40, [(0, 0, 20, 20), (20, 20, 40, 40)])
-    write_image(tmp_path / "sa", 5, image, [annotation(1, masks[0]), annotation(2, masks[1])])
+    write_sa1b_record(tmp_path / "sa", 5, image, [annotation(1, masks[0]), annotation(2, masks[1])])
     source = Sa1bSource(Sa1bSpec(root=str(tmp_path / "sa"), min_area=1), size=40)
     keys, _ = _all(source)
     got = sorted((source.load(k, 0)["mask"].numpy().nonzero()[0].min(), k[1]) for k in keys)
@@ -165,16 +166,16 @@ def test_sa1b_bad_data(tmp_path):
     good = annotation(1, masks[0])
     full = annotation(2, np.ones((48, 64), bool))
     garbage = {**good, "id": 3, "segmentation": {"size": [48, 64], "counts": "PPPPP"}}  # decodes to garbage
-    wrong_size = {**good, "id": 4, "segmentation": rle(np.pad(masks[0], ((0, 2), (0, 0))))}
+    wrong_size = {**good, "id": 4, "segmentation": coco_rle(np.pad(masks[0], ((0, 2), (0, 0))))}
     no_seg = {"id": 5, "area": 500}
-    write_image(root, 1, image, [good, full, garbage, wrong_size, no_seg])
-    write_image(root, 2, image, [good])
+    write_sa1b_record(root, 1, image, [good, full, garbage, wrong_size, no_seg])
+    write_sa1b_record(root, 2, image, [good])
     (root / "sa_2.jpg").write_bytes((root / "sa_2.jpg").read_bytes()[:300])  # truncated JPEG
-    write_image(root, 3, image, [good])
+    write_sa1b_record(root, 3, image, [good])
     (root / "sa_3.jpg").unlink()  # missing image
-    write_image(root, 4, image, [good])
+    write_sa1b_record(root, 4, image, [good])
     (root / "sa_4.json").write_text('{"image": {"height": 48')  # corrupt JSON
-    write_image(root, 6, image, [good])
+    write_sa1b_record(root, 6, image, [good])
     (root / "sa_6.jpg").write_bytes(b"this is not a jpeg")
     source = _sa1b(root)
     keys, stream = _all(source)
@@ -202,7 +203,7 @@ def test_sa1b_image_checks(tmp_path):
 
     root = tmp_path / "sa"
     image, masks = boxes_image(48, 64, [(2, 2, 18, 18)])
-    write_image(root, 1, image, [annotation(1, masks[0])])
+    write_sa1b_record(root, 1, image, [annotation(1, masks[0])])
     source = Sa1bSource(Sa1bSpec(root=str(root), min_area=1), size=32, max_pixels=1000)
     (key,), _ = _all(source)
     with pytest.raises(BadSample) as err:

@@ -150,8 +150,10 @@ def test_lora_is_folded_for_decoding_and_the_model_is_left_as_it_was(regions):
 
 
 def test_the_compiled_step_decodes_generates_captions(regions):
-    """model.decode_compile: the decode step compiled by torch.compile (inductor's C++ kernels on a CPU) decodes the
-    same greedy captions and the same seeded samples, log-probs included, across two row counts."""
+    """model.decode_compile: the decode step's layers compiled by torch.compile (inductor's C++ kernels on a CPU)
+    decode the same greedy captions and the same seeded samples, log-probs included, across two row counts; the
+    layers share their compilations (two for the first shape, two for the second: not one per layer), and run
+    uncompiled again after the call."""
     model = build_model(_pretrained_spec("model.decode_compile=true")).eval()
     assert model.decoder.compile
     _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"))
@@ -160,6 +162,41 @@ def test_the_compiled_step_decodes_generates_captions(regions):
         _describe(model, regions, "engine", seed=5, **kwargs), _describe(model, regions, "generate", seed=5, **kwargs)
     )
     assert model.decoder._compiled is not None
+    assert all(layer._compiled_call_impl is None for layer in model.lm.layers)
+
+
+def test_fused_projections_decode_generates_captions(regions):
+    """model.decode_fuse_projections: q/k/v and gate/up as one product each, with trained LoRA folded into the fused
+    copies, compiled layers or not: generate's greedy captions and seeded samples, log-probs included. The model's
+    own projection modules are back after every call and the fused copies follow in-place weight updates."""
+    model = build_model(_pretrained_spec("model.decode_fuse_projections=true")).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.02)
+    attention = model.lm.layers[0].self_attn
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    kwargs = {"group_size": 2, "sample": True, "temperature": 1.3, "top_p": 0.9}
+    for compiled in (False, True):
+        model.spec = model.spec.model_copy(update={"decode_compile": compiled})
+        model._decoder = None
+        _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"), atol=1e-4)
+        fused = model.decoder.fused
+        assert model.decoder._fusing and len(fused.groups) == 2 * len(model.lm.layers)
+        folded = {id(m) for m in fused.lora_layers()}  # folded into the fused copies, not also into LoRA's
+        assert folded and not folded & {id(m) for m in model.decoder.lora.layers}
+        assert {type(m).__name__ for m in model.decoder.lora.layers} == {"Linear"}  # o_proj, down_proj
+        assert (attention.q_proj, attention.k_proj, attention.v_proj) == projections
+        engine = _describe(model, regions, "engine", seed=5, **kwargs)
+        _assert_same(engine, _describe(model, regions, "generate", seed=5, **kwargs), atol=1e-4)
+    with torch.no_grad():  # an optimizer step between calls: the next call decodes with the new weights
+        for p in lora_b:
+            p.mul_(-3.0)
+    _assert_same(_describe(model, regions, "engine"), _describe(model, regions, "generate"), atol=1e-4)
+    q = attention.q_proj
+    rows = fused.fused[0].weight[: q.base_layer.out_features]
+    torch.testing.assert_close(rows, q.base_layer.weight + q.get_delta_weight(q.active_adapters[0]))
 
 
 def test_hot_sampling_uses_generates_top_k(model, regions):

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from dualrl.model.build import build_model
-from dualrl.model.sa2va_format import config_differences, from_sa2va, save_sa2va, to_sa2va
+from dualrl.model.checkpoint_config import resolve_model_spec
+from dualrl.model.sa2va_convert import from_sa2va, to_sa2va
+from dualrl.model.sa2va_format import save_sa2va
+from dualrl.recipe import RecipeError
 from tests.model.test_sa2va_format import _build, _max_diff, _outputs, _perturb
 
 LM = "language_model."
@@ -109,23 +112,29 @@ def test_a_qwen2_recipe_on_an_internlm2_checkpoint_is_named(trained, tiny_spec, 
 
 
 def test_config_names_the_llm_and_a_recipe_mismatch(trained, spec, tmp_path):
+    """The directory's config.json states an InternLM2 LLM; a recipe that says otherwise is refused by key, and one
+    that leaves the LLM out (here: whether it is tied) builds the checkpoint's."""
     model, _ = trained
     save_sa2va(model, model.tokenizer, tmp_path / "ckpt", template="qwen_chat")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["llm_config"]["architectures"] == ["InternLM2ForCausalLM"]
     assert config["llm_config"]["num_key_value_heads"] == 2 and config["llm_config"]["bias"] is False
-    assert config_differences(spec, config) == []
     wrong = spec.model_copy(deep=True)
-    wrong.text.arch, wrong.text.kv_heads, wrong.vision.patch_size = "qwen2", 4, 16
-    diffs = "\n".join(config_differences(wrong, config))
-    assert "model.text.arch: recipe 'qwen2' vs checkpoint 'internlm2'" in diffs
-    assert "model.text.kv_heads: recipe 4 vs checkpoint 2" in diffs and "model.vision.patch_size" in diffs
     wrong.sa2va = str(tmp_path / "ckpt")
+    wrong.text.arch, wrong.text.kv_heads, wrong.vision.patch_size = "qwen2", 4, 16
+    with pytest.raises(RecipeError) as err:
+        resolve_model_spec(wrong)
+    assert "model.text.arch: recipe 'qwen2' vs checkpoint 'internlm2'" in str(err.value)
+    assert "model.text.kv_heads: recipe 4 vs checkpoint 2" in str(err.value) and "model.vision.patch_size" in str(
+        err.value
+    )
     with pytest.raises(ValueError, match=r"model\.text\.kv_heads"):
         build_model(wrong)
     good = spec.model_copy(deep=True)
-    good.sa2va, good.trainable.lora, good.text.tie_word_embeddings = str(tmp_path / "ckpt"), False, False
+    good.sa2va, good.trainable.lora = str(tmp_path / "ckpt"), False
+    assert "tie_word_embeddings" not in good.text.model_fields_set
     rebuilt = build_model(good)
+    assert not rebuilt.vlm.config.tie_word_embeddings and rebuilt.spec.prompts.answer_end == "<|im_end|>"
     assert torch.equal(
         to_sa2va(rebuilt)[f"{LM}model.layers.1.attention.wqkv.weight"],
         to_sa2va(model)[f"{LM}model.layers.1.attention.wqkv.weight"],

@@ -38,9 +38,11 @@ def test_mismatches_are_named(tmp_path):
     source = build_model(_spec()).eval()
     source.vlm.save_pretrained(str(tmp_path / "vlm"))
     source.tokenizer.save_pretrained(str(tmp_path / "vlm"))
-    with pytest.raises(ValueError, match=r"model\.text\.layers: recipe 3 vs .* 2"):
+    with pytest.raises(RecipeError, match=r"model\.text\.layers: recipe 3 vs checkpoint 2"):
         build_model(_spec(f"model.vlm={tmp_path / 'vlm'}", "model.text.layers=3"))
-    with pytest.raises(ValueError, match=r"model\.text\.arch: recipe 'internlm2' \(a llama model\) vs .* 'qwen2'"):
+    with pytest.raises(
+        RecipeError, match=r"model\.text\.arch: recipe 'internlm2' vs checkpoint 'qwen2' .*a qwen2 model"
+    ):
         build_model(_spec(f"model.vlm={tmp_path / 'vlm'}", "model.text.arch=internlm2"))
     state = source.sam.state_dict()
     state.pop(next(iter(state)))

@@ -8,15 +8,11 @@ import json
 import pytest
 import torch
 
-from dualrl.model import sa2va_format
+from dualrl.model import sa2va_convert, sa2va_format, sa2va_layout
 from dualrl.model.build import build_model
-from dualrl.model.sa2va_format import (
-    SA2VA_PREFIXES,
-    from_sa2va,
-    load_sa2va_state,
-    save_sa2va,
-    to_sa2va,
-)
+from dualrl.model.sa2va_convert import from_sa2va, to_sa2va
+from dualrl.model.sa2va_format import load_sa2va_state, save_sa2va
+from dualrl.model.sa2va_layout import SA2VA_PREFIXES
 
 QKV = "vision_model.encoder.layers.0.attn.qkv.weight"
 
@@ -221,8 +217,9 @@ def test_sharded_directory_and_config(trained, tmp_path):
 
 
 def test_no_pickle_loading():
-    source = inspect.getsource(sa2va_format)
-    assert "torch.load" not in source and "pickle" not in source
+    for module in (sa2va_format, sa2va_convert, sa2va_layout):
+        source = inspect.getsource(module)
+        assert "torch.load" not in source and "pickle" not in source, module.__name__
 
 
 def test_recipe_starts_from_a_sa2va_directory(trained, tiny_spec, region_batch, tmp_path):

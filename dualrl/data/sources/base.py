@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dualrl.data.decode import BadSample
+from dualrl.data.decode import REASONS, BadSample
 from dualrl.data.transforms import square
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ class Shard:
 
 
 def skip(skipped: dict[str, int], reason: str, detail: str, source: str, n: int = 1) -> None:
-    """Count `n` index-time skips; the first of each reason is logged with its detail."""
+    """Count `n` index-time skips; the first of each reason is logged with its detail. `reason` is one of
+    `REASONS`, the vocabulary load-time skips use."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown skip reason {reason!r}; known: {REASONS}")
     if reason not in skipped:
         log.warning("%s: skipping while indexing (%s): %s", source, reason, detail)
     skipped[reason] = skipped.get(reason, 0) + n

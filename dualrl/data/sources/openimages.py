@@ -6,7 +6,9 @@ Files (paths from `data.openimages`):
 - `classes`: `oidv7-class-descriptions.csv`, `LabelName,DisplayName` (e.g. `/m/04yx4,Man`).
 - `images`: a folder of `<ImageID>.jpg`.
 - `masks`: binary PNGs named as the `MaskPath` column says (`<ImageID>_<LabelName without slashes>_<BoxID>.png`),
-  at a resolution of their own; in a folder, or in the published zips `train-masks-<ImageID[0]>.zip` (0-9, a-f).
+  at a resolution of their own, with the image's aspect ratio; in a folder, or in the published zips
+  `train-masks-<ImageID[0]>.zip` (0-9, a-f). The published layout keeps a split's zips in a folder of their
+  own (`<masks>/train/train-masks-0.zip`): `masks` may name that folder or the one above it.
 
 Choices:
 - A lean index. The CSV (2.7 M rows for train) is never held as Python objects. Shard k is the byte range
@@ -18,11 +20,13 @@ Choices:
   `weak_references=[DisplayName]`, `label=LabelName`. A class row that is not UTF-8 is kept, its bad bytes
   decoded as U+FFFD (dropping it would drop every mask of the class); nothing is counted.
 - The mask is brought to the image's size by nearest neighbour (the dataset's convention), then checked, so
-  `min_area` counts pixels at the image's resolution.
-- A mask is looked for as `<masks>/<MaskPath>`, `<masks>/<zip stem>/<MaskPath>`, then inside
-  `<masks>/<prefix>-masks-<ImageID[0]>.zip` at its root or under `<zip stem>/`; `prefix` is the annotation
-  file's (`train`, `validation`, `test`). A zip's members are read through a `ZipTable`, built once per
-  process when the zip is first needed (kept across a fork, never pickled), not through an open `ZipFile`.
+  `min_area` counts pixels at the image's resolution. A mask of another aspect ratio than its image (beyond
+  a pixel of rounding) would be stretched onto it: it is skipped as `mask_aspect_mismatch`.
+- A mask is looked for in `<masks>`, then in `<masks>/<prefix>` (the published layout), where `prefix` is the
+  annotation file's (`train`, `validation`, `test`): in each, as `<MaskPath>`, `<zip stem>/<MaskPath>`, then
+  inside `<prefix>-masks-<ImageID[0]>.zip` at its root or under `<zip stem>/`. A zip's members are read
+  through a `ZipTable`, built once per process when the zip is first needed (kept across a fork, never
+  pickled), not through an open `ZipFile`.
 - `split` is unused: the annotation file decides the split.
 """
 
@@ -59,6 +63,14 @@ def parse_row(line: bytes) -> list[str]:
     if not all(fields[:4]):
         raise ValueError("empty MaskPath, ImageID, LabelName or BoxID")
     return fields
+
+
+def same_aspect(mask_hw: tuple[int, int], image_hw: tuple[int, int]) -> bool:
+    """Whether a mask stored at a resolution of its own has its image's aspect ratio. A mask scaled from the
+    image by s and rounded either way is hm = s*h + e1, wm = s*w + e2 with |e| < 1, so |hm*w - wm*h| =
+    |e1*w - e2*h| < h + w (likewise hm + wm when the image is the scaled one)."""
+    (hm, wm), (h, w) = mask_hw, image_hw
+    return abs(hm * w - wm * h) < max(h + w, hm + wm)
 
 
 def read_classes(path: str | Path) -> dict[str, str]:
@@ -240,6 +252,11 @@ class OpenImagesSource(Source):
             mask = read_mask_png(file)
         except BadSample as bad:  # name the zip member, not "<bytes>"
             raise BadSample(bad.reason, bad.detail.replace("<bytes>", mask_path)) from None
+        if not same_aspect(mask.shape, image.shape[:2]):
+            raise BadSample(
+                "mask_aspect_mismatch",
+                f"{mask_path} is {mask.shape[0]}x{mask.shape[1]} (h x w), its image {image.shape[0]}x{image.shape[1]}",
+            )
         mask = check_mask(resize_mask_nearest(mask, image.shape[:2]), self.spec.min_area)
         return self.region(
             image,
@@ -253,16 +270,19 @@ class OpenImagesSource(Source):
 
     def _mask_file(self, image_id: str, mask_path: str) -> Path | bytes:
         stem = f"{self.zip_prefix}-masks-{image_id[0]}"
-        for path in (self.masks / mask_path, self.masks / stem / mask_path):
-            if path.is_file():
-                return path
-        table = self._zip(self.masks / f"{stem}.zip")
-        if table is not None:
-            for member in (mask_path, f"{stem}/{mask_path}"):
-                data = table.read(member)
-                if data is not None:
-                    return data
-        raise BadSample("mask_missing", f"{mask_path} is neither in {self.masks} nor in {stem}.zip")
+        folders = (self.masks, self.masks / self.zip_prefix)
+        for folder in folders:
+            for path in (folder / mask_path, folder / stem / mask_path):
+                if path.is_file():
+                    return path
+            table = self._zip(folder / f"{stem}.zip")
+            if table is not None:
+                for member in (mask_path, f"{stem}/{mask_path}"):
+                    data = table.read(member)
+                    if data is not None:
+                        return data
+        where = " nor in ".join(f"{folder} (or its {stem}.zip)" for folder in folders)
+        raise BadSample("mask_missing", f"{mask_path} is neither in {where}")
 
     def _zip(self, path: Path) -> ZipTable | None:
         if path not in self._zips:

@@ -7,17 +7,20 @@
     <images>/COCO_train2014_<image_id:012>.jpg
 
 One sample per ref (a referred object): its mask, one of its sentences as the expression (a seeded choice
-per draw) and all of them as references. The pickles were written by Python 2; they are read by an
-unpickler that admits plain containers only (no class, no function: a pickle that names any is refused), with
-byte strings decoded as UTF-8 and sentences that are not UTF-8, or empty, dropped. The annotation data of a
-split is small (50 k refs) and kept in the training process; each key carries what its sample needs.
+per draw) and all of them as references. The pickles were written by Python 2 (or re-saved by Python 3);
+they are read by `plain_pickle.load_plain`, which admits plain data only, in time and memory linear in the
+file: a pickle it refuses (a class, a function, a shared-reference bomb, deep nesting) is counted as
+`annotation_corrupt`. Byte strings are decoded as UTF-8; a sentence that is not text (not UTF-8, a lone
+surrogate, empty) is dropped and counted as `bad_sentence`, a ref left without any as `bad_text`. The
+annotation data of a split is small (50 k refs) and kept in the training process; each key carries what its
+sample needs.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
+import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,38 +28,24 @@ import numpy as np
 
 from dualrl.data.decode import check_mask, clean_text, coco_segmentation, read_image
 from dualrl.data.sources.base import Shard, Source, skip
+from dualrl.data.sources.plain_pickle import load_plain
 
 if TYPE_CHECKING:
     from dualrl.recipe import RefCocoSpec
 
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Admits dicts, lists, tuples, strings, bytes, numbers, booleans and None; refuses every global."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(
-            f"refused: the pickle names {module}.{name}; only plain containers are allowed in annotation files"
-        )
-
-
-def _plain_keys(obj: Any) -> Any:
-    """Python 2 str keys arrive as bytes: make them text so `ref["sentences"]` works either way."""
-    if isinstance(obj, dict):
-        return {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): _plain_keys(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain_keys(v) for v in obj]
-    return obj
+# What reading annotation fields can raise when they are of the wrong type or size (JSON and pickles hold
+# anything; json.loads raises RecursionError on deep nesting).
+FIELD_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError)
 
 
 def load_refs(path: str | Path) -> list[dict]:
-    data = Path(path).read_bytes()
-    refs = PlainUnpickler(io.BytesIO(data), encoding="bytes").load()
+    """The refs of a `refs(<by>).p` file; `UnpicklingError` when it holds anything but a list of plain data."""
+    refs = load_plain(path)
     if not isinstance(refs, list):
         raise pickle.UnpicklingError(f"{path}: expected a list of refs, got {type(refs).__name__}")
-    return _plain_keys(refs)
+    return refs
 
 
 class RefCocoSource(Source):
@@ -91,17 +80,18 @@ class RefCocoSource(Source):
             coco = json.loads((self.folder / "instances.json").read_text(encoding="utf-8"))
             images = {im["id"]: im for im in coco["images"]}
             anns = {a["id"]: a for a in coco["annotations"]}
-        except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as err:
+        except (OSError, pickle.UnpicklingError, *FIELD_ERRORS) as err:
             skip(skipped, "annotation_corrupt", f"{self.folder}: {err}", self.name)
             return Shard(0, skipped=skipped)
         keys = []
         for ref in refs:
             try:
-                if not isinstance(ref, dict) or _text(ref.get("split")) != self.split:
+                if not isinstance(ref, dict):
+                    raise TypeError(f"a ref is a {type(ref).__name__}, not a dict")
+                if _text(ref.get("split")) != self.split:
                     continue
                 ann, image = anns[ref["ann_id"]], images[ref["image_id"]]
-                sentences = [s.get("sent") or s.get("raw") for s in ref["sentences"] if isinstance(s, dict)]
-                texts = list(dict.fromkeys(t for t in map(clean_text, sentences) if t))
+                texts, dropped = _sentences(ref["sentences"])
                 file_name = image.get("file_name") or f"COCO_train2014_{ref['image_id']:012d}.jpg"
                 key = (
                     str(self.images / file_name),
@@ -111,12 +101,15 @@ class RefCocoSource(Source):
                     texts,
                     int(ref["ref_id"]),
                 )
-            except (KeyError, TypeError, ValueError) as err:
-                skip(skipped, "annotation_corrupt", f"ref {str(ref)[:80]}: {err!r}", self.name)
+            except FIELD_ERRORS as err:
+                skip(skipped, "annotation_corrupt", f"ref {reprlib.repr(ref)}: {err!r}", self.name)
                 continue
             if not texts:
-                skip(skipped, "bad_text", f"ref {ref.get('ref_id')}: no usable sentence", self.name)
+                skip(skipped, "bad_text", f"ref {reprlib.repr(ref.get('ref_id'))}: no usable sentence", self.name)
                 continue
+            if dropped:
+                detail = f"ref {key[-1]}: sentence {reprlib.repr(dropped[0])} is not usable text"
+                skip(skipped, "bad_sentence", detail, self.name, n=len(dropped))
             keys.append(key)
         self._keys = keys
         return Shard(len(keys), skipped=skipped)
@@ -135,6 +128,21 @@ class RefCocoSource(Source):
 
     def __getstate__(self) -> dict:  # workers get keys, not the parsed split
         return {**self.__dict__, "_keys": [], "_shard": None}
+
+
+def _sentences(sentences: list) -> tuple[list[str], list[Any]]:
+    """A ref's `sentences` -> (its distinct usable texts, the sentences dropped). A sentence is a dict whose
+    `sent` (else `raw`) is the text; it is dropped when that is not usable text (`clean_text`: not UTF-8, a
+    lone surrogate, empty, not a string) or when it is no dict."""
+    texts, dropped = [], []
+    for sentence in sentences:
+        value = (sentence.get("sent") or sentence.get("raw")) if isinstance(sentence, dict) else sentence
+        text = clean_text(value) if isinstance(sentence, dict) else None
+        if text is None:
+            dropped.append(value)
+        else:
+            texts.append(text)
+    return list(dict.fromkeys(texts)), dropped
 
 
 def _text(value: Any) -> str | None:

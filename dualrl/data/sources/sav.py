@@ -2,8 +2,9 @@
 
 Layout: `sav_train/sav_000/sav_000123.mp4` (24 fps, H.264) beside `sav_000123_manual.json` and/or
 `sav_000123_auto.json`. The JSON's `masklet` is a list over annotated frames (annotation k = video frame
-4k, 6 fps) of a list over objects of one compressed COCO RLE each; an object out of view is an all-zero
-RLE, not absent. The other fields (`video_height`, ... as floats, `masklet_id`, ...) are not needed here.
+4k, 6 fps: ceil(frames / 4) of them) of a list over objects of one compressed COCO RLE each, the same
+objects in every annotated frame; an object out of view is an all-zero RLE, not absent. `video_height` and
+`video_width` (floats) give the video's size; the other fields (`masklet_id`, ...) are not needed here.
 The derived form: `.npz` files with `frame1, mask1, frame2, mask2` (uint8 HxWx3 frames, HxW masks).
 
 Shards are the sub-folders of `root` holding such files (`sav_000`, ...), plus "." when root holds them
@@ -11,7 +12,14 @@ itself. A folder with .npz files and no SA-V JSON is an npz shard: one sample pe
 (describe frame1's region, segment frame2's). A video shard has one row per (video, JSON kind, object,
 annotation k) whose mask is visible with `min_area` pixels (pycocotools' area of the RLE, no decoding);
 the row is `pair_ok` when the object is also visible at k + `pair_gap`. Indexing checks RLE structure and
-alphabet only; run lengths are checked when a sample is loaded (`rle_mask`).
+alphabet, and the run lengths of masks of area 0 (a malformed RLE can have no foreground and must not pass
+for an object out of view); the runs of visible masks are checked when a sample is loaded (`rle_mask`).
+
+Indexing also reads each video's header and checks the annotations against it, skipping what disagrees
+(counted by reason, the first of each logged): a video that cannot be opened (`video_corrupt`), one not at
+24 fps (`video_frame_rate`: annotation k would not be frame 4k), a masklet with another number of annotated
+frames than ceil(frames / 4) or with objects per frame that differ (`masklet_mismatch`), a JSON whose
+`video_height` x `video_width` is not the video's size (`mask_size_mismatch`).
 
 Loading a row re-reads its JSON, draws with probability `pairs` whether to make a pair (pair_ok rows
 only), and decodes the frame(s) with PyAV: a keyframe seek before frame 4k, then decoding forward to
@@ -21,8 +29,10 @@ only), and decodes the frame(s) with PyAV: a keyframe seek before frame 4k, then
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,11 +41,13 @@ import av
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from dualrl.data.decode import BadSample, check_mask, rle_mask
+from dualrl.data.decode import BadSample, check_mask, rle_counts, rle_mask
 from dualrl.data.sources.base import Shard, Source, require, skip
 
 KINDS = ("manual", "auto")  # column 1 of a row: 0 manual, 1 auto
 STEP = 4  # video frames per annotated frame
+FPS = 24  # the videos' frame rate, which makes annotation k frame STEP * k
+VIDEO_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError, TypeError, ZeroDivisionError)
 NPZ_KEYS = ("frame1", "mask1", "frame2", "mask2")
 SUFFIXES = (".mp4", "_manual.json", "_auto.json", ".npz")  # the files a shard is made of
 
@@ -80,12 +92,78 @@ def _rle_ok(rle: Any) -> bool:
         return False
 
 
-def _read_masklet(path: Path) -> list:
+def _empty_rle_ok(rle: dict) -> bool:
+    """An RLE of area 0 is an object out of view only when its runs are those of an h x w mask."""
+    try:
+        runs = rle_counts(rle["counts"])
+    except ValueError:
+        return False
+    return min(runs, default=-1) >= 0 and sum(runs) == int(rle["size"][0]) * int(rle["size"][1])
+
+
+def _read_annotations(path: Path) -> dict:
+    """An SA-V JSON, its `masklet` checked to be a list (annotated frames) of lists (objects)."""
     with open(path, "rb") as f:
-        masklet = json.load(f)["masklet"]
+        doc = json.load(f)
+    masklet = doc["masklet"]
     if not isinstance(masklet, list) or not all(isinstance(frame, list) for frame in masklet):
         raise ValueError("masklet is not a list of lists")
-    return masklet
+    return doc
+
+
+def _read_masklet(path: Path) -> list:
+    return _read_annotations(path)["masklet"]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's header says: frame count, frame rate, height and width."""
+
+    frames: int
+    fps: Fraction
+    height: int
+    width: int
+
+
+def probe(path: Path) -> VideoInfo:
+    """A video's header, without decoding a frame. Raises `BadSample` ("video_corrupt") when unreadable or
+    silent on its frame count, rate or size."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            frames = stream.frames  # mp4: from the sample table
+            if not frames and stream.duration and rate:
+                frames = round(stream.duration * stream.time_base * rate)
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except VIDEO_ERRORS as err:
+        raise BadSample("video_corrupt", f"{path}: {err!r}") from None
+    if not (frames and rate and height and width):
+        raise BadSample("video_corrupt", f"{path}: the header gives no frame count, frame rate or size")
+    return VideoInfo(int(frames), Fraction(rate), int(height), int(width))
+
+
+def masklet_problem(doc: dict, video: VideoInfo) -> tuple[str, str] | None:
+    """(reason, detail) when an annotation file disagrees with its video (see the module docstring)."""
+    masklet = doc["masklet"]
+    expected = math.ceil(video.frames / STEP)
+    if len(masklet) != expected:
+        return "masklet_mismatch", (
+            f"{len(masklet)} annotated frames; {video.frames} video frames annotated every {STEP}th make {expected}"
+        )
+    counts = sorted({len(frame) for frame in masklet})
+    if len(counts) > 1:
+        return "masklet_mismatch", f"annotated frames hold different numbers of objects ({counts})"
+    size = (doc.get("video_height"), doc.get("video_width"))
+    if size != (None, None):
+        try:
+            height, width = (float(v) for v in size)
+        except (TypeError, ValueError):
+            return "annotation_corrupt", f"video_height, video_width = {size!r}"
+        if (height, width) != (video.height, video.width):
+            actual = f"{video.height}x{video.width}"
+            return "mask_size_mismatch", f"the JSON says {height:g}x{width:g} (h x w), the video is {actual}"
+    return None
 
 
 def _decode(container, stream, frames: list[int]) -> dict[int, np.ndarray]:
@@ -150,7 +228,12 @@ class SavSource(Source):
         ]
 
     def index_options(self) -> dict[str, Any]:
-        return {"annotations": self.spec.annotations, "pair_gap": self.spec.pair_gap, "min_area": self.spec.min_area}
+        return {
+            "annotations": self.spec.annotations,
+            "pair_gap": self.spec.pair_gap,
+            "min_area": self.spec.min_area,
+            "checks": 2,  # 2: annotations checked against their video; indexes built before are rebuilt
+        }
 
     def build_shard(self, shard: str) -> Shard:
         """Video shards: rows uint32 [video ordinal in names, kind (0 manual, 1 auto), object, k, pair_ok].
@@ -169,22 +252,39 @@ class SavSource(Source):
             if f"{stem}.mp4" not in files:
                 skip(skipped, "video_missing", f"{folder / stem}.mp4 (annotated) does not exist", self.name)
                 continue
+            try:
+                video = self._video(folder / f"{stem}.mp4")
+            except BadSample as bad:
+                skip(skipped, bad.reason, bad.detail, self.name)
+                continue
             found = []
             for kind in kinds:
                 path = folder / f"{stem}_{KINDS[kind]}.json"
                 if path.name not in files:
                     continue
                 try:
-                    masklet = _read_masklet(path)
-                except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError, UnicodeError
+                    doc = _read_annotations(path)
+                except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # JSONDecodeError, ...
                     skip(skipped, "annotation_corrupt", f"{path}: {err!r}", self.name)
                     continue
-                found += [(kind, j, k, ok) for j, k, ok in self._visible(masklet, path, skipped)]
+                problem = masklet_problem(doc, video)
+                if problem is not None:
+                    skip(skipped, problem[0], f"{path}: {problem[1]}", self.name)
+                    continue
+                found += [(kind, j, k, ok) for j, k, ok in self._visible(doc["masklet"], path, skipped)]
             if found:
                 rows.append(np.array([(len(names), *row) for row in found], dtype=np.uint32))
                 names.append(stem)
         table = np.concatenate(rows) if rows else np.zeros((0, 5), dtype=np.uint32)
         return Shard(table, names, skipped)
+
+    def _video(self, path: Path) -> VideoInfo:
+        """The video's header, at the frame rate its annotations assume; `BadSample` otherwise."""
+        video = probe(path)
+        if video.fps != FPS:
+            detail = f"{path} is at {float(video.fps):g} fps; annotation k is frame {STEP}k only at {FPS} fps"
+            raise BadSample("video_frame_rate", detail)
+        return video
 
     def _visible(self, masklet: list, path: Path, skipped: dict[str, int]) -> list[tuple[int, int, int]]:
         """(object, annotation k, pair_ok) of every visible mask: min_area <= area < every pixel."""
@@ -202,11 +302,17 @@ class SavSource(Source):
         area = mask_utils.area([{"size": [int(v) for v in r["size"]], "counts": r["counts"]} for r in rles])
         visible = np.zeros((len(masklet), int(j.max()) + 1), dtype=bool)
         visible[k, j] = (area >= max(1, self.spec.min_area)) & (area < pixels)
-        # An all-zero RLE is an object out of view (normal); full and tiny masks are counted skips.
+        # An all-zero RLE is an object out of view (normal), a malformed one of area 0 is not; full and tiny
+        # masks are counted skips.
+        malformed = np.zeros(len(rles), dtype=bool)
+        for i in np.flatnonzero(area == 0):
+            malformed[i] = not _empty_rle_ok(rles[i])
         small = (area > 0) & (area < self.spec.min_area)
-        for reason, bad in (("full_mask", area >= pixels), ("mask_too_small", small)):
+        for reason, bad in (("bad_rle", malformed), ("full_mask", area >= pixels), ("mask_too_small", small)):
             if bad.any():
-                skip(skipped, reason, f"{path}: {int(bad.sum())} mask(s)", self.name, n=int(bad.sum()))
+                first = int(np.argmax(bad))
+                detail = f"{path}: {int(bad.sum())} mask(s), the first annotation {k[first]}, object {j[first]}"
+                skip(skipped, reason, detail, self.name, n=int(bad.sum()))
         gap = self.spec.pair_gap
         later = np.zeros_like(visible)
         later[:-gap] = visible[gap:]

@@ -1,8 +1,10 @@
-"""Held-out evaluation during training.
+"""Held-out evaluation during training: the `eval/*` metrics of metrics.jsonl (names: docs/eval.md).
 
 - `eval/ref_miou`: the student segments each region from its reference expression (RefCOCO-style).
 - `eval/cycle_miou`: the student describes each region (greedy), the EMA segmenter segments that caption,
-  IoU with the original mask — the dual loop's own measure of grounded captioning.
+  IoU with the original mask — the dual loop's own measure of grounded captioning. `eval/cycle_soft_miou`: the
+  same with the soft (probabilistic) IoU.
+- `eval/caption_exact`, `eval/caption_tokens`: captions equal to the region's expression; mean caption length.
 - `eval/reward_total`, `eval/reward/<name>`: the recipe's rewards of those captions.
 - `eval/meteor`: METEOR of the student's captions against the regions' references (real WordNet); left
   out, with one warning, where WordNet is not installed.
@@ -16,12 +18,17 @@ import logging
 
 import torch
 
-from dualrl.algo.losses import mask_iou
+from dualrl.eval.metrics import MeteorUnavailable, binarize, mean_meteor
 
 log = logging.getLogger(__name__)
 
+PREFIX = "eval/"
+_meteor_warned = False
+
 
 def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], list[dict]]:
+    """The `eval/*` metrics of the runtime's learner (student) and reward worker (EMA segmenter) over `batches`,
+    and up to `table_rows` examples (image, mask, cycle mask, reference, caption, IoUs) for the run's table."""
     ref_ious, cycle_ious, soft_ious, exact, lengths, examples = [], [], [], [], [], []
     texts, references, totals, rewards = [], [], [], {}
     for batch in batches:
@@ -40,12 +47,11 @@ def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], l
         exact += [c == e for c, e in zip(captions.texts, batch["expression"])]
         lengths += [len(i) for i in captions.ids]
         for i in range(min(table_rows - len(examples), len(captions.texts))):
-            pred = _full_res(scores["logits"][i], batch["masks"].shape[-2:])
             examples.append(
                 {
                     "image": batch["images"][i].numpy(),
                     "mask": batch["masks"][i].numpy(),
-                    "pred": pred.numpy(),
+                    "pred": binarize(scores["logits"][i : i + 1], batch["masks"].shape[-2:])[0].numpy(),
                     "reference": batch["expression"][i],
                     "caption": captions.texts[i],
                     "cycle_iou": float(scores["mask_iou"][i]),
@@ -53,34 +59,27 @@ def evaluate(runtime, batches, table_rows: int = 0) -> tuple[dict[str, float], l
                 }
             )
     metrics = {
-        "eval/ref_miou": torch.cat(ref_ious).mean().item(),
-        "eval/cycle_miou": torch.cat(cycle_ious).mean().item(),
-        "eval/cycle_soft_miou": torch.cat(soft_ious).mean().item(),
-        "eval/caption_exact": sum(exact) / max(1, len(exact)),
-        "eval/caption_tokens": sum(lengths) / max(1, len(lengths)),
-        "eval/reward_total": torch.cat(totals).mean().item(),
-        **{f"eval/reward/{k}": sum(v) / len(v) for k, v in rewards.items() if v},
+        "ref_miou": torch.cat(ref_ious).mean().item(),
+        "cycle_miou": torch.cat(cycle_ious).mean().item(),
+        "cycle_soft_miou": torch.cat(soft_ious).mean().item(),
+        "caption_exact": sum(exact) / max(1, len(exact)),
+        "caption_tokens": sum(lengths) / max(1, len(lengths)),
+        "reward_total": torch.cat(totals).mean().item(),
+        **{f"reward/{k}": sum(v) / len(v) for k, v in rewards.items() if v},
     }
-    metrics.update(_meteor(texts, references))
-    return metrics, examples
+    meteor = _meteor_once(texts, references)
+    if meteor is not None:
+        metrics["meteor"] = meteor
+    return {PREFIX + k: v for k, v in metrics.items()}, examples
 
 
-def _meteor(texts: list[str], references: list[list[str]]) -> dict[str, float]:
+def _meteor_once(texts: list[str], references: list[list[str]]) -> float | None:
+    """METEOR, or None with one warning per run when nltk or WordNet is missing (a run's metrics go on)."""
+    global _meteor_warned
     try:
-        from rewards.meteor import meteor_scores
-
-        scores = [s for s in meteor_scores(texts, references) if s is not None]
-    except (ImportError, RuntimeError) as err:  # nltk or WordNet missing: the message says how to get it
-        if not getattr(_meteor, "warned", False):
+        return mean_meteor(texts, references)
+    except MeteorUnavailable as err:
+        if not _meteor_warned:
             log.warning("eval/meteor left out: %s", err)
-            _meteor.warned = True
-        return {}
-    return {"eval/meteor": sum(scores) / len(scores)} if scores else {}
-
-
-def _full_res(logits: torch.Tensor, size) -> torch.Tensor:
-    up = torch.nn.functional.interpolate(logits[None, None], size=tuple(size), mode="bilinear", align_corners=False)
-    return up[0, 0] > 0
-
-
-__all__ = ["evaluate", "mask_iou"]
+            _meteor_warned = True
+        return None

@@ -1,0 +1,7 @@
+"""`python -m dualrl.eval ...`: see `dualrl.eval.cli`."""
+
+import sys
+
+from dualrl.eval.cli import main
+
+sys.exit(main())

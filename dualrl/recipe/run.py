@@ -1,0 +1,122 @@
+"""The sections that say how a run goes: `optim`, `train`, `eval`, `runtime`, `wandb`, and the `rewards` entries."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dualrl.recipe.section import Section
+
+
+class OptimSpec(Section):
+    """AdamW over the trainable parameters, with a warmup then cosine (or constant) learning rate."""
+
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate, reached after the warmup (Sa2VA: 1e-5).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW's decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, le=1, description="Share of train.steps over which the learning rate rises linearly from 0."
+    )
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="After the warmup: cosine decay to 0 at train.steps, or a constant rate."
+    )
+    accumulation: int = Field(
+        1,
+        ge=1,
+        description="Split each step's batch into this many micro-batches: one forward/backward each, one optimizer "
+        "step (Sa2VA: 2 regions x 4 per GPU).",
+    )
+
+
+class TrainSpec(Section):
+    """The training loop: length, logging, checkpoints, device and the run's seed."""
+
+    steps: int = Field(200, gt=0, description="Optimizer steps of the run; the learning-rate schedule spans them.")
+    log_every: int = Field(10, gt=0, description="Steps between lines of metrics.jsonl (and wandb).")
+    save_every: int = Field(100, gt=0, description="Steps between checkpoints (one is also saved at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in output_dir/checkpoints/.")
+    sync_every: int = Field(1, gt=0, description="Steps between weight syncs to the rollout/reward workers.")
+    seed: int = Field(
+        0,
+        description="The run's seed: the learner's torch and Python RNGs (LoRA init, dropout) and each step's "
+        "generators (caption sampling, Gumbel noise, point sampling). model.seed and data.seed follow it unless set "
+        "on their own; data.shapes.seed does not (it fixes the held-out scenes).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs: auto takes cuda when a GPU is visible, else cpu."
+    )
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (null: torch's default).")
+    stop_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="Stop early at this step as if interrupted (for resume tests); the schedule still spans `steps`.",
+    )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop at the first step boundary after this much wall time, save a checkpoint and exit as if "
+        "interrupted (for job time limits); the same command resumes, and the schedule still spans `steps`.",
+    )
+
+
+class EvalSpec(Section):
+    """Evaluation on held-out regions during training (eval/* metrics)."""
+
+    every: int = Field(100, gt=0, description="Steps between evaluations (one is also run at the last step).")
+    at_start: bool = Field(True, description="Evaluate before the first step, to have the starting point.")
+    batch_size: int = Field(32, gt=0, description="Regions per evaluation batch (memory only; not data.batch_size).")
+    split: Literal["val", "select"] = Field(
+        "val",
+        description="Held-out regions the run evaluates on: `val`, or `select` (shapes only: a disjoint split "
+        "for choosing settings, so that `val` figures stay unbiased).",
+    )
+
+
+class RuntimeSpec(Section):
+    """Where the learner, rollout and reward workers live."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: all workers in this process; ray: each worker a Ray actor."
+    )
+    address: str | None = Field(None, description="Ray address to join; null starts a local instance.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
+    worker_cpus: float = Field(0.0, ge=0, description="num_cpus of each actor (0 lets 3 actors share 2 cores).")
+    worker_gpus: float = Field(0.0, ge=0, description="num_gpus of each actor (fractions share a GPU).")
+
+
+class WandbSpec(Section):
+    """Weights & Biases logging (the same metrics as metrics.jsonl, plus tables)."""
+
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline writes under output_dir for a later `wandb sync`; online uploads; disabled."
+    )
+    project: str = Field("dualrl", description="wandb project name.")
+    name: str | None = Field(None, description="wandb run name (null: wandb picks one).")
+    table_rows: int = Field(8, ge=0, description="Regions shown in the eval overlay table.")
+
+
+class RewardSpec(BaseModel):
+    """One reward plugin: a built-in `name`, a `module:attr`, or `path` (a .py file) + `name` (a function or
+    class in it). Keys other than the ones below are the plugin's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(
+        min_length=1,
+        description="A built-in reward (mask_iou, meteor, llm_judge, length, repetition), a `module:attr`, or the "
+        "name of a function or class in `path`. Its last part names the metric: reward/<name>.",
+    )
+    path: str | None = Field(None, description="A .py file that holds `name` (null: `name` is built in or importable).")
+    weight: float = Field(1.0, description="Weight of this reward in reward/total (0: logged, not trained on).")
+    timeout_s: float = Field(60.0, gt=0, description="A call that takes longer is a failure of that step.")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def key(self) -> str:
+        """The name metrics are logged under (`reward/<key>`)."""
+        return self.name.rpartition(":")[2]

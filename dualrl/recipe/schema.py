@@ -1,0 +1,74 @@
+"""The whole recipe: its top-level sections, the keys derived from others, and the checks across sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from dualrl.recipe.algo import AlgoSpec
+from dualrl.recipe.data import DataSpec
+from dualrl.recipe.model import ModelSpec
+from dualrl.recipe.run import EvalSpec, OptimSpec, RewardSpec, RuntimeSpec, TrainSpec, WandbSpec
+from dualrl.recipe.section import Section
+
+# Keys whose null means "the same as another key". They are filled in here, when the recipe is validated, and
+# nowhere else; the resolved value is what a run reads and what its recipe.yaml records.
+DERIVED: dict[str, str] = {
+    "model.seed": "train.seed",
+    "data.seed": "train.seed",
+    "algo.grpo.max_completion_length": "model.max_caption_tokens",
+}
+
+
+def get_dotted(node: Any, key: str) -> Any:
+    """The value at a dotted key of a validated recipe (`model.sam.image_size`)."""
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class Recipe(Section):
+    """A training run: the model, its data, the objective, and how the run goes."""
+
+    output_dir: str = Field(
+        description="Where the run writes metrics.jsonl, summary.json, checkpoints/ and recipe.yaml (the resolved "
+        "recipe); a run started again with the same output_dir resumes from its latest checkpoint."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The GroundedVLM: architecture, weights, decoding.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training and held-out data.")
+    algo: AlgoSpec = Field(default_factory=AlgoSpec, description="The objective and its losses.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and learning-rate schedule.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="The training loop.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Held-out evaluation during training.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Where the workers run.")
+    wandb: WandbSpec = Field(default_factory=WandbSpec, description="Weights & Biases logging.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="mask_iou")],
+        description="Reward plugins and their weights; their weighted sum drives grpo and is logged as reward/total "
+        "by every algorithm.",
+    )
+
+    @model_validator(mode="after")
+    def _derive(self) -> Recipe:
+        for key, source in DERIVED.items():
+            section, _, name = key.rpartition(".")
+            if getattr(get_dotted(self, section), name) is None:
+                value = get_dotted(self, source)
+                try:
+                    setattr(get_dotted(self, section), name, value)
+                except ValidationError as err:
+                    reason = err.errors()[0]["msg"]
+                    raise ValueError(f"{key} follows {source}={value!r}: {reason}; set {key} on its own") from None
+        return self
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.data.shapes is not None and self.data.shapes.min_objects > self.data.shapes.max_objects:
+            raise ValueError("data.shapes.min_objects must not exceed data.shapes.max_objects")
+        keys = [r.key for r in self.rewards]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"rewards: two plugins log under the same name ({keys})")
+        if self.algo.name == "grpo" and not any(r.weight for r in self.rewards):
+            raise ValueError("algo.name=grpo needs at least one reward with a non-zero weight in `rewards`")
+        return self
