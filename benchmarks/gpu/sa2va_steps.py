@@ -44,7 +44,7 @@ from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout_data import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
-from dualrl.model.decode import attention_implementation
+from dualrl.model.decode_attention import attention_implementation
 from dualrl.model.sequence import Ids
 from dualrl.recipe import load_recipe
 from dualrl.runtime import start_runtime
