@@ -61,6 +61,7 @@ class _PromptKV:
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
 
+    @torch.compiler.disable  # compiled layers would specialise on the layer number (one compilation per layer)
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         self.keys[layer_idx], self.values[layer_idx] = key, value
         return key, value
@@ -226,7 +227,8 @@ class CaptionDecoder:
         allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
         self._load_weights()
         prompt = _PromptKV()
-        with self.autocast(), self._attending():
+        compiled = self._compiled_layers() if self.compile else contextlib.nullcontext()
+        with self.autocast(), self._attending(), compiled:
             hidden = self.lm(
                 inputs_embeds=embeds,
                 attention_mask=self._mask(allowed, embeds.dtype),
@@ -337,12 +339,13 @@ class CaptionDecoder:
 
     @contextlib.contextmanager
     def _compiled_layers(self):
-        """The decoder layers run compiled for the block's duration (the prefill, whose lengths vary, stays eager).
-        Static shapes at first; a second (rows, capacity) makes torch.compile mark those sizes dynamic, so later
-        prompt capacities reuse that compilation instead of compiling again. The layers' integer attributes are
-        left unspecialised, so the second layer's number makes it dynamic rather than compiling once per layer.
-        The layers' code is transformers' own, shared by every model in the process (eval, float32 checks,
-        another dtype), so the recompilation limit is raised: past it torch.compile would run them eagerly."""
+        """The decoder layers run compiled for the block's duration: the decode step, and the prefill (its lengths
+        come in buckets of `prefill_bucket`, so few shapes). Static shapes at first; a second shape makes
+        torch.compile mark those sizes dynamic, so later shapes reuse that compilation instead of compiling again.
+        The layers' integer attributes are left unspecialised, so the second layer's number makes it dynamic rather
+        than compiling once per layer. The layers' code is transformers' own, shared by every model in the process
+        (eval, float32 checks, another dtype), so the recompilation limit is raised: past it torch.compile would
+        run them eagerly."""
         layers = _decoder_layers(self.lm)
         if self._compiled is None:
             self._compiled = [torch.compile(layer._call_impl) for layer in layers]
