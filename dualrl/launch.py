@@ -1,23 +1,24 @@
 """`python -m dualrl.launch RECIPE.yaml [dotted.key=value ...]` — validate the recipe, then train.
 
-Everything about the recipe (unknown keys, bad values, missing files) is checked before any model is
-built; a problem ends the command with one message naming the key and what is allowed.
+Everything about the recipe (unknown keys, bad values, missing files) and what the run needs of this machine (a
+writable output_dir, the device, a model that builds, a Ray head that answers) is checked before any model is built
+or file written; a problem ends the command with one `error:` line naming the key and what is allowed, and exit 2.
 `python -m dualrl.launch RECIPE.yaml [dotted.key=value ...] --help` prints every key of that recipe (type,
 default, value, help) and stops.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from dualrl.recipe import RecipeError, check_paths, check_rewards, load_recipe, resolve_recipe
+from dualrl.recipe import RecipeError, check_launch, check_paths, check_rewards, load_recipe, resolve_recipe
+from dualrl.recipe.cli import ArgumentParser, fail
 from dualrl.recipe.help import describe_recipe
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m dualrl.launch",
         usage="%(prog)s [-h] recipe [overrides ...]",
         description=__doc__.splitlines()[0],
@@ -40,8 +41,7 @@ def recipe_help(path: str, overrides: list[str]) -> int:
     try:
         recipe = resolve_recipe(path, overrides)
     except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     print(describe_recipe(recipe, title=" ".join([path, *overrides])), end="")
     try:  # what a run would refuse, said after the keys rather than instead of them
         check_paths(recipe)
@@ -64,12 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_launch(recipe)
     except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from dualrl.train import run  # heavy imports only once the recipe is known to be good
+        return fail(err)
+    from dualrl.runtime import ActorTimeout
+    from dualrl.train import TrainingDiverged, run  # heavy imports only once the recipe is known to be good
 
-    summary = run(recipe)
+    try:
+        summary = run(recipe)
+    except (TrainingDiverged, ActorTimeout) as err:  # non-finite training, a Ray actor past its deadline: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RecipeError as err:  # a resume refused (changed keys, no intact checkpoint): nothing was built or written
+        return fail(err)
     if not summary["complete"]:
         print(
             f"stopped at step {summary['steps']} of {recipe.train.steps} after {summary['wall_time_s']:.0f} s; "

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -42,16 +42,18 @@ class RunLogger:
         steps after it run again and log again."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [line for line, entry in read_metrics(self.path) if entry["step"] <= step] if step >= 0 else []
         self.path.write_text("".join(k + "\n" for k in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        """A line of metrics.jsonl (a non-finite value is written null, never dropped: a diverged run shows) and
+        of wandb (where it is NaN); None means not measured and is left out."""
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        self.file.write(json.dumps({"step": step, **null_if_nonfinite(values)}) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(clean, step=step)
-        self.last.update(clean)
+            self.wandb.log(values, step=step)
+        self.last.update(values)
         shown = {
             k.split("/")[-1]: f"{self.last[k]:.3g}"
             for k in (
@@ -136,6 +138,39 @@ class RunLogger:
             if summary:
                 self.wandb.summary.update(summary)
             self.wandb.finish()
+
+
+def null_if_nonfinite(value: Any) -> Any:
+    """`value` with every non-finite float inside (dicts and lists included) turned into None, so that json writes
+    null where it would write NaN or Infinity, which are not JSON."""
+    if isinstance(value, dict):
+        return {k: null_if_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [null_if_nonfinite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, entry) of each line of a metrics.jsonl. A torn last line (the process died while writing it) is
+    dropped with a warning; any other line that is not a JSON object with a step is an error naming it."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            int(entry["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            if number == len(lines):
+                log.warning("%s: dropped its last line, torn (%s: %r)", path, type(err).__name__, line[:80])
+                break
+            raise ValueError(
+                f"{path}:{number}: not a metrics line ({type(err).__name__}: {err}); delete or mend that line, then "
+                "run again"
+            ) from err
+        entries.append((line, entry))
+    return entries
 
 
 def overlay(image, mask, pred) -> np.ndarray:

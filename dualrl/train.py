@@ -9,6 +9,7 @@ top to bottom the same way for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,11 +19,12 @@ import torch
 
 from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout_data import Rollout
-from dualrl.checkpoint import load_latest, save_checkpoint
+from dualrl.checkpoint import has_checkpoint, load_latest, retarget_optimizer, save_checkpoint
 from dualrl.data.loader import EvalBatches, train_batches
 from dualrl.eval.training import evaluate
-from dualrl.logger import RunLogger
+from dualrl.logger import RunLogger, null_if_nonfinite
 from dualrl.recipe import Recipe, dump_recipe
+from dualrl.recipe.resume import Change, check_resume
 from dualrl.runtime import start_runtime
 
 log = logging.getLogger("dualrl")
@@ -42,23 +44,76 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step))
 
 
+class TrainingDiverged(RuntimeError):
+    """`train.max_nonfinite_steps` steps in a row had a non-finite loss, gradient or weights: the run stopped."""
+
+
+def diverged_message(recipe: Recipe, step: int, report: list[str], last_saved: int | None) -> str:
+    """Where it stopped, what was non-finite (the first bad updates and the last), which checkpoint stays, and what
+    to try."""
+    k, o = recipe.train.max_nonfinite_steps, recipe.optim
+    if len(report) > 3:
+        report = [*report[:2], f"({len(report) - 3} more)", report[-1]]
+    saved = f"The last checkpoint, step_{last_saved}, stays" if last_saved else "No checkpoint was written"
+    return (
+        f"training stopped at step {step}: {k} steps in a row had a non-finite loss, gradient or weights "
+        f"(train.max_nonfinite_steps={k}): {'; '.join(report)}. {saved}; none is written from such weights. "
+        f"Try a lower optim.lr (now {o.lr:g}), a longer optim.warmup_ratio (now {o.warmup_ratio:g}) or a smaller "
+        f"optim.grad_clip (now {o.grad_clip:g}), and look for broken inputs if the loss was non-finite at once."
+    )
+
+
+def save_if_finite(runtime, out: Path, step: int, run_state: dict, keep: int) -> bool:
+    """Write the step's checkpoint unless the learner's weights or EMA are non-finite (then the last one stays)."""
+    broken = runtime.learner.nonfinite_weights()
+    if broken:
+        log.error("checkpoint of step %d not written: non-finite weights in %s", step, ", ".join(broken[:3]))
+        return False
+    save_checkpoint(out, step, runtime.learner.state_dict(), run_state, keep)
+    return True
+
+
+def _check_resume(out: Path, recipe: Recipe) -> list[Change]:
+    """A resuming run's recipe against the one its checkpoints were made with (recipe.yaml): the changes it may
+    apply; a RecipeError listing those it may not (dualrl/recipe/resume.py says which are which)."""
+    if not has_checkpoint(out):
+        return []
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        log.warning("%s is missing: the recipe cannot be compared with the one the checkpoints were made with", saved)
+        return []
+    return check_resume(saved, recipe)
+
+
 def run(recipe: Recipe) -> dict:
+    """Train as the recipe says. However the run ends (its last step, an exception, SIGTERM or SIGINT), its
+    runtime ends with it: Ray actors are killed and a Ray instance the run started is shut down."""
+    with contextlib.ExitStack() as stack:
+        return _train(recipe, stack)
+
+
+def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     t_start = time.time()
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    changes = _check_resume(out, recipe)  # before anything is built or written
+    resumed = load_latest(out)  # the newest intact checkpoint (a bad newer one named in the log); None: fresh
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
 
     val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size, recipe.eval.split)
-    runtime = start_runtime(recipe)
+    runtime = stack.enter_context(start_runtime(recipe))
     start_step, position, run_state = 0, 0, {}
-    resumed = load_latest(out)
     if resumed is not None:
         learner_state, run_state = resumed
+        if any(c.key.startswith("optim.") or c.key == "train.steps" for c in changes):
+            retarget_optimizer(learner_state, recipe.optim, recipe.train.steps)
         runtime.learner.load_state_dict(learner_state)
         start_step, position = run_state["step"], run_state["data_position"]
-        log.info("resumed from %s at step %d", out / "checkpoints", start_step)
+        log.info("resumed from %s at step %d", out / "checkpoints" / f"step_{start_step}", start_step)
+        for change in changes:
+            log.info("recipe changed since the last start, applied from step %d: %s", start_step + 1, change)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))  # only now: a refused or failed resume leaves it as it was
     logger = RunLogger(
         recipe.wandb,
         recipe.train.steps,
@@ -84,8 +139,10 @@ def run(recipe: Recipe) -> dict:
     batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
+    failure, last_saved = None, start_step or None
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     for step in range(start_step + 1, stop + 1):
+        runtime.step = step  # named if a remote call times out
         batch = next(batches)
         metrics = batches.metrics()
         rollout = None
@@ -95,21 +152,28 @@ def run(recipe: Recipe) -> dict:
             rollout = Rollout(captions, plan.group_size, scored.total)
             metrics.update(scored.metrics)
             metrics["train/caption_tokens"] = sum(len(i) for i in captions.ids) / len(captions)
-        metrics.update(runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step)))
+        learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
+        metrics.update(learned)
         if step % recipe.train.sync_every == 0:
             metrics.update(runtime.sync())
         logger.advance()
+        if learned["train/nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
+            failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
+            stop = step
         if deadline is not None and step < stop and time.time() > deadline:
             log.info("train.max_minutes reached at step %d: saving; the same command resumes from here", step)
             stop = step
         if step % recipe.train.log_every == 0 or step == stop:
             logger.log(step, metrics)
+        if failure is not None:
+            break  # no evaluation and no checkpoint of these weights
         if step % recipe.eval.every == 0 or step == recipe.train.steps:
             if rollout is not None and plan.group_size > 1:
                 logger.groups(step, batch, rollout, scored)
             metrics.update(run_eval(step))
-        if step % recipe.train.save_every == 0 or step == stop:
-            save_checkpoint(out, step, runtime.learner.state_dict(), batches.state(), recipe.train.keep_checkpoints)
+        due = step % recipe.train.save_every == 0 or step == stop
+        if due and save_if_finite(runtime, out, step, batches.state(), recipe.train.keep_checkpoints):
+            last_saved = step
         if step == stop:
             break
 
@@ -119,7 +183,7 @@ def run(recipe: Recipe) -> dict:
     summary = {
         "steps": step,
         "steps_this_run": steps_run,
-        "complete": step >= recipe.train.steps,
+        "complete": failure is None and step >= recipe.train.steps,
         "wall_time_s": time.time() - t_start,
         "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
         "start": logger.logged(0, "eval/"),
@@ -129,7 +193,11 @@ def run(recipe: Recipe) -> dict:
         "algo": recipe.algo.name,
         "data_skipped": batches.skipped(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if failure is not None:
+        summary["error"] = failure
+    (out / "summary.json").write_text(json.dumps(null_if_nonfinite(summary), indent=1))
     logger.close(summary["final"])
     runtime.shutdown()
+    if failure is not None:
+        raise TrainingDiverged(failure)
     return summary

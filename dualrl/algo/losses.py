@@ -209,7 +209,9 @@ def mask_iou(pred_logits: Tensor, gt: Tensor, threshold: float = 0.0) -> Tensor:
     """Hard IoU per mask: ``|P & G| / |P | G|`` with ``P = upsample(x) > threshold``.
 
     Logits are upsampled bilinearly (``align_corners=False``) to the GT size first. A float GT counts as
-    foreground where > 0.5. Two empty masks agree perfectly: IoU = 1 when the union is empty.
+    foreground where > 0.5. Two empty masks agree perfectly: IoU = 1 when the union is empty. A mask whose
+    upsampled logits hold a NaN gets IoU NaN: thresholding would read NaN as background and score broken
+    weights 0, or 1 against an empty mask.
 
     Args:
         pred_logits: ``[N, h, w]`` mask logits.
@@ -217,14 +219,15 @@ def mask_iou(pred_logits: Tensor, gt: Tensor, threshold: float = 0.0) -> Tensor:
         threshold: logit threshold (0 = probability 0.5).
 
     Returns:
-        ``[N]`` float32 IoUs in [0, 1].
+        ``[N]`` float32 IoUs in [0, 1], or NaN.
     """
-    pred = _upsample_logits(pred_logits, tuple(gt.shape[-2:])) > threshold
+    logits = _upsample_logits(pred_logits, tuple(gt.shape[-2:])).flatten(1)
+    pred = logits > threshold
     target = (gt.to(pred.device) > 0.5).flatten(1)
-    pred = pred.flatten(1)
     inter = (pred & target).sum(-1).float()
     union = (pred | target).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
+    iou = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(union))
+    return torch.where(logits.isnan().any(-1), torch.full_like(iou, float("nan")), iou)
 
 
 def soft_mask_iou(pred_logits: Tensor, gt: Tensor) -> Tensor:
@@ -233,18 +236,20 @@ def soft_mask_iou(pred_logits: Tensor, gt: Tensor) -> Tensor:
     Chosen over ``sum min(p, t) / sum max(p, t)`` because the product form is smooth everywhere (no kinks
     at p = t), matches dice's ``S_pt`` and reduces to the hard IoU when p is binary. Logits are upsampled
     like ``mask_iou``; a float GT is used as given (soft targets allowed). A zero denominator (p and t
-    both all-zero) gives 1. Differentiable in ``pred_logits``.
+    both all-zero) gives 1; a NaN one (a NaN in the logits or the GT) gives NaN, never 1. Differentiable in
+    ``pred_logits``.
 
     Args:
         pred_logits: ``[N, h, w]`` mask logits.
         gt: ``[N, H, W]`` bool or [0, 1] float masks.
 
     Returns:
-        ``[N]`` float32 soft IoUs in [0, 1].
+        ``[N]`` float32 soft IoUs in [0, 1], or NaN.
     """
     probs = _upsample_logits(pred_logits, tuple(gt.shape[-2:])).sigmoid().flatten(1)
     target = upload(gt, probs.device).to(probs.dtype).flatten(1)
     inter = (probs * target).sum(-1)
     union = probs.sum(-1) + target.sum(-1) - inter
     tiny = torch.finfo(union.dtype).tiny
-    return torch.where(union > 0, inter / union.clamp(min=tiny), torch.ones_like(union))
+    # clamp keeps a NaN union NaN; only a union that is exactly 0 counts as "both empty".
+    return torch.where(union == 0, torch.ones_like(union), inter / union.clamp(min=tiny))

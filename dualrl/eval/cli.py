@@ -22,21 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
+from dualrl.data.scenes import SPLITS
 from dualrl.eval.inputs import eval_recipe, regions
 from dualrl.eval.protocol import EmptySplit, evaluate_model
 from dualrl.model.build import build_model
-from dualrl.recipe import RecipeError
+from dualrl.recipe import RecipeError, check_model, check_writable_folder
+from dualrl.recipe.cli import ArgumentParser, fail
+from dualrl.recipe.section import MAX_BATCH
 from dualrl.runtime import resolve_device
 
 SHOWN = ("regions", "queries", "ref_miou", "ref_ciou", "meteor", "cycle_miou", "caption_tokens")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dualrl.eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m dualrl.eval", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     parser.add_argument("--data", choices=("refcoco", "shapes"), default="refcoco")
@@ -66,22 +68,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
-        return _error("--batch-size must be at least 1")
+        return fail("--batch-size must be at least 1")
+    if args.batch_size > MAX_BATCH:
+        return fail(f"--batch-size must be at most {MAX_BATCH}")
+    if args.data == "shapes" and args.split not in SPLITS:
+        return fail(f"--split {args.split}: the shapes splits are {', '.join(SPLITS)}")
     try:
         device = resolve_device(args.device)
     except RuntimeError:
-        return _error("--device cuda: no CUDA device is visible")
+        return fail("--device cuda: no CUDA device is visible")
+    folder = args.checkpoint if args.checkpoint.is_dir() else Path(".")
+    out = args.out or folder / f"eval_{args.data}_{args.split}.json"
     try:
         recipe = eval_recipe(args.checkpoint, args.overrides, args.weights, args.recipe)
+        if args.data != "shapes" and getattr(recipe.data, args.data) is None:
+            raise RecipeError(f"--data {args.data}: set data.{args.data}.* (its paths) in the recipe or as overrides")
+        if out.is_dir():
+            raise RecipeError(f"--out {str(out)!r} is a folder; give the JSON file's path")
+        check_writable_folder(out.parent, "--out")
+        check_model(recipe.model)
     except (RecipeError, FileNotFoundError) as err:
-        return _error(err)
+        return fail(err)
     t0 = time.time()
     model = build_model(recipe.model, device).eval()
     try:
         samples = regions(recipe, args.data, args.split, args.max_regions, full_masks=args.resolution == "file")
         result = evaluate_model(model, samples, args.batch_size, recipe.data.aspect)
     except (RecipeError, FileNotFoundError, EmptySplit) as err:
-        return _error(err)
+        return fail(err)
     result.update(
         checkpoint=str(args.checkpoint),
         data=args.data,
@@ -91,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         seconds=round(time.time() - t0, 2),
     )
-    folder = args.checkpoint if args.checkpoint.is_dir() else Path(".")
-    out = args.out or folder / f"eval_{args.data}_{args.split}.json"
     out.write_text(json.dumps(result, indent=1))
     for name in SHOWN:
         value = result.get(name, "—")
@@ -101,8 +113,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meteor left out: {result['meteor_error']}")
     print(f"written to {out}")
     return 0
-
-
-def _error(message: object) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

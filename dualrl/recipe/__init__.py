@@ -9,11 +9,20 @@ Every field carries its type, default and help text in one place, the section's 
 - `schema.py` — the whole `Recipe`, its derived keys (`DERIVED`) and its cross-section checks
 
 `load.py` reads files (`extends`), applies `dotted.key=value` overrides and validates; `checks.py` checks the
-files and plugins a recipe names; `help.py` prints every key (`python -m dualrl.launch RECIPE --help`).
+files and plugins a recipe names, and what a launch needs of the machine; `help.py` prints every key (`python -m
+dualrl.launch RECIPE --help`); `cli.py` is what the command lines share (one `error:` line, exit 2).
 """
 
 from dualrl.recipe.algo import AlgoSpec, GrpoSpec, LossSpec, PretrainSpec, SftDualSpec
-from dualrl.recipe.checks import DATA_PATHS, check_data_paths, check_paths, check_rewards
+from dualrl.recipe.checks import (
+    DATA_PATHS,
+    check_data_paths,
+    check_launch,
+    check_model,
+    check_paths,
+    check_rewards,
+    check_writable_folder,
+)
 from dualrl.recipe.data import (
     DataSpec,
     OpenImagesSpec,
@@ -69,8 +78,11 @@ __all__ = [
     "VisionSpec",
     "WandbSpec",
     "check_data_paths",
+    "check_launch",
+    "check_model",
     "check_paths",
     "check_rewards",
+    "check_writable_folder",
     "dump_recipe",
     "load_recipe",
     "parse_override",

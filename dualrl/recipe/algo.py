@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dualrl.recipe.section import Section
+from dualrl.recipe.section import MAX_BATCH, Section
 
 
 class LossSpec(Section):
@@ -94,7 +94,7 @@ class GrpoSpec(Section):
     """GRPO on the captioner (knob names as TRL's GRPOConfig); the segmenter keeps its SFT mask loss. Read when
     algo.name=grpo."""
 
-    num_generations: int = Field(8, ge=2, description="G: captions sampled per region.")
+    num_generations: int = Field(8, ge=2, le=MAX_BATCH, description="G: captions sampled per region.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the captions (and of their log-probs).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens of this mass.")
     max_completion_length: int | None = Field(

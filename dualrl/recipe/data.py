@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dualrl.recipe.section import Section
+from dualrl.recipe.section import MAX_BATCH, MAX_IMAGE_SIZE, Section, section_type
 
 
 class SourceSpec(Section):
@@ -33,6 +33,7 @@ class ShapesSpec(SourceSpec):
     image_size: int = Field(
         128,
         ge=64,
+        le=MAX_IMAGE_SIZE,
         description="Side in pixels at which the scenes are drawn (shapes scale with it). A shapes-only run also "
         "works at this size; otherwise the drawn scenes are resized to the working square (data.image_size).",
     )
@@ -138,7 +139,10 @@ class DataSpec(Section):
         "are mask-only.",
     )
     batch_size: int = Field(
-        8, gt=0, description="Regions per training step (grpo samples num_generations captions for each)."
+        8,
+        gt=0,
+        le=MAX_BATCH,
+        description="Regions per training step (grpo samples num_generations captions for each).",
     )
     num_workers: int = Field(0, ge=0, description="Loader worker processes (decoding, resizing); 0: in-process.")
     prefetch: int = Field(4, gt=0, description="Samples in flight per worker.")
@@ -151,6 +155,7 @@ class DataSpec(Section):
     image_size: int | None = Field(
         None,
         gt=0,
+        le=MAX_IMAGE_SIZE,
         description="Square working size every region is brought to in the loader, in pixels; SAM2 and the VLM "
         "each resize from it to their own input (model.sam.image_size, model.vision.image_size). null: "
         "model.sam.image_size (1024 at real scale), or data.shapes.image_size in a shapes-only run.",
@@ -169,3 +174,18 @@ class DataSpec(Section):
     eval_size: int = Field(
         256, gt=0, description="Regions of the refcoco eval split used (shapes: its val_size or select_size)."
     )
+
+    @classmethod
+    def source_names(cls) -> list[str]:
+        """Every data source, in field order: the sub-sections that are sources."""
+        return [n for n, f in cls.model_fields.items() if issubclass(section_type(f.annotation) or Section, SourceSpec)]
+
+    def training_sources(self) -> list[str]:
+        """The sources a training run mixes: configured, with a weight > 0."""
+        return [n for n in self.source_names() if getattr(self, n) is not None and getattr(self, n).weight > 0]
+
+    def held_out_source(self) -> str:
+        """The source evaluated during training: eval_source, where auto is refcoco when configured, else shapes."""
+        if self.eval_source != "auto":
+            return self.eval_source
+        return "refcoco" if self.refcoco is not None else "shapes"

@@ -54,10 +54,11 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _format_errors(err: ValidationError) -> str:
+    """Every problem pydantic found, on one line: `invalid recipe: a.b: what is wrong (got x); c: ...`."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-        msg = e["msg"]
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             section = _section_at(e["loc"][:-1])
@@ -65,10 +66,10 @@ def _format_errors(err: ValidationError) -> str:
                 msg += f"; allowed here: {', '.join(section.model_fields)}"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        else:
+        elif not isinstance(e.get("input"), dict):  # a whole section as "got" would bury the message
             msg += f" (got {e.get('input')!r})"
-        lines.append(f"  {path}: {msg}")
-    return "invalid recipe:\n" + "\n".join(lines)
+        lines.append(f"{path}: {msg}" if path else msg)  # a check across sections names its keys itself
+    return "invalid recipe: " + "; ".join(lines)
 
 
 def _section_at(loc: tuple) -> type[Section] | None:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dualrl.recipe.section import Section
+from dualrl.recipe.section import MAX_IMAGE_SIZE, Section
 
 
 class VisionSpec(Section):
@@ -20,6 +20,7 @@ class VisionSpec(Section):
     image_size: int = Field(
         128,
         gt=0,
+        le=MAX_IMAGE_SIZE,
         description="The VLM's input tile in pixels (InternVL: 448). Not SAM2's input (model.sam.image_size) nor "
         "the data's working square (data.image_size): the working square is resized to this size for the VLM only.",
     )
@@ -87,6 +88,7 @@ class SamSpec(Section):
     image_size: int = Field(
         128,
         gt=0,
+        le=MAX_IMAGE_SIZE,
         description="SAM2's square input in pixels (real SAM2: 1024); its image encoder and positional encodings are "
         "built for it. Also the data's working square unless data.image_size says otherwise. Not the VLM's tile "
         "(model.vision.image_size).",
@@ -258,11 +260,11 @@ class ModelSpec(Section):
     )
     decode_compile: bool = Field(
         False,
-        description="generation=engine: compile the decode step's decoder layers with torch.compile before "
-        "capturing it (fuses their hundreds of small elementwise kernels). The layers are alike, so one "
-        "compilation serves them all (a first step of 4.6-8.3 s on an H200 at the 4B shape, against 31-56 s "
-        "for the whole step compiled); a second number of rows or prompt capacity compiles once more with dynamic "
-        "sizes, then no shape compiles again.",
+        description="generation=engine: compile the decoder layers with torch.compile for the prefill and for the "
+        "decode step, which is then captured (fuses their hundreds of small elementwise kernels). The layers are "
+        "alike, so one compilation serves them all (a first step of 12 s on an H200 at the 4B shape, against "
+        "31-56 s for the whole step compiled); a second shape compiles once more with dynamic sizes, then no "
+        "shape compiles again.",
     )
     decode_merge_lora: bool = Field(
         True,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from dualrl.recipe.section import Section
+from dualrl.recipe.section import MAX_BATCH, MAX_STEPS, Section
 
 
 class OptimSpec(Section):
@@ -33,11 +33,20 @@ class OptimSpec(Section):
 class TrainSpec(Section):
     """The training loop: length, logging, checkpoints, device and the run's seed."""
 
-    steps: int = Field(200, gt=0, description="Optimizer steps of the run; the learning-rate schedule spans them.")
+    steps: int = Field(
+        200, gt=0, le=MAX_STEPS, description="Optimizer steps of the run; the learning-rate schedule spans them."
+    )
     log_every: int = Field(10, gt=0, description="Steps between lines of metrics.jsonl (and wandb).")
     save_every: int = Field(100, gt=0, description="Steps between checkpoints (one is also saved at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in output_dir/checkpoints/.")
     sync_every: int = Field(1, gt=0, description="Steps between weight syncs to the rollout/reward workers.")
+    max_nonfinite_steps: int = Field(
+        3,
+        gt=0,
+        description="Steps in a row whose update was skipped for a non-finite loss or gradient, or left non-finite "
+        "weights, after which the run stops with an error (exit 1, no checkpoint from such weights); a single one is "
+        "skipped, counted in train/skipped_nonfinite, and the run goes on.",
+    )
     seed: int = Field(
         0,
         description="The run's seed: the learner's torch and Python RNGs (LoRA init, dropout) and each step's "
@@ -66,7 +75,9 @@ class EvalSpec(Section):
 
     every: int = Field(100, gt=0, description="Steps between evaluations (one is also run at the last step).")
     at_start: bool = Field(True, description="Evaluate before the first step, to have the starting point.")
-    batch_size: int = Field(32, gt=0, description="Regions per evaluation batch (memory only; not data.batch_size).")
+    batch_size: int = Field(
+        32, gt=0, le=MAX_BATCH, description="Regions per evaluation batch (memory only; not data.batch_size)."
+    )
     split: Literal["val", "select"] = Field(
         "val",
         description="Held-out regions the run evaluates on: `val`, or `select` (shapes only: a disjoint split "
@@ -84,6 +95,25 @@ class RuntimeSpec(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
     worker_cpus: float = Field(0.0, ge=0, description="num_cpus of each actor (0 lets 3 actors share 2 cores).")
     worker_gpus: float = Field(0.0, ge=0, description="num_gpus of each actor (fractions share a GPU).")
+    call_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="ray: seconds each call into an actor may take (a rollout, a reward batch, a learner step, an "
+        "eval batch, a weight sync, a checkpoint's state); past it the run stops with an error naming the actor and "
+        "kills the actors. Real-scale calls take seconds (Sa2VA-8B on one H200: rollout 4.2 s, learner step 3.9 s); "
+        "10 min leaves room for eval batches, checkpoint states and the LLM judge's 45 s deadline per batch, yet ends "
+        "a frozen run within the hour.",
+    )
+    start_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="ray: seconds an actor may take to start (placement on a node with the resources asked for, "
+        "imports, model build, pretrained weights read from shared storage) and to answer the first call of each "
+        "of its methods (which may compile or allocate); longer than runtime.call_timeout_s because an autoscaled "
+        "GPU node can take many minutes to join.",
+    )
 
 
 class WandbSpec(Section):
@@ -97,11 +127,11 @@ class WandbSpec(Section):
     table_rows: int = Field(8, ge=0, description="Regions shown in the eval overlay table.")
 
 
-class RewardSpec(BaseModel):
+class RewardSpec(Section):
     """One reward plugin: a built-in `name`, a `module:attr`, or `path` (a .py file) + `name` (a function or
     class in it). Keys other than the ones below are the plugin's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # the plugin's options; the rest of Section's checks apply
 
     name: str = Field(
         min_length=1,
@@ -109,7 +139,9 @@ class RewardSpec(BaseModel):
         "name of a function or class in `path`. Its last part names the metric: reward/<name>.",
     )
     path: str | None = Field(None, description="A .py file that holds `name` (null: `name` is built in or importable).")
-    weight: float = Field(1.0, description="Weight of this reward in reward/total (0: logged, not trained on).")
+    weight: float = Field(
+        1.0, ge=0, description="Weight of this reward in reward/total (0: logged, not trained on; not all of them 0)."
+    )
     timeout_s: float = Field(60.0, gt=0, description="A call that takes longer is a failure of that step.")
 
     @property

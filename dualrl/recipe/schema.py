@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dualrl.recipe.algo import AlgoSpec
 from dualrl.recipe.data import DataSpec
@@ -33,7 +33,8 @@ class Recipe(Section):
 
     output_dir: str = Field(
         description="Where the run writes metrics.jsonl, summary.json, checkpoints/ and recipe.yaml (the resolved "
-        "recipe); a run started again with the same output_dir resumes from its latest checkpoint."
+        "recipe); a run started again with the same output_dir resumes from its latest checkpoint. Not empty (`.` "
+        "is the current folder); the launcher checks that it is a folder it can write before writing anything."
     )
     model: ModelSpec = Field(default_factory=ModelSpec, description="The GroundedVLM: architecture, weights, decoding.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training and held-out data.")
@@ -48,6 +49,13 @@ class Recipe(Section):
         description="Reward plugins and their weights; their weighted sum drives grpo and is logged as reward/total "
         "by every algorithm.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _named_folder(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the run's folder (`.` for the current one)")
+        return value
 
     @model_validator(mode="after")
     def _derive(self) -> Recipe:
@@ -69,6 +77,21 @@ class Recipe(Section):
         keys = [r.key for r in self.rewards]
         if len(set(keys)) != len(keys):
             raise ValueError(f"rewards: two plugins log under the same name ({keys})")
-        if self.algo.name == "grpo" and not any(r.weight for r in self.rewards):
+        if self.rewards and not any(r.weight for r in self.rewards):
+            raise ValueError(
+                f"rewards: every weight is 0; algo.name={self.algo.name} needs at least one reward with a non-zero "
+                "weight in `rewards` (reward/total is their weighted sum)"
+            )
+        if self.algo.name == "grpo" and not self.rewards:
             raise ValueError("algo.name=grpo needs at least one reward with a non-zero weight in `rewards`")
+        if not self.data.training_sources():
+            raise ValueError(
+                f"data: no training source is on; configure one of data.{', data.'.join(DataSpec.source_names())} "
+                "with a weight > 0"
+            )
+        held_out = self.data.held_out_source()
+        if held_out == "refcoco" and self.data.refcoco is None:
+            raise ValueError("data.eval_source=refcoco but data.refcoco is off; set data.refcoco.* or eval_source=auto")
+        if self.eval.split != "val" and held_out != "shapes":
+            raise ValueError(f"eval.split={self.eval.split} exists for the shapes source only; set eval.split=val")
         return self

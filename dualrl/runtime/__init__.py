@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from dualrl.recipe import Recipe
 
 
+class ActorTimeout(RuntimeError):
+    """A Ray actor did not answer within its deadline: frozen, dead-locked, not placeable, or slower than allowed
+    (raised by `ray_calls.py`; defined here so that catching it imports no Ray)."""
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 class LocalRuntime:
     def __init__(self, recipe: Recipe):
+        self.step: int | None = None  # the driver's step (read by the Ray runtime's timeouts; kept alike here)
+        self._closed = False
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, device)
         teacher = build_model(recipe.model, device)
@@ -33,5 +35,14 @@ class LocalRuntime:
         self.reward.load_weights(self.learner.ema.tensors())
         return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
+    def __enter__(self) -> LocalRuntime:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.shutdown()
+
     def shutdown(self) -> None:
-        self.reward.close()
+        """Close the reward plugins (their pools and clients); a second call does nothing."""
+        if not self._closed:
+            self._closed = True
+            self.reward.close()

@@ -1,49 +1,51 @@
 """Ray runtime: learner, rollout and reward workers as Ray actors.
 
-The driver talks to them through `_Proxy`, which makes a remote call look like a local one, so the driver
-loop is the same code for both runtimes. Weights travel once through the object store: the learner's
-result is handed by reference to both workers.
+The driver talks to them through `ray_calls.Actor`, which makes a remote call look like a local one, so the
+driver loop is the same code for both runtimes; every call has a deadline (`runtime.call_timeout_s`, and
+`runtime.start_timeout_s` for an actor's start-up). Weights travel once through the object store: the
+learner's result is handed by reference to both workers.
+
+The Ray processes a run starts end with it: `shutdown` kills the actors and ends the Ray instance this run
+started; the driver loop calls it at the end, and through the runtime's context manager on an exception,
+SIGTERM or SIGINT (handlers installed here turn those into an exit through it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
 
 from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
+from dualrl.runtime.ray_calls import Actor, Deadlines, whereabouts
 from dualrl.workers import Learner, RewardWorker, RolloutWorker
 
 if TYPE_CHECKING:
     from dualrl.recipe import Recipe
 
+log = logging.getLogger("dualrl")
 
-class _Proxy:
-    """An actor whose methods are called like local ones (the call waits for the result); `submit` starts a call
-    and returns its object ref instead, for results handed on to other actors by reference."""
-
-    def __init__(self, actor):
-        self._actor = actor
-
-    def submit(self, name: str, *args, **kwargs) -> ray.ObjectRef:
-        return getattr(self._actor, name).remote(*args, **kwargs)
-
-    def __getattr__(self, name):
-        method = getattr(self._actor, name)
-        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _in_actor(cls, threads: int | None):
+def _in_actor(cls: type, threads: int | None) -> type:
     class Hosted(cls):
         def __init__(self, *args, **kwargs):
             # Ray sets OMP_NUM_THREADS=1 for actors without CPUs; the workers take turns, so each may
             # use the machine's cores while it runs.
             torch.set_num_threads(threads or os.cpu_count() or 1)
             super().__init__(*args, **kwargs)
+
+        def whereabouts(self) -> dict[str, Any]:
+            return whereabouts()
 
     Hosted.__name__ = Hosted.__qualname__ = cls.__name__
     return Hosted
@@ -52,27 +54,48 @@ def _in_actor(cls, threads: int | None):
 class RayRuntime:
     def __init__(self, recipe: Recipe):
         spec = recipe.runtime
-        if not ray.is_initialized():
-            ray.init(
-                address=spec.address,
-                num_cpus=spec.num_cpus if spec.address is None else None,
-                include_dashboard=False,
-                log_to_driver=True,
-            )
-        device = resolve_device(recipe.train.device)
-        opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
-        threads = recipe.train.threads
-        self.learner = _Proxy(
-            ray.remote(**opts)(_in_actor(Learner, threads)).remote(
-                recipe.model, recipe.algo, recipe.optim, recipe.train, device
-            )
-        )
-        self.rollout = _Proxy(ray.remote(**opts)(_in_actor(RolloutWorker, threads)).remote(recipe.model, device))
-        self.reward = _Proxy(
-            ray.remote(**opts)(_in_actor(RewardWorker, threads)).remote(recipe.model, recipe.rewards, device)
-        )
+        self._closed, self._actors, self._handlers = False, [], {}
+        self._signal: int | None = None  # SIGTERM or SIGINT, once received
+        self._owns_ray = not ray.is_initialized()  # a caller's own Ray instance stays up after the run
+        self.deadlines = Deadlines(spec.call_timeout_s, spec.start_timeout_s)
+        try:
+            if self._owns_ray:
+                ray.init(
+                    address=spec.address,
+                    num_cpus=spec.num_cpus if spec.address is None else None,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                )
+            # After ray.init: Ray's core installs a SIGTERM handler in the driver that aborts the process
+            # without Python's cleanup.
+            self._handlers = self._stop_on_signals()
+            device = resolve_device(recipe.train.device)
+            opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
+            threads = recipe.train.threads
 
+            def start(role: str, cls: type, *args: Any) -> Actor:
+                handle = ray.remote(**opts)(_in_actor(cls, threads)).remote(*args)
+                self._actors.append(Actor(role, cls.__name__, handle, self.deadlines))
+                return self._actors[-1]
+
+            self.learner = start("learner", Learner, recipe.model, recipe.algo, recipe.optim, recipe.train, device)
+            self.rollout = start("rollout worker", RolloutWorker, recipe.model, device)
+            self.reward = start("reward worker", RewardWorker, recipe.model, recipe.rewards, device)
+        except BaseException:
+            self.shutdown(graceful=False)
+            if self._signal is not None:
+                raise SystemExit(128 + self._signal) from None
+            raise
         self.rollout_weights = objective_class(recipe.algo).rollout_weights
+
+    @property
+    def step(self) -> int | None:
+        """The driver's step, named when a call times out."""
+        return self.deadlines.step
+
+    @step.setter
+    def step(self, step: int | None) -> None:
+        self.deadlines.step = step
 
     def sync(self) -> dict[str, float]:
         """Weights straight from the learner actor to the workers (the driver only passes refs): the EMA to
@@ -80,10 +103,54 @@ class RayRuntime:
         t0 = time.perf_counter()
         ema = self.learner.submit("sync_state", "ema")
         policy = ema if self.rollout_weights == "ema" else self.learner.submit("sync_state", "policy")
-        ray.get([self.rollout.submit("load_weights", policy), self.reward.submit("load_weights", ema)])
+        self.deadlines.wait([ema, policy])  # a stuck learner is named as such, not as a worker waiting for it
+        self.deadlines.results(
+            [self.rollout.submit("load_weights", policy.ref), self.reward.submit("load_weights", ema.ref)]
+        )
         copies = 1 if policy is ema else 2
         return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
-    def shutdown(self) -> None:
-        self.reward.close()
-        ray.shutdown()
+    def __enter__(self) -> RayRuntime:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.shutdown(graceful=exc_type is None)
+        if self._signal is not None:  # a wait inside Ray turns the handler's SystemExit(128 + n) into SystemExit(1)
+            raise SystemExit(128 + self._signal)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Kill the actors (a frozen one too) and end the Ray instance this run started, then give back the
+        signal handlers; a second call does nothing. `graceful` (the run ended normally) first lets the reward
+        worker close its plugins, within the call deadline."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if graceful:
+                self.reward.close()
+        finally:
+            try:
+                for actor in self._actors:
+                    ray.kill(actor.handle, no_restart=True)
+            finally:
+                if self._owns_ray:
+                    ray.shutdown()
+                for signum, handler in self._handlers.items():
+                    signal.signal(signum, handler)
+
+    def _stop_on_signals(self) -> dict[int, Any]:
+        """SIGTERM and SIGINT end the run by an exception (SystemExit 128+signal), so the driver's cleanup kills
+        the actors and ends Ray; returns the handlers to restore (Ray's C-level one cannot be: the default)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # Python only lets the main thread handle signals
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        return {signum: signal.SIG_DFL if handler is None else handler for signum, handler in previous.items()}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._closed:
+            log.warning("%s received while the Ray actors are being stopped: still stopping", name)
+            return
+        log.error("%s received: stopping the Ray actors and the Ray instance this run started", name)
+        self._signal = signum
+        raise SystemExit(128 + signum)

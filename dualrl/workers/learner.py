@@ -1,6 +1,8 @@
 """Learner: owns the student model, its optimizer and schedule, and the EMA of its trainable weights.
 
-`step` runs one objective on one batch. A non-finite loss or gradient skips the update and is counted;
+`step` runs one objective on one batch. A non-finite loss or gradient skips the update; an update that leaves
+non-finite weights is not taken into the EMA; either is a bad update, counted (`train/skipped_nonfinite`). Steps
+with a bad update are counted in a row (`train/nonfinite_in_a_row`; the driver stops at `train.max_nonfinite_steps`);
 gradients are clipped. Weights leave the learner only through `sync_state` (trainable tensors only: the
 frozen base never travels).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Mapping
 
 import torch
 
@@ -57,6 +60,8 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, train.steps))
         self.ema = EMA(self.model.trainable_state(), algo.ema_decay)
         self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+        self.bad_updates: list[str] = []  # what went wrong in the bad updates of those steps
 
     @staticmethod
     def _reference(model: ModelSpec, algo: AlgoSpec, device: str):
@@ -73,13 +78,23 @@ class Learner:
         self.model.train()
         parts = micro_batches(batch, rollout, self.optim_spec.accumulation)
         sums: dict[str, float] = {}
+        skipped = self.skipped_steps
         for _ in range(self.objective.iterations):
             for k, v in self._update(parts, generator).items():
                 sums[k] = sums.get(k, 0.0) + v
+        if self.skipped_steps == skipped:
+            self.bad_steps_in_a_row = 0
+            self.bad_updates.clear()
+        else:
+            self.bad_steps_in_a_row += 1
         self.scheduler.step()
         metrics = {k: v / self.objective.iterations for k, v in sums.items()}
         metrics.update(
-            {"train/lr": self.scheduler.get_last_lr()[0], "train/skipped_nonfinite": float(self.skipped_steps)}
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/skipped_nonfinite": float(self.skipped_steps),
+                "train/nonfinite_in_a_row": float(self.bad_steps_in_a_row),
+            }
         )
         return metrics
 
@@ -105,13 +120,37 @@ class Learner:
         ).tolist()
         loss, grad = figures[0], figures[1]
         metrics.update(zip(names, figures[2:]))
+        step = self.scheduler.last_epoch + 1  # the driver's step this update belongs to
         if not (math.isfinite(loss) and math.isfinite(grad)):
-            self.skipped_steps += 1
-            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped", loss, grad)
+            self._bad_update(f"step {step}: loss={loss}, grad_norm={grad}, update skipped")
+            return {**metrics, "train/loss": loss, "train/grad_norm": grad}
+        self.optimizer.step()
+        # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
+        state = self.model.trainable_state()
+        broken = nonfinite_tensors(state)
+        if broken:
+            self._bad_update(
+                f"step {step}: the update (loss={loss:.4g}, grad_norm={grad:.4g}) left non-finite weights in "
+                f"{_names(broken)}, EMA not updated"
+            )
         else:
-            self.optimizer.step()
-            self.ema.update(self.model.trainable_state())
+            self.ema.update(state)
         return {**metrics, "train/loss": loss, "train/grad_norm": grad}
+
+    def _bad_update(self, what: str) -> None:
+        self.skipped_steps += 1
+        self.bad_updates.append(what)
+        log.warning("%s (%d skipped or non-finite so far)", what, self.skipped_steps)
+
+    def nonfinite_report(self) -> list[str]:
+        """What went wrong in the bad updates of the current run of bad steps (empty after a good step)."""
+        return list(self.bad_updates)
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the trainable tensors (`model.`) and EMA tensors (`ema.`) that are not finite; checked before
+        each checkpoint, so that none is written from broken weights."""
+        model = [f"model.{n}" for n in nonfinite_tensors(self.model.trainable_state())]
+        return model + [f"ema.{n}" for n in nonfinite_tensors(self.ema.tensors())]
 
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:
@@ -156,6 +195,25 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state["skipped_steps"])
         set_rng_state(state["rng"])
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors whose L2 norm is not finite: a NaN or inf in them, or values so large that the norm
+    overflows (about 1e19 in float32), blown-up weights either way. One fused norm per tensor and one transfer
+    to the host when all are finite."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm(list(tensors.values()))
+    device = norms[0].device
+    finite = torch.isfinite(torch.stack([n.to(device) for n in norms]))
+    if finite.all().item():
+        return []
+    return [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _attention_without_plans():
