@@ -178,8 +178,9 @@ class PromptSpec(Section):
 class ModelSpec(Section):
     """The GroundedVLM: a VLM joined to SAM2 by a [SEG] token. Weights come from random init, then from at most
     one of `pretrained`, `sa2va` or `vlm` (+ sam.checkpoint), then from `init_from`'s trained weights. With
-    `sa2va`, `vlm` or `sam.checkpoint`, the architecture keys a recipe leaves out are the checkpoint's, read when the
-    model is built (dualrl/model/checkpoint_config.py); the values listed for them here are then the defaults."""
+    `sa2va`, `vlm` or `sam.checkpoint`, the architecture keys a recipe leaves out are the checkpoint's, filled in
+    when the recipe loads (dualrl/model/checkpoint_config.py; recipe.yaml records them); `--help` lists the
+    recipe as written, so for those keys it shows the defaults."""
 
     pretrained: str | None = Field(
         None, description="A dualrl model directory to start from (model.safetensors + tokenizer files + arch.json)."
