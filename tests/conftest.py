@@ -11,6 +11,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 # Small everything: batch, eval split, caption length, point count; no pretrained checkpoint needed.
+# A real-scale recipe with its data paths off (none exist where the tests run): the built-in shapes instead.
+REAL_DATA_OFF = [
+    "data.refcoco=null",
+    "data.sa1b=null",
+    "data.sav=null",
+    "data.openimages=null",
+    "data.shapes={}",
+    "data.eval_source=shapes",
+    "model.init_from=null",
+]
+
 TINY = [
     "model.pretrained=null",
     "model.max_caption_tokens=6",

@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 
 from dualrl.launch import main
 from dualrl.recipe import DERIVED, Recipe, RecipeError, dump_recipe, load_recipe, parse_override
+from tests.conftest import REAL_DATA_OFF
 
 
 def test_default_recipe_loads_and_overrides_win():
@@ -129,16 +130,7 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
 
     with pytest.raises(RecipeError, match=r"model\.sa2va: no Sa2VA checkpoint at '/models/Sa2VA-"):
         load_recipe(f"recipes/sa2va/{name}.yaml")
-    off = [
-        "model.sa2va=null",
-        "data.refcoco=null",
-        "data.sa1b=null",
-        "data.sav=null",
-        "data.openimages=null",
-        "data.shapes={}",
-        "data.eval_source=shapes",
-        "model.init_from=null",
-    ]
+    off = ["model.sa2va=null", *REAL_DATA_OFF]
     r = load_recipe(f"recipes/sa2va/{name}.yaml", off)
     assert r.model.precision == "bf16" and r.model.trainable.lora_r == 128 and r.optim.lr == 1e-5
     assert r.algo.ema_decay == 0.999

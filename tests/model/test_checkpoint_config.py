@@ -15,19 +15,10 @@ from dualrl.model.checkpoint_config import resolve_model_spec, standard_sam_conf
 from dualrl.model.sa2va_format import save_sa2va
 from dualrl.model.sa2va_layout import SAM_PREFIX, TEMPLATES
 from dualrl.recipe import RecipeError, load_recipe, resolve_recipe
-from tests.conftest import TINY
+from tests.conftest import REAL_DATA_OFF, TINY
 
 SAM_T = ["model.sam.config=configs/sam2/sam2_hiera_t.yaml", "model.sam.overrides=[]"]  # a released trunk
-OFF = [  # a Sa2VA recipe without its data paths (none exist here)
-    "data.refcoco=null",
-    "data.sa1b=null",
-    "data.sav=null",
-    "data.openimages=null",
-    "data.shapes={}",
-    "data.eval_source=shapes",
-    "model.init_from=null",
-    "output_dir=x",
-]
+OFF = [*REAL_DATA_OFF, "output_dir=x"]  # a Sa2VA recipe without its data paths (none exist here)
 
 
 def _tiny(*overrides):
