@@ -92,6 +92,24 @@ def run(recipe: Recipe) -> dict:
         return _train(recipe, stack)
 
 
+def _resume(
+    out: Path, recipe: Recipe, changes: list, resumed: tuple[dict, dict] | None, runtime
+) -> tuple[int, int, dict]:
+    """The newest intact checkpoint's state into the learner, with the recipe changes a resume may apply (a new
+    learning rate or length retargets the optimizer's schedule); (start step, data position, run state)."""
+    if resumed is None:
+        return 0, 0, {}
+    learner_state, run_state = resumed
+    if any(c.key.startswith("optim.") or c.key == "train.steps" for c in changes):
+        retarget_optimizer(learner_state, recipe.optim, recipe.train.steps)
+    runtime.learner.load_state_dict(learner_state)
+    start_step = run_state["step"]
+    log.info("resumed from %s at step %d", out / "checkpoints" / f"step_{start_step}", start_step)
+    for change in changes:
+        log.info("recipe changed since the last start, applied from step %d: %s", start_step + 1, change)
+    return start_step, run_state["data_position"], run_state
+
+
 def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     t_start = time.time()
     out = Path(recipe.output_dir)
@@ -103,16 +121,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
 
     val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size, recipe.eval.split)
     runtime = stack.enter_context(start_runtime(recipe))
-    start_step, position, run_state = 0, 0, {}
-    if resumed is not None:
-        learner_state, run_state = resumed
-        if any(c.key.startswith("optim.") or c.key == "train.steps" for c in changes):
-            retarget_optimizer(learner_state, recipe.optim, recipe.train.steps)
-        runtime.learner.load_state_dict(learner_state)
-        start_step, position = run_state["step"], run_state["data_position"]
-        log.info("resumed from %s at step %d", out / "checkpoints" / f"step_{start_step}", start_step)
-        for change in changes:
-            log.info("recipe changed since the last start, applied from step %d: %s", start_step + 1, change)
+    start_step, position, run_state = _resume(out, recipe, changes, resumed, runtime)
     (out / "recipe.yaml").write_text(dump_recipe(recipe))  # only now: a refused or failed resume leaves it as it was
     logger = RunLogger(
         recipe.wandb,
@@ -178,23 +187,20 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             break
 
     batches.close()
-    steps_run = step - start_step
-    loop_s = time.time() - t_loop
     summary = {
         "steps": step,
-        "steps_this_run": steps_run,
+        "steps_this_run": step - start_step,
         "complete": failure is None and step >= recipe.train.steps,
         "wall_time_s": time.time() - t_start,
-        "samples_per_s": steps_run * recipe.data.batch_size / loop_s if steps_run else 0.0,
+        "samples_per_s": (step - start_step) * recipe.data.batch_size / (time.time() - t_loop),
         "start": logger.logged(0, "eval/"),
         "final": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "skipped_nonfinite_steps": metrics.get("train/skipped_nonfinite", 0.0),
         "runtime": recipe.runtime.kind,
         "algo": recipe.algo.name,
         "data_skipped": batches.skipped(),
+        **({"error": failure} if failure is not None else {}),
     }
-    if failure is not None:
-        summary["error"] = failure
     (out / "summary.json").write_text(json.dumps(null_if_nonfinite(summary), indent=1))
     logger.close(summary["final"])
     runtime.shutdown()
