@@ -164,10 +164,12 @@ def test_sbatch_recipe_from_the_environment(slurm):
 
 def test_sbatch_starts_the_nodes_waits_and_launches(slurm, tmp_path):
     """Without DRY_RUN: the Ray nodes' srun steps start (the fake leaves them running), the wait asks Ray until all
-    3 nodes are alive (the fake python answers 3), the launch runs, and the steps are ended on exit."""
+    3 nodes are alive (the fake python answers how many steps have started: they start in the background, in any
+    order), the launch runs, and the steps are ended on exit."""
     fake_python = tmp_path / "python"
+    alive = f'grep -c "ray start" {slurm.log} 2>/dev/null || echo 0'
     fake_python.write_text(
-        f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then echo 3; else echo "$@" > {tmp_path / "launched"}; fi\n'
+        f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then {alive}; else echo "$@" > {tmp_path / "launched"}; fi\n'
     )
     fake_python.chmod(0o755)
     done = slurm("recipes/sft_dual.yaml", "train.steps=5", PYTHON=str(fake_python))
@@ -177,7 +179,7 @@ def test_sbatch_starts_the_nodes_waits_and_launches(slurm, tmp_path):
         "runtime.worker_gpus=1", "train.steps=5",
     ]  # fmt: skip
     started = slurm.log.read_text().splitlines()
-    assert [line.split()[3:6] for line in started] == [[node, "ray", "start"] for node in ("gpu01", "gpu02", "gpu03")]
+    assert sorted(line.split()[3:6] for line in started) == [[n, "ray", "start"] for n in ("gpu01", "gpu02", "gpu03")]
     for pid in Path(f"{slurm.log}.pids").read_text().split():
         with pytest.raises(ProcessLookupError):  # ended (and reaped) by the script's exit trap
             os.kill(int(pid), 0)
