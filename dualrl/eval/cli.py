@@ -31,6 +31,7 @@ from dualrl.eval.protocol import EmptySplit, evaluate_model
 from dualrl.model.build import build_model
 from dualrl.recipe import RecipeError, check_model, check_writable_folder
 from dualrl.recipe.cli import ArgumentParser, fail
+from dualrl.recipe.data import REFCOCO_SPLITS
 from dualrl.recipe.section import MAX_BATCH
 from dualrl.runtime import resolve_device
 
@@ -71,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--batch-size must be at least 1")
     if args.batch_size > MAX_BATCH:
         return fail(f"--batch-size must be at most {MAX_BATCH}")
-    if args.data == "shapes" and args.split not in SPLITS:
-        return fail(f"--split {args.split}: the shapes splits are {', '.join(SPLITS)}")
+    if args.max_regions is not None and args.max_regions < 1:
+        return fail("--max-regions must be at least 1 (leave it out for the whole split)")
+    splits = SPLITS if args.data == "shapes" else REFCOCO_SPLITS
+    if args.split not in splits:
+        return fail(f"--split {args.split}: the {args.data} splits are {', '.join(splits)}")
     try:
         device = resolve_device(args.device)
     except RuntimeError:

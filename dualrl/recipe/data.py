@@ -60,6 +60,10 @@ class ShapesSpec(SourceSpec):
     )
 
 
+RefCocoSplit = Literal["train", "val", "testA", "testB", "test"]
+REFCOCO_SPLITS: tuple[str, ...] = RefCocoSplit.__args__
+
+
 class RefCocoSpec(SourceSpec):
     """RefCOCO / RefCOCO+ / RefCOCOg in the `refer` layout: <root>/<dataset>/instances.json + refs(<by>).p."""
 
@@ -71,8 +75,8 @@ class RefCocoSpec(SourceSpec):
     split_by: str | None = Field(
         None, description="Which refs(<split_by>).p file; null: unc (refcoco, refcoco+), umd (refcocog)."
     )
-    split: str = Field("train", description="Training split: train, val, testA, testB (unc) or test (umd).")
-    eval_split: str = Field(
+    split: RefCocoSplit = Field("train", description="Training split: train, val, testA, testB (unc) or test (umd).")
+    eval_split: RefCocoSplit = Field(
         "val", description="Split evaluated when refcoco is the eval source (data.eval_source); same names as `split`."
     )
 
