@@ -112,6 +112,7 @@ def save_checkpoint(output_dir: Path, step: int, learner_state: dict, run_state:
             "scheduler": learner_state["scheduler"],
             "rng_torch": rng["torch"],
             "rng_cuda": rng.get("cuda"),
+            "rank_rng": learner_state.get("rank_rng", []),  # learner ranks 1.. (runtime.learners > 1)
         },
         tmp / "optimizer.pt",
     )
@@ -258,6 +259,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     learner_state["rng"] = {"torch": opt["rng_torch"], "python": meta.pop("rng_python")}
     if opt.get("rng_cuda") is not None:
         learner_state["rng"]["cuda"] = opt["rng_cuda"]
+    learner_state["rank_rng"] = opt.get("rank_rng", [])
     return learner_state, meta
 
 

@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         check_launch(recipe)
     except RecipeError as err:
         return fail(err)
-    from dualrl.runtime import ActorTimeout
+    from dualrl.runtime import ActorLost, ActorTimeout
     from dualrl.train import TrainingDiverged, run  # heavy imports only once the recipe is known to be good
 
     try:
         summary = run(recipe)
-    except (TrainingDiverged, ActorTimeout) as err:  # non-finite training, a Ray actor past its deadline: one line
+    except (TrainingDiverged, ActorTimeout, ActorLost) as err:  # diverged, an actor late or dead: one line
         print(f"error: {err}", file=sys.stderr)
         return 1
     except RecipeError as err:  # a resume refused (changed keys, no intact checkpoint): nothing was built or written

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from dualrl.algo.registry import objective_class
-from dualrl.algo.rollout_data import Rollout
 from dualrl.checkpoint import has_checkpoint, load_latest, retarget_optimizer, save_checkpoint
 from dualrl.data.loader import EvalBatches, train_batches
 from dualrl.eval.training import evaluate
 from dualrl.logger import RunLogger, null_if_nonfinite
 from dualrl.recipe import Recipe, dump_recipe
 from dualrl.recipe.resume import Change, check_resume
-from dualrl.runtime import start_runtime
+from dualrl.runtime import ActorLost, ActorTimeout, start_runtime
+from dualrl.runtime.stream import RolloutStream
 
 log = logging.getLogger("dualrl")
 
@@ -89,7 +89,18 @@ def run(recipe: Recipe) -> dict:
     """Train as the recipe says. However the run ends (its last step, an exception, SIGTERM or SIGINT), its
     runtime ends with it: Ray actors are killed and a Ray instance the run started is shut down."""
     with contextlib.ExitStack() as stack:
-        return _train(recipe, stack)
+        try:
+            return _train(recipe, stack)
+        except (ActorTimeout, ActorLost) as err:
+            raise type(err)(f"{err} {resume_point(Path(recipe.output_dir))}") from err
+
+
+def resume_point(out: Path) -> str:
+    """Where the same command would resume: the step the `latest` pointer names, or a fresh start."""
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return "No checkpoint was written: the same command starts again from the beginning."
+    return f"The last checkpoint is {pointer.parent / pointer.read_text().strip()}: the same command resumes from it."
 
 
 def _resume(
@@ -146,25 +157,22 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     plan = objective_class(recipe.algo).plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
     batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
+    rollout_seed = lambda step: ROLLOUT_SEED + step_seed(recipe.train.seed, step)  # noqa: E731
+    stream = stack.enter_context(RolloutStream(runtime, batches, plan, rollout_seed, recipe.runtime))
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
     failure, last_saved = None, start_step or None
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     for step in range(start_step + 1, stop + 1):
-        runtime.step = step  # named if a remote call times out
-        batch = next(batches)
-        metrics = batches.metrics()
-        rollout = None
-        if plan is not None:
-            captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(recipe.train.seed, step))
-            scored = runtime.reward.score(batch, captions, plan.group_size)
-            rollout = Rollout(captions, plan.group_size, scored.total)
-            metrics.update(scored.metrics)
-            metrics["train/caption_tokens"] = sum(len(i) for i in captions.ids) / len(captions)
+        runtime.step, t_step = step, time.perf_counter()  # the step is named if a remote call times out
+        inputs = stream.take(step, stop)  # batch, captions, rewards (with async_rollout: made during the last step)
+        batch, rollout, metrics = inputs.batch, inputs.rollout, inputs.metrics
         learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
         metrics.update(learned)
         if step % recipe.train.sync_every == 0:
+            stream.settle()  # the step made ahead keeps the weights it started with
             metrics.update(runtime.sync())
+        metrics["step/ms"] = 1000 * (time.perf_counter() - t_step)  # rollout, reward, update and sync
         logger.advance()
         if learned["train/nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
             failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
@@ -178,14 +186,17 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             break  # no evaluation and no checkpoint of these weights
         if step % recipe.eval.every == 0 or step == recipe.train.steps:
             if rollout is not None and plan.group_size > 1:
-                logger.groups(step, batch, rollout, scored)
+                logger.groups(step, batch, rollout, inputs.scored)
+            stream.settle()
             metrics.update(run_eval(step))
         due = step % recipe.train.save_every == 0 or step == stop
-        if due and save_if_finite(runtime, out, step, batches.state(), recipe.train.keep_checkpoints):
+        if due and save_if_finite(runtime, out, step, inputs.data_state, recipe.train.keep_checkpoints):
             last_saved = step
         if step == stop:
             break
 
+    stream.settle()  # a step made ahead of a stop is dropped, but not while it still reads the loader
+    stream.close()
     batches.close()
     summary = {
         "steps": step,

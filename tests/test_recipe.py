@@ -117,6 +117,7 @@ def test_extends_merges_sections_key_by_key(tmp_path):
 SA2VA_RECIPES = [
     f"sa2va_{size}_{kind}" for size in ("1b", "4b", "8b") for kind in ("sft_dual", "sft_dual_short", "grpo")
 ] + [f"sa2va_internvl3_{size}_{kind}" for size in ("2b", "8b") for kind in ("sft_dual", "grpo")]
+SA2VA_RECIPES += ["sa2va_4b_sft_dual_8gpu"]  # one node of 8 GPUs
 
 
 def _stated_or_left(section, key: str, checkpoint_value) -> bool:
@@ -149,6 +150,35 @@ def test_sa2va_recipes_validate_and_name_missing_paths(name):
     assert (r.algo.name == "grpo") == name.endswith("grpo") and (r.train.steps == 50) == ("short" in name)
     if name.endswith("grpo"):
         assert r.algo.grpo.num_generations == 8 and r.model.init_weights == "ema"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict as {dotted.key: value}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_the_8gpu_recipe_is_the_one_gpu_recipe_spread_over_eight_actors():
+    """sa2va_4b_sft_dual_8gpu.yaml changes only where the run goes and the batch: 8 Ray actors of one GPU each
+    (4 learners, 2 rollout and 2 reward workers), and 8 regions per learner in micro-batches of 4, as the one-GPU
+    recipe's learner takes; each actor's torch threads are the CPUs it asks for."""
+    off = ["model.sa2va=null", *REAL_DATA_OFF]
+    one = load_recipe("recipes/sa2va/sa2va_4b_sft_dual.yaml", off)
+    eight = load_recipe("recipes/sa2va/sa2va_4b_sft_dual_8gpu.yaml", off)
+    before = _flat(one.model_dump())
+    changed = {key for key, value in _flat(eight.model_dump()).items() if before.get(key) != value}
+    assert changed == {
+        "output_dir", "data.batch_size", "train.threads", "runtime.kind", "runtime.learners",
+        "runtime.rollout_workers", "runtime.reward_workers", "runtime.worker_gpus", "runtime.worker_cpus",
+    }  # fmt: skip
+    r = eight.runtime
+    assert (r.kind, r.weight_sync, r.async_rollout) == ("ray", "auto", False)
+    assert (r.learners + r.rollout_workers + r.reward_workers) * r.worker_gpus == 8
+    assert eight.train.threads == r.worker_cpus  # each actor's torch threads: the CPUs it asks for
+    assert eight.data.batch_size == r.learners * eight.optim.accumulation * 4
+    assert eight.data.batch_size // r.learners == one.data.batch_size
 
 
 def test_extends_takes_a_list_merged_in_order(tmp_path):

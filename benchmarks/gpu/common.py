@@ -3,6 +3,7 @@ built with its random init on the device, and the tiny model overrides that chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -125,3 +126,20 @@ def build_on_device(model_spec, device: str):
         return build_model(model_spec, device)
     with torch.device(device):
         return build_model(model_spec, device)
+
+
+@contextlib.contextmanager
+def compiled_blocks(learner):
+    """The learner's repeated blocks compiled (`model.train_compile`) inside the block, on the same model in the same
+    process, so that eager and compiled updates are timed like for like. No `torch._dynamo.reset()` is needed around
+    it: eager updates never enter torch.compile, and a learner built again (another algorithm) reuses the
+    compilations (the same block code; nothing is guarded on which model holds the block)."""
+    from dualrl.model.train_compile import CompiledBlocks
+
+    if learner.compiled is not None:
+        raise ValueError("--compare-compile times eager updates against compiled ones: leave model.train_compile off")
+    learner.compiled = CompiledBlocks(learner.model)
+    try:
+        yield
+    finally:
+        learner.compiled = None

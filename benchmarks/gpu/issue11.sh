@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu/issue11.sh decode    # decode attention kernels; engine, compiled layers, fused projections
 #   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
+#   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,5 +42,17 @@ case ${1:-} in
     run whole_grpo 270 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_grpo.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|whole" >&2; exit 2 ;;
+  compile_tiny)  # pretrain_tiny's learner step at batch 64, eager then with its blocks compiled, same process
+    run tiny_compile 400 python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 --compare-compile \
+      --out "$OUT/tiny_compile.json"
+    ;;
+  compile_sft)  # the 4B sft_dual learner update at the recipe's batch, eager then compiled, same batch
+    run sft_compile 480 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 4 --compare-compile \
+      --out "$OUT/sft_compile.json"
+    ;;
+  compile_grpo)
+    run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
+      --compare-compile --out "$OUT/grpo_compile.json"
+    ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

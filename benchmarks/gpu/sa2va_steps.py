@@ -2,7 +2,8 @@
 
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
-        [--cache dynamic|static] [--naive-regions 2] [--set KEY=VALUE ...] [--tiny] [--out results.json]
+        [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--set KEY=VALUE ...] [--tiny]
+        [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
 depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
@@ -18,7 +19,9 @@ After the timed steps: the learner's model FLOPs of one update (torch's flop cou
 median update time give its MFU against the card's datasheet bf16 peak and against the measured matrix rate; with
 `--naive-regions`, the naive dual loop (one caption at a time with `generate`'s dynamic cache, every image encoded
 again for every caption and every segmentation) runs on the same batch, and `naive_speedup` is its step time
-(naive rollout + naive reward + the same learner update) over dualrl's.
+(naive rollout + naive reward + the same learner update) over dualrl's. With `--compare-compile`, the learner update
+on the last batch is timed eagerly and then with its repeated blocks compiled (`model.train_compile`), same model and
+process (the first compiled update, which compiles, timed apart), and MFU is given for both.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NO_PATHS, ROOT, TINY_MODEL, ceilings, facts, sync
+from common import NO_PATHS, ROOT, TINY_MODEL, ceilings, compiled_blocks, facts, sync
 
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import objective_class
@@ -218,6 +221,10 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     }
     steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rollout = Rollout(captions, plan.group_size, scored.total)
+    compiled = None
+    if args.compare_compile:
+        compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
+        timer.marks.clear()
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -225,6 +232,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "achieved_flops_per_s": flops / median["update_s"],
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
+        "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -265,11 +273,43 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": mfu,
         **speed,
         "naive": naive,
+        "compiled": compiled,
         "generation": recipe.model.generation,
     }
     runtime.shutdown()
     del runtime
     return result
+
+
+def compare_compile(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
+    """`steps` learner updates on one batch eagerly, then one (it compiles) and `steps` more with the learner's blocks
+    compiled: the median update time of each and the peak memory of the compiled ones."""
+
+    def timed(n: int, first: int) -> list[float]:
+        times = []
+        for i in range(n):
+            sync()
+            t = time.perf_counter()
+            learner.step(batch, rollout, step_generator(seed, first + i))
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
+
+    eager = statistics.median(timed(steps, 1000))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with compiled_blocks(learner):
+        first = timed(1, 2000)[0]
+        compiled = statistics.median(timed(steps, 2001))
+    out = {
+        "eager_update_s": eager,
+        "compiled_update_s": compiled,
+        "compiled_first_update_s": first,
+        "speedup": eager / compiled,
+        "compiled_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
+    print(f"compiled learner: {json.dumps(out)}", flush=True)
+    return out
 
 
 def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator) -> float:
@@ -280,10 +320,12 @@ def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Gener
     recomputing = [m for m in learner.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for module in recomputing:
         module.gradient_checkpointing = False
+    compiled, learner.compiled = learner.compiled, None  # the model's FLOPs, counted on eager operators
     try:  # eager attention: the same matrix products, which the counter knows also under grouped-query attention
         with attention_implementation(learner.model.lm.config, "eager"), FlopCounterMode(display=False) as counter:
             learner.step(batch, rollout, generator)
     finally:
+        learner.compiled = compiled
         for module in recomputing:
             module.gradient_checkpointing = True
     sync()
@@ -388,6 +430,11 @@ def main() -> int:
     )
     parser.add_argument("--profile-learner", action="store_true", help="profile one more learner update")
     parser.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="time the learner update eagerly and with its blocks compiled (model.train_compile), in this process",
+    )
+    parser.add_argument(
         "--set", nargs="*", default=[], help="more recipe overrides, e.g. model.gradient_checkpointing=false"
     )
     parser.add_argument(
@@ -442,6 +489,13 @@ def main() -> int:
                 else ""
             )
         )
+        if r["compiled"]:
+            c = r["compiled"]
+            print(
+                f"          compiled blocks: update {c['compiled_update_s']:.3f} s against {c['eager_update_s']:.3f} s "
+                f"eager ({c['speedup']:.2f}x), MFU {mfu['mfu_compiled'] or 0:.3f}; first compiled update "
+                f"{c['compiled_first_update_s']:.1f} s"
+            )
     if args.out:
         args.out.write_text(json.dumps({"facts": info, "results": results}, indent=1))
     return 0

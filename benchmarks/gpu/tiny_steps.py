@@ -3,7 +3,7 @@
     python benchmarks/gpu/tiny_steps.py [--recipe recipes/pretrain_tiny.yaml] [--device auto|cuda|cpu]
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
-        [--only data step loop profile syncs] [--out results.json] [--out-dir DIR] [--quick]
+        [--only data step loop profile syncs] [--compare-compile] [--out results.json] [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
 
@@ -20,7 +20,8 @@ applied after the script's own. The target is 20 steps/s at batch 64 (1280 sampl
    held on the device (`device batch`: no data loading, no copy) and as the loader hands it over (`host batch`:
    the step copies it to the device). `--warmup` steps excluded, CUDA synchronised around the timed region.
    `process CPU` is this process's CPU time over the wall time (all its threads: near 100 % with a GPU, the
-   step is bound by the host).
+   step is bound by the host). With `--compare-compile`, the device batch again with the learner's repeated blocks
+   compiled (`model.train_compile`, same model, same process; the first compiled step, which compiles, timed apart).
 3. loop: the driver's loop (`dualrl/train.py`: next batch, learner step, EMA sync to the teacher every
    `train.sync_every` steps) for `--loop-steps` steps with `--loop-workers` loader workers (default: the
    recipe's); `data wait` is the share of the wall time spent in `next(batches)`; GPU utilisation is sampled
@@ -69,7 +70,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, sync
+from common import ROOT, compiled_blocks, sync
 
 from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout_data import Rollout
@@ -211,6 +212,23 @@ def measure_step(args, runtime, recipe, batch, rollout, label: str) -> dict:
         f"process CPU {100 * out['cpu_busy']:.0f} % of wall",
         flush=True,
     )
+    return out
+
+
+def measure_compiled_step(args, runtime, recipe, batch, rollout) -> dict:
+    """The device-batch step with the learner's blocks compiled (label `compiled`), after the eager measurements."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    with compiled_blocks(runtime.learner):
+        sync()
+        t = time.perf_counter()
+        runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
+        sync()
+        first_s = time.perf_counter() - t
+        out = measure_step(args, runtime, recipe, batch, rollout, "compiled")
+    out.update(first_step_s=first_s, compiled_graphs=counters["stats"]["unique_graphs"] - graphs)
+    print(f"compiled: first step {first_s:.1f} s, {out['compiled_graphs']} graphs compiled", flush=True)
     return out
 
 
@@ -626,6 +644,11 @@ def parse_args():
     phases = ("data", "step", "loop", "profile", "syncs")
     parser.add_argument("--only", nargs="+", choices=phases, default=list(phases))
     parser.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="step phase: time the device batch again with the learner's blocks compiled (model.train_compile)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smaller defaults, to check the script on a CPU: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
@@ -702,6 +725,11 @@ def main() -> int:
                 lambda: [
                     measure_step(args, runtime, recipe, device_batch, rollout, "device"),
                     measure_step(args, runtime, recipe, host_batch, rollout, "host"),
+                    *(
+                        [measure_compiled_step(args, runtime, recipe, device_batch, rollout)]
+                        if args.compare_compile
+                        else []
+                    ),
                 ],
             )
             phase("profile", profile_steps, args, runtime, recipe, host_batch, rollout, args.out_dir)

@@ -103,8 +103,8 @@ class Grpo:
         completions = rollout.captions.completions()  # with the tokens that ended them: the policy chose those
 
         logp, mask, logits = completion_logprobs(model, feats, masks, region, completions, s.temperature)
-        if rollout.old_logprobs is None:
-            rollout.old_logprobs = logp.detach()
+        if rollout.old_logprobs is None:  # the policy that sampled: these weights, or older ones (off-policy)
+            rollout.old_logprobs = _sampler_logprobs(rollout, logp) if rollout.off_policy else logp.detach()
         ref_logp = None
         if self.reference is not None:
             with torch.no_grad():
@@ -189,6 +189,14 @@ class Grpo:
                 continue
             rows.append(r)
         return texts, rows
+
+
+def _sampler_logprobs(rollout: Rollout, logp: Tensor) -> Tensor:
+    """The sampler's recorded log-probs of each completion, laid out as the learner's `logp` ([N, T], padded)."""
+    old = logp.detach().clone()
+    for i, lp in enumerate(rollout.captions.sampler_logprobs()):
+        old[i, : len(lp)] = lp.to(old.device, old.dtype)
+    return old
 
 
 def _logp_gap(logp: Tensor, sampled: list[Tensor]) -> float:

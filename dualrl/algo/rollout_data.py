@@ -30,6 +30,7 @@ class Rollout:
     group_size: int = 1
     rewards: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None  # set by the first of several updates on this rollout (GRPO)
+    off_policy: bool = False  # sampled by weights older than the learner's (runtime.async_rollout)
 
     @property
     def ids(self) -> list[torch.Tensor]:
@@ -47,6 +48,7 @@ class Rollout:
             self.group_size,
             None if self.rewards is None else self.rewards[a:b],
             None if self.old_logprobs is None else self.old_logprobs[a:b],
+            self.off_policy,
         )
 
 

@@ -349,14 +349,15 @@ class CaptionDecoder:
         layers = _decoder_layers(self.lm)
         if self._compiled is None:
             self._compiled = [torch.compile(layer._call_impl) for layer in layers]
+        previous = [layer._compiled_call_impl for layer in layers]  # None, or the learner's (model.train_compile)
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             try:
                 for layer, compiled in zip(layers, self._compiled):
                     layer._compiled_call_impl = compiled
                 yield
             finally:
-                for layer in layers:
-                    layer._compiled_call_impl = None
+                for layer, impl in zip(layers, previous):
+                    layer._compiled_call_impl = impl
 
     def _lm_step(self, tokens: Tensor, positions: Tensor, allowed: Tensor, kv: _SlotKV) -> Tensor:
         """The decode step proper: next-token logits (float32) for the rows' last tokens. The mask is made additive

@@ -51,12 +51,28 @@ class Captions:
     logprobs: list[Tensor]  # log-prob of each caption id under the sampling distribution
     finished: list[bool]  # ended with the answer end (False: cut at max_new_tokens)
     ends: list[Tensor]  # the generated ids that ended each caption (the answer end's tokens; empty if cut)
+    end_logprobs: list[Tensor] | None = None  # log-prob of each `ends` token, as `logprobs` (None: not recorded)
+
+    FIELDS = ("texts", "ids", "logprobs", "finished", "ends", "end_logprobs")
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def part(self, a: int, b: int) -> Captions:
-        return Captions(self.texts[a:b], self.ids[a:b], self.logprobs[a:b], self.finished[a:b], self.ends[a:b])
+        return Captions(*(None if (v := getattr(self, f)) is None else v[a:b] for f in self.FIELDS))
+
+    @staticmethod
+    def join(parts: list[Captions]) -> Captions:
+        """The captions of consecutive parts as one (what `part` cut, put back)."""
+        values = [[getattr(p, f) for p in parts] for f in Captions.FIELDS]
+        return Captions(*(None if None in v else [x for chunk in v for x in chunk] for v in values))
+
+    def sampler_logprobs(self) -> list[Tensor]:
+        """Each completion's log-probs under the distribution that sampled it (caption ids, then the tokens that
+        ended it): the behaviour policy of an off-policy update."""
+        if self.end_logprobs is None:
+            raise ValueError("these captions did not record the log-probs of their end tokens")
+        return [torch.cat([lp, end]) for lp, end in zip(self.logprobs, self.end_logprobs)]
 
     def completions(self) -> list[Tensor]:
         """What the sampler chose: each caption's ids followed by the tokens that ended it."""
@@ -226,7 +242,9 @@ class GroundedVLM(nn.Module):
         mask = seq.attention_mask
         if mask.is_cuda and self.lm.config._attn_implementation == "sdpa":
             mask = causal_padding_mask(mask)
-        out = self.lm(inputs_embeds=seq.inputs_embeds, attention_mask=mask)
+        # no KV cache: nothing reads it, and filling one copies every layer's keys and values (and, compiled, makes
+        # the first layer's call differ from the others': `model.train_compile` would compile twice)
+        out = self.lm(inputs_embeds=seq.inputs_embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
     def logits_at(self, hidden: Tensor) -> Tensor:
@@ -425,15 +443,16 @@ class GroundedVLM(nn.Module):
         return seqs, torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
 
     def _captions(self, seqs: Tensor, logp: Tensor) -> Captions:
-        ids, lps, texts, finished, ends = [], [], [], [], []
+        ids, lps, texts, finished, ends, end_lps = [], [], [], [], [], []
         for row, lp in zip(seqs.cpu(), logp.cpu()):
             n, stop = self.answer_end(row)
             ids.append(row[:n])
             lps.append(lp[:n])
             ends.append(row[n:stop])
+            end_lps.append(lp[n:stop])
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
             finished.append(stop > n)
-        return Captions(texts=texts, ids=ids, logprobs=lps, finished=finished, ends=ends)
+        return Captions(texts=texts, ids=ids, logprobs=lps, finished=finished, ends=ends, end_logprobs=end_lps)
 
     def answer_end(self, row: Tensor) -> tuple[int, int]:
         """Where the answer end sits in generated ids: (caption length, end of the end marker); equal when the

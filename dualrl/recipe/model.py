@@ -247,6 +247,16 @@ class ModelSpec(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the LLM's activations in the backward pass (less memory, ~30 % more compute)."
     )
+    train_compile: bool = Field(
+        False,
+        description="Compile the learner's repeated blocks with torch.compile for training, forward and backward (the "
+        "LLM's decoder layers, the vision tower's layers, SAM2's two-way mask-decoder blocks; the rest stays eager): "
+        "each block's norms, rotary embedding, casts, LoRA branches and residual adds become a few fused kernels. One "
+        "compilation per block kind serves all its layers and every sequence length (dynamic sizes). Costs compile "
+        "time on the first steps (about a minute on 2 CPU cores at the tiny size; benchmarks/gpu/sa2va_steps.py "
+        "--compare-compile times it on a GPU); gradients agree with eager up to rounding. Evaluation, rollout and "
+        "caption decoding are not affected.",
+    )
     generation: Literal["engine", "generate"] = Field(
         "engine",
         description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill per region "

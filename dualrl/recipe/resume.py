@@ -25,6 +25,7 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "model": (False, "the architecture, starting weights, trainable set and prompts the checkpoint's tensors fit"),
     "model.attn_implementation": (True, "attention kernels: how fast, not what is computed"),
     "model.gradient_checkpointing": (True, "memory against compute; the same gradients"),
+    "model.train_compile": (True, "how the learner's blocks run: the same gradients up to rounding"),
     "model.generation": (True, "the decoding machinery; the same sampling"),
     "model.generation_cache": (True, "the decoding machinery; the same sampling"),
     "model.decode_graphs": (True, "the decoding machinery; the same sampling"),

@@ -95,6 +95,46 @@ class RuntimeSpec(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
     worker_cpus: float = Field(0.0, ge=0, description="num_cpus of each actor (0 lets 3 actors share 2 cores).")
     worker_gpus: float = Field(0.0, ge=0, description="num_gpus of each actor (fractions share a GPU).")
+    learners: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="ray: learner actors forming one torch.distributed group (NCCL when each has a GPU of its own, "
+        "gloo otherwise); each "
+        "takes an equal share of a step's regions and DDP averages the trainable gradients, so the update is the one "
+        "learner's with optim.accumulation x learners micro-batches. data.batch_size must be at least "
+        "learners x optim.accumulation.",
+    )
+    rollout_workers: int = Field(
+        1, ge=1, le=1024, description="ray: rollout actors; a step's regions are split among them."
+    )
+    reward_workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="ray: reward actors (EMA segmenter + plugins); a step's regions are split among them.",
+    )
+    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+        "auto",
+        description="ray: how trainable weights reach the rollout and reward workers. collective: broadcast from "
+        "learner rank 0 over a process group of its own (NCCL when every actor has a GPU of its own: card to card; "
+        "gloo otherwise); object_store: one copy put in Ray's object store, read by each worker; auto: collective "
+        "with whole GPUs (worker_gpus >= 1), object_store otherwise (CPUs; actors sharing a card).",
+    )
+    async_rollout: bool = Field(
+        False,
+        description="ray: make step t+1's captions and rewards while the learner trains on step t (one step "
+        "off-policy: they come from the weights of the sync before). grpo's ratio then uses the sampler's log-probs; "
+        "sft_dual learns from the EMA captions of the sync before. async/staleness is logged. Off: every step's "
+        "rollout comes from the weights just synced.",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="ray, learners > 1: seconds a collective (gradient all-reduce, weight broadcast) may wait for "
+        "the other ranks before it fails naming the group; bounds a stalled or dead rank.",
+    )
     call_timeout_s: float = Field(
         600.0,
         gt=0,

@@ -94,4 +94,30 @@ class Recipe(Section):
             raise ValueError("data.eval_source=refcoco but data.refcoco is off; set data.refcoco.* or eval_source=auto")
         if self.eval.split != "val" and held_out != "shapes":
             raise ValueError(f"eval.split={self.eval.split} exists for the shapes source only; set eval.split=val")
+        self._check_workers()
         return self
+
+    def _check_workers(self) -> None:
+        r = self.runtime
+        if r.kind == "local" and r.async_rollout:
+            raise ValueError(
+                "runtime.async_rollout needs runtime.kind=ray (in one process the rollout would share the learner's "
+                "model while it trains)"
+            )
+        if r.kind == "local" and max(r.learners, r.rollout_workers, r.reward_workers) > 1:
+            raise ValueError(
+                "runtime.learners/rollout_workers/reward_workers above 1 need runtime.kind=ray (the local runtime "
+                "runs one of each in this process)"
+            )
+        shares = r.learners * self.optim.accumulation
+        if r.learners > 1 and self.data.batch_size < shares:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is smaller than runtime.learners x optim.accumulation="
+                f"{shares}: every learner micro-batch needs at least one region"
+            )
+        workers = max(r.rollout_workers, r.reward_workers)
+        if self.data.batch_size < workers:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is smaller than the {workers} rollout/reward workers: each "
+                "needs at least one region"
+            )

@@ -16,6 +16,10 @@ class ActorTimeout(RuntimeError):
     (raised by `ray_calls.py`; defined here so that catching it imports no Ray)."""
 
 
+class ActorLost(RuntimeError):
+    """A Ray actor's process died (killed, out of memory, its node gone) while the run needed it."""
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,14 +10,15 @@ died) raises Ray's error as before.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 
-from dualrl.runtime import ActorTimeout
+from dualrl.runtime import ActorLost, ActorTimeout
 
 STOPS = "The run stops and its actors are killed"
 CALL = (
@@ -39,8 +40,8 @@ START = (
 
 
 def whereabouts() -> dict[str, Any]:
-    """Inside an actor: its process id and node address, for error messages."""
-    return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+    """Inside an actor: its process id, node address and GPUs, for the layout and error messages."""
+    return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,35 @@ class Deadlines:
         return values
 
     def _await(self, calls: Sequence[Call], deadline: tuple[str, str], fetch: bool) -> list[Any]:
-        timeout_s = self.timeout_s[deadline[0]]
-        refs = list(dict.fromkeys(call.ref for call in calls))
-        # fetch_local=False: weights handed from actor to actor by reference never come through the driver
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
-        if pending:
-            self._late([call for call in calls if call.ref in pending], deadline)
-        if not fetch:
-            return []
-        try:  # the calls have finished; the deadline bounds bringing their results to the driver
-            return ray.get([call.ref for call in calls], timeout=timeout_s)
-        except GetTimeoutError:
-            self._late(calls, deadline)
+        """Wait for the calls, each result fetched as soon as its call ends: a dead actor among calls that wait
+        for each other (learner ranks in a collective) is named at once, not when the others' collectives time out.
+        """
+        end = time.monotonic() + self.timeout_s[deadline[0]]
+        pending, values = list(dict.fromkeys(call.ref for call in calls)), {}
+        while pending:
+            left = max(0.0, end - time.monotonic())
+            # fetch_local=False: weights handed from actor to actor by reference never come through the driver
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left, fetch_local=False)
+            if not ready:
+                self._late([call for call in calls if call.ref in pending], deadline)
+            if not fetch:
+                continue
+            try:
+                values[ready[0]] = ray.get(ready[0], timeout=max(0.0, end - time.monotonic()))
+            except GetTimeoutError:
+                self._late([call for call in calls if call.ref == ready[0]], deadline)
+            except RayActorError as err:
+                self._lost(next(call for call in calls if call.ref == ready[0]), err)
+        return [values[call.ref] for call in calls] if fetch else []
+
+    def _lost(self, dead: Call, err: RayActorError) -> NoReturn:
+        when = f"at step {self.step}" if self.step is not None else "before the first step"
+        cause = str(err).strip().splitlines()[0][:300]
+        raise ActorLost(
+            f"{dead.actor.label()} died during {dead.what} {when} ({cause}). The run stops and its other actors are "
+            "killed; see the actor's log under the Ray session's logs/ (out of memory, a killed process or a lost "
+            "node)."
+        ) from err
 
     def _late(self, calls: Sequence[Call], deadline: tuple[str, str]) -> NoReturn:
         key, hint = deadline

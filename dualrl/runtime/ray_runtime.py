@@ -25,8 +25,12 @@ import torch
 
 from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
+from dualrl.runtime.groups import LearnerGroup, RewardGroup, RolloutGroup
+from dualrl.runtime.placement import Placement, layout
 from dualrl.runtime.ray_calls import Actor, Deadlines, whereabouts
-from dualrl.workers import Learner, RewardWorker, RolloutWorker
+from dualrl.runtime.weight_channel import WeightChannel
+from dualrl.workers import Learner, RewardWorker, RolloutWorker, data_parallel
+from dualrl.workers.data_parallel import free_address
 
 if TYPE_CHECKING:
     from dualrl.recipe import Recipe
@@ -47,6 +51,24 @@ def _in_actor(cls: type, threads: int | None) -> type:
         def whereabouts(self) -> dict[str, Any]:
             return whereabouts()
 
+        def rendezvous_address(self) -> str:
+            """host:port on this actor's node for a process group's rendezvous (learner rank 0)."""
+            return free_address()
+
+        def open_weight_channel(
+            self, name: str, address: str, rank: int, size: int, backend: str, timeout_s: float
+        ) -> None:
+            self._channels = getattr(self, "_channels", {})
+            self._channels[name] = WeightChannel(address, rank, size, str(self.model.device), backend, timeout_s)
+
+        def send_weights(self, name: str, which: str) -> int:
+            """Learner rank 0: broadcast the policy's or the EMA's trainable tensors on channel `name`."""
+            return self._channels[name].send(self.sync_tensors(which))
+
+        def receive_weights(self, name: str) -> None:
+            """A worker: take the tensors broadcast on channel `name` into its model."""
+            self.load_weights(self._channels[name].receive(self.model.trainable_state()))
+
     Hosted.__name__ = Hosted.__qualname__ = cls.__name__
     return Hosted
 
@@ -55,6 +77,7 @@ class RayRuntime:
     def __init__(self, recipe: Recipe):
         spec = recipe.runtime
         self._closed, self._actors, self._handlers = False, [], {}
+        self._placement: Placement | None = None
         self._signal: int | None = None  # SIGTERM or SIGINT, once received
         self._owns_ray = not ray.is_initialized()  # a caller's own Ray instance stays up after the run
         self.deadlines = Deadlines(spec.call_timeout_s, spec.start_timeout_s)
@@ -70,17 +93,34 @@ class RayRuntime:
             # without Python's cleanup.
             self._handlers = self._stop_on_signals()
             device = resolve_device(recipe.train.device)
-            opts = {"num_cpus": spec.worker_cpus, "num_gpus": spec.worker_gpus}
             threads = recipe.train.threads
+            self._placement = placement = Placement(spec, [spec.learners, spec.rollout_workers, spec.reward_workers])
 
-            def start(role: str, cls: type, *args: Any) -> Actor:
-                handle = ray.remote(**opts)(_in_actor(cls, threads)).remote(*args)
-                self._actors.append(Actor(role, cls.__name__, handle, self.deadlines))
-                return self._actors[-1]
+            def start(role: str, cls: type, count: int, *args: Any) -> list[Actor]:
+                actors = []
+                for i in range(count):
+                    opts = placement.options(role, i)
+                    handle = ray.remote(**opts)(_in_actor(cls, threads)).remote(*args)
+                    name = f"{role} {i}" if count > 1 else role
+                    actors.append(Actor(name, cls.__name__, handle, self.deadlines))
+                self._actors.extend(actors)
+                return actors
 
-            self.learner = start("learner", Learner, recipe.model, recipe.algo, recipe.optim, recipe.train, device)
-            self.rollout = start("rollout worker", RolloutWorker, recipe.model, device)
-            self.reward = start("reward worker", RewardWorker, recipe.model, recipe.rewards, device)
+            learners = start(
+                "learner", Learner, spec.learners, recipe.model, recipe.algo, recipe.optim, recipe.train, device
+            )
+            rollouts = start("rollout worker", RolloutWorker, spec.rollout_workers, recipe.model, device)
+            rewards = start("reward worker", RewardWorker, spec.reward_workers, recipe.model, recipe.rewards, device)
+            log.info("layout:\n%s", layout(self._actors, self.deadlines))
+            backend = data_parallel.backend(device, whole_gpus=spec.worker_gpus >= 1)
+            self.learner = LearnerGroup(learners, self.deadlines, backend, spec.collective_timeout_s)
+            self.rollout = RolloutGroup(rollouts, self.deadlines)
+            self.reward = RewardGroup(rewards, self.deadlines)
+            collective = spec.weight_sync == "collective" or (spec.weight_sync == "auto" and backend == "nccl")
+            self.channels = {"rollout": rollouts, "reward": rewards} if collective else {}
+            for name, members in self.channels.items():
+                self._open_channel(name, learners[0], members, backend, spec.collective_timeout_s)
+            log.info("weights reach the workers through %s", "a collective" if collective else "the object store")
         except BaseException:
             self.shutdown(graceful=False)
             if self._signal is not None:
@@ -97,17 +137,34 @@ class RayRuntime:
     def step(self, step: int | None) -> None:
         self.deadlines.step = step
 
+    def _open_channel(self, name: str, root: Actor, members: list[Actor], backend: str, timeout_s: float) -> None:
+        """A weight channel: learner rank 0 and `members`, each joining the group at rank 0's address."""
+        address, size = root.rendezvous_address(), 1 + len(members)
+        ranks = [(root, 0), *((w, 1 + i) for i, w in enumerate(members))]
+        self.deadlines.results(
+            [a.submit("open_weight_channel", name, address, r, size, backend, timeout_s) for a, r in ranks]
+        )
+
     def sync(self) -> dict[str, float]:
-        """Weights straight from the learner actor to the workers (the driver only passes refs): the EMA to
-        the reward worker, and to the rollout worker the EMA (`sft_dual`) or the policy (`grpo`)."""
+        """Weights straight from learner rank 0 to the workers: the EMA to the reward workers, and to the rollout
+        workers the EMA (`sft_dual`) or the policy (`grpo`); broadcast over the weight channels, or through the
+        object store (the driver only passes refs)."""
         t0 = time.perf_counter()
+        if self.channels:
+            root, sent = self.learner.actors[0], []
+            for name, which in (("rollout", self.rollout_weights), ("reward", "ema")):
+                members = self.channels[name]
+                calls = [
+                    root.submit("send_weights", name, which),
+                    *(w.submit("receive_weights", name) for w in members),
+                ]
+                sent.append(self.deadlines.results(calls)[0])
+            return {"sync/bytes": float(sum(sent)), "sync/ms": 1000 * (time.perf_counter() - t0)}
         ema = self.learner.submit("sync_state", "ema")
         policy = ema if self.rollout_weights == "ema" else self.learner.submit("sync_state", "policy")
         self.deadlines.wait([ema, policy])  # a stuck learner is named as such, not as a worker waiting for it
-        self.deadlines.results(
-            [self.rollout.submit("load_weights", policy.ref), self.reward.submit("load_weights", ema.ref)]
-        )
-        copies = 1 if policy is ema else 2
+        self.deadlines.results([*self.rollout.load_weights(policy.ref), *self.reward.load_weights(ema.ref)])
+        copies = 1 if policy is ema else 2  # in the object store; each worker reads its copy from there
         return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def __enter__(self) -> RayRuntime:
@@ -132,6 +189,8 @@ class RayRuntime:
             try:
                 for actor in self._actors:
                     ray.kill(actor.handle, no_restart=True)
+                if self._placement is not None:
+                    self._placement.remove()
             finally:
                 if self._owns_ray:
                     ray.shutdown()

@@ -9,6 +9,7 @@ frozen base never travels).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -22,7 +23,9 @@ from dualrl.algo.registry import build_objective, objective_class
 from dualrl.algo.rollout_data import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
+from dualrl.model.train_compile import CompiledBlocks
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
+from dualrl.workers import data_parallel as dp
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,18 @@ class Learner:
     def __init__(self, model: ModelSpec, algo: AlgoSpec, optim: OptimSpec, train: TrainSpec, device: str):
         self.optim_spec = optim
         self.device = device
+        self.seed = train.seed
+        self.rank = dp.Rank()  # one learner; `join_group` makes it one rank of several
         # The learner's process owns the randomness of training (LoRA init and dropout): seeded here, and
         # saved with its checkpoints, so a run is the same in-process or in a Ray actor, and on resume.
         torch.manual_seed(train.seed)
         random.seed(train.seed)
         self.model = build_model(model, device)
         self.model.train()
+        # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
+        self.compiled = CompiledBlocks(self.model) if model.train_compile else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
+        self.step_module: torch.nn.Module = dp.ObjectiveStep(self.model, self.objective)
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = optim
         self.optimizer = torch.optim.AdamW(
@@ -62,6 +70,26 @@ class Learner:
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.bad_updates: list[str] = []  # what went wrong in the bad updates of those steps
+
+    def join_group(self, address: str, rank: int, world: int, backend: str, timeout_s: float) -> None:
+        """Become rank `rank` of `world` data-parallel learners (rendezvous at rank 0's `address`): later updates
+        take this rank's share of each step's regions and average gradients with the others."""
+        self.rank = dp.Rank(rank, world)
+        dp.join(address, self.rank, backend, timeout_s, self.seed)
+        self.step_module = dp.data_parallel(self.step_module)
+
+    def rng(self) -> dict:
+        """This process's random state (dropout), saved per rank with a checkpoint."""
+        return rng_state()
+
+    def set_rng(self, state: dict | None) -> None:
+        """A rank's saved random state; None (a rank the checkpoint did not have): a new stream of its own."""
+        if state is not None:
+            set_rng_state(state)
+            return
+        fresh = self.seed + dp.RANK_SEED * self.rank.index + dp.PART_SEED * self.scheduler.last_epoch
+        torch.manual_seed(fresh)
+        random.seed(fresh)
 
     @staticmethod
     def _reference(model: ModelSpec, algo: AlgoSpec, device: str):
@@ -76,7 +104,7 @@ class Learner:
         """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
         then one scheduler step. Metrics are the mean over the updates."""
         self.model.train()
-        parts = micro_batches(batch, rollout, self.optim_spec.accumulation)
+        parts = micro_batches(batch, rollout, self.optim_spec.accumulation * self.rank.world)
         sums: dict[str, float] = {}
         skipped = self.skipped_steps
         for _ in range(self.objective.iterations):
@@ -99,27 +127,33 @@ class Learner:
         return metrics
 
     def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator) -> dict[str, float]:
-        """One optimizer step over the micro-batches of a step: the loss is their mean, so the gradient is
-        the mean of theirs; metrics are averaged too."""
+        """One optimizer step over the micro-batches of a step (this rank's share of them): the loss is their
+        mean, so the gradient is the mean of theirs (DDP averages the ranks'); metrics are averaged too."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics = 0.0, {}
-        for batch, rollout in parts:
-            with self.model.autocast(), _attention_without_plans():
-                out = self.objective(self.model, batch, rollout, generator)
-            (out.loss / len(parts)).backward()
-            loss = loss + out.loss.detach().float() / len(parts)
-            for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(parts)
+        loss, sums, counts = 0.0, {}, {}
+        mine = dp.rank_parts(parts, self.rank)
+        for k in mine:
+            batch, rollout = parts[k]
+            with self._no_sync(k == mine[-1]), self._compiled_blocks():
+                with self.model.autocast(), _attention_without_plans():
+                    out = self.step_module(batch, rollout, dp.part_generator(generator, k))
+                (out.loss / len(mine)).backward()
+            loss = loss + out.loss.detach().float()
+            for name, v in out.metrics.items():  # a figure is the mean over the micro-batches that report it
+                sums[name] = sums.get(name, 0.0) + v
+                counts[name] = counts.get(name, 0) + 1
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip)
         # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
         # the host wait for the device mid-step.
-        names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        names = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
         figures = torch.stack(
-            [loss, grad_norm.float().to(loss.device), *(metrics[k].detach().float().to(loss.device) for k in names)]
+            [loss, grad_norm.float().to(loss.device), *(sums[k].detach().float().to(loss.device) for k in names)]
         ).tolist()
-        loss, grad = figures[0], figures[1]
-        metrics.update(zip(names, figures[2:]))
+        sums.update(zip(names, figures[2:]))
+        sums["train/loss"], counts["train/loss"] = figures[0], len(mine)
+        metrics = dp.mean_over_ranks(sums, counts, self.rank)
+        loss, grad = metrics["train/loss"], figures[1]  # the gradient norm is the same on every rank
         step = self.scheduler.last_epoch + 1  # the driver's step this update belongs to
         if not (math.isfinite(loss) and math.isfinite(grad)):
             self._bad_update(f"step {step}: loss={loss}, grad_norm={grad}, update skipped")
@@ -136,6 +170,15 @@ class Learner:
         else:
             self.ema.update(state)
         return {**metrics, "train/loss": loss, "train/grad_norm": grad}
+
+    def _compiled_blocks(self):
+        return self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
+
+    def _no_sync(self, last: bool):
+        """DDP averages gradients once, in the backward of a rank's last micro-batch."""
+        if last or self.rank.world == 1:
+            return contextlib.nullcontext()
+        return self.step_module.no_sync()
 
     def _bad_update(self, what: str) -> None:
         self.skipped_steps += 1
@@ -155,8 +198,11 @@ class Learner:
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:
         """Trainable tensors to send to a worker: the student's ("policy") or the EMA's ("ema")."""
-        state = self.ema.tensors() if which == "ema" else self.model.trainable_state()
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.sync_tensors(which).items()}
+
+    def sync_tensors(self, which: str) -> dict[str, torch.Tensor]:
+        """The student's ("policy") or the EMA's ("ema") trainable tensors where they live (no copy)."""
+        return self.ema.tensors() if which == "ema" else self.model.trainable_state()
 
     def sync_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.ema.tensors().values())

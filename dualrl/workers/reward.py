@@ -51,10 +51,13 @@ class RewardWorker:
             "logits": logits.cpu(),
         }
 
-    def score(self, batch: dict, captions: Captions, group_size: int = 1) -> RewardResult:
-        """Every reward plugin on the captions; `group_size` consecutive captions per region."""
+    def score(
+        self, batch: dict, captions: Captions, group_size: int = 1, segmentation: dict | None = None
+    ) -> RewardResult:
+        """Every reward plugin on the captions; `group_size` consecutive captions per region. `segmentation`: what
+        `segment` returned for these captions, when other reward workers segmented them (split among several)."""
         region = torch.arange(len(batch["masks"])).repeat_interleave(group_size)
-        seg = self.segment(batch, captions.ids, region)
+        seg = segmentation if segmentation is not None else self.segment(batch, captions.ids, region)
         rows = region.tolist()
         columns = {
             k: [v[r] for r in rows]

@@ -8,6 +8,7 @@ import torch
 from dualrl.algo.rollout_data import Rollout, micro_batches
 from dualrl.model.grounded_vlm import Captions
 from dualrl.recipe import load_recipe
+from dualrl.workers.data_parallel import part_generator
 from dualrl.workers.learner import Learner
 from tests.conftest import TINY
 
@@ -45,10 +46,10 @@ def test_accumulated_gradient_is_the_mean_of_the_parts(region_batch, monkeypatch
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(1.0))
     learner.step(region_batch, rollout, torch.Generator().manual_seed(3))
     assert seen
-    generator = torch.Generator().manual_seed(3)
     grads = []
-    for batch, part in micro_batches(region_batch, rollout, 2):
+    for k, (batch, part) in enumerate(micro_batches(region_batch, rollout, 2)):
         learner.model.zero_grad(set_to_none=True)
+        generator = part_generator(torch.Generator().manual_seed(3), k)  # each micro-batch draws from its own
         learner.objective(learner.model, batch, part, generator).loss.backward()
         grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
     for name, grad in seen.items():

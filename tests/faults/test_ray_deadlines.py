@@ -192,3 +192,30 @@ def test_ray_processes_end_with_a_driver_stopped_by_sigterm(driver):
     assert run.proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "SIGTERM received: stopping the Ray actors" in text
     assert run.left_over() == {}
+
+
+@pytest.mark.parametrize(
+    "actor, two", [("RolloutWorker", "runtime.rollout_workers=2"), ("Learner", "runtime.learners=2")]
+)
+def test_a_killed_actor_stops_the_run_naming_it_and_the_checkpoint_to_resume_from(driver, actor, two):
+    """SIGKILL one of two rollout workers, or one of two learner ranks (the other then waits in a collective), after
+    the second step: the run stops with exit 1 within seconds (Ray reports the death; no deadline is waited out),
+    one error line naming the dead actor (its pid and node), the call and the step, and the checkpoint the same
+    command resumes from; no process the run started is left."""
+    run = driver("train.steps=50", "eval.every=100", "train.save_every=1", two)
+    run.watch(lambda: run.steps_logged() >= 2, START_S, "two steps")
+    victim = run.actor(actor)
+    assert victim is not None, run.seen
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    run.watch(lambda: run.proc.poll() is not None, 120, "exit after the kill")
+    stopped_s = time.monotonic() - t0
+    text = run.output()
+    assert run.proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    error = next(line for line in text.splitlines() if line.startswith("error: "))
+    assert f"(Ray actor {actor}, pid {victim} on node " in error
+    assert f"died during {actor}." in error
+    assert "The last checkpoint is " in error and "checkpoints/step_" in error
+    assert stopped_s < 30, stopped_s
+    assert run.left_over() == {}
