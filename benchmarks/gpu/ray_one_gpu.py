@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,11 +38,13 @@ NO_PATHS = [
     "data.openimages=null",
     "data.eval_source=shapes",
 ]
-COMMON = ["eval.at_start=false", "eval.every=1000", "train.save_every=1000", "wandb.mode=disabled", "runtime.kind=ray"]
+COMMON = ["eval.at_start=false", "eval.every=1000", "train.save_every=1000", "train.log_every=1", "wandb.mode=disabled"]
+COMMON += ["runtime.kind=ray"]
 
 
 def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_s: float) -> dict:
     out = out_dir / name
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier one
     cmd = [sys.executable, "-m", "dualrl.launch", recipe, *COMMON, *overrides, f"output_dir={out}"]
     t0 = time.time()
     try:
@@ -53,7 +56,11 @@ def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_
     text = done.stdout + done.stderr
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.endswith("layout:")), None)
-    layout = lines[start + 1 : start + 7] if start is not None else []
+    layout = []
+    for line in lines[start + 1 :] if start is not None else []:
+        if not line.startswith("  "):
+            break
+        layout.append(line.strip())
     result = {"command": " ".join(cmd[1:]), "exit": done.returncode, "wall_s": round(wall, 1), "layout": layout}
     if done.returncode != 0:
         result["tail"] = lines[-30:]
