@@ -15,6 +15,7 @@ they are used.
 from __future__ import annotations
 
 import datetime
+import inspect
 import random
 import socket
 from collections.abc import Sequence
@@ -102,7 +103,15 @@ def data_parallel(step: ObjectiveStep) -> nn.Module:
     Unused-parameter search is on: an objective may leave parts of the trainable set without gradient in a
     step (no expression in a micro-batch, a branch not taken)."""
     # device_ids=None: DDP leaves the inputs where they are (the objectives upload what they need themselves)
-    return nn.parallel.DistributedDataParallel(step, forward_sync_buffers=False, find_unused_parameters=True)
+    ddp = nn.parallel.DistributedDataParallel
+    # no buffer broadcast before each forward (every rank's buffers are the same): `forward_sync_buffers` in newer
+    # torch (2.14 has it), `broadcast_buffers` in older (2.11, the GPU machine's)
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(step, find_unused_parameters=True, **no_buffer_sync)
 
 
 def mean_over_ranks(sums: dict[str, float], counts: dict[str, int], rank: Rank) -> dict[str, float]:
