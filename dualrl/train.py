@@ -114,6 +114,16 @@ def _resume(
     if any(c.key.startswith("optim.") or c.key == "train.steps" for c in changes):
         retarget_optimizer(learner_state, recipe.optim, recipe.train.steps)
     runtime.learner.load_state_dict(learner_state)
+    saved_ranks, ranks = len(learner_state.get("rank_rng", [])) + 1, recipe.runtime.learners
+    if saved_ranks != ranks:
+        streams = f"ranks {saved_ranks} and up start new dropout streams" if ranks > saved_ranks else "no rank is new"
+        log.info(
+            "the checkpoint was written by %d learner(s), this run has %d (runtime.learners): the weights, EMA and "
+            "optimizer carry over; %s",
+            saved_ranks,
+            ranks,
+            streams,
+        )
     start_step = run_state["step"]
     log.info("resumed from %s at step %d", out / "checkpoints" / f"step_{start_step}", start_step)
     for change in changes:

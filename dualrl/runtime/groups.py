@@ -13,7 +13,6 @@ With one actor each, a group makes the very calls one worker would.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import ray
@@ -24,8 +23,6 @@ from dualrl.model.grounded_vlm import Captions
 from dualrl.runtime.ray_calls import Actor, Call, Deadlines
 from dualrl.workers.data_parallel import PART_SEED
 from rewards.registry import RewardResult
-
-log = logging.getLogger("dualrl")
 
 
 class LearnerGroup:
@@ -54,16 +51,8 @@ class LearnerGroup:
 
     def load_state_dict(self, state: dict) -> None:
         """Every rank loads the checkpoint; rank r > 0 takes the random state saved for it, if the saving run had
-        that rank (a run resumed with more learners gives the new ranks fresh streams, and says so)."""
+        that rank (a run resumed with more learners gives the new ranks fresh streams)."""
         saved = state.get("rank_rng", [])
-        if len(saved) + 1 != len(self.actors):
-            log.info(
-                "the checkpoint was written by %d learner(s), this run has %d (runtime.learners): the weights, EMA "
-                "and optimizer are the same; ranks above %d start new dropout streams",
-                len(saved) + 1,
-                len(self.actors),
-                len(saved),
-            )
         ref = ray.put({k: v for k, v in state.items() if k != "rank_rng"})
         self.deadlines.results([a.submit("load_state_dict", ref) for a in self.actors])
         if len(self.actors) > 1:

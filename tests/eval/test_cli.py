@@ -103,7 +103,7 @@ def test_bad_arguments_are_one_error_line(capsys):
     assert main(["recipes/pretrained/shapes-tiny", "--data", "shapes", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "error: --batch-size must be at least 1\n"
     assert main(["recipes/pretrained/shapes-tiny", "--data", "shapes", "--max-regions", "0"]) == 2
-    assert capsys.readouterr().err == "error: no usable region in the split\n"
+    assert capsys.readouterr().err == "error: --max-regions must be at least 1 (leave it out for the whole split)\n"
 
 
 def test_runs_as_a_module():

@@ -41,55 +41,57 @@ def _timing(key: str) -> bool:
     return key.startswith("sync/") or key.endswith("/ms")
 
 
-@pytest.mark.parametrize("algo", [[], GRPO], ids=["sft_dual", "grpo"])
-def test_two_learners_make_the_update_of_one_with_twice_the_micro_batches(tmp_path, algo):
-    one = tmp_path / "one"
-    run(load_recipe("recipes/sft_dual.yaml", [*COMMON, *algo, NO_DROPOUT, "optim.accumulation=2", f"output_dir={one}"]))
-    two = tmp_path / "two"
-    run(
-        load_recipe(
-            "recipes/sft_dual.yaml",
-            [*COMMON, *algo, NO_DROPOUT, "runtime.kind=ray", "runtime.learners=2", f"output_dir={two}"],
-        )
-    )
-    assert _max_weight_difference(one, two) <= WEIGHT_TOL
-    for a, b in zip(_lines(one), _lines(two), strict=True):
+def _same_as(expected, got, rel: float, abs: float) -> None:
+    for a, b in zip(_lines(expected), _lines(got), strict=True):
         assert a.keys() == b.keys()
         for key in a:
             if not _timing(key):
-                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-4), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=abs), (a["step"], key)
 
 
-def test_the_default_recipe_runs_with_two_of_each_worker_and_resumes_each_rank(tmp_path, caplog):
-    """2 learners, 2 rollout and 2 reward workers: the run stopped at step 2 and resumed logs what the whole run
-    logs (every rank's dropout stream is in the checkpoint), with the weights sent over a collective rather than
-    the object store (the same tensors arrive); the layout names every actor. The stopped run also resumes with one
-    learner, and says so."""
-    workers = ["runtime.kind=ray", "runtime.learners=2", "runtime.rollout_workers=2", "runtime.reward_workers=2"]
+@pytest.mark.parametrize(
+    "algo, workers",
+    [
+        ([], ["runtime.rollout_workers=2", "runtime.reward_workers=2"]),  # and the step's regions split among 2 + 2
+        (GRPO, []),  # sampling: split among rollout workers, each would draw from its own seed
+    ],
+    ids=["sft_dual", "grpo"],
+)
+def test_two_learners_make_the_update_of_one_with_twice_the_micro_batches(tmp_path, algo, workers):
+    one = tmp_path / "one"
+    run(load_recipe("recipes/sft_dual.yaml", [*COMMON, *algo, NO_DROPOUT, "optim.accumulation=2", f"output_dir={one}"]))
+    two = tmp_path / "two"
+    args = [*COMMON, *algo, *workers, NO_DROPOUT, "runtime.kind=ray", "runtime.learners=2", f"output_dir={two}"]
+    run(load_recipe("recipes/sft_dual.yaml", args))
+    assert _max_weight_difference(one, two) <= WEIGHT_TOL
+    _same_as(one, two, rel=2e-3, abs=1e-4)
+
+
+def test_two_learners_resume_each_rank_and_resume_with_another_number(tmp_path, caplog):
+    """2 learners with dropout on: the run stopped at step 2 and resumed logs what the whole run logs (every rank's
+    dropout stream is in the checkpoint), with the weights sent over a collective rather than the object store (the
+    same tensors arrive); the layout names every actor. The stopped run also resumes with one learner (in-process),
+    and says so."""
+    two = ["runtime.kind=ray", "runtime.learners=2", "train.save_every=2"]
     whole = tmp_path / "whole"
     with caplog.at_level(logging.INFO, logger="dualrl"):
-        run(load_recipe("recipes/sft_dual.yaml", [*COMMON, *workers, "train.save_every=2", f"output_dir={whole}"]))
+        run(load_recipe("recipes/sft_dual.yaml", [*COMMON, *two, f"output_dir={whole}"]))
     layout = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("layout:"))
-    for role in ("learner", "rollout worker", "reward worker"):
-        assert f"{role} 0 " in layout and f"{role} 1 " in layout
-    split = tmp_path / "split"  # and the weights broadcast over a gloo group instead of the object store
-    args = [*COMMON, *workers, "train.save_every=2", "runtime.weight_sync=collective", f"output_dir={split}"]
+    assert "learner 0 " in layout and "learner 1 " in layout and "rollout worker " in layout
+    split = tmp_path / "split"
+    args = [*COMMON, *two, "runtime.weight_sync=collective", f"output_dir={split}"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dualrl"):
         run(load_recipe("recipes/sft_dual.yaml", [*args, "train.stop_at_step=2"]))
         shutil.copytree(split, tmp_path / "fewer")
         run(load_recipe("recipes/sft_dual.yaml", args))
     assert caplog.text.count("weights reach the workers through a collective") == 2
-    for a, b in zip(_lines(whole), _lines(split), strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            if not _timing(key):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    _same_as(whole, split, rel=1e-4, abs=1e-6)
     assert {"sync/bytes", "sync/ms"} <= _lines(split)[0].keys()
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dualrl"):
-        fewer = [*COMMON, "runtime.kind=ray", "train.save_every=2", f"output_dir={tmp_path / 'fewer'}"]
+        fewer = [*COMMON, "train.save_every=2", f"output_dir={tmp_path / 'fewer'}"]
         summary = run(load_recipe("recipes/sft_dual.yaml", fewer))
     assert summary["complete"] and summary["steps_this_run"] == 1
     assert "written by 2 learner(s), this run has 1" in caplog.text
