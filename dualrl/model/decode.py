@@ -195,6 +195,7 @@ class CaptionDecoder:
         # The layers are alike, so one compilation serves them all (compiling the whole step took 30-45 s at 4B)
         self.compile = compile
         self._compiled: list[Callable] | None = None
+        self._lengths_dynamic = False  # the compiled layers have met two prefill lengths
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
@@ -221,21 +222,17 @@ class CaptionDecoder:
         rows = b * group
         device = embeds.device
         valid = attention.bool()
-        # generate's positions for left padding: each row counts its own tokens from 0
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
         self._load_weights()
-        prompt = _PromptKV()
         compiled = self._compiled_layers() if self.compile else contextlib.nullcontext()
         with self.autocast(), self._attending(), compiled:
-            hidden = self.lm(
-                inputs_embeds=embeds,
-                attention_mask=self._mask(allowed, embeds.dtype),
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: prompt},
-            ).last_hidden_state
+            if self.compile and not self._lengths_dynamic:
+                # A second prompt length in the first call: torch.compile then compiles the layers for any length,
+                # here, in the warm-up, rather than in whichever later step first brings a new length (seen: a 9 s
+                # stall at the 4B shape). The prompt padded by one more bucket on the left; its output is dropped.
+                bucket = self.prefill_bucket
+                self._prefill(F.pad(embeds, (0, 0, bucket, 0)), F.pad(attention, (bucket, 0)))
+                self._lengths_dynamic = True
+            prompt, hidden = self._prefill(embeds, attention)
             logits = F.linear(hidden[:, -1], self._head).float().repeat_interleave(group, dim=0)
 
         state = self._state(prompt, rows, length, max_new)
@@ -274,6 +271,24 @@ class CaptionDecoder:
         return Decoded(tokens[:, :steps], logprobs[:, :steps])
 
     # ------------------------------------------------------------------------------------- internals
+    def _prefill(self, embeds: Tensor, attention: Tensor) -> tuple[_PromptKV, Tensor]:
+        """The prompts through the LLM: their keys and values, and the last layer's hidden states."""
+        length, device = attention.shape[1], embeds.device
+        valid = attention.bool()
+        # generate's positions for left padding: each row counts its own tokens from 0
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        prompt = _PromptKV()
+        hidden = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=self._mask(allowed, embeds.dtype),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: prompt},
+        ).last_hidden_state
+        return prompt, hidden
+
     def _mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
         return decode_mask(allowed, self.attn_implementation, dtype)
 

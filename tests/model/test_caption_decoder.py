@@ -283,3 +283,30 @@ def test_features_encoded_for_captioning_cannot_segment(model, regions):
         model._features = None
         with pytest.raises(ValueError, match="no SAM2 encoding"):
             model.segment(None, ["the circle"] * len(regions["masks"]), feats=feats)
+
+
+def test_new_prompt_lengths_after_the_first_call_compile_nothing():
+    """With the layers compiled, the first call also prefills its prompts one bucket longer, so torch.compile has
+    met two lengths and compiles for any: later calls whose prompts have other lengths compile nothing, where the
+    second length used to stall a later step."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(_pretrained_spec("model.decode_compile=true")).eval()
+    model.decoder.prefill_bucket = 1  # every prompt length its own shape (106-113 tokens for these regions)
+    ds = ShapesDataset("val", 64)
+    batches = [collate_regions([ds[i]]) for i in range(8)]  # one region a call: its size sets the prompt's length
+    lengths, compiled = [], []
+    prefill = model.decoder._prefill
+
+    def seen(embeds, attention):
+        lengths.append(attention.shape[1])
+        return prefill(embeds, attention)
+
+    model.decoder._prefill = seen
+    for batch in batches:
+        before = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            model.describe(batch["images"], batch["masks"], max_new_tokens=4)
+        compiled.append(counters["stats"]["unique_graphs"] - before)
+    assert len(set(lengths[2:]) - set(lengths[:2])) > 0, lengths  # later calls brought lengths the first had not
+    assert compiled[0] > 0 and compiled[1:] == [0] * (len(batches) - 1), compiled
