@@ -26,18 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import NO_PATHS, ROOT  # the real-scale recipe's data and weight paths off
+
 REAL = "recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml"
 TINY = "recipes/sft_dual.yaml"
-NO_PATHS = [
-    "model.sa2va=null",
-    "model.init_from=null",
-    "data.refcoco=null",
-    "data.sa1b=null",
-    "data.sav=null",
-    "data.openimages=null",
-    "data.eval_source=shapes",
-]
 COMMON = ["eval.at_start=false", "eval.every=1000", "train.save_every=1000", "train.log_every=1", "wandb.mode=disabled"]
 COMMON += ["runtime.kind=ray"]
 

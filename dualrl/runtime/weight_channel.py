@@ -60,9 +60,6 @@ class WeightChannel:
     def _broadcast(self, tensor: Tensor) -> None:
         self.group.broadcast(tensor, ROOT).wait()
 
-    def close(self) -> None:
-        self.group = None
-
 
 def _groups(tensors: dict[str, Tensor]) -> dict[torch.dtype, list[str]]:
     by_dtype: dict[torch.dtype, list[str]] = defaultdict(list)

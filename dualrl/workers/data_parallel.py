@@ -80,11 +80,6 @@ def join(address: str, rank: Rank, backend: str, timeout_s: float, seed: int) ->
         random.seed(seed + RANK_SEED * rank.index)
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class ObjectiveStep(nn.Module):
     """One micro-batch through the objective as one module call (what DDP wraps). The objective is held outside
     the module's registry: GRPO's frozen reference model is not the learner's to synchronise."""
