@@ -113,6 +113,7 @@ def save_checkpoint(output_dir: Path, step: int, learner_state: dict, run_state:
             "rng_torch": rng["torch"],
             "rng_cuda": rng.get("cuda"),
             "rank_rng": learner_state.get("rank_rng", []),  # learner ranks 1.. (runtime.learners > 1)
+            "ahead": learner_state.get("ahead"),  # the next step's captions and rewards, made ahead (async rollout)
         },
         tmp / "optimizer.pt",
     )
@@ -260,6 +261,7 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     if opt.get("rng_cuda") is not None:
         learner_state["rng"]["cuda"] = opt["rng_cuda"]
     learner_state["rank_rng"] = opt.get("rank_rng", [])
+    learner_state["ahead"] = opt.get("ahead")
     return learner_state, meta
 
 

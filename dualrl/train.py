@@ -63,13 +63,14 @@ def diverged_message(recipe: Recipe, step: int, report: list[str], last_saved: i
     )
 
 
-def save_if_finite(runtime, out: Path, step: int, run_state: dict, keep: int) -> bool:
-    """Write the step's checkpoint unless the learner's weights or EMA are non-finite (then the last one stays)."""
+def save_if_finite(runtime, out: Path, step: int, run_state: dict, keep: int, ahead: dict | None = None) -> bool:
+    """Write the step's checkpoint unless the learner's weights or EMA are non-finite (then the last one stays).
+    `ahead`: the next step's captions and rewards when they were made ahead (runtime.async_rollout)."""
     broken = runtime.learner.nonfinite_weights()
     if broken:
         log.error("checkpoint of step %d not written: non-finite weights in %s", step, ", ".join(broken[:3]))
         return False
-    save_checkpoint(out, step, runtime.learner.state_dict(), run_state, keep)
+    save_checkpoint(out, step, {**runtime.learner.state_dict(), "ahead": ahead}, run_state, keep)
     return True
 
 
@@ -111,6 +112,7 @@ def _resume(
     if resumed is None:
         return 0, 0, {}
     learner_state, run_state = resumed
+    learner_state = {k: v for k, v in learner_state.items() if k != "ahead"}  # the driver's, not the learner's
     if any(c.key.startswith("optim.") or c.key == "train.steps" for c in changes):
         retarget_optimizer(learner_state, recipe.optim, recipe.train.steps)
     runtime.learner.load_state_dict(learner_state)
@@ -169,13 +171,16 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
     rollout_seed = lambda step: ROLLOUT_SEED + step_seed(recipe.train.seed, step)  # noqa: E731
     stream = stack.enter_context(RolloutStream(runtime, batches, plan, rollout_seed, recipe.runtime))
+    stream.restore(resumed[0].get("ahead") if resumed is not None else None)
     metrics: dict[str, float] = {}
     t_loop, step = time.time(), start_step
     failure, last_saved = None, start_step or None
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     for step in range(start_step + 1, stop + 1):
         runtime.step, t_step = step, time.perf_counter()  # the step is named if a remote call times out
-        inputs = stream.take(step, stop)  # batch, captions, rewards (with async_rollout: made during the last step)
+        # batch, captions, rewards (with async_rollout: made during the last step, and the next one started, also
+        # at a stop before train.steps, so that its checkpoint holds it)
+        inputs = stream.take(step, recipe.train.steps)
         batch, rollout, metrics = inputs.batch, inputs.rollout, inputs.metrics
         learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
         metrics.update(learned)
@@ -200,7 +205,8 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             stream.settle()
             metrics.update(run_eval(step))
         due = step % recipe.train.save_every == 0 or step == stop
-        if due and save_if_finite(runtime, out, step, inputs.data_state, recipe.train.keep_checkpoints):
+        ahead = stream.ahead_state(step) if due else None
+        if due and save_if_finite(runtime, out, step, inputs.data_state, recipe.train.keep_checkpoints, ahead):
             last_saved = step
         if step == stop:
             break

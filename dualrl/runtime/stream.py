@@ -6,21 +6,27 @@ use the weights of the last sync, one step older than the learner's (`async/stal
 made in time, 0). `settle` waits for the step ahead to finish: the driver calls it before a sync and an evaluation,
 so the weights a step ahead is made with, and so its results, do not depend on timing. A step made ahead but not
 taken (the run stopped) is dropped; the data position saved is that of the last step taken, so a resume draws
-the dropped batch again.
+the dropped batch again. Its captions and rewards go into the checkpoint (`ahead_state`), though: they were made
+with weights one sync older than the checkpoint's, which a resume no longer has, so the resumed run takes them
+(`restore`) rather than making that step again, and logs what an uninterrupted run logs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dualrl.algo.rollout_data import Rollout, RolloutPlan
+from dualrl.model.grounded_vlm import Captions
 from rewards.registry import RewardResult
 
 if TYPE_CHECKING:
     from dualrl.recipe.run import RuntimeSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,16 +47,19 @@ class RolloutStream:
         ahead = spec.async_rollout
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if ahead else None
         self._ahead: tuple[int, concurrent.futures.Future] | None = None
+        self._saved: dict | None = None  # a checkpoint's step made ahead, taken in place of making it again
 
     def take(self, step: int, last: int) -> StepInputs:
         """Step `step`'s inputs (made ahead during the previous step, or now); starts step+1's when ahead and
         `step` < `last`."""
         if self._ahead is not None and self._ahead[0] == step:
             inputs = self._ahead[1].result(timeout=self.timeout_s)
+        elif self._saved is not None and self._saved["step"] == step:
+            inputs = self._from_saved(self._saved)
         else:
             self.settle()
             inputs = self._make(step, stale=False)
-        self._ahead = None
+        self._ahead, self._saved = None, None
         if self._pool is not None and step < last:
             self._ahead = (step + 1, self._pool.submit(self._make, step + 1, True))
         return inputs
@@ -59,6 +68,37 @@ class RolloutStream:
         """Wait until the step ahead (if any) is made; it stays to be taken."""
         if self._ahead is not None:
             self._ahead[1].result(timeout=self.timeout_s)
+
+    def ahead_state(self, step: int) -> dict | None:
+        """Step `step + 1` as made ahead (waited for), in plain containers for a checkpoint of step `step`; None
+        when no step is ahead or it has no rollout."""
+        if self._ahead is None or self._ahead[0] != step + 1:
+            return None
+        made = self._ahead[1].result(timeout=self.timeout_s)
+        if made.rollout is None:
+            return None
+        captions, scored = made.rollout.captions, made.scored
+        return {
+            "step": step + 1,
+            "captions": {f: getattr(captions, f) for f in Captions.FIELDS},
+            "group_size": made.rollout.group_size,
+            "scored": {
+                "total": scored.total,
+                "scores": scored.scores,
+                "metrics": scored.metrics,
+                "segmentation": scored.segmentation,
+            },
+            "metrics": made.metrics,
+            "data_state": made.data_state,
+        }
+
+    def restore(self, saved: dict | None) -> None:
+        """Take `saved` (a checkpoint's `ahead_state`) as its step's captions and rewards when that step comes.
+        Only with `runtime.async_rollout` on: a run resumed without it makes every step with current weights."""
+        if saved is not None and self._pool is None:
+            log.info("the checkpoint's step %d made ahead is not used: runtime.async_rollout is off", saved["step"])
+            return
+        self._saved = saved
 
     def close(self) -> None:
         """Drop a step made ahead. No wait: on an error its calls may be stuck in an actor that the runtime's
@@ -72,9 +112,33 @@ class RolloutStream:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _make(self, step: int, stale: bool) -> StepInputs:
+    def _from_saved(self, saved: dict) -> StepInputs:
+        """The saved step's captions and rewards with its batch drawn again (the loader resumes where the step
+        before left it). A batch that differs from the one they were made for is not given them: that step is
+        made again, with a warning."""
         batch = next(self.batches)
         inputs = StepInputs(batch, metrics=self.batches.metrics(), data_state=self.batches.state())
+        if inputs.data_state != saved["data_state"]:
+            log.warning(
+                "step %d: the batch drawn on resume is not the one its saved captions were made for (data state %s, "
+                "saved %s): its captions and rewards are made again with the current weights",
+                saved["step"],
+                inputs.data_state,
+                saved["data_state"],
+            )
+            return self._make(saved["step"], stale=False, drawn=inputs)
+        scored = RewardResult(**saved["scored"])
+        captions = Captions(**saved["captions"])
+        inputs.scored = scored
+        inputs.rollout = Rollout(captions, saved["group_size"], scored.total, off_policy=True)
+        inputs.metrics = dict(saved["metrics"])
+        return inputs
+
+    def _make(self, step: int, stale: bool, drawn: StepInputs | None = None) -> StepInputs:
+        if drawn is None:
+            batch = next(self.batches)
+            drawn = StepInputs(batch, metrics=self.batches.metrics(), data_state=self.batches.state())
+        inputs, batch = drawn, drawn.batch
         if self.plan is None:
             return inputs
         plan = self.plan

@@ -102,13 +102,19 @@ def test_async_rollout_makes_the_next_step_while_the_learner_trains(tmp_path):
     """With runtime.async_rollout, step 1's rollout is made in time (staleness 0) and later ones during the step
     before (staleness 1); grpo's first update on an off-policy rollout takes the sampler's log-probs as the old
     policy's, so its ratio is no longer exactly 1 as it is on-policy (grpo: the objective where it matters; the
-    stream is the same for sft_dual)."""
+    stream is the same for sft_dual). Stopped at step 1 and resumed, the run takes step 2's captions and rewards
+    from the checkpoint (made with the weights before step 1's update) and logs what the whole run logs."""
     workers = ["runtime.learners=2", "runtime.rollout_workers=2", "runtime.reward_workers=2"]
     out = tmp_path / "run"
-    args = [*COMMON, *GRPO, *workers, "runtime.kind=ray", "runtime.async_rollout=true", f"output_dir={out}"]
-    summary = run(load_recipe("recipes/sft_dual.yaml", args))
+    args = [*COMMON, *GRPO, *workers, "runtime.kind=ray", "runtime.async_rollout=true", "train.save_every=1"]
+    summary = run(load_recipe("recipes/sft_dual.yaml", [*args, f"output_dir={out}"]))
     assert summary["complete"]
     steps = [m for m in _lines(out) if "train/loss" in m]
     assert [m["async/staleness"] for m in steps] == [0.0, 1.0, 1.0]
     assert steps[0]["grpo/ratio_mean"] == 1.0
     assert all(m["grpo/ratio_mean"] != 1.0 for m in steps[1:])
+
+    split = tmp_path / "split"
+    run(load_recipe("recipes/sft_dual.yaml", [*args, f"output_dir={split}", "train.stop_at_step=1"]))
+    run(load_recipe("recipes/sft_dual.yaml", [*args, f"output_dir={split}"]))
+    _same_as(out, split, rel=1e-4, abs=1e-6)
