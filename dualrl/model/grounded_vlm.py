@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dualrl.model import sam as samlib
@@ -150,6 +151,8 @@ class GroundedVLM(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable(self, state: dict[str, Tensor]) -> None:
+        """Copy trainable tensors in by name (all of them, or a subset). A parameter sharded by the learners
+        (`runtime.learner_sharding: fsdp`) takes this rank's shard, which `state` then holds."""
         params = dict(self.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         unknown = [n for n in state if n not in params]
@@ -158,7 +161,8 @@ class GroundedVLM(nn.Module):
         names = list(state)
         if names:
             with torch.no_grad():  # one foreach call, not one copy per tensor (hundreds of launches a sync)
-                torch._foreach_copy_([params[n] for n in names], [state[n] for n in names])
+                local = [p.to_local() if isinstance(p, DTensor) else p for p in (params[n] for n in names)]
+                torch._foreach_copy_(local, [state[n] for n in names])
         self._features = None
 
     def autocast(self):

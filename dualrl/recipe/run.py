@@ -105,6 +105,14 @@ class RuntimeSpec(Section):
         "learner's with optim.accumulation x learners micro-batches. data.batch_size must be at least "
         "learners x optim.accumulation.",
     )
+    learner_sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ray, learners > 1: how the learners hold the model. ddp: each holds all of it and the trainable "
+        "gradients are averaged; fsdp: FSDP2 (fully_shard) over the learners, each holding 1/learners of every "
+        "repeated block's and of the other parameters, gradients and AdamW states (for fully trainable models and "
+        "models larger than one card); evaluation, weight sync and checkpoints gather the weights, every rank taking "
+        "part. The same update either way; checkpoints are alike and resume under either.",
+    )
     rollout_workers: int = Field(
         1, ge=1, le=1024, description="ray: rollout actors; a step's regions are split among them."
     )

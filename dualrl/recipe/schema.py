@@ -109,6 +109,12 @@ class Recipe(Section):
                 "runtime.learners/rollout_workers/reward_workers above 1 need runtime.kind=ray (the local runtime "
                 "runs one of each in this process)"
             )
+        if r.learner_sharding == "fsdp" and self.model.train_compile:
+            raise ValueError(
+                "runtime.learner_sharding=fsdp with model.train_compile: the compiled blocks would have to trace "
+                "FSDP's gathers, which dualrl does not do;"
+                " set model.train_compile=false or runtime.learner_sharding=ddp"
+            )
         shares = r.learners * self.optim.accumulation
         if r.learners > 1 and self.data.batch_size < shares:
             raise ValueError(

@@ -13,6 +13,7 @@ With one actor each, a group makes the very calls one worker would.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
@@ -24,17 +25,28 @@ from dualrl.runtime.ray_calls import Actor, Call, Deadlines
 from dualrl.workers.data_parallel import PART_SEED
 from rewards.registry import RewardResult
 
+log = logging.getLogger("dualrl")
+
 
 class LearnerGroup:
-    """N learner actors as one learner. Methods not defined here go to rank 0 (weights out, eval, reports)."""
+    """N learner actors as one learner. Methods not defined here go to rank 0 (reports). When the learners shard
+    the weights (`sharding` fsdp), the calls that gather them (evaluation, weights out, checkpoints) go to every
+    rank, rank 0 answering."""
 
-    def __init__(self, actors: list[Actor], deadlines: Deadlines, backend: str, collective_timeout_s: float):
+    def __init__(
+        self, actors: list[Actor], deadlines: Deadlines, backend: str, collective_timeout_s: float, sharding: str
+    ):
         self.actors, self.deadlines = actors, deadlines
+        self.sharded = sharding == "fsdp" and len(actors) > 1
         if len(actors) > 1:
             address, world = actors[0].rendezvous_address(), len(actors)
-            self.deadlines.results(
-                [a.submit("join_group", address, r, world, backend, collective_timeout_s) for r, a in enumerate(actors)]
+            group = (backend, collective_timeout_s, sharding)
+            held = self.deadlines.results(
+                [a.submit("join_group", address, r, world, *group) for r, a in enumerate(actors)]
             )
+            if self.sharded:
+                shares = ", ".join(f"{100 * h:.1f} %" for h in held)
+                log.info("the learners shard the trainable weights (fsdp); each rank holds: %s", shares)
 
     def step(self, batch: dict, rollout: Rollout | None, generator: torch.Generator) -> dict[str, float]:
         if len(self.actors) == 1:
@@ -45,9 +57,9 @@ class LearnerGroup:
 
     def state_dict(self) -> dict:
         """Rank 0's state (the same weights, EMA and optimizer as every rank's) and the other ranks' random state."""
-        calls = [self.actors[0].submit("state_dict"), *(a.submit("rng") for a in self.actors[1:])]
-        state, *rank_rng = self.deadlines.results(calls)
-        return {**state, "rank_rng": rank_rng}
+        own = self.submit_all("state_dict")
+        results = self.deadlines.results([*own, *(a.submit("rng") for a in self.actors[1:])])
+        return {**results[0], "rank_rng": results[len(own) :]}
 
     def load_state_dict(self, state: dict) -> None:
         """Every rank loads the checkpoint; rank r > 0 takes the random state saved for it, if the saving run had
@@ -59,8 +71,25 @@ class LearnerGroup:
             rngs = [saved[r - 1] if r - 1 < len(saved) else None for r in range(1, len(self.actors))]
             self.deadlines.results([a.submit("set_rng", rng) for a, rng in zip(self.actors[1:], rngs)])
 
-    def submit(self, name: str, *args: Any) -> Call:
-        return self.actors[0].submit(name, *args)
+    def submit_all(self, name: str, *args: Any) -> list[Call]:
+        """Start `name` on rank 0, and on every other rank (which keeps its result) when the learners shard the
+        weights; rank 0's call first."""
+        if not self.sharded:
+            return [self.actors[0].submit(name, *args)]
+        refs = [ray.put(a) for a in args]  # one copy in the object store for all ranks
+        return [self.actors[0].submit(name, *refs), *(a.submit("follow", name, *refs) for a in self.actors[1:])]
+
+    def _answer(self, name: str, *args: Any) -> Any:
+        return self.deadlines.results(self.submit_all(name, *args))[0]
+
+    def describe(self, batch: dict):
+        return self._answer("describe", batch)
+
+    def refer(self, batch: dict):
+        return self._answer("refer", batch)
+
+    def nonfinite_weights(self) -> list[str]:
+        return self._answer("nonfinite_weights")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -62,8 +62,11 @@ def _in_actor(cls: type, threads: int | None) -> type:
             self._channels[name] = WeightChannel(address, rank, size, str(self.model.device), backend, timeout_s)
 
         def send_weights(self, name: str, which: str) -> int:
-            """Learner rank 0: broadcast the policy's or the EMA's trainable tensors on channel `name`."""
-            return self._channels[name].send(self.sync_tensors(which))
+            """Learner rank 0: broadcast the policy's or the EMA's trainable tensors on channel `name`. The other
+            ranks make this call too when the learners shard the weights: they help gather them, and send nothing."""
+            tensors = self.sync_tensors(which)
+            channel = getattr(self, "_channels", {}).get(name)
+            return channel.send(tensors) if channel is not None else 0
 
         def receive_weights(self, name: str) -> None:
             """A worker: take the tensors broadcast on channel `name` into its model."""
@@ -113,7 +116,9 @@ class RayRuntime:
             rewards = start("reward worker", RewardWorker, spec.reward_workers, recipe.model, recipe.rewards, device)
             log.info("layout:\n%s", layout(self._actors, self.deadlines))
             backend = data_parallel.backend(device, whole_gpus=spec.worker_gpus >= 1)
-            self.learner = LearnerGroup(learners, self.deadlines, backend, spec.collective_timeout_s)
+            self.learner = LearnerGroup(
+                learners, self.deadlines, backend, spec.collective_timeout_s, spec.learner_sharding
+            )
             self.rollout = RolloutGroup(rollouts, self.deadlines)
             self.reward = RewardGroup(rewards, self.deadlines)
             collective = spec.weight_sync == "collective" or (spec.weight_sync == "auto" and backend == "nccl")
@@ -151,19 +156,19 @@ class RayRuntime:
         object store (the driver only passes refs)."""
         t0 = time.perf_counter()
         if self.channels:
-            root, sent = self.learner.actors[0], []
+            sent = []
             for name, which in (("rollout", self.rollout_weights), ("reward", "ema")):
                 members = self.channels[name]
                 calls = [
-                    root.submit("send_weights", name, which),
+                    *self.learner.submit_all("send_weights", name, which),
                     *(w.submit("receive_weights", name) for w in members),
                 ]
                 sent.append(self.deadlines.results(calls)[0])
             return {"sync/bytes": float(sum(sent)), "sync/ms": 1000 * (time.perf_counter() - t0)}
-        ema = self.learner.submit("sync_state", "ema")
-        policy = ema if self.rollout_weights == "ema" else self.learner.submit("sync_state", "policy")
-        self.deadlines.wait([ema, policy])  # a stuck learner is named as such, not as a worker waiting for it
-        self.deadlines.results([*self.rollout.load_weights(policy.ref), *self.reward.load_weights(ema.ref)])
+        ema = self.learner.submit_all("sync_state", "ema")  # rank 0's call first: the others only help gather
+        policy = ema if self.rollout_weights == "ema" else self.learner.submit_all("sync_state", "policy")
+        self.deadlines.wait([*ema, *policy])  # a stuck learner is named as such, not as a worker waiting for it
+        self.deadlines.results([*self.rollout.load_weights(policy[0].ref), *self.reward.load_weights(ema[0].ref)])
         copies = 1 if policy is ema else 2  # in the object store; each worker reads its copy from there
         return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 

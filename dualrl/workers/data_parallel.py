@@ -7,9 +7,9 @@ from its own generator, derived from the step's generator and k alone, so the up
 micro-batches are spread over ranks: N learners with accumulation A compute what one learner with accumulation
 N*A computes, up to the order of float sums. Dropout draws from each rank's own stream (seeded by rank).
 
-The objective runs inside `ObjectiveStep.forward`, the one call DDP wraps: the objectives call several of the
+The objective runs inside `ModelCall.forward`, the one call DDP wraps: the objectives call several of the
 model's entry points (describe, segment, the LM), which DDP's hooks on the trainable parameters follow wherever
-they are used.
+they are used. `runtime.learner_sharding: fsdp` shards the model over the ranks instead (`sharding.py`).
 """
 
 from __future__ import annotations
@@ -80,20 +80,19 @@ def join(address: str, rank: Rank, backend: str, timeout_s: float, seed: int) ->
         random.seed(seed + RANK_SEED * rank.index)
 
 
-class ObjectiveStep(nn.Module):
-    """One micro-batch through the objective as one module call (what DDP wraps). The objective is held outside
-    the module's registry: GRPO's frozen reference model is not the learner's to synchronise."""
+class ModelCall(nn.Module):
+    """`call(fn, *args)` runs `fn(model, *args)` as this module's call: the one call DDP and FSDP wrap, around an
+    objective (which calls several of the model's entry points) or, under FSDP, an evaluation."""
 
-    def __init__(self, model: nn.Module, objective) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.__dict__["objective"] = objective
 
-    def forward(self, batch: dict, rollout, generator: torch.Generator):
-        return self.objective(self.model, batch, rollout, generator)
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
 
 
-def data_parallel(step: ObjectiveStep) -> nn.Module:
+def data_parallel(step: ModelCall) -> nn.Module:
     """`step` wrapped in DDP over the trainable parameters; rank 0's weights are broadcast once to every rank.
     Unused-parameter search is on: an objective may leave parts of the trainable set without gradient in a
     step (no expression in a micro-batch, a branch not taken)."""

@@ -26,6 +26,7 @@ from dualrl.model.build import build_model
 from dualrl.model.train_compile import CompiledBlocks
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 from dualrl.workers import data_parallel as dp
+from dualrl.workers import sharding
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +60,46 @@ class Learner:
         # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
         self.compiled = CompiledBlocks(self.model) if model.train_compile else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
-        self.step_module: torch.nn.Module = dp.ObjectiveStep(self.model, self.objective)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        o = optim
-        self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=device.startswith("cuda")
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, train.steps))
+        self.step_module: torch.nn.Module = dp.ModelCall(self.model)
+        self.shards: sharding.Shards | None = None  # runtime.learner_sharding=fsdp: this rank's part of the weights
+        self.total_steps = train.steps
+        self._optimizer()
         self.ema = EMA(self.model.trainable_state(), algo.ema_decay)
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.bad_updates: list[str] = []  # what went wrong in the bad updates of those steps
 
-    def join_group(self, address: str, rank: int, world: int, backend: str, timeout_s: float) -> None:
+    def _optimizer(self) -> None:
+        """AdamW over the trainable parameters (as they are now: whole, or this rank's shards) and its schedule."""
+        o = self.optim_spec
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=self.device.startswith("cuda")
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, self.total_steps))
+
+    def join_group(
+        self, address: str, rank: int, world: int, backend: str, timeout_s: float, how: str = "ddp"
+    ) -> float:
         """Become rank `rank` of `world` data-parallel learners (rendezvous at rank 0's `address`): later updates
-        take this rank's share of each step's regions and average gradients with the others."""
+        take this rank's share of each step's regions and average gradients with the others (`how`: ddp), or
+        the ranks shard the model among them (fsdp; before any update, so optimizer and EMA are made again over
+        this rank's shards, from the same values). Returns the fraction of the trainable weights this rank holds."""
         self.rank = dp.Rank(rank, world)
         dp.join(address, self.rank, backend, timeout_s, self.seed)
+        if how == "fsdp":
+            self.step_module = sharding.shard(self.step_module, self.model, self.model.device)
+            self.shards = sharding.Shards(self.model)
+            self._optimizer()
+            self.ema = EMA(self.shards.local(self.model.trainable_state()), self.ema.decay)
+            return self.shards.held() / self.shards.nbytes(self.ema.tensors())
         self.step_module = dp.data_parallel(self.step_module)
+        return 1.0
+
+    def follow(self, name: str, *args) -> None:
+        """Take part in a call that rank 0 answers for the group when the learners shard the weights (gathering
+        them is a collective): run method `name` here and keep its result."""
+        getattr(self, name)(*args)
 
     def rng(self) -> dict:
         """This process's random state (dropout), saved per rank with a checkpoint."""
@@ -136,14 +159,14 @@ class Learner:
             batch, rollout = parts[k]
             with self._no_sync(k == mine[-1]), self._compiled_blocks():
                 with self.model.autocast(), _attention_without_plans():
-                    out = self.step_module(batch, rollout, dp.part_generator(generator, k))
+                    out = self.step_module(self.objective, batch, rollout, dp.part_generator(generator, k))
                 (out.loss / len(mine)).backward()
             loss = loss + out.loss.detach().float()
             for name, v in out.metrics.items():  # a figure is the mean over the micro-batches that report it
                 sums[name] = sums.get(name, 0.0) + v
                 counts[name] = counts.get(name, 0) + 1
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip)
+        grad_norm = sharding.whole_tensor(torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip))
         # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
         # the host wait for the device mid-step.
         names = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
@@ -161,7 +184,9 @@ class Learner:
         self.optimizer.step()
         # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
         state = self.model.trainable_state()
-        broken = nonfinite_tensors(state)
+        if self.shards is not None:
+            state = self.shards.local(state)
+        broken = self._nonfinite(state)
         if broken:
             self._bad_update(
                 f"step {step}: the update (loss={loss:.4g}, grad_norm={grad:.4g}) left non-finite weights in "
@@ -175,10 +200,30 @@ class Learner:
         return self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
 
     def _no_sync(self, last: bool):
-        """DDP averages gradients once, in the backward of a rank's last micro-batch."""
+        """DDP averages gradients once, in the backward of a rank's last micro-batch; FSDP reduces them then too."""
+        if self.shards is not None:
+            self.step_module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or self.rank.world == 1:
             return contextlib.nullcontext()
         return self.step_module.no_sync()
+
+    def _nonfinite(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """`nonfinite_tensors`; with sharded weights over every rank's shards (a collective)."""
+        broken = nonfinite_tensors(tensors)
+        if self.shards is None:
+            return broken
+        return self.shards.any_rank(list(tensors), broken, self.model.device)
+
+    def _whole(self, fn, *args):
+        """`fn(model, *args)`, with sharded weights inside the root's call with every block gathered (every rank
+        makes the same call), and the root's parameters sharded again after it."""
+        if self.shards is None:
+            return fn(self.model, *args)
+        try:
+            return self.step_module(sharding.gathered(fn), *args)
+        finally:
+            self.step_module.reshard()
 
     def _bad_update(self, what: str) -> None:
         self.skipped_steps += 1
@@ -192,8 +237,11 @@ class Learner:
     def nonfinite_weights(self) -> list[str]:
         """Names of the trainable tensors (`model.`) and EMA tensors (`ema.`) that are not finite; checked before
         each checkpoint, so that none is written from broken weights."""
-        model = [f"model.{n}" for n in nonfinite_tensors(self.model.trainable_state())]
-        return model + [f"ema.{n}" for n in nonfinite_tensors(self.ema.tensors())]
+        model = self.model.trainable_state()
+        if self.shards is not None:
+            model = self.shards.local(model)
+        ema = self._nonfinite(self.ema.tensors())
+        return [f"model.{n}" for n in self._nonfinite(model)] + [f"ema.{n}" for n in ema]
 
     # ----------------------------------------------------------------------------- weights out
     def sync_state(self, which: str) -> dict[str, torch.Tensor]:
@@ -201,43 +249,61 @@ class Learner:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.sync_tensors(which).items()}
 
     def sync_tensors(self, which: str) -> dict[str, torch.Tensor]:
-        """The student's ("policy") or the EMA's ("ema") trainable tensors where they live (no copy)."""
-        return self.ema.tensors() if which == "ema" else self.model.trainable_state()
+        """The student's ("policy") or the EMA's ("ema") trainable tensors where they live (no copy); whole ones
+        gathered from every rank's shards when the learners shard them (every rank calls this)."""
+        tensors = self.ema.tensors() if which == "ema" else self.model.trainable_state()
+        return tensors if self.shards is None else self.shards.whole(tensors)
 
     def sync_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.ema.tensors().values())
+        ema = self.ema.tensors()
+        if self.shards is not None:
+            return self.shards.nbytes(ema)
+        return sum(t.numel() * t.element_size() for t in ema.values())
 
     # ----------------------------------------------------------------------------------- eval
     @torch.no_grad()
     def describe(self, batch: dict):
         self.model.eval()
         with self.model.autocast():
-            return self.model.describe(batch["images"], batch["masks"])
+            return self._whole(lambda model: model.describe(batch["images"], batch["masks"]))
 
     @torch.no_grad()
     def refer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment each region from its expression; returns (IoU per region, low-res logits)."""
         self.model.eval()
         with self.model.autocast():
-            logits, *_ = self.model.segment(batch["images"], list(batch["expression"]))
+            logits, *_ = self._whole(lambda model: model.segment(batch["images"], list(batch["expression"])))
         logits = logits.float()
         return mask_iou(logits, batch["masks"].to(logits.device)).cpu(), logits.cpu()
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        """Weights, EMA and optimizer state as one learner has them: whole, gathered from every rank's shards when
+        the learners shard them (every rank calls this then)."""
+        if self.shards is not None:
+            model, ema = self.shards.whole(self.model.trainable_state()), self.shards.whole(self.ema.state_dict())
+            optimizer = self.shards.whole_optimizer(self.optimizer.state_dict())
+        else:
+            model, ema, optimizer = self.model.trainable_state(), self.ema.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.trainable_state(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "ema": ema,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_trainable(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A checkpoint (whole tensors); each rank takes its shards when the learners shard the weights."""
+        model, ema, optimizer = state["model"], state["ema"], state["optimizer"]
+        if self.shards is not None:
+            model, ema = self.shards.part(model), self.shards.part(ema)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer = self.shards.optimizer_part(optimizer, params)
+        self.model.load_trainable(model)
+        self.ema.load_state_dict(ema)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state["skipped_steps"])
         set_rng_state(state["rng"])

@@ -9,6 +9,7 @@ import logging
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
@@ -67,11 +68,13 @@ def test_two_learners_make_the_update_of_one_with_twice_the_micro_batches(tmp_pa
     _same_as(one, two, rel=2e-3, abs=1e-4)
 
 
-def test_two_learners_resume_each_rank_and_resume_with_another_number(tmp_path, caplog):
+def test_two_learners_resume_each_rank_under_fsdp_and_with_another_number(tmp_path, caplog):
     """2 learners with dropout on: the run stopped at step 2 and resumed logs what the whole run logs (every rank's
     dropout stream is in the checkpoint), with the weights sent over a collective rather than the object store (the
-    same tensors arrive); the layout names every actor. The stopped run also resumes with one learner (in-process),
-    and says so."""
+    same tensors arrive); the layout names every actor. The resumed half shards the weights between the 2 learners
+    (runtime.learner_sharding=fsdp): each takes its half of the checkpoint, and the update, the evaluation, the
+    weights sent and the checkpoint it writes (whole tensors, optimizer state included) are DDP's. The stopped run
+    also resumes with one learner (in-process), and says so."""
     two = ["runtime.kind=ray", "runtime.learners=2", "train.save_every=2"]
     whole = tmp_path / "whole"
     with caplog.at_level(logging.INFO, logger="dualrl"):
@@ -84,9 +87,16 @@ def test_two_learners_resume_each_rank_and_resume_with_another_number(tmp_path, 
     with caplog.at_level(logging.INFO, logger="dualrl"):
         run(load_recipe("recipes/sft_dual.yaml", [*args, "train.stop_at_step=2"]))
         shutil.copytree(split, tmp_path / "fewer")
-        run(load_recipe("recipes/sft_dual.yaml", args))
+        run(load_recipe("recipes/sft_dual.yaml", [*args, "runtime.learner_sharding=fsdp"]))
     assert caplog.text.count("weights reach the workers through a collective") == 2
+    assert "the learners shard the trainable weights (fsdp); each rank holds: 5" in caplog.text
     _same_as(whole, split, rel=1e-4, abs=1e-6)
+    assert _max_weight_difference(whole, split) <= WEIGHT_TOL
+    saved = [torch.load(r / "checkpoints" / "step_3" / "optimizer.pt")["optimizer"]["state"] for r in (whole, split)]
+    assert saved[0].keys() == saved[1].keys()
+    for i, state in saved[0].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(saved[1][i][key], state[key], rtol=1e-4, atol=1e-7), (i, key)
     assert {"sync/bytes", "sync/ms"} <= _lines(split)[0].keys()
 
     caplog.clear()

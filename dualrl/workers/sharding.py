@@ -1,0 +1,149 @@
+"""FSDP2 for the learner group (`runtime.learner_sharding: fsdp`): each of the N learner ranks holds 1/N of the
+model's parameters, their gradients and AdamW states.
+
+`fully_shard` is applied to every repeated block (the LLM's decoder layers, the vision tower's layers, SAM2's
+mask-decoder blocks: `train_compile.block_stacks`), then to the learner's `ModelCall`, the root whose one call runs
+a whole objective (or an evaluation); the parameters outside the blocks form the root's group. A block's weights
+are gathered for its forward and backward and sharded again after them; the root's for the whole call.
+
+Everything that leaves the learner is whole, so checkpoints and weight syncs look exactly like those of one learner
+(and a run resumes under either sharding, or with another number of learners): `Shards` gathers the trainable
+tensors, the EMA (kept as each rank's shard of the float32 copy) and the AdamW states, and cuts whole tensors back
+into this rank's shard on load. Gathering is a collective: every rank must make the same call (`LearnerGroup`
+sends it to all of them).
+
+Not sharded: GRPO's frozen reference model (beta > 0), which every rank holds whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from dualrl.model.train_compile import block_stacks
+
+
+def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard `model`'s repeated blocks, then `root` (the module whose call contains every use of the model), over
+    the default process group, one shard per rank."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for stack in block_stacks(model).values():
+        for block in stack:
+            fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    return root
+
+
+@contextlib.contextmanager
+def whole_blocks(model: nn.Module) -> Iterator[None]:
+    """Inside the root's call: every block's weights gathered once and kept until the end, instead of at each of
+    the block's forwards (a caption decoder calls each layer once per token)."""
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for block in blocks:
+        block.unshard()
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
+            block.reshard()
+
+
+def gathered(fn: Callable) -> Callable:
+    """`fn(model, *args)` run with every block's weights gathered once (for no-grad calls: evaluation)."""
+
+    def call(model: nn.Module, *args):
+        with whole_blocks(model):
+            return fn(model, *args)
+
+    return call
+
+
+class Shards:
+    """The sharded trainable parameters of a model (after `shard`), by name: what a rank's shard of each is, and
+    how a whole tensor and a shard turn into each other."""
+
+    def __init__(self, model: nn.Module):
+        self.params: dict[str, DTensor] = {
+            n: p for n, p in model.named_parameters() if p.requires_grad and isinstance(p, DTensor)
+        }
+
+    def local(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's shard of each tensor (DTensors to their local part; plain tensors as they are)."""
+        return {n: t.to_local() if isinstance(t, DTensor) else t for n, t in tensors.items()}
+
+    def whole(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors from DTensors or from this rank's shards of the sharded parameters (a collective: every
+        rank calls it with the same names in the same order)."""
+        out = {}
+        for name, t in tensors.items():
+            if not isinstance(t, DTensor) and name in self.params:
+                p = self.params[name]
+                t = DTensor.from_local(
+                    t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+            out[name] = t.full_tensor() if isinstance(t, DTensor) else t
+        return out
+
+    def like_params(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors as DTensors sharded like the parameters of the same name (each rank cuts its own shard,
+        no communication: every rank holds the same whole tensors)."""
+        return {n: self._like(self.params.get(n), t) for n, t in tensors.items()}
+
+    def part(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's shards of whole tensors (plain tensors, as the EMA keeps them)."""
+        return self.local(self.like_params(tensors))
+
+    def nbytes(self, tensors: Mapping[str, Tensor]) -> int:
+        """Bytes of the whole tensors that `tensors` (shards or whole) are part of."""
+        return sum(self._numel(n, t) * t.element_size() for n, t in tensors.items())
+
+    def held(self) -> int:
+        """Bytes of this rank's shards of the trainable parameters, in float32 (as the EMA keeps them)."""
+        return sum(p.to_local().numel() * 4 for p in self.params.values())
+
+    def _numel(self, name: str, t: Tensor) -> int:
+        return self.params[name].numel() if name in self.params and not isinstance(t, DTensor) else t.numel()
+
+    @staticmethod
+    def _like(param: DTensor | None, t: Tensor) -> Tensor:
+        if param is None or isinstance(t, DTensor) or t.shape != param.shape:
+            return t
+        t = t.detach().to(param.device_mesh.device_type)
+        return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
+
+    # ----------------------------------------------------------------------------------- optimizer
+    def whole_optimizer(self, state: dict) -> dict:
+        """An optimizer state_dict with its per-parameter tensors whole: what one learner's optimizer saves."""
+        per_param = {i: {k: whole_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}
+        return {**state, "state": per_param}
+
+    def optimizer_part(self, state: dict, params: list[Tensor]) -> dict:
+        """A whole optimizer state_dict made ready to load into the sharded optimizer over `params` (in the
+        optimizer's order): each tensor shaped like its parameter becomes a DTensor sharded like it."""
+        per_param = {
+            i: {k: self._like(params[int(i)] if isinstance(params[int(i)], DTensor) else None, v) for k, v in s.items()}
+            for i, s in state["state"].items()
+        }
+        return {**state, "state": per_param}
+
+    # --------------------------------------------------------------------------------- collectives
+    def any_rank(self, names: list[str], bad: list[str], device: torch.device) -> list[str]:
+        """Those of `names` that any rank reports in `bad` (each rank checks its own shards): the union over the
+        group, in the order of `names`."""
+        flags = torch.tensor([n in set(bad) for n in names], dtype=torch.float32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [n for n, b in zip(names, flags.tolist()) if b]
+
+
+def whole_tensor(t):
+    """A DTensor's whole value (a collective); any other value as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
