@@ -181,13 +181,15 @@ def test_the_8gpu_recipe_is_the_one_gpu_recipe_spread_over_eight_actors():
     assert eight.data.batch_size // r.learners == one.data.batch_size
 
 
-def test_sharded_learners_refuse_compiled_blocks():
+def test_sharded_learners_refuse_compiled_blocks_and_shared_cards():
     from dualrl.recipe import RecipeError, load_recipe
 
     fsdp = ["runtime.kind=ray", "runtime.learners=2", "runtime.learner_sharding=fsdp"]
     assert load_recipe("recipes/sft_dual.yaml", fsdp).runtime.learner_sharding == "fsdp"
     with pytest.raises(RecipeError, match=r"runtime\.learner_sharding=fsdp with model\.train_compile"):
         load_recipe("recipes/sft_dual.yaml", [*fsdp, "model.train_compile=true"])
+    with pytest.raises(RecipeError, match=r"learners sharing a card talk over gloo"):
+        load_recipe("recipes/sft_dual.yaml", [*fsdp, "runtime.worker_gpus=0.5"])
 
 
 def test_extends_takes_a_list_merged_in_order(tmp_path):

@@ -115,6 +115,12 @@ class Recipe(Section):
                 "FSDP's gathers, which dualrl does not do;"
                 " set model.train_compile=false or runtime.learner_sharding=ddp"
             )
+        if r.learner_sharding == "fsdp" and 0 < r.worker_gpus < 1:
+            raise ValueError(
+                f"runtime.learner_sharding=fsdp with runtime.worker_gpus={r.worker_gpus}: learners sharing a card talk "
+                "over gloo with GPU tensors, which dualrl's sharding does not support (it runs over NCCL, a whole GPU "
+                "per learner, or gloo on CPUs); set runtime.worker_gpus >= 1 or runtime.learner_sharding=ddp"
+            )
         shares = r.learners * self.optim.accumulation
         if r.learners > 1 and self.data.batch_size < shares:
             raise ValueError(
