@@ -93,14 +93,10 @@ class Shards:
             out[name] = t.full_tensor() if isinstance(t, DTensor) else t
         return out
 
-    def like_params(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Whole tensors as DTensors sharded like the parameters of the same name (each rank cuts its own shard,
-        no communication: every rank holds the same whole tensors)."""
-        return {n: self._like(self.params.get(n), t) for n, t in tensors.items()}
-
     def part(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """This rank's shards of whole tensors (plain tensors, as the EMA keeps them)."""
-        return self.local(self.like_params(tensors))
+        """This rank's shards of whole tensors, as plain tensors (each rank cuts its own, no communication: every
+        rank holds the same whole tensors)."""
+        return self.local({n: self._like(self.params.get(n), t) for n, t in tensors.items()})
 
     def nbytes(self, tensors: Mapping[str, Tensor]) -> int:
         """Bytes of the whole tensors that `tensors` (shards or whole) are part of."""
