@@ -135,7 +135,8 @@ class Shards:
     def any_rank(self, names: list[str], bad: list[str], device: torch.device) -> list[str]:
         """Those of `names` that any rank reports in `bad` (each rank checks its own shards): the union over the
         group, in the order of `names`."""
-        flags = torch.tensor([n in set(bad) for n in names], dtype=torch.float32, device=device)
+        bad = set(bad)
+        flags = torch.tensor([n in bad for n in names], dtype=torch.float32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [n for n, b in zip(names, flags.tolist()) if b]
 
