@@ -7,21 +7,16 @@
 #   bash experiments/gpu_runs.sh WAVE_S NAME=RECIPE[,key=value...] ... [-- WAVE_S NAME=RECIPE[,...] ...]
 # `@NAME` in a value is that run's output folder (model.init_from=@sft0 continues run sft0's weights). Each wave has
 # its WAVE_S seconds; a run still going then is stopped and reported, and the script exits non-zero.
-# The machine has no WordNet and no `datasets`: METEOR reads the Debian WordNet files carried as
-# .gpucarry/wordnet.tar.xz (`tar -C /usr/share -cJf .gpucarry/wordnet.tar.xz wordnet`), and TRL, which dualrl
-# takes two tensor functions from, gets a stand-in for `datasets`, which it imports at module level.
+# The machine has no WordNet: carry .gpucarry (benchmarks/gpu/setup.sh says how to make it).
 set -u -o pipefail
 OUT=${OUT:-/tmp/out}
 runs=/tmp/gpu_runs
 wave_s=$1
 shift
 logs=/tmp/gpu_runs_logs
-mkdir -p "$OUT" $runs $logs /tmp/stub/datasets
+mkdir -p "$OUT" $runs $logs
+[ -f .gpucarry/wordnet.tar.xz ] || { echo "error: .gpucarry/wordnet.tar.xz missing (carry it)"; exit 1; }
 source benchmarks/gpu/setup.sh || exit 1
-tar -C /tmp -xJf .gpucarry/wordnet.tar.xz || { echo "error: .gpucarry/wordnet.tar.xz missing (carry it)"; exit 1; }
-export DUALRL_WORDNET_DIR=/tmp/wordnet
-printf 'class IterableDataset: ...\n\n\nclass Dataset: ...\n' >/tmp/stub/datasets/__init__.py
-export PYTHONPATH=$PYTHONPATH:/tmp/stub
 failed=0
 start_wave() {
   local pids=() names=() spec name args

@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu/issue11.sh rollout   # engine vs engine_compiled at the 4B grpo shape, profile of the compiled step
 #   bash benchmarks/gpu/issue11.sh decode    # decode attention kernels; engine, compiled layers, fused projections
 #   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
+#   bash benchmarks/gpu/issue11.sh learner_compiled  # the same with model.train_compile, profiled by kernel kind
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
 set -u
@@ -36,6 +37,20 @@ case ${1:-} in
     run grpo_acc1_norecompute 200 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 1 \
       --steps 4 --set model.gradient_checkpointing=false --out "$OUT/grpo_acc1_norecompute.json"
     ;;
+  learner_compiled)  # one micro-batch, no recomputation, blocks compiled: MFU, a profile of one update by kernel
+    # kind, the whole step against the naive loop on $NAIVE regions (0: not run), then the ops of one eager update
+    # that make the host wait, by source line, for $SYNC_ALGOS (a dispatch mode around compiled blocks would
+    # compile them again); CUDA's sync debug mode confirms each and gives its stack
+    run sft_acc1_compiled 300 python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 4 \
+      --set model.gradient_checkpointing=false model.train_compile=true --profile-learner \
+      --naive-regions "${NAIVE:-1}" --out "$OUT/sft_acc1_compiled.json"
+    run grpo_acc1_compiled 260 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 1 \
+      --steps 4 --set model.gradient_checkpointing=false model.train_compile=true --profile-learner \
+      --naive-regions "${NAIVE:-1}" --out "$OUT/grpo_acc1_compiled.json"
+    # shellcheck disable=SC2086  # the algorithms are words
+    run sync_sites 240 python3 $steps --algos ${SYNC_ALGOS:-sft_dual grpo} --batch-size 4 --generations 8 \
+      --accumulation 1 --steps 2 --set model.gradient_checkpointing=false --sync-sites --out "$OUT/sync_sites.json"
+    ;;
   whole)  # the recipes' settings (sa2va_4b_sft_dual.yaml, its grpo part) against the naive loop on one region
     run whole_sft_dual 250 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_sft_dual.json"
@@ -54,5 +69,5 @@ case ${1:-} in
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

@@ -258,6 +258,11 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
             args.out.parent if args.out else None,
             algo,
         )
+    syncs = None
+    if args.sync_sites:
+        from tiny_steps import sync_sites
+
+        syncs = {k: v for k, v in sync_sites(args, runtime, recipe, batch, rollout).items() if k != "text"}
     result = {
         "algo": algo,
         "regions_per_step": recipe.data.batch_size,
@@ -274,6 +279,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         **speed,
         "naive": naive,
         "compiled": compiled,
+        "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
     runtime.shutdown()
@@ -348,11 +354,14 @@ def profile_learner(
     wall = time.perf_counter() - t
     events = prof.key_averages()
     kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    kinds = kernel_kinds(events)
     gpu_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = (
         f"one learner update under the profiler: wall {wall:.3f} s, kernel time {kernels:.3f} s "
         f"({kernels / wall:.2f} of the wall), {sum(e.count for e in events if e.device_type.name == 'CPU')} "
-        f"host events\n"
+        f"host events\nkernel time by kind: "
+        + ", ".join(f"{k} {v:.3f} s ({v / max(kernels, 1e-9):.0%})" for k, v in kinds.items())
+        + "\n"
         + events.table(sort_by=gpu_key, row_limit=30)
         + "\n"
         + events.table(sort_by="self_cpu_time_total", row_limit=30)
@@ -360,6 +369,29 @@ def profile_learner(
     print(text, flush=True)
     if out_dir:
         (out_dir / f"learner_profile_{name}.txt").write_text(text)
+
+
+KERNEL_KINDS = (  # (kind, name fragments), first match wins; matched against lower-cased kernel names
+    ("attention", ("flash", "sdpa", "attention", "fmha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul", "conv")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cat", "index")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("reduction / norm", ("reduce", "norm", "softmax", "sum")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_kinds(events) -> dict[str, float]:
+    """Seconds of kernel time by kind of kernel (matmul, attention, triton code, copies, ...), largest first."""
+    out: dict[str, float] = {}
+    for e in events:
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.key.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(p in name for p in parts)), "other")
+        out[kind] = out.get(kind, 0.0) + e.self_device_time_total / 1e6
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 @torch.no_grad()
@@ -429,6 +461,9 @@ def main() -> int:
         help="run the naive dual loop on this many regions of the last batch and scale it to the batch (0: off)",
     )
     parser.add_argument("--profile-learner", action="store_true", help="profile one more learner update")
+    parser.add_argument(
+        "--sync-sites", action="store_true", help="list the ops of one more learner update that make the host wait"
+    )
     parser.add_argument(
         "--compare-compile",
         action="store_true",

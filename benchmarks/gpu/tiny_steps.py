@@ -563,10 +563,19 @@ def sync_sites(args, runtime, recipe, batch, rollout) -> dict:
     learner.step(batch, rollout, step_generator(recipe.train.seed, 200))  # warm
     sync()
     reported: Counter = Counter()
+    stacks: dict[str, list[str]] = {}  # the first Python stack of each site CUDA reports, library frames included
 
     def show(message, category, filename, lineno, file=None, line=None):
         if "synchronizing" in str(message):
-            reported[_where(sys._getframe(1))[0]] += 1
+            site = _where(sys._getframe(1))[0]
+            reported[site] += 1
+            if site not in stacks:
+                frames = traceback.extract_stack(sys._getframe(1))
+                stacks[site] = [
+                    f"{_short(f.filename)}:{f.lineno} {f.name}"
+                    for f in frames
+                    if f.filename != _HERE and "warnings" not in f.filename and "torch/nn/modules" not in f.filename
+                ][-12:]
 
     mode = SyncSites(emulate)
     with warnings.catch_warnings():
@@ -622,6 +631,9 @@ def sync_sites(args, runtime, recipe, batch, rollout) -> dict:
     )
     lines += [f"{n:7d}  {site}" for site, n in out["ops_by_site"].items()]
     lines += [""] + [f"{n:7d}  {name}" for name, n in out["ops_by_file"].items()]
+    out["stacks"] = stacks
+    for site, frames in stacks.items():
+        lines += [f"\nstack of the first sync CUDA reported at {site}:"] + [f"    {f}" for f in frames]
     out["text"] = "\n".join(lines)
     print(out["text"], flush=True)
     return out

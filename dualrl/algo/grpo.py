@@ -235,9 +235,10 @@ def aggregate(
 
 
 @torch.no_grad()
-def _masked_mean(values: Tensor, mask: Tensor) -> float:
-    """Mean of ``values`` over masked positions as a float; 0 when the mask is empty."""
-    return (_masked_sum(values.double(), mask) / mask.sum().clamp(min=1)).item()
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over masked positions, a 0-d float64 tensor where the values are (read on the host
+    only when the caller wants it); 0 when the mask is empty."""
+    return _masked_sum(values.double(), mask) / mask.sum().clamp(min=1)
 
 
 def grpo_loss(
@@ -262,9 +263,10 @@ def grpo_loss(
         loss_type, max_completion_length, global_active_tokens: see ``aggregate``.
 
     Returns:
-        ``(loss, metrics)``: scalar loss (gradient into ``logp`` only) and float metrics over masked tokens
-        of the local batch: ``clip_frac`` (low or high), ``clip_frac_low``, ``clip_frac_high``,
-        ``ratio_mean`` and, when ``ref_logp`` is given, ``kl`` (mean k3 KL).
+        ``(loss, metrics)``: scalar loss (gradient into ``logp`` only) and metrics over masked tokens of the
+        local batch, as 0-d tensors on ``logp``'s device (``float()`` reads one; each read waits for the
+        device): ``clip_frac`` (low or high), ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean`` and, when
+        ``ref_logp`` is given, ``kl`` (mean k3 KL).
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     if mask.shape != logp.shape:

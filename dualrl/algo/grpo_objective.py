@@ -132,16 +132,17 @@ class Grpo:
         with torch.no_grad():
             from trl.trainer.utils import entropy_from_logits
 
-            entropy = entropy_from_logits(logits).mean().item() if len(logits) else 0.0
+            entropy = entropy_from_logits(logits).mean() if len(logits) else 0.0
+        # figures stay on the device (the learner reads them all in one transfer) or come from host data
         metrics = {
             "train/loss_mask": loss_mask.detach(),
             "train/loss_dice": loss_dice.detach(),
             "train/llm_loss": llm_loss.detach(),
             "train/seg_iou": seg_iou,
             "grpo/loss": pg_loss.detach(),
-            "grpo/adv_std": adv.std().item() if len(adv) > 1 else 0.0,
-            "grpo/zero_spread_frac": zero_spread_fraction(rewards, rollout.group_size),
-            "grpo/caption_len": mask.sum(dim=1).float().mean().item(),
+            "grpo/adv_std": adv.std() if len(adv) > 1 else 0.0,
+            "grpo/zero_spread_frac": zero_spread_fraction(rollout.rewards, rollout.group_size),
+            "grpo/caption_len": sum(len(c) for c in completions) / len(completions),
             "grpo/truncated_frac": 1.0 - sum(rollout.captions.finished) / len(completions),
             "grpo/entropy": entropy,
             "grpo/rollout_logp_gap": _logp_gap(logp.detach(), rollout.captions.logprobs),
@@ -178,7 +179,7 @@ class Grpo:
         use_ref = [h and self.spec.seg_target != "best" for h in has_ref]
         ref_rows = [r for r in range(n) if use_ref[r]]
         refs = dict(zip(ref_rows, pick_references(batch, ref_rows, generator)))
-        best = rewards.view(n, g).argmax(dim=1).tolist()
+        best = rollout.rewards.view(n, g).argmax(dim=1).tolist()  # the host's copy: no device wait
         texts, rows = [], []
         for r in range(n):
             if use_ref[r]:
@@ -191,16 +192,26 @@ class Grpo:
         return texts, rows
 
 
+def _laid_out(rows: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Host rows of per-token values padded to `like`'s [N, T] and sent in one copy: (values, which are set)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    values = torch.zeros(like.shape, dtype=like.dtype)
+    if len(rows):
+        values[:, : int(lengths.max())] = pad_sequence([r.to(like.dtype) for r in rows], batch_first=True)
+    have = torch.arange(like.shape[1]) < lengths[:, None]
+    return upload(values, like.device), upload(have, like.device)
+
+
 def _sampler_logprobs(rollout: Rollout, logp: Tensor) -> Tensor:
     """The sampler's recorded log-probs of each completion, laid out as the learner's `logp` ([N, T], padded)."""
-    old = logp.detach().clone()
-    for i, lp in enumerate(rollout.captions.sampler_logprobs()):
-        old[i, : len(lp)] = lp.to(old.device, old.dtype)
-    return old
+    sampled, have = _laid_out(rollout.captions.sampler_logprobs(), logp)
+    return torch.where(have, sampled, logp.detach())
 
 
-def _logp_gap(logp: Tensor, sampled: list[Tensor]) -> float:
+def _logp_gap(logp: Tensor, sampled: list[Tensor]) -> Tensor | float:
     """Mean |learner log-prob - sampler log-prob| over caption tokens: 0 up to dropout and float noise when
-    the rollout ran the learner's weights; grows when rollouts lag the policy."""
-    gaps = [(logp[i, : len(lp)].cpu() - lp).abs() for i, lp in enumerate(sampled) if len(lp)]
-    return torch.cat(gaps).mean().item() if gaps else 0.0
+    the rollout ran the learner's weights; grows when rollouts lag the policy. A device scalar (no host wait)."""
+    if not any(len(lp) for lp in sampled):
+        return 0.0
+    values, have = _laid_out(sampled, logp)
+    return ((logp - values).abs() * have).sum() / have.sum()

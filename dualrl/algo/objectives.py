@@ -175,8 +175,8 @@ class SftDual:
         return StepOutput(loss, metrics)
 
 
-def _agreement(ids: Tensor, teacher: list[Tensor]) -> float:
-    """Share of soft-token positions whose forward token equals the EMA caption's token."""
+def _agreement(ids: Tensor, teacher: list[Tensor]) -> Tensor | float:
+    """Share of soft-token positions whose forward token equals the EMA caption's token, on the device."""
     if ids.numel() == 0:
         return 0.0
-    return (ids.cpu() == torch.cat(teacher)).float().mean().item()
+    return (ids == upload(torch.cat(teacher), ids.device)).float().mean()

@@ -136,7 +136,12 @@ def test_on_policy_loss_is_minus_advantage_and_grpo_gradient_is_minus_a_over_len
     assert loss.item() == pytest.approx(0.5, abs=1e-12)
     loss.backward()
     _assert_close(logp.grad, [[-1 / 6, -1 / 6, -1 / 6], [0.5, 0.5, 0.0]])
-    assert metrics == {"clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "ratio_mean": 1.0}
+    assert {k: float(v) for k, v in metrics.items()} == {
+        "clip_frac": 0.0,
+        "clip_frac_low": 0.0,
+        "clip_frac_high": 0.0,
+        "ratio_mean": 1.0,
+    }
 
 
 def test_clipping_values_gradients_and_stats() -> None:
@@ -154,13 +159,13 @@ def test_clipping_values_gradients_and_stats() -> None:
     assert stats["high_clipped"].tolist() == [[True, False, False], [False, False, False]]
 
     _, metrics = grpo_loss(logp, old, adv, torch.ones(2, 3, dtype=torch.bool))
-    assert metrics["clip_frac_low"] == pytest.approx(1 / 6)
-    assert metrics["clip_frac_high"] == pytest.approx(1 / 6)
-    assert metrics["clip_frac"] == pytest.approx(2 / 6)
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-12)  # (1.5 + 0.5 + 1) * 2 / 6
+    assert float(metrics["clip_frac_low"]) == pytest.approx(1 / 6)
+    assert float(metrics["clip_frac_high"]) == pytest.approx(1 / 6)
+    assert float(metrics["clip_frac"]) == pytest.approx(2 / 6)
+    assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-12)  # (1.5 + 0.5 + 1) * 2 / 6
     # Masking out the two clipped tokens removes them from the statistics: 0 of 4 tokens clipped.
     _, masked = grpo_loss(logp, old, adv, torch.tensor([[False, True, True], [False, True, True]]))
-    assert masked["clip_frac"] == 0.0 and masked["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
+    assert float(masked["clip_frac"]) == 0.0 and float(masked["ratio_mean"]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_epsilon_high_moves_only_the_upper_clip() -> None:
@@ -189,7 +194,7 @@ def test_beta_adds_beta_times_k3_kl_to_each_token() -> None:
     adv = _t([1.0], requires_grad=True)
     loss, metrics = grpo_loss(logp, old, adv, torch.ones(1, 1), beta=0.1, ref_logp=ref)
     assert loss.item() == pytest.approx(-0.9693147180559946, abs=1e-12)
-    assert metrics["kl"] == pytest.approx(1 - LN2, abs=1e-12)
+    assert float(metrics["kl"]) == pytest.approx(1 - LN2, abs=1e-12)
     loss.backward()
     assert logp.grad.item() == pytest.approx(-1.1, abs=1e-12)
     assert old.grad is None and ref.grad is None and adv.grad is None
@@ -201,7 +206,7 @@ def test_kl_is_logged_but_not_added_when_beta_is_zero() -> None:
     plain, plain_metrics = grpo_loss(logp, logp, _t([1.0]), torch.ones(1, 1))
     with_ref, metrics = grpo_loss(logp, logp, _t([1.0]), torch.ones(1, 1), ref_logp=_t([[LN2]]))
     assert with_ref.item() == plain.item() == -1.0
-    assert "kl" not in plain_metrics and metrics["kl"] == pytest.approx(1 - LN2, abs=1e-12)
+    assert "kl" not in plain_metrics and float(metrics["kl"]) == pytest.approx(1 - LN2, abs=1e-12)
 
 
 def test_bf16_inputs_are_computed_in_float32() -> None:
