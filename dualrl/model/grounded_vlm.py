@@ -240,12 +240,18 @@ class GroundedVLM(nn.Module):
 
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, seq: Sequences) -> Tensor:
-        """Last-layer hidden states of the LLM on assembled sequences (right padding). On a GPU with sdpa the causal
-        padding mask goes in ready-made (4-D, what transformers would build for a padded batch): given a 2-D mask,
-        transformers first checks on the host whether any row is padded, which makes the host wait twice a pass."""
+        """Last-layer hidden states of the LLM on assembled sequences; those of padding are not meaningful. With
+        sdpa, right-padded rows go in with no mask at all: under causal attention every token comes before its
+        row's padding and never sees it, so the tokens' states are those of a masked pass, and sdpa can take its
+        flash kernels (a mask rules them out). Left-padded rows on a GPU get the causal padding mask ready-made
+        (4-D, what transformers would build): given a 2-D mask, transformers first checks on the host whether any
+        row is padded, which makes the host wait for the device."""
         mask = seq.attention_mask
-        if mask.is_cuda and self.lm.config._attn_implementation == "sdpa":
-            mask = causal_padding_mask(mask)
+        if self.lm.config._attn_implementation == "sdpa":
+            if not seq.padded_left:
+                mask = None
+            elif mask.is_cuda:
+                mask = causal_padding_mask(mask)
         # no KV cache: nothing reads it, and filling one copies every layer's keys and values (and, compiled, makes
         # the first layer's call differ from the others': `model.train_compile` would compile twice)
         out = self.lm(inputs_embeds=seq.inputs_embeds, attention_mask=mask, use_cache=False)

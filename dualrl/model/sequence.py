@@ -43,7 +43,9 @@ Piece = Text | Ids | Feats
 class Sequences:
     """Assembled LLM input sequences, padded (not to be confused with a data batch, the dict of regions):
     `inputs_embeds` [B, L, H], `attention_mask` [B, L], `labels` [B, L] (-100 = none),
-    `input_ids` [B, L] (-1 where a piece had no ids), and named position marks: name -> (rows, cols).
+    `input_ids` [B, L] (-1 where a piece had no ids, and for soft embeddings without labels: their ids stay on the
+    device, unread), and named position marks: name -> (rows, cols). `padded_left`: padding before the tokens
+    (prompts for decoding) rather than after them.
     `host_ids` and `host_labels` are the same ids and labels on the host, where positions can be looked up
     without making the host wait for the device."""
 
@@ -54,6 +56,7 @@ class Sequences:
     host_ids: Tensor
     host_labels: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    padded_left: bool = False
 
 
 class Assembler:
@@ -88,11 +91,15 @@ class Assembler:
                     ids += [-1] * n
                     labels += [-100] * n
                     continue
-                tok = self.encode(piece.text) if isinstance(piece, Text) else piece.ids.tolist()
+                soft = isinstance(piece, Ids) and piece.embeds is not None
+                if soft and not piece.label:  # its ids are not needed here: reading them could wait for the device
+                    tok = [-1] * len(piece.ids)
+                else:
+                    tok = self.encode(piece.text) if isinstance(piece, Text) else piece.ids.tolist()
                 n = len(tok)
                 if isinstance(piece, Ids) and piece.mark is not None:
                     marks.setdefault(piece.mark, []).append((b, len(ids), n))
-                if isinstance(piece, Ids) and piece.embeds is not None:
+                if soft:
                     spans.append((True, n_dense, n))
                     dense.append(piece.embeds)
                     n_dense += n
@@ -149,4 +156,4 @@ class Assembler:
             mark_index[name] = (on_device[at : at + n], on_device[at + n : at + 2 * n])
             at += 2 * n
         host_labels, host_ids = host[2 * cells : 4 * cells].view(2, len(rows), width).unbind(0)
-        return Sequences(source[index_d], attention_d, labels_d, ids_d, host_ids, host_labels, mark_index)
+        return Sequences(source[index_d], attention_d, labels_d, ids_d, host_ids, host_labels, mark_index, pad_left)
