@@ -240,16 +240,20 @@ class GroundedVLM(nn.Module):
 
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, seq: Sequences) -> Tensor:
-        """Last-layer hidden states of the LLM on assembled sequences; those of padding are not meaningful. With
-        sdpa, right-padded rows go in with no mask at all: under causal attention every token comes before its
-        row's padding and never sees it, so the tokens' states are those of a masked pass, and sdpa can take its
-        flash kernels (a mask rules them out). Left-padded rows on a GPU get the causal padding mask ready-made
-        (4-D, what transformers would build): given a 2-D mask, transformers first checks on the host whether any
-        row is padded, which makes the host wait for the device."""
+        """Last-layer hidden states of the LLM on assembled sequences; those of padding are not meaningful.
+
+        With sdpa, right-padded rows need no mask: under causal attention every token comes before its row's
+        padding and never sees it. An LLM that builds its masks per layer type (Qwen2, Qwen3: `layer_types` in its
+        config) takes them prepared, as "none, causal", so sdpa can run its flash kernels (a mask rules them out)
+        and transformers builds nothing (with no mask at all it would look for packed sequences in the position
+        ids, a check on the host that waits for the device). Other LLMs, and left-padded rows, get the causal
+        padding mask ready-made (4-D, what transformers would build) on a GPU: given a 2-D mask, transformers
+        first checks on the host whether any row is padded, which waits for the device too."""
         mask = seq.attention_mask
-        if self.lm.config._attn_implementation == "sdpa":
-            if not seq.padded_left:
-                mask = None
+        config = self.lm.config
+        if config._attn_implementation == "sdpa":
+            if not seq.padded_left and getattr(config, "layer_types", None):
+                mask = dict.fromkeys(config.layer_types)
             elif mask.is_cuda:
                 mask = causal_padding_mask(mask)
         # no KV cache: nothing reads it, and filling one copies every layer's keys and values (and, compiled, makes

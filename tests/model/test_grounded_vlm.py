@@ -164,17 +164,21 @@ def test_a_ready_causal_padding_mask_gives_what_transformers_builds(tiny_model, 
     torch.testing.assert_close(ready.last_hidden_state[real], plain.last_hidden_state[real], rtol=1e-5, atol=1e-5)
 
 
-def test_right_padded_rows_need_no_mask(tiny_model, region_batch):
+def test_right_padded_rows_need_no_mask(tiny_model, region_batch, monkeypatch):
     """lm_hidden gives right-padded rows to sdpa with no mask (causal only, so flash kernels can run): every token's
-    hidden state is the one transformers' padding mask gives, on rows of different lengths."""
+    hidden state is the one transformers' padding mask gives, on rows of different lengths; and transformers
+    builds no mask, so it never looks for packed sequences (a host wait on a GPU)."""
+    import transformers.masking_utils
+
     assert tiny_model.lm.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", None)  # called: TypeError
     with torch.no_grad():
         feats = tiny_model.encode_images(region_batch["images"])
         image_tokens = tiny_model.project(feats)
         texts = ["the red one", "a small blue circle on the left of the big square", "it", "the shape"]
         batch = tiny_model.assemble(tiny_model.segment_prompts(image_tokens, torch.arange(4), texts))
         assert not batch.padded_left and not batch.attention_mask.bool().all()
-        plain = tiny_model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
         hidden = tiny_model.lm_hidden(batch)
+        plain = tiny_model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(hidden[real], plain.last_hidden_state[real], rtol=1e-5, atol=1e-5)
