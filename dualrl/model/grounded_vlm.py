@@ -244,7 +244,8 @@ class GroundedVLM(nn.Module):
 
         With sdpa, right-padded rows need no mask: under causal attention every token comes before its row's
         padding and never sees it. An LLM that builds its masks per layer type (Qwen2, Qwen3: `layer_types` in its
-        config) takes them prepared, as "none, causal", so sdpa can run its flash kernels (a mask rules them out)
+        config), all of full attention (no sliding window, which a missing mask would drop), takes them prepared,
+        as "none, causal", so sdpa can run its flash kernels (a mask rules them out)
         and transformers builds nothing (with no mask at all it would look for packed sequences in the position
         ids, a check on the host that waits for the device). Other LLMs, and left-padded rows, get the causal
         padding mask ready-made (4-D, what transformers would build) on a GPU: given a 2-D mask, transformers
@@ -252,7 +253,7 @@ class GroundedVLM(nn.Module):
         mask = seq.attention_mask
         config = self.lm.config
         if config._attn_implementation == "sdpa":
-            if not seq.padded_left and getattr(config, "layer_types", None):
+            if not seq.padded_left and set(getattr(config, "layer_types", None) or ()) == {"full_attention"}:
                 mask = dict.fromkeys(config.layer_types)
             elif mask.is_cuda:
                 mask = causal_padding_mask(mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from dualrl.model.build import build_model, load_weights, save_pretrained
@@ -182,3 +184,24 @@ def test_right_padded_rows_need_no_mask(tiny_model, region_batch, monkeypatch):
         plain = tiny_model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(hidden[real], plain.last_hidden_state[real], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_layers_keep_their_padding_mask(tiny_model, region_batch, monkeypatch):
+    """Only an LLM whose layers all attend fully gets its masks prepared as none: a sliding window is a mask too,
+    so with sliding layers the padding mask goes in and transformers builds the window's."""
+    given = []
+
+    def spy(inputs_embeds, attention_mask, **kwargs):  # what the LLM is given; its pass is not needed here
+        given.append(attention_mask)
+        return SimpleNamespace(last_hidden_state=inputs_embeds)
+
+    monkeypatch.setattr(tiny_model.lm, "forward", spy)
+    with torch.no_grad():
+        image_tokens = tiny_model.project(tiny_model.encode_images(region_batch["images"]))
+        batch = tiny_model.assemble(tiny_model.segment_prompts(image_tokens, torch.arange(4), ["a", "the red one"] * 2))
+        tiny_model.lm_hidden(batch)
+        layers = len(tiny_model.lm.config.layer_types)
+        monkeypatch.setattr(tiny_model.lm.config, "layer_types", ["sliding_attention"] * layers)
+        tiny_model.lm_hidden(batch)
+    assert given[0] == {"full_attention": None}
+    assert isinstance(given[1], torch.Tensor) and given[1].shape == batch.attention_mask.shape
