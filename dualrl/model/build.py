@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from dualrl.model import sam as samlib
+from dualrl.model import token_rows
 from dualrl.model.checkpoint_config import TEXT_KEYS, VISION_KEYS, resolve_model_spec
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.tokenizer import (
@@ -254,7 +255,7 @@ def load_weights(model: GroundedVLM, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
-def _token_rows(model: GroundedVLM, ids: list[int] | None) -> dict[str, list[int]] | None:
+def _new_token_rows(model: GroundedVLM, ids: list[int] | None) -> dict[str, list[int]] | None:
     if not ids:
         return None
     return {"embed_tokens": ids} if model.vlm.config.tie_word_embeddings else {"embed_tokens": ids, "lm_head": ids}
@@ -273,9 +274,10 @@ def apply_trainable(model: GroundedVLM, spec: ModelSpec) -> None:
             lora_dropout=spec.lora_dropout,
             target_modules=rf".*language_model.*\.({targets})",
             # The new tokens' input rows and, for an untied LLM, their output rows too ([SEG] must be generated).
-            trainable_token_indices=_token_rows(model, new_ids),
+            trainable_token_indices=_new_token_rows(model, new_ids),
         )
         model.vlm = inject_adapter_in_model(config, model.vlm)
+        token_rows.install(model.vlm)  # the same rows, without PEFT's merged copy of the matrix at every call
     elif spec.llm:
         inner.language_model.requires_grad_(True)
         model.vlm.lm_head.requires_grad_(True)
