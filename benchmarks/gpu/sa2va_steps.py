@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +50,7 @@ from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
 from dualrl.model.decode_attention import attention_implementation
 from dualrl.model.sequence import Ids
+from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
 from dualrl.runtime import start_runtime
 from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
@@ -225,6 +227,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     if args.compare_compile:
         compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
         timer.marks.clear()
+    token_rows = None
+    if args.compare_token_rows:
+        token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -279,6 +284,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         **speed,
         "naive": naive,
         "compiled": compiled,
+        "token_rows": token_rows,
         "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
@@ -315,6 +321,38 @@ def compare_compile(learner, batch: dict, rollout: Rollout, seed: int, steps: in
         "compiled_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
     print(f"compiled learner: {json.dumps(out)}", flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def peft_token_rows(model: torch.nn.Module):
+    """PEFT's own forward for the new tokens' rows (a merged copy of the matrix at every call) instead of dualrl's."""
+    layers = [m for m in model.modules() if type(m) is TokenRowsLayer]
+    for m in layers:
+        m.__class__ = TrainableTokensLayer
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__class__ = TokenRowsLayer
+
+
+def compare_token_rows(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
+    """Learner updates on one batch with PEFT's token rows and with dualrl's, alternating, `steps` of each after one
+    of each untimed: the median update time of each."""
+    times: dict[str, list[float]] = {"peft": [], "dualrl": []}
+    for i in range(steps + 1):
+        for name in times:
+            with peft_token_rows(learner.model) if name == "peft" else contextlib.nullcontext():
+                sync()
+                t = time.perf_counter()
+                learner.step(batch, rollout, step_generator(seed, 3000 + i))
+                sync()
+            if i:
+                times[name].append(time.perf_counter() - t)
+    out = {f"{name}_update_s": statistics.median(v) for name, v in times.items()}
+    out["speedup"] = out["peft_update_s"] / out["dualrl_update_s"]
+    print(f"token rows: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -468,6 +506,11 @@ def main() -> int:
         "--compare-compile",
         action="store_true",
         help="time the learner update eagerly and with its blocks compiled (model.train_compile), in this process",
+    )
+    parser.add_argument(
+        "--compare-token-rows",
+        action="store_true",
+        help="time the learner update with PEFT's token rows and with dualrl's (model/token_rows.py), alternating",
     )
     parser.add_argument(
         "--set", nargs="*", default=[], help="more recipe overrides, e.g. model.gradient_checkpointing=false"
