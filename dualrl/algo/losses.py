@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualrl.model.transfer import upload
+from dualrl.model.transfer import rand, upload
 
 # Sa2VA reductions: dice sum / (N + 1e-4), BCE sum / (N * num_points + 1e-4).
 _REDUCTION_EPS = 1e-4
@@ -43,10 +43,8 @@ def point_sample(x: Tensor, coords: Tensor) -> Tensor:
 
 
 def _uniform_points(n: int, p: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """``[n, p, 2]`` uniform points in [0, 1); drawn on the generator's device so a CPU generator works
-    for CUDA inputs too (torch.rand refuses a generator on another device)."""
-    gen_device = generator.device if generator is not None else device
-    return upload(torch.rand(n, p, 2, generator=generator, device=gen_device), device)
+    """``[n, p, 2]`` uniform points in [0, 1) on `device`, reproducible from `generator` (see `transfer.rand`)."""
+    return rand((n, p, 2), generator, device)
 
 
 @torch.no_grad()

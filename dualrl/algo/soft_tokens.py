@@ -14,17 +14,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dualrl.model.transfer import upload
+from dualrl.model.transfer import rand
 
 
 def _gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Float32 Gumbel(0, 1) noise ``g = -log(-log u)``, ``u ~ U(0, 1)``.
 
-    u is clamped to [tiny, 1 - eps/2] so neither log sees 0. Drawn on the generator's device so a CPU
-    generator also serves CUDA logits.
+    u is clamped to [tiny, 1 - eps/2] so neither log sees 0. Drawn on `device`, reproducible from `generator`
+    (see `transfer.rand`).
     """
-    gen_device = generator.device if generator is not None else device
-    u = upload(torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32), device)
+    u = rand(shape, generator, device)
     finfo = torch.finfo(torch.float32)
     u = u.clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
     return -torch.log(-torch.log(u))

@@ -17,7 +17,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.position_encoding import PositionEmbeddingRandom
 from sam2.modeling.sam2_base import SAM2Base
 
-from dualrl.model.transfer import upload
+from dualrl.model.transfer import rand
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,7 +178,7 @@ def decode(
 def click_inside(masks: torch.Tensor, sam_size: int, generator: torch.Generator | None = None):
     """One positive click per mask, uniform over its pixels, in SAM input pixel coordinates (x, y)."""
     n, h, w = masks.shape
-    score = upload(torch.rand(n, h * w, generator=generator), masks.device) * masks.flatten(1).float()
+    score = rand((n, h * w), generator, masks.device) * masks.flatten(1).float()
     flat = score.argmax(dim=1)
     ys, xs = (flat // w).float(), (flat % w).float()
     coords = torch.stack([(xs + 0.5) * sam_size / w, (ys + 0.5) * sam_size / h], dim=-1).unsqueeze(1)
