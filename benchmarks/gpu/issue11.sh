@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu/issue11.sh decode    # decode attention kernels; engine, compiled layers, fused projections
 #   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
 #   bash benchmarks/gpu/issue11.sh learner_compiled  # the same with model.train_compile, profiled by kernel kind
+#   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh token_rows  # learner_compiled's update, PEFT's token rows vs dualrl's
+#   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
 set -u
@@ -51,6 +53,20 @@ case ${1:-} in
     run sync_sites 240 python3 $steps --algos ${SYNC_ALGOS:-sft_dual grpo} --batch-size 4 --generations 8 \
       --accumulation 1 --steps 2 --set model.gradient_checkpointing=false --sync-sites --out "$OUT/sync_sites.json"
     ;;
+  token_rows)  # learner_compiled's settings for $ALGO, a profile of one update, then PEFT's token rows against
+    # dualrl's (model/token_rows.py) on one batch, alternating, in the same process
+    algo=${ALGO:-sft_dual}
+    if [ "$algo" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
+    run "${algo}_token_rows" 450 python3 $steps --algos "$algo" "${shape[@]}" --accumulation 1 --steps 4 \
+      --set model.gradient_checkpointing=false model.train_compile=true --profile-learner --compare-token-rows \
+      --out "$OUT/${algo}_token_rows.json"
+    ;;
+  checks)
+    run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
+    run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
+      --set model.gradient_checkpointing=false --sync-sites --out "$OUT/sync_sites.json"
+    run tiny_step 150 python3 benchmarks/gpu/tiny_steps.py --only step --steps 40 --warmup 10 --out "$OUT/tiny_step.json"
+    ;;
   whole)  # the recipes' settings (sa2va_4b_sft_dual.yaml, its grpo part) against the naive loop on one region
     run whole_sft_dual 250 python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 5 \
       --naive-regions 1 --out "$OUT/whole_sft_dual.json"
@@ -69,5 +85,5 @@ case ${1:-} in
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
