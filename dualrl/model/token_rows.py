@@ -5,7 +5,8 @@ index from a Python list (a host-to-device copy that makes the host wait for the
 output head (151k rows at the 4B's vocabulary), and in the backward pass makes a gradient of the full matrix to
 read back those few rows. The same values come from the base matrix and the rows alone:
 
-- embedding: look the ids up in the base matrix, then put the trainable row wherever an id is a new token;
+- embedding: look the ids up in the base matrix, then put the trainable row wherever an id is a new token
+  (picked by a one-hot product);
 - output head: the base logits, then the new tokens' logits (inputs times their rows) in their columns.
 
 `install(module)` gives every such layer under `module` this forward (a subclass swapped in, so state dicts,
@@ -25,22 +26,18 @@ from torch import Tensor, nn
 class TokenRowsLayer(TrainableTokensLayer):
     """`TrainableTokensLayer` with a forward that never copies the matrix nor waits for the device."""
 
-    def _rows_on(self, adapter: str, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(row indices [k], vocabulary -> slot lookup [V] with -1 for the old tokens) on `device`, made once."""
+    def _rows_on(self, adapter: str, device: torch.device) -> Tensor:
+        """The adapter's row indices [k] on `device`, copied there once."""
         cache = self.__dict__.setdefault("_dualrl_rows", {})
-        indices = tuple(self.token_indices[adapter])
-        key = (adapter, device, indices)
+        key = (adapter, device, tuple(self.token_indices[adapter]))
         if key not in cache:
-            vocab = self.base_layer.weight.shape[0]
-            lookup = torch.full((vocab,), -1, dtype=torch.long)
-            lookup[list(indices)] = torch.arange(len(indices))
-            cache[key] = (torch.tensor(indices, dtype=torch.long).to(device), lookup.to(device))
+            cache[key] = torch.tensor(key[2], dtype=torch.long).to(device)
         return cache[key]
 
     def get_merged_weights(self, active_adapters) -> Tensor:
         weight = self.base_layer.weight
         for adapter in active_adapters:
-            index, _ = self._rows_on(adapter, weight.device)
+            index = self._rows_on(adapter, weight.device)
             weight = weight.index_copy(0, index, self.trainable_tokens_delta[adapter].to(weight))
         return weight
 
@@ -62,15 +59,17 @@ class TokenRowsLayer(TrainableTokensLayer):
         if isinstance(self.base_layer, nn.Embedding):
             out = F.embedding(x, weight, padding_idx=self.base_layer.padding_idx)
             for adapter in active_adapters:
-                _, lookup = self._rows_on(adapter, weight.device)
-                slot = lookup[x]
-                rows = self.trainable_tokens_delta[adapter].to(weight)[slot.clamp(min=0)]
-                out = torch.where((slot >= 0).unsqueeze(-1), rows, out)
+                # which new token each id is, as one-hot rows [..., k]: a product picks the trainable rows, and its
+                # backward is a product too (gathering the rows by id would accumulate every position's gradient
+                # into them one by one)
+                hit = x.unsqueeze(-1) == self._rows_on(adapter, weight.device)
+                rows = hit.to(weight.dtype) @ self.trainable_tokens_delta[adapter].to(weight)
+                out = torch.where(hit.any(-1, keepdim=True), rows, out)
             scale = self._get_embed_scale()
             return out if scale is None else out * scale.to(out.dtype)
         out = F.linear(x, weight)
         for adapter in active_adapters:
-            index, _ = self._rows_on(adapter, weight.device)
+            index = self._rows_on(adapter, weight.device)
             out = out.index_copy(-1, index, F.linear(x, self.trainable_tokens_delta[adapter].to(weight)))
         return out
 
