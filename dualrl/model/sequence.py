@@ -16,6 +16,11 @@ from torch import Tensor
 
 from dualrl.model.transfer import upload
 
+# Right-padded sequences are padded to a multiple of this width. Compiled blocks (`model.train_compile`) are compiled
+# for any length, but inductor assumes the alignment the first length had: a batch of a length that is not a
+# multiple of 8, after one that was, compiled the 4B's decoder layers again (about 30 s on an H200).
+WIDTH_MULTIPLE = 8
+
 
 @dataclass
 class Text:
@@ -116,6 +121,8 @@ class Assembler:
         source = torch.cat([table, *[d.to(table.dtype) for d in dense], table.new_zeros(1, table.shape[-1])])
 
         width = max(len(ids) for _, ids, _ in rows)
+        if not pad_left:  # free for causal attention, and compiled blocks keep one graph (see WIDTH_MULTIPLE)
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
         index, all_ids, all_labels, attention, offsets = [], [], [], [], []
         for spans, ids, labels in rows:
             gather = []

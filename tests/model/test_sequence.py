@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dualrl.model.sequence import Assembler, Feats, Ids, Text
+from dualrl.model.sequence import WIDTH_MULTIPLE, Assembler, Feats, Ids, Text
 from dualrl.model.tokenizer import build_tiny_tokenizer
 
 
@@ -22,13 +22,16 @@ def test_pieces_land_in_order_with_labels_and_marks():
     prompt = [Text("<|user|>"), Feats(feats), Ids(ids, mark="cap"), Text("<|end|>", label=True)]
     batch = asm([prompt, [Text("<|user|>")]])
     n_ids = len(ids)
-    assert batch.inputs_embeds.shape == (2, 1 + 2 + n_ids + 1, 4)
+    length = 1 + 2 + n_ids + 1
+    width = -(-length // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # right padding rounds the width up
+    assert batch.inputs_embeds.shape == (2, width, 4)
     assert torch.equal(batch.inputs_embeds[0, 1:3], feats)
     rows, cols = batch.marks["cap"]
     assert rows.tolist() == [0] * n_ids and cols.tolist() == list(range(3, 3 + n_ids))
-    assert batch.labels[0, -1].item() == tok.convert_tokens_to_ids("<|end|>")
-    assert (batch.labels[0, :-1] == -100).all()
-    assert batch.attention_mask.tolist()[1] == [1] + [0] * (batch.inputs_embeds.shape[1] - 1)
+    assert batch.labels[0, length - 1].item() == tok.convert_tokens_to_ids("<|end|>")
+    assert (batch.labels[0, : length - 1] == -100).all() and (batch.labels[0, length:] == -100).all()
+    assert batch.attention_mask.tolist() == [[1] * length + [0] * (width - length), [1] + [0] * (width - 1)]
+    assert not batch.inputs_embeds[0, length:].any() and (batch.host_ids[0, length:] == -1).all()
 
 
 def test_left_padding_shifts_marks():
@@ -46,6 +49,6 @@ def test_soft_embeddings_replace_ids_and_carry_gradient():
     _tok, _, asm = _assembler()
     soft = torch.randn(2, 4, requires_grad=True)
     batch = asm([[Text("<|user|>"), Ids(torch.tensor([10, 11]), embeds=soft)]])
-    assert torch.equal(batch.inputs_embeds[0, 1:], soft)
+    assert torch.equal(batch.inputs_embeds[0, 1:3], soft)
     batch.inputs_embeds.sum().backward()
     assert torch.equal(soft.grad, torch.ones(2, 4))
