@@ -15,6 +15,9 @@ stays eager.
   layers with gradient checkpointing).
 - Training batches bring new sequence lengths at almost every step, so the blocks are compiled with dynamic sizes
   from the first call (`dynamic=True`): one compilation per block class and mode, not one per length.
+- Sizes that happen to be equal at the first call stay separate symbols (no "duck sizing"): SAM2's block met 9
+  masks of 9 tokens in a 4B `sft_dual` step, so its graph required the two to be equal and the next step (another
+  number of masks) compiled it again.
 - The compiled blocks are installed only while `active()` is entered — the learner's update, forward and
   backward — and the module's previous compiled call (None, or another one installed around it) is put back
   on exit: evaluation, the caption decoder (with its own compiled layers, `model.decode_compile`) and a rollout
@@ -29,6 +32,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 
 # Past this many compiled variants of one function torch.compile runs it eagerly. Every compiled block's entry
@@ -74,7 +78,10 @@ class CompiledBlocks:
         """The blocks run compiled inside the block (forward, and the backward of what ran inside it)."""
         previous = [block._compiled_call_impl for block in self.blocks]
         # float attributes as constants (with dynamic sizes torch.compile would otherwise make them inputs)
-        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
+        with (
+            torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT),
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+        ):
             try:
                 for block, compiled in zip(self.blocks, self._compiled):
                     block._compiled_call_impl = compiled

@@ -21,5 +21,5 @@ def test_gpu_draws_follow_the_host_generator():
     assert first.device.type == "cuda" and first.dtype == torch.float32
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # the same state, the same draws
     assert not torch.equal(rand((64, 4096), a, "cuda"), first)  # the generator moved on
-    assert 0.0 <= float(first.min()) and float(first.max()) < 1.0 and abs(float(first.mean()) - 0.5) < 0.01
+    assert float(first.min()) >= 0.0 and float(first.max()) < 1.0 and abs(float(first.mean()) - 0.5) < 0.01
     assert upload(torch.ones(2), "cuda").device.type == "cuda"
