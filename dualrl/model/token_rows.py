@@ -63,7 +63,8 @@ class TokenRowsLayer(TrainableTokensLayer):
                 # backward is a product too (gathering the rows by id would accumulate every position's gradient
                 # into them one by one)
                 hit = x.unsqueeze(-1) == self._rows_on(adapter, weight.device)
-                rows = hit.to(weight.dtype) @ self.trainable_tokens_delta[adapter].to(weight)
+                with torch.autocast(x.device.type, enabled=False):  # the rows as stored, as a lookup gives them
+                    rows = hit.to(weight.dtype) @ self.trainable_tokens_delta[adapter].to(weight)
                 out = torch.where(hit.any(-1, keepdim=True), rows, out)
             scale = self._get_embed_scale()
             return out if scale is None else out * scale.to(out.dtype)

@@ -60,6 +60,17 @@ def test_embedding_rows_match_peft(model):
     assert want_grad[0].abs().sum() > 0  # the repeated token's two positions both reach its row
 
 
+def test_embedding_rows_under_autocast_are_the_stored_rows(model):
+    """A lookup is not autocast; neither is the product that picks the rows (bf16 would round them)."""
+    embed = model.vlm.get_input_embeddings().token_adapter
+    ids = torch.tensor([[5, model.seg_id, 9]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = TrainableTokensLayer.forward_adapters(embed, ids, embed.active_adapters)
+        got = embed(ids)
+    assert got.dtype == want.dtype == embed.base_layer.weight.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_output_head_columns_match_peft(model):
     head = model.vlm.lm_head.token_adapter
     hidden = torch.randn(3, 4, head.base_layer.in_features, generator=torch.Generator().manual_seed(1))
