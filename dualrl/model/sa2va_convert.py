@@ -80,13 +80,10 @@ def _adapter_weights(model: GroundedVLM) -> dict[str, Tensor]:
         if not isinstance(mod, (LoraLayer, TrainableTokensLayer)) or mod.merged or mod.disable_adapters:
             continue  # not an adapter, or one whose base weight is already what the model computes with
         key = f"{name.replace('.token_adapter', '')}.weight"
-        base = mod.base_layer.weight.detach()
         if isinstance(mod, TrainableTokensLayer):
-            for adapter in mod.active_adapters:
-                rows = torch.tensor(mod.token_indices[adapter], device=base.device)
-                base = base.index_copy(0, rows, mod.trainable_tokens_delta[adapter].detach().to(base))
-            out[key] = base
+            out[key] = mod.get_merged_weights(mod.active_adapters).detach()
             continue
+        base = mod.base_layer.weight.detach()
         if not isinstance(mod.base_layer, torch.nn.Linear) or mod.fan_in_fan_out:
             raise NotImplementedError(f"{name}: only LoRA on nn.Linear is merged here")
         merged = base.float()
