@@ -129,16 +129,17 @@ def build_on_device(model_spec, device: str):
 
 
 @contextlib.contextmanager
-def compiled_blocks(learner):
-    """The learner's repeated blocks compiled (`model.train_compile`) inside the block, on the same model in the same
-    process, so that eager and compiled updates are timed like for like. No `torch._dynamo.reset()` is needed around
-    it: eager updates never enter torch.compile, and a learner built again (another algorithm) reuses the
-    compilations (the same block code; nothing is guarded on which model holds the block)."""
+def compiled_blocks(learner, wrapper: str = "python"):
+    """The learner's repeated blocks compiled (`model.train_compile`, inductor's `wrapper`: python or cpp) inside the
+    block, on the same model in the same process, so that eager and compiled updates are timed like for like. No
+    `torch._dynamo.reset()` is needed around it: eager updates never enter torch.compile, and a learner built again
+    (another algorithm) reuses the compilations (the same block code; nothing is guarded on which model holds the
+    block; the two wrappers' compilations are kept apart, torch.compile guards on its backend)."""
     from dualrl.model.train_compile import CompiledBlocks
 
     if learner.compiled is not None:
         raise ValueError("--compare-compile times eager updates against compiled ones: leave model.train_compile off")
-    learner.compiled = CompiledBlocks(learner.model)
+    learner.compiled = CompiledBlocks(learner.model, wrapper)
     try:
         yield
     finally:

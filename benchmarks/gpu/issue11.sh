@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu/issue11.sh learner   # sft_dual's learner at the 4B recipe's batch: micro-batches and recomputation
 #   bash benchmarks/gpu/issue11.sh learner_compiled  # the same with model.train_compile, profiled by kernel kind
 #   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh token_rows  # learner_compiled's update, PEFT's token rows vs dualrl's
+#   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh wrapper  # learner_compiled with inductor's C++ wrapper, then
+#                                            # the Python wrapper against the C++ one on one batch, alternating
+#   bash benchmarks/gpu/issue11.sh probe     # inductor's C++ wrapper builds and trains on this machine (seconds)
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -61,6 +64,34 @@ case ${1:-} in
       --set model.gradient_checkpointing=false model.train_compile=true --profile-learner --compare-token-rows \
       --out "$OUT/${algo}_token_rows.json"
     ;;
+  probe)  # a compiled MLP's forward and backward with the C++ wrapper on the GPU, against eager
+    run cpp_wrapper_probe 240 python3 - <<'PY'
+import time, torch
+net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).cuda()
+x = torch.randn(64, 256, device="cuda")
+def grads(f):
+    net.zero_grad()
+    f(x).square().mean().backward()
+    return [p.grad.clone() for p in net.parameters()]
+eager = grads(net)
+t = time.perf_counter()
+compiled = grads(torch.compile(net._call_impl, dynamic=True, options={"cpp_wrapper": True}))
+print(f"cpp wrapper: compiled forward and backward in {time.perf_counter() - t:.1f} s; largest gradient difference",
+      max(float((a - b).abs().max()) for a, b in zip(eager, compiled)))
+PY
+    ;;
+  wrapper)  # learner_compiled's settings for $ALGO with the C++ wrapper: timed steps (MFU) and a profile of one
+    # update, then the Python wrapper against the C++ one on one batch, alternating, in the same process
+    algo=${ALGO:-sft_dual}
+    if [ "$algo" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
+    run "${algo}_cpp_wrapper" "${LIMIT:-560}" python3 $steps --algos "$algo" "${shape[@]}" --accumulation 1 --steps 4 \
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+      --profile-learner --compare-wrapper --out "$OUT/${algo}_cpp_wrapper.json"
+    ;;
+  tiny_wrapper)  # pretrain_tiny's learner step at batch 64: eager, compiled with each wrapper, same process
+    run tiny_wrapper 400 python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 --compare-compile \
+      --wrappers python cpp --out "$OUT/tiny_wrapper.json"
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -85,5 +116,5 @@ case ${1:-} in
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

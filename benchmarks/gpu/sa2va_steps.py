@@ -2,7 +2,8 @@
 
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
-        [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--set KEY=VALUE ...] [--tiny]
+        [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
+        [--set KEY=VALUE ...] [--tiny]
         [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
@@ -21,7 +22,9 @@ median update time give its MFU against the card's datasheet bf16 peak and again
 again for every caption and every segmentation) runs on the same batch, and `naive_speedup` is its step time
 (naive rollout + naive reward + the same learner update) over dualrl's. With `--compare-compile`, the learner update
 on the last batch is timed eagerly and then with its repeated blocks compiled (`model.train_compile`), same model and
-process (the first compiled update, which compiles, timed apart), and MFU is given for both.
+process (the first compiled update, which compiles, timed apart), and MFU is given for both. With
+`--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
+inductor's Python and C++ wrappers (`model.train_compile_wrapper`).
 """
 
 from __future__ import annotations
@@ -227,7 +230,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     if args.compare_compile:
         compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
         timer.marks.clear()
-    token_rows = None
+    token_rows = wrapper = None
+    if args.compare_wrapper:
+        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
     if args.compare_token_rows:
         token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
@@ -285,6 +290,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "naive": naive,
         "compiled": compiled,
         "token_rows": token_rows,
+        "wrapper": wrapper,
         "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
@@ -321,6 +327,35 @@ def compare_compile(learner, batch: dict, rollout: Rollout, seed: int, steps: in
         "compiled_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
     print(f"compiled learner: {json.dumps(out)}", flush=True)
+    return out
+
+
+def compare_wrapper(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
+    """Learner updates on one batch with the compiled blocks called by inductor's Python wrapper and by its C++ one
+    (`model.train_compile_wrapper`), alternating, `steps` of each after one of each untimed (it compiles the wrapper
+    the timed steps did not use): the median update time of each, and the untimed first ones."""
+    from dualrl.model.train_compile import CompiledBlocks
+
+    own = learner.compiled
+    if own is None:
+        raise ValueError("--compare-wrapper times compiled updates: set model.train_compile=true")
+    blocks = {w: own if own.wrapper == w else CompiledBlocks(learner.model, w) for w in ("python", "cpp")}
+    times: dict[str, list[float]] = {w: [] for w in blocks}
+    try:
+        for i in range(steps + 1):
+            for name, compiled in blocks.items():
+                learner.compiled = compiled
+                sync()
+                t = time.perf_counter()
+                learner.step(batch, rollout, step_generator(seed, 4000 + i))
+                sync()
+                times[name].append(time.perf_counter() - t)
+    finally:
+        learner.compiled = own
+    out = {f"{w}_update_s": statistics.median(v[1:]) for w, v in times.items()}
+    out.update({f"{w}_first_update_s": v[0] for w, v in times.items()})
+    out["speedup"] = out["python_update_s"] / out["cpp_update_s"]
+    print(f"compiled wrappers: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -506,6 +541,12 @@ def main() -> int:
         "--compare-compile",
         action="store_true",
         help="time the learner update eagerly and with its blocks compiled (model.train_compile), in this process",
+    )
+    parser.add_argument(
+        "--compare-wrapper",
+        action="store_true",
+        help="time the compiled learner update with inductor's Python and C++ wrappers (model.train_compile_wrapper), "
+        "alternating; needs model.train_compile=true",
     )
     parser.add_argument(
         "--compare-token-rows",

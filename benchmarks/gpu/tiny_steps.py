@@ -3,7 +3,8 @@
     python benchmarks/gpu/tiny_steps.py [--recipe recipes/pretrain_tiny.yaml] [--device auto|cuda|cpu]
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
-        [--only data step loop profile syncs] [--compare-compile] [--out results.json] [--out-dir DIR] [--quick]
+        [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--out results.json]
+        [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
 
@@ -21,7 +22,8 @@ applied after the script's own. The target is 20 steps/s at batch 64 (1280 sampl
    the step copies it to the device). `--warmup` steps excluded, CUDA synchronised around the timed region.
    `process CPU` is this process's CPU time over the wall time (all its threads: near 100 % with a GPU, the
    step is bound by the host). With `--compare-compile`, the device batch again with the learner's repeated blocks
-   compiled (`model.train_compile`, same model, same process; the first compiled step, which compiles, timed apart).
+   compiled (`model.train_compile`, same model, same process; the first compiled step, which compiles, timed apart),
+   once per inductor wrapper in `--wrappers` (`model.train_compile_wrapper`).
 3. loop: the driver's loop (`dualrl/train.py`: next batch, learner step, EMA sync to the teacher every
    `train.sync_every` steps) for `--loop-steps` steps with `--loop-workers` loader workers (default: the
    recipe's); `data wait` is the share of the wall time spent in `next(batches)`; GPU utilisation is sampled
@@ -215,20 +217,24 @@ def measure_step(args, runtime, recipe, batch, rollout, label: str) -> dict:
     return out
 
 
-def measure_compiled_step(args, runtime, recipe, batch, rollout) -> dict:
-    """The device-batch step with the learner's blocks compiled (label `compiled`), after the eager measurements."""
+def measure_compiled_step(args, runtime, recipe, batch, rollout, wrapper: str) -> dict:
+    """The device-batch step with the learner's blocks compiled, called by inductor's `wrapper` (label
+    `compiled-<wrapper>`), after the eager measurements."""
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    with compiled_blocks(runtime.learner):
+    with compiled_blocks(runtime.learner, wrapper):
         sync()
         t = time.perf_counter()
         runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
         sync()
         first_s = time.perf_counter() - t
-        out = measure_step(args, runtime, recipe, batch, rollout, "compiled")
+        out = measure_step(args, runtime, recipe, batch, rollout, f"compiled-{wrapper}")
     out.update(first_step_s=first_s, compiled_graphs=counters["stats"]["unique_graphs"] - graphs)
-    print(f"compiled: first step {first_s:.1f} s, {out['compiled_graphs']} graphs compiled", flush=True)
+    print(
+        f"compiled ({wrapper} wrapper): first step {first_s:.1f} s, {out['compiled_graphs']} graphs compiled",
+        flush=True,
+    )
     return out
 
 
@@ -661,6 +667,13 @@ def parse_args():
         help="step phase: time the device batch again with the learner's blocks compiled (model.train_compile)",
     )
     parser.add_argument(
+        "--wrappers",
+        nargs="+",
+        choices=("python", "cpp"),
+        default=["python"],
+        help="--compare-compile: inductor's wrappers to time, each in turn (model.train_compile_wrapper)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smaller defaults, to check the script on a CPU: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
@@ -738,7 +751,10 @@ def main() -> int:
                     measure_step(args, runtime, recipe, device_batch, rollout, "device"),
                     measure_step(args, runtime, recipe, host_batch, rollout, "host"),
                     *(
-                        [measure_compiled_step(args, runtime, recipe, device_batch, rollout)]
+                        [
+                            measure_compiled_step(args, runtime, recipe, device_batch, rollout, wrapper)
+                            for wrapper in args.wrappers
+                        ]
                         if args.compare_compile
                         else []
                     ),
@@ -776,7 +792,7 @@ def print_table(results: dict, batch_size: int) -> None:
         )
     for r in results.get("step", []):
         print(
-            f"{'step, ' + r['batch'] + ' batch':22s} {r['steps_per_s']:18.2f} {r['steps_per_s'] * batch_size:10.0f}  "
+            f"{'step, ' + r['batch']:22s} {r['steps_per_s']:18.2f} {r['steps_per_s'] * batch_size:10.0f}  "
             f"median {r['median_step_ms']:.1f} ms, process CPU {100 * r['cpu_busy']:.0f} %"
         )
     if "loop" in results:

@@ -257,6 +257,13 @@ class ModelSpec(Section):
         "--compare-compile times it on a GPU); gradients agree with eager up to rounding. Evaluation, rollout and "
         "caption decoding are not affected.",
     )
+    train_compile_wrapper: Literal["python", "cpp"] = Field(
+        "python",
+        description="With train_compile: what calls the compiled blocks' kernels. python: inductor's Python wrapper. "
+        "cpp: inductor writes it in C++ and builds it with the system compiler once per compilation (longer first "
+        "steps, less host time per block call: for learners whose GPU waits on the host; benchmarks/gpu/"
+        "sa2va_steps.py --compare-wrapper times both on a GPU). Same kernels, same gradients.",
+    )
     generation: Literal["engine", "generate"] = Field(
         "engine",
         description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill per region "

@@ -26,6 +26,7 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "model.attn_implementation": (True, "attention kernels: how fast, not what is computed"),
     "model.gradient_checkpointing": (True, "memory against compute; the same gradients"),
     "model.train_compile": (True, "how the learner's blocks run: the same gradients up to rounding"),
+    "model.train_compile_wrapper": (True, "how the learner's compiled blocks are called: the same kernels"),
     "model.generation": (True, "the decoding machinery; the same sampling"),
     "model.generation_cache": (True, "the decoding machinery; the same sampling"),
     "model.decode_graphs": (True, "the decoding machinery; the same sampling"),

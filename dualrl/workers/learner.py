@@ -58,7 +58,7 @@ class Learner:
         self.model = build_model(model, device)
         self.model.train()
         # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
-        self.compiled = CompiledBlocks(self.model) if model.train_compile else None
+        self.compiled = CompiledBlocks(self.model, model.train_compile_wrapper) if model.train_compile else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
         self.step_module: torch.nn.Module = dp.ModelCall(self.model)
         self.shards: sharding.Shards | None = None  # runtime.learner_sharding=fsdp: this rank's part of the weights

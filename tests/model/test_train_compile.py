@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from dualrl.algo.rollout_data import Rollout
 from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.model.build import build_model
-from dualrl.model.train_compile import block_stacks
+from dualrl.model.train_compile import CompiledBlocks, block_stacks
 from dualrl.recipe import load_recipe
 from dualrl.workers.learner import Learner
 from tests.conftest import TINY
@@ -179,3 +179,40 @@ def test_block_stacks_name_the_repeated_blocks(tiny_model):
     assert stacks["sam_decoder"] is tiny_model.sam.sam_mask_decoder.transformer.layers
     with pytest.raises(ValueError, match=r"model\.train_compile"):
         block_stacks(torch.nn.Linear(2, 2))
+
+
+def test_cpp_wrapper_gives_eager_gradients(tiny_model, monkeypatch):
+    """model.train_compile_wrapper=cpp: inductor writes the LLM layers' forward and backward wrappers in C++ (every
+    wrapper it makes is a C++ one) and the gradients are eager's. Only the LLM runs here, so only its two graphs are
+    built (each C++ build takes seconds on 2 cores)."""
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+
+    made = []
+    init = PythonWrapperCodegen.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PythonWrapperCodegen, "__init__", counted)
+    lm = tiny_model.lm
+    params = [p for p in lm.layers.parameters() if p.requires_grad]  # LoRA
+    x = torch.randn(2, 11, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def grads() -> list[torch.Tensor]:
+        loss = lm(inputs_embeds=x, use_cache=False).last_hidden_state.square().mean()
+        out = torch.autograd.grad(loss, params)
+        return [loss.detach(), *out]
+
+    eager = grads()
+    # inductor's caches would hand back graphs compiled by an earlier run without writing their wrappers again
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        CompiledBlocks(tiny_model, "cpp").active(),
+    ):
+        compiled = grads()
+    assert made and set(made) == {"CppWrapperCpu"}, made
+    assert len(params) > 0
+    for e, c in zip(eager, compiled):
+        assert (c - e).abs().max() <= GRAD_RTOL * e.abs().max().clamp(min=1e-3)
