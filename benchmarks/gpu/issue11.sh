@@ -89,7 +89,7 @@ PY
       --profile-learner --compare-wrapper --out "$OUT/${algo}_cpp_wrapper.json"
     ;;
   tiny_wrapper)  # pretrain_tiny's learner step at batch 64: eager, compiled with each wrapper, same process
-    run tiny_wrapper 400 python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 --compare-compile \
+    run tiny_wrapper "${LIMIT:-400}" python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 --compare-compile \
       --wrappers python cpp --out "$OUT/tiny_wrapper.json"
     ;;
   checks)
