@@ -75,9 +75,9 @@ def build_source(name: str, spec: SourceSpec, data: DataSpec, sam_size: int, spl
         "max_pixels": data.max_image_pixels,
         "cache_dir": data.cache_dir,
     }
-    if name == "shapes":
+    if name == "shapes":  # its train stream starts where data.seed says (its scenes need no shuffling)
         fraction = data.expression_fraction if split == "train" else 1.0
-        return source_class(name)(spec, split=split, expression_fraction=fraction, **kw)
+        return source_class(name)(spec, split=split, expression_fraction=fraction, order_seed=data.seed or 0, **kw)
     return source_class(name)(spec, split=split, **kw)
 
 

@@ -153,8 +153,9 @@ class DataSpec(Section):
     seed: int | None = Field(
         None,
         ge=0,
-        description="Seed of the mixture's draws and of every source's sample order. null: the same as train.seed. "
-        "Not data.shapes.seed, which fixes the scenes themselves.",
+        description="Seed of the mixture's draws and of every source's sample order (shapes, whose scenes are "
+        "independent draws already, starts its train stream at a seed-given scene instead; seed 0 at scene 0). null: "
+        "the same as train.seed. Not data.shapes.seed, which fixes the scenes themselves.",
     )
     image_size: int | None = Field(
         None,
