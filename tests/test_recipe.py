@@ -309,3 +309,11 @@ def test_launch_help_without_recipe_and_with_a_bad_one(capsys):
     assert capsys.readouterr().out.startswith("usage: python -m dualrl.launch [-h] recipe [overrides ...]")
     assert main(["recipes/sft_dual.yaml", "--help", "optim.lr=-1"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid recipe: optim.lr")
+
+
+def test_cpp_wrapper_without_compiled_blocks_is_refused():
+    """model.train_compile_wrapper=cpp alone would change nothing; the recipe says what is missing."""
+    with pytest.raises(RecipeError, match=r"train_compile_wrapper=cpp.*set train_compile=true"):
+        load_recipe("recipes/sft_dual.yaml", ["model.train_compile_wrapper=cpp"])
+    spec = load_recipe("recipes/sft_dual.yaml", ["model.train_compile_wrapper=cpp", "model.train_compile=true"]).model
+    assert spec.train_compile_wrapper == "cpp"

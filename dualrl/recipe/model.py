@@ -304,3 +304,12 @@ class ModelSpec(Section):
         description="generation=generate only: its KV cache; static preallocates it and compiles per prompt shape "
         "(same captions).",
     )
+
+    @model_validator(mode="after")
+    def _wrapper_with_compile(self) -> ModelSpec:
+        if self.train_compile_wrapper != "python" and not self.train_compile:
+            raise ValueError(
+                f"train_compile_wrapper={self.train_compile_wrapper} chooses how compiled blocks are called, and "
+                "nothing is compiled: set train_compile=true too, or leave train_compile_wrapper at python"
+            )
+        return self
