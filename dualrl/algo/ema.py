@@ -29,12 +29,13 @@ class EMA:
     Args:
         named_params: name -> tensor, usually the model's trainable parameters
             (``{n: p for n, p in model.named_parameters() if p.requires_grad}``).
-        decay: in [0, 1); 0 copies the parameters at every update.
+        decay: in [0, 1]; 0 copies the parameters at every update, 1 keeps the starting tensors (a frozen
+            teacher, as a fixed reward model is in RLHF).
     """
 
     def __init__(self, named_params: Mapping[str, Tensor], decay: float) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
         self._shadow: dict[str, Tensor] = {
             name: p.detach().to(torch.float32, copy=True) for name, p in named_params.items()
@@ -44,7 +45,7 @@ class EMA:
     def update(self, named_params: Mapping[str, Tensor]) -> None:
         """``ema <- lerp(ema, param, 1 - decay)`` for every name, in place, as one foreach call."""
         _check_names(self._shadow, named_params, "EMA.update")
-        if not self._shadow:
+        if not self._shadow or self.decay == 1.0:  # frozen: nothing moves
             return
         names = list(self._shadow)
         shadow = [self._shadow[n] for n in names]

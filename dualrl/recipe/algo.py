@@ -152,7 +152,8 @@ class AlgoSpec(Section):
     ema_decay: float = Field(
         0.999,
         ge=0,
-        lt=1,
+        le=1,
         description="Decay of the EMA teacher per step: ema = decay * ema + (1 - decay) * weights (Sa2VA's "
-        "self-play teacher: 0.999). The teacher captions (sft_dual) and segments for the rewards.",
+        "self-play teacher: 0.999); 1 freezes the teacher at the starting weights. The teacher captions "
+        "(sft_dual) and segments for the rewards.",
     )

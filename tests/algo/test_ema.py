@@ -50,9 +50,19 @@ def test_params_keep_their_grads_and_values() -> None:
     assert p.tolist() == [1.0, 2.0] and p.grad is None
 
 
+def test_decay_one_freezes_the_teacher() -> None:
+    """decay = 1 keeps the starting tensors however far the parameters move."""
+    params = _params()
+    ema = EMA(params, decay=1.0)
+    start = {n: t.clone() for n, t in ema.tensors().items()}
+    for _ in range(3):
+        ema.update({n: p + 5.0 for n, p in params.items()})
+    assert all(torch.equal(ema.tensors()[n], start[n]) for n in start)
+
+
 def test_decay_outside_unit_interval_is_rejected() -> None:
-    """decay must be in [0, 1): 1.0 (frozen) and negative values raise ValueError."""
-    for bad in (1.0, -0.1, 1.5):
+    """decay must be in [0, 1]: negative values and values over 1 raise ValueError."""
+    for bad in (-0.1, 1.5, 1.0001):
         with pytest.raises(ValueError, match="decay"):
             EMA(_params(), decay=bad)
 
