@@ -18,6 +18,7 @@ Not sharded: GRPO's frozen reference model (beta > 0), which every rank holds wh
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dualrl.model.train_compile import block_stacks
 
@@ -82,16 +83,24 @@ class Shards:
 
     def whole(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Whole tensors from DTensors or from this rank's shards of the sharded parameters (a collective: every
-        rank calls it with the same names in the same order)."""
-        out = {}
+        rank calls it with the same names in the same order). Shards of dim 0 (FSDP2's) travel together, one
+        all-gather per dtype; other placements one tensor at a time."""
+        out, rows = {}, {}
         for name, t in tensors.items():
             if not isinstance(t, DTensor) and name in self.params:
                 p = self.params[name]
                 t = DTensor.from_local(
                     t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
                 )
-            out[name] = t.full_tensor() if isinstance(t, DTensor) else t
-        return out
+            if isinstance(t, DTensor) and _dim0_sharded(t):
+                rows[name] = t
+            out[name] = t.full_tensor() if isinstance(t, DTensor) and name not in rows else t
+        together: dict[tuple, list[str]] = {}  # one buffer per dtype and mesh
+        for name, t in rows.items():
+            together.setdefault((t.dtype, t.device_mesh), []).append(name)
+        for names in together.values():
+            out.update(zip(names, _gather_dim0([rows[n] for n in names])))
+        return {name: out[name] for name in tensors}
 
     def part(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """This rank's shards of whole tensors, as plain tensors (each rank cuts its own, no communication: every
@@ -119,7 +128,9 @@ class Shards:
     # ----------------------------------------------------------------------------------- optimizer
     def whole_optimizer(self, state: dict) -> dict:
         """An optimizer state_dict with its per-parameter tensors whole: what one learner's optimizer saves."""
-        per_param = {i: {k: whole_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}
+        sharded = {(i, k): v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, DTensor)}
+        whole = dict(zip(sharded, self.whole(dict(zip(map(str, sharded), sharded.values()))).values()))
+        per_param = {i: {k: whole.get((i, k), v) for k, v in s.items()} for i, s in state["state"].items()}
         return {**state, "state": per_param}
 
     def optimizer_part(self, state: dict, params: list[Tensor]) -> dict:
@@ -139,6 +150,42 @@ class Shards:
         flags = torch.tensor([n in bad for n in names], dtype=torch.float32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [n for n, b in zip(names, flags.tolist()) if b]
+
+
+def _dim0_sharded(t: DTensor) -> bool:
+    return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0) and t.dim() > 0
+
+
+def _rows_of(n: int, world: int) -> list[int]:
+    """Rows of dim 0 that each rank holds when n rows are cut as torch.chunk cuts them (DTensor's Shard(0))."""
+    step = -(-n // world)
+    return [max(0, min(step, n - r * step)) for r in range(world)]
+
+
+def _gather_dim0(tensors: list[DTensor]) -> list[Tensor]:
+    """The whole values of DTensors sharded on dim 0 over one 1-D mesh, in one all-gather: each rank packs its
+    shards into one flat buffer, every shard given the room of the largest (so all buffers are the same size)."""
+    mesh = tensors[0].device_mesh
+    world, group = mesh.size(), mesh.get_group()
+    slots = []  # (offset, room, row numel, rows per rank) of each tensor in a rank's buffer
+    offset = 0
+    for t in tensors:
+        row = math.prod(t.shape[1:])  # from the shape: indexing a DTensor would communicate
+        per_rank = _rows_of(t.shape[0], world)
+        slots.append((offset, max(per_rank) * row, row, per_rank))
+        offset += max(per_rank) * row
+    local = tensors[0].to_local()
+    buffer = torch.zeros(offset, dtype=local.dtype, device=local.device)
+    for t, (start, _, _, _) in zip(tensors, slots):
+        part = t.to_local().reshape(-1)
+        buffer[start : start + part.numel()] = part
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(gathered, buffer, group=group)
+    out = []
+    for t, (start, _, row, per_rank) in zip(tensors, slots):
+        pieces = [g[start : start + n * row] for g, n in zip(gathered, per_rank)]
+        out.append(torch.cat(pieces).view(t.shape))
+    return out
 
 
 def whole_tensor(t):

@@ -1,0 +1,110 @@
+"""`Shards.whole` under FSDP2 on 2 CPU ranks (gloo): the whole tensors equal each DTensor's own `full_tensor()`, for
+parameters, plain local shards, uneven and empty shards and the optimizer's states, in one all-gather per dtype."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.odd = nn.Linear(3, 5)  # 5 rows over 2 ranks: 3 and 2; the bias too
+        self.one = nn.Parameter(torch.randn(1, 4))  # 1 row: the second rank holds none
+        self.cube = nn.Parameter(torch.randn(3, 2, 2))
+        self.wide = nn.Module()  # a second dtype (sharded as its own group, as FSDP2 wants): a second gather
+        self.wide.weight = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.randn(2, 2), requires_grad=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, failures) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from dualrl.workers.sharding import Shards
+
+        torch.manual_seed(0)  # the same whole weights on both ranks
+        mesh = init_device_mesh("cpu", (WORLD,))
+        net = _Net()
+        fully_shard(net.wide, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        shards = Shards(net)
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        expected = {n: p.full_tensor() for n, p in params.items()}
+        locals_ = shards.local(params)
+
+        calls = []
+        real = dist.all_gather
+        dist.all_gather = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            got_dtensors = shards.whole(params)
+            gathers = len(calls)
+            got_locals = shards.whole(locals_)
+            opt = torch.optim.AdamW(list(net.parameters()), lr=0.1)
+            for p in params.values():
+                p.grad = p.detach() * 0.5  # sharded like its parameter, as FSDP2's gradients are
+            opt.step()
+            state = shards.whole_optimizer(opt.state_dict())
+        finally:
+            dist.all_gather = real
+        order = list(net.parameters())
+        for name in expected:
+            assert torch.equal(got_dtensors[name], expected[name]), name
+            assert torch.equal(got_locals[name], expected[name]), name
+            assert not isinstance(got_dtensors[name], type(params[name])), name
+        assert list(got_dtensors) == list(params)
+        assert gathers == 2, f"{gathers} all-gathers for 2 dtypes"
+        for i, s in opt.state_dict()["state"].items():
+            for k, v in s.items():
+                want = v.full_tensor() if hasattr(v, "full_tensor") else v
+                assert torch.equal(state["state"][i][k], want), (i, k)
+        assert len(state["state"]) == sum(p.requires_grad for p in order)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    except BaseException as err:  # the parent reports it: an assertion in a child would only end that child
+        failures.put(f"rank {rank}: {type(err).__name__}: {err}")
+        code = 1
+    else:
+        code = 0
+    dist.destroy_process_group()
+    failures.close()
+    failures.join_thread()  # the message is out before the process ends
+    # gloo's threads can abort the interpreter's own teardown ("terminate called without an active exception");
+    # the test has its answer by now, so the rank ends here
+    os._exit(code)
+
+
+def test_whole_gathers_every_shard_in_one_all_gather_per_dtype():
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, failures)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    stuck = [p for p in procs if p.is_alive()]
+    for p in stuck:
+        p.kill()
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, errors
+    assert not stuck, "a rank did not finish within 120 s"
+    assert [p.exitcode for p in procs] == [0] * WORLD
