@@ -4,6 +4,12 @@
 #   bash experiments/grpo_gpu.sh select   # settings on the select split: one sft_dual start (seed 0), then GRPO
 #                                          # arms (lr, seg_target, G, temperature)
 #   bash experiments/grpo_gpu.sh val      # the GRPO recipe against sft_dual continued, from 3 seeds' sft_dual EMA
+# The two stages below start from sft_dual runs made elsewhere (on the CPU: experiments/sft_dual_vs_supervised.sh),
+# carried as STARTS/seedN/step_300/ema.safetensors (checkpoints are too big to carry whole; an empty
+# trainable.safetensors beside it marks the step folder):
+#   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh teacher   # teacher and sampling arms on select, seed 0
+#   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh batch     # larger batches and learning rates, frozen teacher
+#   STARTS=.gpucarry/starts SEEDS="0 1" bash experiments/grpo_gpu.sh val_from   # grpo vs more sft_dual on val
 # The recipes are the wide model's unless S (sft_dual) and G (grpo) name others, as for the default size:
 #   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml MORE_STEPS=400 bash experiments/grpo_gpu.sh val
 # WAVE1 / WAVE2: the seconds of the sft_dual wave and of the continuation wave; EXTRA: overrides (commas) for every
@@ -35,5 +41,32 @@ case ${1:-} in
       more1="$S,model.init_from=@sft1,$c,$(seed 1),train.steps=${MORE_STEPS:-420}" \
       more2="$S,model.init_from=@sft2,$c,$(seed 2),train.steps=${MORE_STEPS:-420}"
     ;;
-  *) echo "usage: $0 select|val" >&2; exit 2 ;;
+  teacher)
+    g="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$g,train.steps=${STEPS:-300},eval.every=100"
+    f="$g,algo.ema_decay=1.0,algo.grpo.temperature=1.5"
+    bash experiments/gpu_runs.sh "$W2" base="$g" frozen="$g,algo.ema_decay=1.0" t15="$g,algo.grpo.temperature=1.5" \
+      frozen_t15="$f" frozen_t15_b8="$f,data.batch_size=8" frozen_t15_best="$f,algo.grpo.seg_target=best" \
+      frozen_t15_it2="$f,algo.grpo.num_iterations=2,algo.grpo.epsilon_high=0.28" \
+      frozen_t15_g16="$f,algo.grpo.num_generations=16"
+    ;;
+  batch)
+    h="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    h="$h,train.steps=${STEPS:-300},eval.every=100,algo.ema_decay=1.0"
+    b="$h,data.batch_size=16,algo.grpo.temperature=1.5"
+    bash experiments/gpu_runs.sh "$W2" b16_lr3e-4="$h,data.batch_size=16,optim.lr=3e-4" \
+      b16_lr3e-4_t15="$b,optim.lr=3e-4" b16_lr1e-4_t15="$b,optim.lr=1e-4" \
+      b16_lr3e-4_t15_soft="$b,optim.lr=3e-4,rewards.0.soft=true" b16_lr3e-4_t15_kl="$b,optim.lr=3e-4,algo.grpo.beta=0.04" \
+      b32_lr3e-4_t15="$b,optim.lr=3e-4,data.batch_size=32" ema999_b16_lr3e-4_t15="$b,optim.lr=3e-4,algo.ema_decay=0.999" \
+      b16_lr1e-3_t15_kl="$b,optim.lr=1e-3,algo.grpo.beta=0.04"
+    ;;
+  val_from)
+    runs=()
+    for s in ${SEEDS:-0 1 2}; do
+      c="model.init_from=$STARTS/seed$s/step_300,model.init_weights=ema,$(seed "$s")$X"
+      runs+=(grpo$s="$G,$c" more$s="$S,$c,train.steps=${MORE_STEPS:-420}")
+    done
+    bash experiments/gpu_runs.sh "$W2" "${runs[@]}"
+    ;;
+  *) echo "usage: $0 select|val|teacher|batch|val_from" >&2; exit 2 ;;
 esac
