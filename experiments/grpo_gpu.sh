@@ -9,6 +9,7 @@
 # trainable.safetensors beside it marks the step folder):
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh teacher   # teacher and sampling arms on select, seed 0
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh batch     # larger batches and learning rates, frozen teacher
+#   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh long      # three arms for as many steps as the wave allows
 #   STARTS=.gpucarry/starts SEEDS="0 1" bash experiments/grpo_gpu.sh val_from   # grpo vs more sft_dual on val
 # The recipes are the wide model's unless S (sft_dual) and G (grpo) name others, as for the default size:
 #   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml MORE_STEPS=400 bash experiments/grpo_gpu.sh val
@@ -60,6 +61,12 @@ case ${1:-} in
       b32_lr3e-4_t15="$b,optim.lr=3e-4,data.batch_size=32" ema999_b16_lr3e-4_t15="$b,optim.lr=3e-4,algo.ema_decay=0.999" \
       b16_lr1e-3_t15_kl="$b,optim.lr=1e-3,algo.grpo.beta=0.04"
     ;;
+  long)
+    h="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    h="$h,train.steps=${STEPS:-1000},eval.every=${EVERY:-200}"
+    bash experiments/gpu_runs.sh "$W2" recipe="$h" frozen_t15="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5" \
+      frozen_t15_b16_lr3e-4="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5,data.batch_size=16,optim.lr=3e-4"
+    ;;
   val_from)
     runs=()
     for s in ${SEEDS:-0 1 2}; do
@@ -68,5 +75,5 @@ case ${1:-} in
     done
     bash experiments/gpu_runs.sh "$W2" "${runs[@]}"
     ;;
-  *) echo "usage: $0 select|val|teacher|batch|val_from" >&2; exit 2 ;;
+  *) echo "usage: $0 select|val|teacher|batch|long|val_from" >&2; exit 2 ;;
 esac
