@@ -4,13 +4,14 @@
 #   bash experiments/grpo_gpu.sh select   # settings on the select split: one sft_dual start (seed 0), then GRPO
 #                                          # arms (lr, seg_target, G, temperature)
 #   bash experiments/grpo_gpu.sh val      # the GRPO recipe against sft_dual continued, from 3 seeds' sft_dual EMA
-# The two stages below start from sft_dual runs made elsewhere (on the CPU: experiments/sft_dual_vs_supervised.sh),
-# carried as STARTS/seedN/step_300/ema.safetensors (checkpoints are too big to carry whole; an empty
-# trainable.safetensors beside it marks the step folder):
+# The three stages below start from sft_dual seed 0's EMA made elsewhere (on the CPU: experiments/
+# sft_dual_vs_supervised.sh), as STARTS/seed0/step_300/ema.safetensors (17 MB; an empty trainable.safetensors beside
+# it marks the step folder). With the tree it does not fit one call's carry beside .whl and WordNet: a first call
+# carries it and .gpucarry/wordnet.tar.xz and copies both to /tmp/keep, a second one right after (the machine
+# still warm) carries .whl and runs with STARTS=/tmp/keep/starts, having copied the WordNet back into .gpucarry/.
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh teacher   # teacher and sampling arms on select, seed 0
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh batch     # larger batches and learning rates, frozen teacher
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh long      # three arms for as many steps as the wave allows
-#   STARTS=.gpucarry/starts SEEDS="0 1" bash experiments/grpo_gpu.sh val_from   # grpo vs more sft_dual on val
 # The recipes are the wide model's unless S (sft_dual) and G (grpo) name others, as for the default size:
 #   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml MORE_STEPS=400 bash experiments/grpo_gpu.sh val
 # WAVE1 / WAVE2: the seconds of the sft_dual wave and of the continuation wave; EXTRA: overrides (commas) for every
@@ -67,13 +68,5 @@ case ${1:-} in
     bash experiments/gpu_runs.sh "$W2" recipe="$h" frozen_t15="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5" \
       frozen_t15_b16_lr3e-4="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5,data.batch_size=16,optim.lr=3e-4"
     ;;
-  val_from)
-    runs=()
-    for s in ${SEEDS:-0 1 2}; do
-      c="model.init_from=$STARTS/seed$s/step_300,model.init_weights=ema,$(seed "$s")$X"
-      runs+=(grpo$s="$G,$c" more$s="$S,$c,train.steps=${MORE_STEPS:-420}")
-    done
-    bash experiments/gpu_runs.sh "$W2" "${runs[@]}"
-    ;;
-  *) echo "usage: $0 select|val|teacher|batch|long|val_from" >&2; exit 2 ;;
+  *) echo "usage: $0 select|val|teacher|batch|long" >&2; exit 2 ;;
 esac
