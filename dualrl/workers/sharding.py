@@ -167,22 +167,22 @@ def _gather_dim0(tensors: list[DTensor]) -> list[Tensor]:
     shards into one flat buffer, every shard given the room of the largest (so all buffers are the same size)."""
     mesh = tensors[0].device_mesh
     world, group = mesh.size(), mesh.get_group()
-    slots = []  # (offset, room, row numel, rows per rank) of each tensor in a rank's buffer
+    slots = []  # (offset, row numel, rows per rank) of each tensor in a rank's buffer
     offset = 0
     for t in tensors:
         row = math.prod(t.shape[1:])  # from the shape: indexing a DTensor would communicate
         per_rank = _rows_of(t.shape[0], world)
-        slots.append((offset, max(per_rank) * row, row, per_rank))
+        slots.append((offset, row, per_rank))
         offset += max(per_rank) * row
     local = tensors[0].to_local()
     buffer = torch.zeros(offset, dtype=local.dtype, device=local.device)
-    for t, (start, _, _, _) in zip(tensors, slots):
+    for t, (start, _, _) in zip(tensors, slots):
         part = t.to_local().reshape(-1)
         buffer[start : start + part.numel()] = part
     gathered = [torch.empty_like(buffer) for _ in range(world)]
     dist.all_gather(gathered, buffer, group=group)
     out = []
-    for t, (start, _, row, per_rank) in zip(tensors, slots):
+    for t, (start, row, per_rank) in zip(tensors, slots):
         pieces = [g[start : start + n * row] for g, n in zip(gathered, per_rank)]
         out.append(torch.cat(pieces).view(t.shape))
     return out
