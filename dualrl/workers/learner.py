@@ -45,6 +45,10 @@ def _schedule(optim_spec: OptimSpec, total_steps: int):
     return factor
 
 
+# What a follower runs for rank 0's call, where that is less than the call itself.
+_FOLLOWER_PART = {"sync_state": "sync_tensors"}
+
+
 class Learner:
     def __init__(self, model: ModelSpec, algo: AlgoSpec, optim: OptimSpec, train: TrainSpec, device: str):
         self.optim_spec = optim
@@ -98,8 +102,9 @@ class Learner:
 
     def follow(self, name: str, *args) -> None:
         """Take part in a call that rank 0 answers for the group when the learners shard the weights (gathering
-        them is a collective): run method `name` here and keep its result."""
-        getattr(self, name)(*args)
+        them is a collective): run the part of method `name` that the collective needs; only rank 0's answer
+        travels, so a follower returns nothing (a weight sync's whole tensors, for one, are not copied to the host)."""
+        getattr(self, _FOLLOWER_PART.get(name, name))(*args)
 
     def rng(self) -> dict:
         """This process's random state (dropout), saved per rank with a checkpoint."""
