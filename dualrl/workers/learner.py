@@ -45,10 +45,6 @@ def _schedule(optim_spec: OptimSpec, total_steps: int):
     return factor
 
 
-# What a follower runs for rank 0's call, where that is less than the call itself.
-_FOLLOWER_PART = {"sync_state": "sync_tensors"}
-
-
 class Learner:
     def __init__(self, model: ModelSpec, algo: AlgoSpec, optim: OptimSpec, train: TrainSpec, device: str):
         self.optim_spec = optim
@@ -102,9 +98,10 @@ class Learner:
 
     def follow(self, name: str, *args) -> None:
         """Take part in a call that rank 0 answers for the group when the learners shard the weights (gathering
-        them is a collective): run the part of method `name` that the collective needs; only rank 0's answer
-        travels, so a follower returns nothing (a weight sync's whole tensors, for one, are not copied to the host)."""
-        getattr(self, _FOLLOWER_PART.get(name, name))(*args)
+        them is a collective): run method `name` here. Only rank 0's answer travels: a follower returns nothing,
+        and the gathers send the whole tensors to rank 0 alone (a follower's `sync_state` and `state_dict` hold
+        no whole copies)."""
+        getattr(self, name)(*args)
 
     def rng(self) -> dict:
         """This process's random state (dropout), saved per rank with a checkpoint."""
@@ -255,9 +252,10 @@ class Learner:
 
     def sync_tensors(self, which: str) -> dict[str, torch.Tensor]:
         """The student's ("policy") or the EMA's ("ema") trainable tensors where they live (no copy); whole ones
-        gathered from every rank's shards when the learners shard them (every rank calls this)."""
+        gathered from every rank's shards to rank 0 when the learners shard them (every rank calls this; the
+        others get {})."""
         tensors = self.ema.tensors() if which == "ema" else self.model.trainable_state()
-        return tensors if self.shards is None else self.shards.whole(tensors)
+        return tensors if self.shards is None else self.shards.whole(tensors, first_only=True)
 
     def sync_bytes(self) -> int:
         ema = self.ema.tensors()
@@ -283,11 +281,12 @@ class Learner:
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        """Weights, EMA and optimizer state as one learner has them: whole, gathered from every rank's shards when
-        the learners shard them (every rank calls this then)."""
+        """Weights, EMA and optimizer state as one learner has them: whole, gathered from every rank's shards to
+        rank 0 when the learners shard them (every rank calls this then; only rank 0's answer is whole)."""
         if self.shards is not None:
-            model, ema = self.shards.whole(self.model.trainable_state()), self.shards.whole(self.ema.state_dict())
-            optimizer = self.shards.whole_optimizer(self.optimizer.state_dict())
+            model = self.shards.whole(self.model.trainable_state(), first_only=True)
+            ema = self.shards.whole(self.ema.state_dict(), first_only=True)
+            optimizer = self.shards.whole_optimizer(self.optimizer.state_dict(), first_only=True)
         else:
             model, ema, optimizer = self.model.trainable_state(), self.ema.state_dict(), self.optimizer.state_dict()
         return {

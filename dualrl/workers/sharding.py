@@ -76,15 +76,17 @@ class Shards:
         self.params: dict[str, DTensor] = {
             n: p for n, p in model.named_parameters() if p.requires_grad and isinstance(p, DTensor)
         }
+        self.rank = next(iter(self.params.values())).device_mesh.get_local_rank() if self.params else 0
 
     def local(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """This rank's shard of each tensor (DTensors to their local part; plain tensors as they are)."""
         return {n: t.to_local() if isinstance(t, DTensor) else t for n, t in tensors.items()}
 
-    def whole(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def whole(self, tensors: Mapping[str, Tensor], first_only: bool = False) -> dict[str, Tensor]:
         """Whole tensors from DTensors or from this rank's shards of the sharded parameters (a collective: every
         rank calls it with the same names in the same order). Shards of dim 0 (FSDP2's) travel together, one
-        all-gather per dtype; other placements one tensor at a time."""
+        collective per dtype; other placements one tensor at a time. `first_only`: only the group's first rank
+        needs them (a weight sync, a checkpoint): they are gathered to it alone, and the others get {}."""
         out, rows = {}, {}
         for name, t in tensors.items():
             if not isinstance(t, DTensor) and name in self.params:
@@ -99,7 +101,9 @@ class Shards:
         for name, t in rows.items():
             together.setdefault((t.dtype, t.device_mesh), []).append(name)
         for names in together.values():
-            out.update(zip(names, _gather_dim0([rows[n] for n in names])))
+            out.update(zip(names, _gather_dim0([rows[n] for n in names], first_only)))
+        if first_only and self.rank != 0:
+            return {}
         return {name: out[name] for name in tensors}
 
     def part(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -126,10 +130,11 @@ class Shards:
         return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
 
     # ----------------------------------------------------------------------------------- optimizer
-    def whole_optimizer(self, state: dict) -> dict:
-        """An optimizer state_dict with its per-parameter tensors whole: what one learner's optimizer saves."""
+    def whole_optimizer(self, state: dict, first_only: bool = False) -> dict:
+        """An optimizer state_dict with its per-parameter tensors whole: what one learner's optimizer saves
+        (`first_only`: as in `whole`; the other ranks get their state as it was)."""
         sharded = {(i, k): v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, DTensor)}
-        whole = dict(zip(sharded, self.whole(dict(zip(map(str, sharded), sharded.values()))).values()))
+        whole = dict(zip(sharded, self.whole(dict(zip(map(str, sharded), sharded.values())), first_only).values()))
         per_param = {i: {k: whole.get((i, k), v) for k, v in s.items()} for i, s in state["state"].items()}
         return {**state, "state": per_param}
 
@@ -162,9 +167,10 @@ def _rows_of(n: int, world: int) -> list[int]:
     return [max(0, min(step, n - r * step)) for r in range(world)]
 
 
-def _gather_dim0(tensors: list[DTensor]) -> list[Tensor]:
-    """The whole values of DTensors sharded on dim 0 over one 1-D mesh, in one all-gather: each rank packs its
-    shards into one flat buffer, every shard given the room of the largest (so all buffers are the same size)."""
+def _gather_dim0(tensors: list[DTensor], first_only: bool = False) -> list[Tensor]:
+    """The whole values of DTensors sharded on dim 0 over one 1-D mesh, in one collective: each rank packs its
+    shards into one flat buffer, every shard given the room of the largest (so all buffers are the same size).
+    `first_only`: gathered to the mesh's first rank alone; the others get []."""
     mesh = tensors[0].device_mesh
     world, group = mesh.size(), mesh.get_group()
     slots = []  # (offset, row numel, rows per rank) of each tensor in a rank's buffer
@@ -179,8 +185,14 @@ def _gather_dim0(tensors: list[DTensor]) -> list[Tensor]:
     for t, (start, _, _) in zip(tensors, slots):
         part = t.to_local().reshape(-1)
         buffer[start : start + part.numel()] = part
-    gathered = [torch.empty_like(buffer) for _ in range(world)]
-    dist.all_gather(gathered, buffer, group=group)
+    receives = not first_only or mesh.get_local_rank() == 0
+    gathered = [torch.empty_like(buffer) for _ in range(world)] if receives else None
+    if first_only:
+        dist.gather(buffer, gathered, dst=dist.get_global_rank(group, 0), group=group)
+    else:
+        dist.all_gather(gathered, buffer, group=group)
+    if not receives:
+        return []
     out = []
     for t, (start, row, per_rank) in zip(tensors, slots):
         pieces = [g[start : start + n * row] for g, n in zip(gathered, per_rank)]

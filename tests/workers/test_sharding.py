@@ -1,5 +1,6 @@
 """`Shards.whole` under FSDP2 on 2 CPU ranks (gloo): the whole tensors equal each DTensor's own `full_tensor()`, for
-parameters, plain local shards, uneven and empty shards and the optimizer's states, in one all-gather per dtype."""
+parameters, plain local shards, uneven and empty shards and the optimizer's states, in one all-gather per dtype, or
+one gather to rank 0 alone."""
 
 from __future__ import annotations
 
@@ -51,30 +52,42 @@ def _rank(rank: int, port: int, failures) -> None:
         locals_ = shards.local(params)
 
         calls = []
-        real = dist.all_gather
-        dist.all_gather = lambda *a, **k: calls.append(1) or real(*a, **k)
+        real, real_gather = dist.all_gather, dist.gather
+        dist.all_gather = lambda *a, **k: calls.append("all_gather") or real(*a, **k)
+        dist.gather = lambda *a, **k: calls.append("gather") or real_gather(*a, **k)
         try:
             got_dtensors = shards.whole(params)
-            gathers = len(calls)
+            gathers = list(calls)
             got_locals = shards.whole(locals_)
+            calls.clear()
+            first = shards.whole(locals_, first_only=True)
+            to_first = list(calls)
             opt = torch.optim.AdamW(list(net.parameters()), lr=0.1)
             for p in params.values():
                 p.grad = p.detach() * 0.5  # sharded like its parameter, as FSDP2's gradients are
             opt.step()
             state = shards.whole_optimizer(opt.state_dict())
         finally:
-            dist.all_gather = real
+            dist.all_gather, dist.gather = real, real_gather
         order = list(net.parameters())
         for name in expected:
             assert torch.equal(got_dtensors[name], expected[name]), name
             assert torch.equal(got_locals[name], expected[name]), name
             assert not isinstance(got_dtensors[name], type(params[name])), name
         assert list(got_dtensors) == list(params)
-        assert gathers == 2, f"{gathers} all-gathers for 2 dtypes"
+        assert gathers == ["all_gather"] * 2, f"{gathers} for 2 dtypes"
+        assert to_first == ["gather"] * 2, f"{to_first} for 2 dtypes, to rank 0 alone"
+        if rank == 0:
+            assert list(first) == list(params) and all(torch.equal(first[n], expected[n]) for n in expected)
+        else:
+            assert first == {}, "only rank 0 gets the whole tensors"
+        first_state = shards.whole_optimizer(opt.state_dict(), first_only=True)
         for i, s in opt.state_dict()["state"].items():
             for k, v in s.items():
                 want = v.full_tensor() if hasattr(v, "full_tensor") else v
                 assert torch.equal(state["state"][i][k], want), (i, k)
+                if rank == 0:
+                    assert torch.equal(first_state["state"][i][k], want), (i, k)
         assert len(state["state"]) == sum(p.requires_grad for p in order)
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     except BaseException as err:  # the parent reports it: an assertion in a child would only end that child
