@@ -24,6 +24,8 @@ W1=${WAVE1:-120}
 W2=${WAVE2:-420}
 X=${EXTRA:+,$EXTRA}
 seed() { echo "train.seed=$1,data.seed=$1,model.seed=$1"; }
+# GRPO from the carried start of seed 0, evaluated on select (the teacher, batch and long stages)
+from_seed0() { echo "$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"; }
 case ${1:-} in
   select)
     # the recipe's GRPO block as it was before this sweep (temperature 1, seg_target reference), then one change each
@@ -44,7 +46,7 @@ case ${1:-} in
       more2="$S,model.init_from=@sft2,$c,$(seed 2),train.steps=${MORE_STEPS:-420}"
     ;;
   teacher)
-    g="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$(from_seed0)"
     g="$g,train.steps=${STEPS:-300},eval.every=100"
     f="$g,algo.ema_decay=1.0,algo.grpo.temperature=1.5"
     bash experiments/gpu_runs.sh "$W2" base="$g" frozen="$g,algo.ema_decay=1.0" t15="$g,algo.grpo.temperature=1.5" \
@@ -53,7 +55,7 @@ case ${1:-} in
       frozen_t15_g16="$f,algo.grpo.num_generations=16"
     ;;
   batch)
-    h="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    h="$(from_seed0)"
     h="$h,train.steps=${STEPS:-300},eval.every=100,algo.ema_decay=1.0"
     b="$h,data.batch_size=16,algo.grpo.temperature=1.5"
     bash experiments/gpu_runs.sh "$W2" b16_lr3e-4="$h,data.batch_size=16,optim.lr=3e-4" \
@@ -63,7 +65,7 @@ case ${1:-} in
       b16_lr1e-3_t15_kl="$b,optim.lr=1e-3,algo.grpo.beta=0.04"
     ;;
   long)
-    h="$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"
+    h="$(from_seed0)"
     h="$h,train.steps=${STEPS:-1000},eval.every=${EVERY:-200}"
     bash experiments/gpu_runs.sh "$W2" recipe="$h" frozen_t15="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5" \
       frozen_t15_b16_lr3e-4="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5,data.batch_size=16,optim.lr=3e-4"
