@@ -285,3 +285,36 @@ def grpo_loss(
     if "kl" in stats:
         metrics["kl"] = _masked_mean(stats["kl"], mask)
     return loss, metrics
+
+
+def group_winners(rewards: Tensor, group_size: int, tol: float = 1e-6) -> Tensor:
+    """Row index of each group's best-rewarded completion, for the groups whose rewards are not all equal
+    (spread ``> tol``: a flat group has no winner); ties go to the group's first row. On ``rewards``' device
+    (the host's copy of the rewards keeps the host from waiting for the device)."""
+    grouped = _grouped(rewards.detach(), group_size)
+    spread = grouped.amax(dim=1) - grouped.amin(dim=1) > tol
+    best = grouped.argmax(dim=1) + torch.arange(grouped.shape[0], device=grouped.device) * group_size
+    return best[spread]
+
+
+def best_sample_nll(logp: Tensor, mask: Tensor, winners: Tensor) -> Tensor:
+    """Mean negative log-prob per token of the rows ``winners`` (each group's best-rewarded completion, from
+    ``group_winners``): rejection-sampling fine-tuning (RAFT / ReST style) as a term beside the GRPO loss.
+
+    GRPO's advantages move the *sampled* distribution; the greedy caption follows only as far as that
+    distribution's mode moves. Likelihood on the winners pulls the mode itself towards them.
+
+    Args:
+        logp: ``[N, T]`` per-token log-probs of the completions (carries the gradient).
+        mask: ``[N, T]`` completion mask.
+        winners: ``[K]`` row indices into ``logp`` (on its device).
+
+    Returns:
+        Scalar ``-sum(logp * mask)`` over the winners' tokens divided by their token count, in at least
+        float32; 0 (still connected to ``logp``) when there are none.
+    """
+    if logp.shape != mask.shape or logp.dim() != 2:
+        raise ValueError(f"logp {tuple(logp.shape)} and mask {tuple(mask.shape)} must be the same [N, T]")
+    keep = mask.bool()[winners]
+    total = _masked_sum(logp[winners].to(torch.promote_types(logp.dtype, torch.float32)), keep)
+    return -total / keep.sum().clamp(min=1).to(total.dtype)

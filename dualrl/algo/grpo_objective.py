@@ -7,7 +7,8 @@ The rollout worker sampled G captions per region with the current policy; the re
    teacher-forced in one batch that shares each image's encoding (`selective_log_softmax` from TRL, at the
    sampling temperature);
 2. group advantages and the clipped GRPO loss (`dualrl.algo.grpo`), with k3 KL to a frozen copy of the
-   starting captioner when `beta > 0`;
+   starting captioner when `beta > 0`, and, with `best_weight > 0`, a likelihood term on each group's
+   best-rewarded caption;
 3. the segmenter's BCE + dice (+ LM loss on "Sure, [SEG].") on each region's reference expression where it
    has one, else on its best-rewarded caption (`algo.grpo.seg_target`).
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
-from dualrl.algo.grpo import group_advantages, grpo_loss, zero_spread_fraction
+from dualrl.algo.grpo import best_sample_nll, group_advantages, group_winners, grpo_loss, zero_spread_fraction
 from dualrl.algo.registry import register
 from dualrl.algo.rollout_data import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
@@ -129,6 +130,11 @@ class Grpo:
         )
 
         loss = s.policy_weight * pg_loss + s.seg_weight * (loss_mask + loss_dice) + self.llm_weight * llm_loss
+        best_nll = None
+        if s.best_weight > 0:  # likelihood on each group's winner, found from the host's rewards
+            winners = upload(group_winners(rollout.rewards, rollout.group_size), device)
+            best_nll = best_sample_nll(logp, mask, winners)
+            loss = loss + s.best_weight * best_nll
         with torch.no_grad():
             from trl.trainer.utils import entropy_from_logits
 
@@ -148,6 +154,8 @@ class Grpo:
             "grpo/rollout_logp_gap": _logp_gap(logp.detach(), rollout.captions.logprobs),
             **{f"grpo/{k}": v for k, v in pg.items()},
         }
+        if best_nll is not None:
+            metrics["grpo/best_nll"] = best_nll.detach()
         return StepOutput(loss, metrics)
 
     def _segmenter_terms(

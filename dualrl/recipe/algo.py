@@ -129,6 +129,13 @@ class GrpoSpec(Section):
         "for the ratios).",
     )
     policy_weight: float = Field(1.0, ge=0, description="Weight of the GRPO term in the learner's loss.")
+    best_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a likelihood term on each group's best-rewarded caption (mean NLL per token, at the "
+        "sampling temperature; rejection-sampling fine-tuning beside GRPO): it pulls the greedy caption towards "
+        "the winners, where GRPO moves the sampled distribution. 0: none.",
+    )
     seg_target: Literal["reference_or_best", "reference", "best"] = Field(
         "reference_or_best",
         description="What the segmenter's SFT mask loss segments from: a region's reference expression, its "

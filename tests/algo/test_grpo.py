@@ -11,7 +11,9 @@ from dualrl.algo.grpo import (
     LOSS_TYPES,
     SCALE_REWARDS,
     aggregate,
+    best_sample_nll,
     group_advantages,
+    group_winners,
     grpo_loss,
     k3_kl,
     token_loss,
@@ -298,3 +300,26 @@ def test_loss_argument_errors() -> None:
         grpo_loss(logp, logp, adv, torch.ones(2, 4))
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(logp, logp, adv, torch.ones(2, 3), loss_type="token_mean")
+
+
+# --- the winners' likelihood term ---------------------------------------------------------------------------------
+
+
+def test_group_winners_skip_flat_groups_and_break_ties_on_the_first_row() -> None:
+    # groups of 4: a winner at row 1; a tie between rows 4 and 6 (row 4 wins); a flat group (no winner)
+    rewards = _t([0.1, 0.7, 0.2, 0.0, 0.9, 0.3, 0.9, 0.5, 0.4, 0.4, 0.4, 0.4])
+    assert group_winners(rewards, 4).tolist() == [1, 4]
+    assert group_winners(_t([1.0, 1.0 + 1e-8]), 2).tolist() == []  # within the tolerance: flat
+
+
+def test_best_sample_nll_is_the_winners_token_mean_and_its_gradient() -> None:
+    logp = _t([[-1.0, -2.0, -3.0], [-0.5, -9.0, float("nan")], [-4.0, -4.0, -4.0]]).requires_grad_(True)
+    mask = torch.tensor([*RAGGED, [True, True, False]])
+    loss = best_sample_nll(logp, mask, torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx((1.0 + 2.0 + 3.0 + 0.5) / 4)  # row 2 is no winner; padding never leaks
+    loss.backward()
+    _assert_close(logp.grad, [[-0.25, -0.25, -0.25], [-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    empty = best_sample_nll(logp, mask, torch.tensor([], dtype=torch.long))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="must be the same"):
+        best_sample_nll(logp, mask[:, :2], torch.tensor([0]))

@@ -182,3 +182,37 @@ def test_learner_step_reuses_the_rollouts_encoding(policy, region_batch):
         for n, p in policy.named_parameters()
         if "multi_modal_projector" in n
     )
+
+
+def test_best_weight_raises_the_winners_likelihood(policy, region_batch):
+    """With only the winners' likelihood term (GRPO and segmenter terms off), one step raises the log-prob of
+    each group's best-rewarded caption; a group of equal rewards contributes nothing."""
+    caps = _sample(policy, region_batch)
+    rewards = torch.tensor([0.2, 0.9, 0.5, 0.5, 0.7, 0.1, 0.3, 0.8])  # winners: rows 1, 4, 7; group 1 is flat
+    objective = Grpo(_algo(policy_weight=0.0, seg_weight=0.0, llm_weight=0.0, best_weight=1.0), policy)
+    rollout = Rollout(caps, G, rewards)
+    out = objective(policy, region_batch, rollout, torch.Generator().manual_seed(0))
+    lengths = [len(c) for c in caps.completions()]
+    old = rollout.old_logprobs
+    winners = [1, 4, 7]
+    expected = -sum(old[r, : lengths[r]].sum() for r in winners) / sum(lengths[r] for r in winners)
+    assert float(out.metrics["grpo/best_nll"]) == pytest.approx(float(expected), rel=1e-4)
+    policy.zero_grad(set_to_none=True)
+    out.loss.backward()
+    params = [p for p in policy.parameters() if p.requires_grad and p.grad is not None]
+    with torch.no_grad():
+        for p in params:
+            p -= 1e-3 * p.grad
+    policy.eval()
+    with torch.no_grad():
+        after, _, _ = completion_logprobs(
+            policy,
+            policy.encode_images(region_batch["images"]),
+            region_batch["masks"],
+            rollout.region,
+            caps.completions(),
+            1.0,
+        )
+    gain = (after - old).sum(dim=1)
+    assert all(gain[r] > 0 for r in winners), gain
+    assert "grpo/best_nll" not in Grpo(_algo(), policy)(policy, region_batch, rollout, torch.Generator()).metrics
