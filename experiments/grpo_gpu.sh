@@ -12,6 +12,7 @@
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh teacher   # teacher and sampling arms on select, seed 0
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh batch     # larger batches and learning rates, frozen teacher
 #   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh long      # three arms for as many steps as the wave allows
+#   STARTS=.gpucarry/starts bash experiments/grpo_gpu.sh winners   # the winners' likelihood term (best_weight), RAFT
 # The recipes are the wide model's unless S (sft_dual) and G (grpo) name others, as for the default size:
 #   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml MORE_STEPS=400 bash experiments/grpo_gpu.sh val
 # WAVE1 / WAVE2: the seconds of the sft_dual wave and of the continuation wave; EXTRA: overrides (commas) for every
@@ -70,5 +71,18 @@ case ${1:-} in
     bash experiments/gpu_runs.sh "$W2" recipe="$h" frozen_t15="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5" \
       frozen_t15_b16_lr3e-4="$h,algo.ema_decay=1.0,algo.grpo.temperature=1.5,data.batch_size=16,optim.lr=3e-4"
     ;;
-  *) echo "usage: $0 select|val|teacher|batch|long" >&2; exit 2 ;;
+  winners)
+    # the likelihood term on each group's best caption (algo.grpo.best_weight), beside GRPO and alone (RAFT)
+    h="$(from_seed0)"
+    h="$h,train.steps=${STEPS:-1000},eval.every=${EVERY:-100}"
+    f="$h,algo.ema_decay=1.0"
+    w="$f,data.batch_size=16,optim.lr=3e-4"
+    bash experiments/gpu_runs.sh "$W2" lead="$w,algo.grpo.temperature=1.5" \
+      lead_best1="$w,algo.grpo.temperature=1.5,algo.grpo.best_weight=1.0" b16_best1="$w,algo.grpo.best_weight=1.0" \
+      b16_raft="$w,algo.grpo.policy_weight=0.0,algo.grpo.best_weight=1.0" \
+      b16_raft_lr1e-4="$f,data.batch_size=16,optim.lr=1e-4,algo.grpo.policy_weight=0.0,algo.grpo.best_weight=1.0" \
+      recipe_best1="$h,algo.grpo.best_weight=1.0" frozen_best1="$f,algo.grpo.best_weight=1.0" \
+      frozen_raft="$f,algo.grpo.policy_weight=0.0,algo.grpo.best_weight=1.0"
+    ;;
+  *) echo "usage: $0 select|val|teacher|batch|long|winners" >&2; exit 2 ;;
 esac
