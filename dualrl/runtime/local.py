@@ -21,6 +21,7 @@ class LocalRuntime:
     def __init__(self, recipe: Recipe):
         self.step: int | None = None  # the driver's step (read by the Ray runtime's timeouts; kept alike here)
         self._closed = False
+        self._ema_sent = False  # a frozen teacher needs one copy
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, device)
         teacher = build_model(recipe.model, device)
@@ -30,9 +31,13 @@ class LocalRuntime:
 
     def sync(self) -> dict[str, float]:
         """EMA weights -> the teacher model (trainable tensors only), copied on the device: no host round trip
-        in one process (at Sa2VA-8B's 391 M trainable weights that is 1.6 GB each way per sync)."""
+        in one process (at Sa2VA-8B's 391 M trainable weights that is 1.6 GB each way per sync). A frozen teacher
+        (`algo.ema_decay: 1`) is copied once."""
         t0 = time.perf_counter()
+        if self.learner.ema.decay == 1.0 and self._ema_sent:
+            return {"sync/bytes": 0.0, "sync/ms": 1000 * (time.perf_counter() - t0)}
         self.reward.load_weights(self.learner.ema.tensors())
+        self._ema_sent = True
         return {"sync/bytes": float(self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
 
     def __enter__(self) -> LocalRuntime:

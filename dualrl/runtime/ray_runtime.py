@@ -132,6 +132,7 @@ class RayRuntime:
                 raise SystemExit(128 + self._signal) from None
             raise
         self.rollout_weights = objective_class(recipe.algo).rollout_weights
+        self.ema_frozen, self._ema_sent = recipe.algo.ema_decay == 1.0, False
 
     @property
     def step(self) -> int | None:
@@ -153,11 +154,18 @@ class RayRuntime:
     def sync(self) -> dict[str, float]:
         """Weights straight from learner rank 0 to the workers: the EMA to the reward workers, and to the rollout
         workers the EMA (`sft_dual`) or the policy (`grpo`); broadcast over the weight channels, or through the
-        object store (the driver only passes refs)."""
+        object store (the driver only passes refs). A frozen teacher (`algo.ema_decay: 1`) is sent once: later
+        syncs send only what changes (`grpo`'s policy), or nothing."""
         t0 = time.perf_counter()
+        targets = [(name, which) for name, which in (("rollout", self.rollout_weights), ("reward", "ema"))]
+        if self.ema_frozen and self._ema_sent:
+            targets = [(name, which) for name, which in targets if which != "ema"]
+        self._ema_sent = True
+        if not targets:
+            return {"sync/bytes": 0.0, "sync/ms": 1000 * (time.perf_counter() - t0)}
         if self.channels:
             sent = []
-            for name, which in (("rollout", self.rollout_weights), ("reward", "ema")):
+            for name, which in targets:
                 members = self.channels[name]
                 calls = [
                     *self.learner.submit_all("send_weights", name, which),
@@ -165,12 +173,17 @@ class RayRuntime:
                 ]
                 sent.append(self.deadlines.results(calls)[0])
             return {"sync/bytes": float(sum(sent)), "sync/ms": 1000 * (time.perf_counter() - t0)}
-        ema = self.learner.submit_all("sync_state", "ema")  # rank 0's call first: the others only help gather
-        policy = ema if self.rollout_weights == "ema" else self.learner.submit_all("sync_state", "policy")
-        self.deadlines.wait([*ema, *policy])  # a stuck learner is named as such, not as a worker waiting for it
-        self.deadlines.results([*self.rollout.load_weights(policy[0].ref), *self.reward.load_weights(ema[0].ref)])
-        copies = 1 if policy is ema else 2  # in the object store; each worker reads its copy from there
-        return {"sync/bytes": float(copies * self.learner.sync_bytes()), "sync/ms": 1000 * (time.perf_counter() - t0)}
+        # rank 0's call first in each: the others only help gather
+        kinds = [kind for kind in ("ema", "policy") if kind in dict(targets).values()]
+        refs = {kind: self.learner.submit_all("sync_state", kind) for kind in kinds}
+        self.deadlines.wait([c for calls in refs.values() for c in calls])  # a stuck learner is named as such
+        workers = {"rollout": self.rollout, "reward": self.reward}
+        self.deadlines.results([c for name, which in targets for c in workers[name].load_weights(refs[which][0].ref)])
+        # one copy per kind of weights in the object store; each worker reads its copy from there
+        return {
+            "sync/bytes": float(len(refs) * self.learner.sync_bytes()),
+            "sync/ms": 1000 * (time.perf_counter() - t0),
+        }
 
     def __enter__(self) -> RayRuntime:
         return self
