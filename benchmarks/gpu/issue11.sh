@@ -8,6 +8,7 @@
 #   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh wrapper  # learner_compiled with inductor's C++ wrapper, then
 #                                            # the Python wrapper against the C++ one on one batch, alternating
 #   bash benchmarks/gpu/issue11.sh probe     # inductor's C++ wrapper builds and trains on this machine (seconds)
+#   bash benchmarks/gpu/issue11.sh tiny_graphs  # the CUDA-graph test; the tiny step eager, with model.train_graphs, eager
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -92,6 +93,11 @@ PY
     run tiny_wrapper "${LIMIT:-400}" python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 --compare-compile \
       --wrappers python cpp --out "$OUT/tiny_wrapper.json"
     ;;
+  tiny_graphs)  # pretrain_tiny's learner step at batch 64: eager, with CUDA graphs (model.train_graphs), eager again
+    run graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py
+    run tiny_graphs "${LIMIT:-300}" python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 \
+      --compare-graphs --out "$OUT/tiny_graphs.json"
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -116,5 +122,5 @@ PY
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

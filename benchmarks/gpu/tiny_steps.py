@@ -3,7 +3,8 @@
     python benchmarks/gpu/tiny_steps.py [--recipe recipes/pretrain_tiny.yaml] [--device auto|cuda|cpu]
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
-        [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--out results.json]
+        [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--compare-graphs]
+        [--out results.json]
         [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
@@ -23,7 +24,10 @@ applied after the script's own. The target is 20 steps/s at batch 64 (1280 sampl
    `process CPU` is this process's CPU time over the wall time (all its threads: near 100 % with a GPU, the
    step is bound by the host). With `--compare-compile`, the device batch again with the learner's repeated blocks
    compiled (`model.train_compile`, same model, same process; the first compiled step, which compiles, timed apart),
-   once per inductor wrapper in `--wrappers` (`model.train_compile_wrapper`).
+   once per inductor wrapper in `--wrappers` (`model.train_compile_wrapper`). With `--compare-graphs`, the device
+   batch with the encoders and SAM2's decoding replayed as CUDA graphs (`model.train_graphs`, same model, same
+   process; the first step, which captures, timed apart), then eager once more (`device, again`), so that a drift
+   of the machine shows; each labelled row is its own measurement.
 3. loop: the driver's loop (`dualrl/train.py`: next batch, learner step, EMA sync to the teacher every
    `train.sync_every` steps) for `--loop-steps` steps with `--loop-workers` loader workers (default: the
    recipe's); `data wait` is the share of the wall time spent in `next(batches)`; GPU utilisation is sampled
@@ -235,6 +239,26 @@ def measure_compiled_step(args, runtime, recipe, batch, rollout, wrapper: str) -
         f"compiled ({wrapper} wrapper): first step {first_s:.1f} s, {out['compiled_graphs']} graphs compiled",
         flush=True,
     )
+    return out
+
+
+def measure_graphed_step(args, runtime, recipe, batch, rollout) -> dict:
+    """The device-batch step with the learner's fixed-shape parts as CUDA graphs (label `graphs`)."""
+    from dualrl.model.train_graphs import TrainGraphs
+
+    learner = runtime.learner
+    learner.graphs = TrainGraphs(learner.model)
+    try:
+        sync()
+        t = time.perf_counter()
+        learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
+        sync()
+        first_s = time.perf_counter() - t
+        out = measure_step(args, runtime, recipe, batch, rollout, "graphs")
+        out.update(first_step_s=first_s, captures=learner.graphs.captures, eager_calls=learner.graphs.eager_calls)
+    finally:
+        learner.graphs = None
+    print(f"graphs: first step {first_s:.2f} s, {out['captures']} parts captured", flush=True)
     return out
 
 
@@ -667,6 +691,12 @@ def parse_args():
         help="step phase: time the device batch again with the learner's blocks compiled (model.train_compile)",
     )
     parser.add_argument(
+        "--compare-graphs",
+        action="store_true",
+        help="step phase: time the device batch again with the encoders and SAM2 decoding as CUDA graphs "
+        "(model.train_graphs; CUDA only), then eager again",
+    )
+    parser.add_argument(
         "--wrappers",
         nargs="+",
         choices=("python", "cpp"),
@@ -756,6 +786,14 @@ def main() -> int:
                             for wrapper in args.wrappers
                         ]
                         if args.compare_compile
+                        else []
+                    ),
+                    *(
+                        [
+                            measure_graphed_step(args, runtime, recipe, device_batch, rollout),
+                            measure_step(args, runtime, recipe, device_batch, rollout, "device, again"),
+                        ]
+                        if args.compare_graphs
                         else []
                     ),
                 ],

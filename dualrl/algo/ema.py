@@ -49,8 +49,10 @@ class EMA:
             return
         names = list(self._shadow)
         shadow = [self._shadow[n] for n in names]
-        # lerp_ needs matching dtype/device; bf16 params are upcast to the float32 copy.
-        params = [named_params[n].detach().to(device=s.device, dtype=s.dtype) for n, s in zip(names, shadow)]
+        # lerp_ needs matching dtype/device; bf16 params are upcast to the float32 copy (no call where they match:
+        # hundreds of tensors a step, each call a trip through the dispatcher)
+        params = [named_params[n] for n in names]
+        params = [p if (p.dtype, p.device) == (s.dtype, s.device) else p.to(s) for p, s in zip(params, shadow)]
         # torch.lerp uses end - (end - start) * (1 - w) for w >= 0.5, so decay = 0 copies exactly.
         torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
 

@@ -85,7 +85,7 @@ class Pretrain:
         }
         if self.spec.point_weight > 0:
             clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
-            point_logits, _ = samlib.decode(model.sam, feats.sam, None, model.spec.multimask, points=clicks)
+            point_logits, _ = model.decode_prompts(feats.sam, None, points=clicks)
             p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
             loss = loss + self.spec.point_weight * (p_mask + p_dice)
             metrics["train/point_iou"] = p_iou

@@ -30,6 +30,7 @@ from dualrl.model.sequence import Assembler, Ids, Piece, Sequences
 from dualrl.model.transfer import upload
 
 if TYPE_CHECKING:
+    from dualrl.model.train_graphs import TrainGraphs
     from dualrl.recipe import ModelSpec
 
 
@@ -129,6 +130,7 @@ class GroundedVLM(nn.Module):
         self._assembler: Assembler | None = None
         self._features: tuple[tuple, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
         self._decoder: CaptionDecoder | None = None
+        self.train_graphs: TrainGraphs | None = None  # the learner's CUDA graphs, installed during its updates
 
     # ------------------------------------------------------------------------------------ plumbing
     @property
@@ -169,7 +171,11 @@ class GroundedVLM(nn.Module):
         """The context every forward pass runs in: bf16 autocast when `model.precision` is bf16."""
         if self.spec.precision != "bf16":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        # CUDA graphs of the update (`model.train_graphs`) need autocast's cast cache off: a cached cast made
+        # outside a capture would be read inside it
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=self.train_graphs is None
+        )
 
     # -------------------------------------------------------------------------------------- images
     def encode_images(self, images: Tensor, sam: bool = True) -> ImageFeatures:
@@ -190,19 +196,26 @@ class GroundedVLM(nn.Module):
                 feats.sam = self._encode_sam(upload(images, self.device))
             return feats
         images = upload(images, self.device)
+        if sam and self.train_graphs is not None and self.train_graphs.applies(images):
+            feats = ImageFeatures(*self.train_graphs.encode(images))  # the learner's update: a graph replay
+        else:
+            feats = ImageFeatures(*self.encode_pixels(images, sam))
+        if reusable:
+            self._features = (key, feats)
+        return feats
+
+    def encode_pixels(self, images: Tensor, sam: bool = True) -> tuple[Tensor, samlib.SamFeatures | None]:
+        """uint8 images on the model's device -> (vision tokens [B, T, C] before the projector, SAM2 features or
+        None without `sam`); `encode_images` with no reuse."""
         inner = self.vlm.model
-        vspec = self.spec.vision
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.vision):
-            px = samlib.imagenet_pixels(images, vspec.image_size).to(self.text_hidden_fcs[0].weight.dtype)
+            px = samlib.imagenet_pixels(images, self.spec.vision.image_size).to(self.text_hidden_fcs[0].weight.dtype)
             tokens = inner.vision_tower(pixel_values=px).last_hidden_state[:, 1:]  # drop CLS
             b, n, c = tokens.shape
             side = int(n**0.5)
             grid = inner.pixel_shuffle(tokens.reshape(b, side, side, c), scale_factor=inner.config.downsample_ratio)
             vision = grid.reshape(b, -1, grid.shape[-1])
-        feats = ImageFeatures(vision=vision, sam=self._encode_sam(images) if sam else None)
-        if reusable:
-            self._features = (key, feats)
-        return feats
+        return vision, self._encode_sam(images) if sam else None
 
     def _encode_sam(self, images: Tensor) -> samlib.SamFeatures:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.spec.trainable.sam_encoder):
@@ -295,8 +308,20 @@ class GroundedVLM(nn.Module):
                 "these image features hold no SAM2 encoding (encoded with sam=False, for captioning): "
                 "encode with encode_images(images) to segment"
             )
-        logits, _ = samlib.decode(self.sam, sam_feats.select(image_index), queries, self.spec.multimask)
+        logits, _ = self.decode_prompts(sam_feats.select(image_index), queries)
         return logits
+
+    def decode_prompts(
+        self,
+        feats: samlib.SamFeatures,
+        queries: Tensor | None,
+        points: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """SAM2 decoding of one prompt per row of `feats` (`samlib.decode`): a graph replay in the learner's
+        update when `model.train_graphs` is on."""
+        if self.train_graphs is not None and self.train_graphs.applies(feats.image_embed):
+            return self.train_graphs.decode(feats, queries, points)
+        return samlib.decode(self.sam, feats, queries, self.spec.multimask, points=points)
 
     def segment_prompts(self, image_tokens: Tensor, image_index: Tensor, texts: list[str | Ids]) -> list[list[Piece]]:
         return [self.prompts.segment(image_tokens[i], t) for i, t in zip(image_index.tolist(), texts)]

@@ -264,6 +264,15 @@ class ModelSpec(Section):
         "steps, less host time per block call: for learners whose GPU waits on the host; benchmarks/gpu/"
         "sa2va_steps.py --compare-wrapper times both on a GPU). Same kernels, same gradients.",
     )
+    train_graphs: bool = Field(
+        False,
+        description="On CUDA, capture the fixed-shape parts of the learner's update as CUDA graphs, forward and "
+        "backward (torch.cuda.make_graphed_callables): the two image encoders and SAM2's prompt-to-mask decoding, once "
+        "per input signature (batch size; up to 8 kept, then new shapes run eagerly). For small models whose step is "
+        "bound by the host's operator dispatch (the tiny pretraining: benchmarks/gpu/tiny_steps.py --compare-graphs); "
+        "the LLM on sequences of new lengths, prompt assembly and the losses stay eager. Ignored on CPUs; not with "
+        "train_compile or runtime.learner_sharding=fsdp. Same gradients up to float rounding.",
+    )
     generation: Literal["engine", "generate"] = Field(
         "engine",
         description="How captions are decoded. engine: dualrl's decoder (model/decode.py: one prefill per region "
@@ -311,5 +320,11 @@ class ModelSpec(Section):
             raise ValueError(
                 f"train_compile_wrapper={self.train_compile_wrapper} chooses how compiled blocks are called, and "
                 "nothing is compiled: set train_compile=true too, or leave train_compile_wrapper at python"
+            )
+        if self.train_graphs and self.train_compile:
+            raise ValueError(
+                "model.train_graphs with model.train_compile: the graphs would capture the compiled SAM2 decoder "
+                "blocks, which dualrl does not do; choose one (train_graphs for small host-bound models, train_compile "
+                "for large ones)"
             )
         return self

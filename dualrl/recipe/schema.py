@@ -115,6 +115,11 @@ class Recipe(Section):
                 "FSDP's gathers, which dualrl does not do;"
                 " set model.train_compile=false or runtime.learner_sharding=ddp"
             )
+        if r.learner_sharding == "fsdp" and self.model.train_graphs:
+            raise ValueError(
+                "runtime.learner_sharding=fsdp with model.train_graphs: the graphs would capture FSDP's gathers, which "
+                "dualrl does not do; set model.train_graphs=false or runtime.learner_sharding=ddp"
+            )
         if r.learner_sharding == "fsdp" and 0 < r.worker_gpus < 1:
             raise ValueError(
                 f"runtime.learner_sharding=fsdp with runtime.worker_gpus={r.worker_gpus}: learners sharing a card talk "

@@ -24,6 +24,7 @@ from dualrl.algo.rollout_data import micro_batches
 from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
 from dualrl.model.train_compile import CompiledBlocks
+from dualrl.model.train_graphs import TrainGraphs
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 from dualrl.workers import data_parallel as dp
 from dualrl.workers import sharding
@@ -59,6 +60,8 @@ class Learner:
         self.model.train()
         # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
         self.compiled = CompiledBlocks(self.model, model.train_compile_wrapper) if model.train_compile else None
+        # model.train_graphs: the encoders and SAM2's decoding replay CUDA graphs in updates (CUDA only)
+        self.graphs = TrainGraphs(self.model) if model.train_graphs and device.startswith("cuda") else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
         self.step_module: torch.nn.Module = dp.ModelCall(self.model)
         self.shards: sharding.Shards | None = None  # runtime.learner_sharding=fsdp: this rank's part of the weights
@@ -159,7 +162,7 @@ class Learner:
         mine = dp.rank_parts(parts, self.rank)
         for k in mine:
             batch, rollout = parts[k]
-            with self._no_sync(k == mine[-1]), self._compiled_blocks():
+            with self._no_sync(k == mine[-1]), self._compiled_blocks(), self._graphs():
                 with self.model.autocast(), _attention_without_plans():
                     out = self.step_module(self.objective, batch, rollout, dp.part_generator(generator, k))
                 (out.loss / len(mine)).backward()
@@ -185,7 +188,8 @@ class Learner:
             return {**metrics, "train/loss": loss, "train/grad_norm": grad}
         self.optimizer.step()
         # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
-        state = self.model.trainable_state()
+        # the parameters themselves, not detached views: read without autograd below, and each detach is a dispatch
+        state = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if self.shards is not None:
             state = self.shards.local(state)
         broken = self._nonfinite(state)
@@ -200,6 +204,9 @@ class Learner:
 
     def _compiled_blocks(self):
         return self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
+
+    def _graphs(self):
+        return self.graphs.active() if self.graphs is not None else contextlib.nullcontext()
 
     def _no_sync(self, last: bool):
         """DDP averages gradients once, in the backward of a rank's last micro-batch; FSDP reduces them then too."""
@@ -319,9 +326,12 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     to the host when all are finite."""
     if not tensors:
         return []
-    norms = torch._foreach_norm(list(tensors.values()))
-    device = norms[0].device
-    finite = torch.isfinite(torch.stack([n.to(device) for n in norms]))
+    with torch.no_grad():
+        norms = torch._foreach_norm(list(tensors.values()))
+        device = norms[0].device
+        if any(n.device != device for n in norms):
+            norms = [n.to(device) for n in norms]
+        finite = torch.isfinite(torch.stack(norms))
     if finite.all().item():
         return []
     return [name for name, ok in zip(tensors, finite.tolist()) if not ok]

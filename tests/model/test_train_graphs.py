@@ -1,0 +1,138 @@
+"""model.train_graphs: the encoders and SAM2's decoding captured as CUDA graphs in the learner's update.
+
+On a CPU: the graphs' bodies compute what the plain code computes, from the parameters they should own; one capture
+per input signature, eager past `max_graphs`; the recipe refuses the settings it cannot serve. On CUDA (the GPU
+machine runs this file): a `pretrain` update with the graphs gives the eager update's loss and gradients, captures
+each part once, and a second update captures nothing more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualrl.data.scenes import ShapesDataset, collate_regions
+from dualrl.model import sam as samlib
+from dualrl.model.build import build_model
+from dualrl.model.train_graphs import TrainGraphs, _Decoder, _Encoders
+from dualrl.recipe import load_recipe
+from dualrl.train import step_generator
+from dualrl.workers.learner import Learner
+from tests.conftest import TINY
+
+# every part trainable (as pretraining has it), no dropout: the two updates must see the same numbers
+PRETRAIN = [
+    *TINY,
+    "output_dir=unused",
+    "algo.name=pretrain",
+    "model.trainable.vision=true",
+    "model.trainable.sam_encoder=true",
+    "model.trainable.lora_dropout=0.0",
+    "algo.pretrain.point_weight=1.0",
+]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ds = ShapesDataset("val", 8)
+    return collate_regions([ds[i] for i in range(4)])
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_graph_bodies_compute_the_plain_parts(tiny_spec, batch):
+    model = build_model(tiny_spec).train()
+    images = batch["images"]
+    vision, sam = model.encode_pixels(images)
+    out = _Encoders(model)(images)
+    assert torch.equal(out[0], vision) and torch.equal(out[1], sam.image_embed)
+    assert all(torch.equal(a, b) for a, b in zip(out[2:], sam.high_res)) and len(out) == 4
+    encoders = _ids(model.vlm.model.vision_tower.parameters()) | _ids(model.sam.image_encoder.parameters())
+    assert _ids(_Encoders(model).parameters()) == encoders  # the LLM's weights stay out of the graph
+
+    query = torch.randn(4, 256)
+    clicks = samlib.click_inside(batch["masks"], model.spec.sam.image_size, torch.Generator().manual_seed(0))
+    for q, points in ((query, None), (None, clicks), (query, clicks)):
+        body = _Decoder(model.sam, model.spec.multimask, q is not None, points is not None)
+        args = (sam.image_embed, *sam.high_res, *(() if q is None else (q,)), *(points or ()))
+        got = body(*args)
+        want = samlib.decode(model.sam, sam, q, model.spec.multimask, points=points)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    owned = _ids(_Decoder(model.sam, False, True, False).parameters())
+    assert not owned & encoders and id(model.sam.no_mem_embed) in owned
+    assert _ids(model.sam.sam_mask_decoder.parameters()) <= owned
+
+
+def test_one_capture_per_signature_then_eager(tiny_spec, batch, monkeypatch):
+    """Same shapes replay the captured part; new shapes capture again, up to max_graphs; past that, eager."""
+    model = build_model(tiny_spec).train()
+    graphs = TrainGraphs(model, max_graphs=2)
+    monkeypatch.setattr(
+        TrainGraphs, "_capture", lambda self, module, args: (setattr(self, "captures", self.captures + 1), module)[1]
+    )
+    _, sam = model.encode_pixels(batch["images"])
+    query = torch.randn(4, 256)
+    plain = samlib.decode(model.sam, sam, query, model.spec.multimask)
+    for _ in range(2):
+        assert torch.equal(graphs.decode(sam, query, None)[0], plain[0])
+    assert (graphs.captures, graphs.eager_calls) == (1, 0)
+    graphs.decode(sam.select(torch.tensor([0, 1])), query[:2], None)  # two regions: a new signature
+    graphs.decode(sam, query.requires_grad_(True), None)  # a query that needs a gradient: another one
+    assert (graphs.captures, graphs.eager_calls, len(graphs.graphs)) == (2, 1, 2)
+    with graphs.active():
+        assert model.train_graphs is graphs
+    assert model.train_graphs is None
+
+
+def test_the_recipe_refuses_what_the_graphs_cannot_serve():
+    with pytest.raises(ValueError, match=r"train_graphs with model\.train_compile"):
+        load_recipe("recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true", "model.train_compile=true"])
+    with pytest.raises(ValueError, match=r"fsdp with model\.train_graphs"):
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [
+                *PRETRAIN,
+                "model.train_graphs=true",
+                "runtime.kind=ray",
+                "runtime.learners=2",
+                "runtime.learner_sharding=fsdp",
+            ],
+        )
+    recipe = load_recipe("recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true"])
+    assert Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu").graphs is None  # CPUs: plain code
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: needs CUDA")
+def test_a_graphed_update_gives_the_eager_gradients(batch, monkeypatch):
+    def learner(*overrides: str) -> Learner:
+        recipe = load_recipe("recipes/sft_dual.yaml", [*PRETRAIN, *overrides])
+        torch.manual_seed(0)
+        return Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cuda")
+
+    eager, graphed = learner(), learner("model.train_graphs=true")
+    graphed.model.load_state_dict(eager.model.state_dict())
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+
+    def capture(name: str, one: Learner):
+        step = one.optimizer.step
+
+        def record():
+            grads[name] = {n: p.grad.clone() for n, p in one.model.named_parameters() if p.grad is not None}
+            step()
+
+        monkeypatch.setattr(one.optimizer, "step", record)
+
+    for k in (1, 2):
+        figures = {}
+        for name, one in (("eager", eager), ("graphed", graphed)):
+            capture(name, one)
+            figures[name] = one.step(batch, None, step_generator(0, k))
+        assert figures["graphed"]["train/loss"] == pytest.approx(figures["eager"]["train/loss"], rel=1e-4)
+        assert grads["graphed"].keys() == grads["eager"].keys()
+        for n, g in grads["eager"].items():
+            scale = g.abs().max().clamp(min=1e-12)
+            assert (grads["graphed"][n] - g).abs().max() <= 1e-3 * scale, n
+        assert graphed.graphs.captures == 3  # the encoders, decoding from the query, decoding from the click
+        assert graphed.graphs.eager_calls == 0
+    assert any("vision_tower" in n for n in grads["graphed"]) and any("image_encoder" in n for n in grads["graphed"])
