@@ -8,7 +8,8 @@
 #   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh wrapper  # learner_compiled with inductor's C++ wrapper, then
 #                                            # the Python wrapper against the C++ one on one batch, alternating
 #   bash benchmarks/gpu/issue11.sh probe     # inductor's C++ wrapper builds and trains on this machine (seconds)
-#   bash benchmarks/gpu/issue11.sh tiny_graphs  # the CUDA-graph test; the tiny step eager, with model.train_graphs, eager
+#   bash benchmarks/gpu/issue11.sh tiny_graphs  # the CUDA-graph test; the tiny step eager, with model.train_graphs, eager;
+#                                            # the training loop with them
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -97,6 +98,8 @@ PY
     run graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py
     run tiny_graphs "${LIMIT:-300}" python3 benchmarks/gpu/tiny_steps.py --only step --steps 100 --warmup 10 \
       --compare-graphs --out "$OUT/tiny_graphs.json"
+    run tiny_graphs_loop "${LIMIT:-200}" python3 benchmarks/gpu/tiny_steps.py model.train_graphs=true --only loop \
+      --out "$OUT/tiny_graphs_loop.json"
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py

@@ -13,6 +13,11 @@ kernels).
   warm-up passes, then the capture) until `max_graphs` are held; past that the part runs eagerly.
 - Graphs serve only the learner's update (`active()`), on CUDA, with autograd on; evaluation, rollouts and CPU runs
   run the plain code.
+- A graph's backward runs for each of its outputs that needs a gradient, with zeros for those the step leaves
+  unused, and those zeros reach the parameters behind them as gradients (where eager leaves None, and AdamW would
+  then decay the weights). So the graphs' outputs carry a gradient only where a step can use one: SAM2's predicted
+  IoU comes back without one (dualrl's objectives pick masks by it, none trains it), and so do SAM2's
+  high-resolution features in a model that does not decode from them.
 - A graph reads its inputs from the buffers it was captured with and writes its outputs to its own: the graphed
   callable copies the inputs in, and each replay overwrites the outputs of the one before. Each part runs once per
   signature in a step, so nothing a step keeps is overwritten within it.
@@ -43,7 +48,10 @@ class _Encoders(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         vision, sam = self.owner.encode_pixels(images)
-        return (vision, sam.image_embed, *sam.high_res)
+        high_res = sam.high_res
+        if not self.owner.sam.use_high_res_features_in_sam:  # the decoder never reads them: no gradient either
+            high_res = [h.detach() for h in high_res]
+        return (vision, sam.image_embed, *high_res)
 
 
 class _Decoder(nn.Module):
@@ -60,7 +68,8 @@ class _Decoder(nn.Module):
         query = rest[0] if self.has_query else None
         points = tuple(rest[-2:]) if self.has_points else None
         feats = samlib.SamFeatures(image_embed, [high0, high1])
-        return samlib.decode(self.sam, feats, query, self.multimask, points=points)
+        masks, iou = samlib.decode(self.sam, feats, query, self.multimask, points=points)
+        return masks, iou.detach()  # no objective trains the IoU head: see the module's docstring
 
 
 def _signature(name: str, args: tuple[Tensor, ...]) -> tuple:

@@ -48,6 +48,7 @@ def test_graph_bodies_compute_the_plain_parts(tiny_spec, batch):
     out = _Encoders(model)(images)
     assert torch.equal(out[0], vision) and torch.equal(out[1], sam.image_embed)
     assert all(torch.equal(a, b) for a, b in zip(out[2:], sam.high_res)) and len(out) == 4
+    assert not model.sam.use_high_res_features_in_sam and not any(h.requires_grad for h in out[2:])
     encoders = _ids(model.vlm.model.vision_tower.parameters()) | _ids(model.sam.image_encoder.parameters())
     assert _ids(_Encoders(model).parameters()) == encoders  # the LLM's weights stay out of the graph
 
@@ -59,6 +60,7 @@ def test_graph_bodies_compute_the_plain_parts(tiny_spec, batch):
         got = body(*args)
         want = samlib.decode(model.sam, sam, q, model.spec.multimask, points=points)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert got[0].requires_grad and not got[1].requires_grad  # the IoU head gets no zero gradients from a graph
     owned = _ids(_Decoder(model.sam, False, True, False).parameters())
     assert not owned & encoders and id(model.sam.no_mem_embed) in owned
     assert _ids(model.sam.sam_mask_decoder.parameters()) <= owned
