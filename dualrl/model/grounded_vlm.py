@@ -197,9 +197,9 @@ class GroundedVLM(nn.Module):
             return feats
         images = upload(images, self.device)
         if sam and self.train_graphs is not None and self.train_graphs.applies(images):
-            feats = ImageFeatures(*self.train_graphs.encode(images))  # the learner's update: a graph replay
-        else:
-            feats = ImageFeatures(*self.encode_pixels(images, sam))
+            # the learner's update: a graph replay, its outputs overwritten by the next one, so not kept for reuse
+            return ImageFeatures(*self.train_graphs.encode(images))
+        feats = ImageFeatures(*self.encode_pixels(images, sam))
         if reusable:
             self._features = (key, feats)
         return feats
@@ -272,6 +272,8 @@ class GroundedVLM(nn.Module):
                 mask = causal_padding_mask(mask)
         # no KV cache: nothing reads it, and filling one copies every layer's keys and values (and, compiled, makes
         # the first layer's call differ from the others': `model.train_compile` would compile twice)
+        if self.train_graphs is not None and self.train_graphs.applies(seq.inputs_embeds):
+            return self.train_graphs.language(seq.inputs_embeds, mask)  # the learner's update: a graph replay
         out = self.lm(inputs_embeds=seq.inputs_embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 

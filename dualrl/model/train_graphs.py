@@ -1,5 +1,5 @@
-"""CUDA graphs of a training step's fixed-shape parts (`model.train_graphs`): the two image encoders, and SAM2's
-prompt-to-mask decoding.
+"""CUDA graphs of a training step's fixed-shape parts (`model.train_graphs`): the two image encoders, SAM2's
+prompt-to-mask decoding, and the LLM on each sequence width.
 
 A small model's step is bound by its host: thousands of operators forward and backward, each a trip through
 Python and torch's dispatcher for a kernel of a few microseconds. The encoders and SAM2's decoder see the same
@@ -18,15 +18,18 @@ kernels).
   then decay the weights). So the graphs' outputs carry a gradient only where a step can use one: SAM2's predicted
   IoU comes back without one (dualrl's objectives pick masks by it, none trains it), and so do SAM2's
   high-resolution features in a model that does not decode from them.
-- A graph reads its inputs from the buffers it was captured with and writes its outputs to its own: the graphed
-  callable copies the inputs in, and each replay overwrites the outputs of the one before. Each part runs once per
-  signature in a step, so nothing a step keeps is overwritten within it.
+- A graph reads its inputs from the buffers it was captured with and writes its outputs, and the activations its
+  backward reads, to its own: each replay overwrites those of the one before. So a graph serves one call per
+  update: a part called again with the same signature in one update (the LLM on two prompt batches of one width)
+  gets a graph of its own, its n-th call the n-th graph of that signature. An update's outputs are used within
+  it; none is kept (the encodings the model reuses across calls are the plain path's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
@@ -72,6 +75,19 @@ class _Decoder(nn.Module):
         return masks, iou.detach()  # no objective trains the IoU head: see the module's docstring
 
 
+class _Language(nn.Module):
+    """The LLM's last hidden states on assembled input embeddings: with a prepared 4-D mask as a second input, or
+    with the per-layer-type "none" masks of right-padded rows under causal attention (`GroundedVLM.lm_hidden`)."""
+
+    def __init__(self, lm: nn.Module, layer_types: list[str] | None):
+        super().__init__()
+        self.lm, self.layer_types = lm, layer_types
+
+    def forward(self, embeds: Tensor, *mask: Tensor) -> Tensor:
+        attention = mask[0] if mask else dict.fromkeys(self.layer_types)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+
+
 def _signature(name: str, args: tuple[Tensor, ...]) -> tuple:
     return (name, *((tuple(a.shape), a.dtype, a.requires_grad) for a in args))
 
@@ -79,19 +95,21 @@ def _signature(name: str, args: tuple[Tensor, ...]) -> tuple:
 class TrainGraphs:
     """The captured parts of one model's training step, by input signature; installed on the model by `active()`."""
 
-    def __init__(self, model: nn.Module, max_graphs: int = 8):
+    def __init__(self, model: nn.Module, max_graphs: int = 32):
         self.model = model
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, Callable] = {}
         self.captures = 0  # parts captured so far
         self.eager_calls = 0  # calls that ran eagerly because max_graphs were held
         self._warned = False
+        self._calls: Counter = Counter()  # calls of each signature in this update
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """The model's encoders and SAM2 decoding go through the graphs inside the block."""
         previous = self.model.train_graphs
         self.model.train_graphs = self
+        self._calls.clear()
         try:
             yield
         finally:
@@ -113,8 +131,17 @@ class TrainGraphs:
         sam, multimask = self.model.sam, self.model.spec.multimask
         return self._run(name, lambda: _Decoder(sam, multimask, query is not None, points is not None), args)
 
+    def language(self, embeds: Tensor, mask: Tensor | dict) -> Tensor:
+        """`GroundedVLM.lm_hidden`'s LLM call: one graph per sequence width (widths are multiples of 8)."""
+        lm = self.model.lm
+        if isinstance(mask, dict):
+            return self._run("language", lambda: _Language(lm, list(mask)), (embeds,))[0]
+        return self._run("language(mask)", lambda: _Language(lm, None), (embeds, mask))[0]
+
     def _run(self, name: str, build: Callable[[], nn.Module], args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         key = _signature(name, args)
+        key = (*key, self._calls[key])  # the n-th call of a signature in an update: the n-th graph
+        self._calls[key[:-1]] += 1
         graphed = self.graphs.get(key)
         if graphed is None:
             if len(self.graphs) >= self.max_graphs:

@@ -267,11 +267,12 @@ class ModelSpec(Section):
     train_graphs: bool = Field(
         False,
         description="On CUDA, capture the fixed-shape parts of the learner's update as CUDA graphs, forward and "
-        "backward (torch.cuda.make_graphed_callables): the two image encoders and SAM2's prompt-to-mask decoding, once "
-        "per input signature (batch size; up to 8 kept, then new shapes run eagerly). For small models whose step is "
-        "bound by the host's operator dispatch (the tiny pretraining: benchmarks/gpu/tiny_steps.py --compare-graphs); "
-        "the LLM on sequences of new lengths, prompt assembly and the losses stay eager. Ignored on CPUs; not with "
-        "train_compile or runtime.learner_sharding=fsdp. Same gradients up to float rounding.",
+        "backward (torch.cuda.make_graphed_callables): the two image encoders, SAM2's prompt-to-mask decoding and the "
+        "LLM, once per input signature (batch size, sequence width; up to 32 kept, then new shapes run eagerly). For "
+        "small models whose step is bound by the host's operator dispatch (the tiny pretraining: "
+        "benchmarks/gpu/tiny_steps.py --compare-graphs); prompt assembly, the output head and the losses stay eager. "
+        "Ignored on CPUs; not with train_compile or runtime.learner_sharding=fsdp. Same gradients up to float "
+        "rounding.",
     )
     generation: Literal["engine", "generate"] = Field(
         "engine",

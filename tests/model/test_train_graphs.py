@@ -13,7 +13,7 @@ import torch
 from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.model import sam as samlib
 from dualrl.model.build import build_model
-from dualrl.model.train_graphs import TrainGraphs, _Decoder, _Encoders
+from dualrl.model.train_graphs import TrainGraphs, _Decoder, _Encoders, _Language
 from dualrl.recipe import load_recipe
 from dualrl.train import step_generator
 from dualrl.workers.learner import Learner
@@ -66,6 +66,16 @@ def test_graph_bodies_compute_the_plain_parts(tiny_spec, batch):
     assert _ids(model.sam.sam_mask_decoder.parameters()) <= owned
 
 
+def test_the_language_body_computes_the_llms_hidden_states(tiny_spec, batch):
+    model = build_model(tiny_spec).train()
+    feats = model.encode_images(batch["images"])
+    seq = model.assemble(model.segment_prompts(model.project(feats), torch.arange(4), list(batch["expression"])))
+    types = model.lm.config.layer_types
+    want = model.lm_hidden(seq)
+    assert torch.equal(_Language(model.lm, list(dict.fromkeys(types)))(seq.inputs_embeds), want)
+    assert _ids(_Language(model.lm, None).parameters()) == _ids(model.lm.parameters())
+
+
 def test_one_capture_per_signature_then_eager(tiny_spec, batch, monkeypatch):
     """Same shapes replay the captured part; new shapes capture again, up to max_graphs; past that, eager."""
     model = build_model(tiny_spec).train()
@@ -76,15 +86,16 @@ def test_one_capture_per_signature_then_eager(tiny_spec, batch, monkeypatch):
     _, sam = model.encode_pixels(batch["images"])
     query = torch.randn(4, 256)
     plain = samlib.decode(model.sam, sam, query, model.spec.multimask)
-    for _ in range(2):
-        assert torch.equal(graphs.decode(sam, query, None)[0], plain[0])
-    assert (graphs.captures, graphs.eager_calls) == (1, 0)
-    graphs.decode(sam.select(torch.tensor([0, 1])), query[:2], None)  # two regions: a new signature
-    graphs.decode(sam, query.requires_grad_(True), None)  # a query that needs a gradient: another one
-    assert (graphs.captures, graphs.eager_calls, len(graphs.graphs)) == (2, 1, 2)
+    for _update in range(2):
+        with graphs.active():  # an update: the n-th call of a signature replays its n-th graph
+            assert model.train_graphs is graphs
+            for _ in range(2):  # a second call in one update gets a graph of its own
+                assert torch.equal(graphs.decode(sam, query, None)[0], plain[0])
+        assert (graphs.captures, graphs.eager_calls) == (2, 0)
     with graphs.active():
-        assert model.train_graphs is graphs
+        graphs.decode(sam.select(torch.tensor([0, 1])), query[:2], None)  # two regions: a new signature, past max
     assert model.train_graphs is None
+    assert (graphs.captures, graphs.eager_calls, len(graphs.graphs)) == (2, 1, 2)
 
 
 def test_the_recipe_refuses_what_the_graphs_cannot_serve():
@@ -135,6 +146,8 @@ def test_a_graphed_update_gives_the_eager_gradients(batch, monkeypatch):
         for n, g in grads["eager"].items():
             scale = g.abs().max().clamp(min=1e-12)
             assert (grads["graphed"][n] - g).abs().max() <= 1e-3 * scale, n
-        assert graphed.graphs.captures == 3  # the encoders, decoding from the query, decoding from the click
-        assert graphed.graphs.eager_calls == 0
+        if k == 1:  # the encoders, decoding from the query and from the click, the LLM on two prompt batches
+            captured = graphed.graphs.captures
+            assert captured == 5
+        assert graphed.graphs.captures == captured and graphed.graphs.eager_calls == 0  # the same shapes: replays
     assert any("vision_tower" in n for n in grads["graphed"]) and any("image_encoder" in n for n in grads["graphed"])
