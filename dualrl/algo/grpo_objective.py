@@ -74,6 +74,9 @@ class Grpo:
         if self.spec.beta > 0 and reference is None:
             raise ValueError("algo.grpo.beta > 0 needs a frozen reference model")
         self.reference = reference
+        # how the reference is called: `reference_call(fn, *args)` runs fn(reference, *args); a sharded learner group
+        # replaces it with a call that gathers the reference's shards (`sharding.sharded_call`)
+        self.reference_call = lambda fn, *args: fn(self.reference, *args)
 
     @classmethod
     def needs_reference(cls, algo_spec: AlgoSpec) -> bool:
@@ -109,7 +112,9 @@ class Grpo:
         ref_logp = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_logp, _, _ = completion_logprobs(self.reference, feats, masks, region, completions, s.temperature)
+                ref_logp, _, _ = self.reference_call(
+                    completion_logprobs, feats, masks, region, completions, s.temperature
+                )
         rewards = upload(rollout.rewards, device)
         adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
         pg_loss, pg = grpo_loss(

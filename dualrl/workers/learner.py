@@ -93,6 +93,9 @@ class Learner:
         if how == "fsdp":
             self.step_module = sharding.shard(self.step_module, self.model, self.model.device)
             self.shards = sharding.Shards(self.model)
+            reference = getattr(self.objective, "reference", None)
+            if reference is not None:  # GRPO's frozen reference: 1/N of it on each rank too
+                self.objective.reference_call = sharding.sharded_call(reference, reference.device)
             self._optimizer()
             self.ema = EMA(self.shards.local(self.model.trainable_state()), self.ema.decay)
             return self.shards.held() / self.shards.nbytes(self.ema.tensors())

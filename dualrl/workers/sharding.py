@@ -12,7 +12,8 @@ tensors, the EMA (kept as each rank's shard of the float32 copy) and the AdamW s
 into this rank's shard on load. Gathering is a collective: every rank must make the same call (`LearnerGroup`
 sends it to all of them).
 
-Not sharded: GRPO's frozen reference model (beta > 0), which every rank holds whole.
+GRPO's frozen reference model (beta > 0) is sharded the same way (`sharded_call`): each rank holds 1/N of it, and
+its one use in an update gathers it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,24 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
             fully_shard(block, mesh=mesh)
     fully_shard(root, mesh=mesh)
     return root
+
+
+def sharded_call(model: nn.Module, device: torch.device) -> Callable:
+    """`call(fn, *args)`, which runs `fn(model, *args)`, with `model` sharded over the default process group as
+    `shard` does (for a frozen model used inside an update: GRPO's reference): a rank keeps 1/N of the weights;
+    a call gathers the blocks at their forwards and the rest around the call, then frees them. Every rank must
+    make the same calls."""
+    from dualrl.workers.data_parallel import ModelCall  # data_parallel's DDP wrapping does not need this module
+
+    root = shard(ModelCall(model), model, device)
+
+    def call(fn: Callable, *args):
+        try:
+            return root(fn, *args)
+        finally:
+            root.reshard()
+
+    return call
 
 
 @contextlib.contextmanager

@@ -103,11 +103,100 @@ def _rank(rank: int, port: int, failures) -> None:
     os._exit(code)
 
 
-def test_whole_gathers_every_shard_in_one_all_gather_per_dtype():
+def _reference_rank(rank: int, port: int, failures) -> None:
+    """A frozen tiny model sharded by `sharded_call`: each rank holds part of each block, and the call gives the
+    log-probs the whole model gives."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.tensor import DTensor
+
+        from dualrl.algo.grpo_objective import completion_logprobs
+        from dualrl.data.scenes import ShapesDataset, collate_regions
+        from dualrl.model.build import build_model
+        from dualrl.recipe import load_recipe
+        from dualrl.workers.sharding import sharded_call
+        from tests.conftest import TINY
+
+        torch.manual_seed(0)  # the same whole weights on both ranks
+        reference = build_model(load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=unused"]).model).eval()
+        reference.requires_grad_(False)
+        ds = ShapesDataset("val", 8)
+        batch = collate_regions([ds[i] for i in range(2)])
+        completions = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+        with torch.no_grad():
+            feats = reference.encode_images(batch["images"])
+            args = (feats, batch["masks"], torch.arange(2), completions, 1.0)
+            whole, mask, _ = completion_logprobs(reference, *args)
+            layer = reference.lm.layers[0].self_attn.q_proj.base_layer.weight
+            rows = layer.shape[0]
+            call = sharded_call(reference, torch.device("cpu"))
+            layer = reference.lm.layers[0].self_attn.q_proj.base_layer.weight
+            assert isinstance(layer, DTensor) and layer.to_local().shape[0] == rows // WORLD
+            for _ in range(2):  # the shards are freed after a call and gathered again by the next
+                got, got_mask, _ = call(completion_logprobs, *args)
+                torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+                assert torch.equal(got_mask, mask)
+                assert isinstance(reference.lm.layers[0].self_attn.q_proj.base_layer.weight, DTensor)
+        dist.barrier()
+    except BaseException as err:  # reported to the test, which fails on it
+        failures.put(f"rank {rank}: {type(err).__name__}: {err}")
+        code = 1
+    else:
+        code = 0
+    dist.destroy_process_group()
+    failures.close()
+    failures.join_thread()
+    os._exit(code)  # as in _rank: gloo's threads can abort the interpreter's teardown
+
+
+def _grpo_rank(rank: int, port: int, failures) -> None:
+    """Two GRPO learners with a KL term, sharded (fsdp): the reference is sharded too, and an update runs with a KL
+    of 0 at the start (the reference is the starting policy)."""
+    try:
+        from torch.distributed.tensor import DTensor
+
+        from dualrl.algo.rollout_data import Rollout
+        from dualrl.data.scenes import ShapesDataset, collate_regions
+        from dualrl.recipe import load_recipe
+        from dualrl.workers.learner import Learner
+        from tests.conftest import TINY
+
+        overrides = [*TINY, "output_dir=unused", "algo.name=grpo", "algo.grpo.num_generations=2"]
+        overrides += ["algo.grpo.beta=0.04", "model.trainable.lora_dropout=0.0"]
+        recipe = load_recipe("recipes/sft_dual.yaml", overrides)
+        torch.manual_seed(0)
+        learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu")
+        ds = ShapesDataset("val", 8)
+        batch = collate_regions([ds[i] for i in range(4)])
+        with torch.no_grad():
+            captions = learner.model.eval().describe(
+                batch["images"], batch["masks"], sample=True, group_size=2, max_new_tokens=4
+            )
+        rollout = Rollout(captions, 2, torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.3, 0.8, 0.0]))
+        learner.join_group(f"127.0.0.1:{port}", rank, WORLD, "gloo", 60.0, how="fsdp")
+        reference = learner.objective.reference
+        assert isinstance(reference.lm.layers[0].self_attn.q_proj.base_layer.weight, DTensor)
+        metrics = learner.step(batch, rollout, torch.Generator().manual_seed(0))
+        assert abs(metrics["grpo/kl"]) < 1e-6 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+        dist.barrier()
+    except BaseException as err:  # reported to the test, which fails on it
+        failures.put(f"rank {rank}: {type(err).__name__}: {err}")
+        code = 1
+    else:
+        code = 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    failures.close()
+    failures.join_thread()
+    os._exit(code)  # as in _rank: gloo's threads can abort the interpreter's teardown
+
+
+def _spawn(target) -> None:
     ctx = mp.get_context("spawn")
     failures = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, failures)) for r in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(r, port, failures)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -121,3 +210,15 @@ def test_whole_gathers_every_shard_in_one_all_gather_per_dtype():
     assert not errors, errors
     assert not stuck, "a rank did not finish within 120 s"
     assert [p.exitcode for p in procs] == [0] * WORLD
+
+
+def test_whole_gathers_every_shard_in_one_all_gather_per_dtype():
+    _spawn(_rank)
+
+
+def test_a_sharded_reference_gives_the_whole_models_logprobs():
+    _spawn(_reference_rank)
+
+
+def test_a_sharded_grpo_learner_shards_its_reference_and_updates():
+    _spawn(_grpo_rank)
