@@ -271,8 +271,8 @@ class ModelSpec(Section):
         "LLM, once per input signature (batch size, sequence width; up to 32 kept, then new shapes run eagerly). For "
         "small models whose step is bound by the host's operator dispatch (the tiny pretraining: "
         "benchmarks/gpu/tiny_steps.py --compare-graphs); prompt assembly, the output head and the losses stay eager. "
-        "Ignored on CPUs; not with train_compile or runtime.learner_sharding=fsdp. Same gradients up to float "
-        "rounding.",
+        "Ignored on CPUs; not with train_compile, gradient_checkpointing or several learners. Same gradients up "
+        "to float rounding.",
     )
     generation: Literal["engine", "generate"] = Field(
         "engine",
@@ -321,6 +321,11 @@ class ModelSpec(Section):
             raise ValueError(
                 f"train_compile_wrapper={self.train_compile_wrapper} chooses how compiled blocks are called, and "
                 "nothing is compiled: set train_compile=true too, or leave train_compile_wrapper at python"
+            )
+        if self.train_graphs and self.gradient_checkpointing:
+            raise ValueError(
+                "model.train_graphs with model.gradient_checkpointing: recomputation inside a captured graph is not "
+                "something dualrl does; set one of them to false"
             )
         if self.train_graphs and self.train_compile:
             raise ValueError(

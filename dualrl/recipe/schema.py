@@ -115,10 +115,11 @@ class Recipe(Section):
                 "FSDP's gathers, which dualrl does not do;"
                 " set model.train_compile=false or runtime.learner_sharding=ddp"
             )
-        if r.learner_sharding == "fsdp" and self.model.train_graphs:
+        if r.learners > 1 and self.model.train_graphs:
             raise ValueError(
-                "runtime.learner_sharding=fsdp with model.train_graphs: the graphs would capture FSDP's gathers, which "
-                "dualrl does not do; set model.train_graphs=false or runtime.learner_sharding=ddp"
+                f"runtime.learners={r.learners} with model.train_graphs: the graphs serve one learner (under FSDP they "
+                "would capture its gathers, under DDP they are untested); set model.train_graphs=false or "
+                "runtime.learners=1"
             )
         if r.learner_sharding == "fsdp" and 0 < r.worker_gpus < 1:
             raise ValueError(

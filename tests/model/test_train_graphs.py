@@ -101,16 +101,13 @@ def test_one_capture_per_signature_then_eager(tiny_spec, batch, monkeypatch):
 def test_the_recipe_refuses_what_the_graphs_cannot_serve():
     with pytest.raises(ValueError, match=r"train_graphs with model\.train_compile"):
         load_recipe("recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true", "model.train_compile=true"])
-    with pytest.raises(ValueError, match=r"fsdp with model\.train_graphs"):
+    with pytest.raises(ValueError, match=r"train_graphs with model\.gradient_checkpointing"):
         load_recipe(
-            "recipes/sft_dual.yaml",
-            [
-                *PRETRAIN,
-                "model.train_graphs=true",
-                "runtime.kind=ray",
-                "runtime.learners=2",
-                "runtime.learner_sharding=fsdp",
-            ],
+            "recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true", "model.gradient_checkpointing=true"]
+        )
+    with pytest.raises(ValueError, match=r"learners=2 with model\.train_graphs"):
+        load_recipe(
+            "recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true", "runtime.kind=ray", "runtime.learners=2"]
         )
     recipe = load_recipe("recipes/sft_dual.yaml", [*PRETRAIN, "model.train_graphs=true"])
     assert Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu").graphs is None  # CPUs: plain code
