@@ -135,10 +135,11 @@ class TrainGraphs:
         """`GroundedVLM.lm_hidden`'s LLM call: one graph per sequence width (widths are multiples of 8)."""
         lm = self.model.lm
         if isinstance(mask, dict):
-            return self._run("language", lambda: _Language(lm, list(mask)), (embeds,))[0]
-        return self._run("language(mask)", lambda: _Language(lm, None), (embeds, mask))[0]
+            return self._run("language", lambda: _Language(lm, list(mask)), (embeds,))
+        return self._run("language(mask)", lambda: _Language(lm, None), (embeds, mask))
 
-    def _run(self, name: str, build: Callable[[], nn.Module], args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def _run(self, name: str, build: Callable[[], nn.Module], args: tuple[Tensor, ...]):
+        """The part's outputs as its module returns them (a tensor, or a tuple of them)."""
         key = _signature(name, args)
         key = (*key, self._calls[key])  # the n-th call of a signature in an update: the n-th graph
         self._calls[key[:-1]] += 1

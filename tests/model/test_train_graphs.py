@@ -66,13 +66,30 @@ def test_graph_bodies_compute_the_plain_parts(tiny_spec, batch):
     assert _ids(model.sam.sam_mask_decoder.parameters()) <= owned
 
 
-def test_the_language_body_computes_the_llms_hidden_states(tiny_spec, batch):
+def _no_capture(monkeypatch) -> None:
+    """Graphs stand-in on a CPU: a capture counts and hands the part's module back, which then runs eagerly."""
+
+    def capture(self, module, args):
+        self.captures += 1
+        return module
+
+    monkeypatch.setattr(TrainGraphs, "_capture", capture)
+
+
+def test_the_language_body_computes_the_llms_hidden_states(tiny_spec, batch, monkeypatch):
     model = build_model(tiny_spec).train()
     feats = model.encode_images(batch["images"])
     seq = model.assemble(model.segment_prompts(model.project(feats), torch.arange(4), list(batch["expression"])))
     types = model.lm.config.layer_types
     want = model.lm_hidden(seq)
     assert torch.equal(_Language(model.lm, list(dict.fromkeys(types)))(seq.inputs_embeds), want)
+    _no_capture(monkeypatch)
+    graphs = TrainGraphs(model)
+    assert torch.equal(graphs.language(seq.inputs_embeds, dict.fromkeys(types)), want)  # through the graphs' call
+    mask = (
+        seq.attention_mask[:, None, None, :].bool() & torch.ones(1, 1, *seq.attention_mask.shape[1:] * 2).tril().bool()
+    )
+    assert graphs.language(seq.inputs_embeds, mask).shape == want.shape and graphs.captures == 2
     assert _ids(_Language(model.lm, None).parameters()) == _ids(model.lm.parameters())
 
 
@@ -80,9 +97,7 @@ def test_one_capture_per_signature_then_eager(tiny_spec, batch, monkeypatch):
     """Same shapes replay the captured part; new shapes capture again, up to max_graphs; past that, eager."""
     model = build_model(tiny_spec).train()
     graphs = TrainGraphs(model, max_graphs=2)
-    monkeypatch.setattr(
-        TrainGraphs, "_capture", lambda self, module, args: (setattr(self, "captures", self.captures + 1), module)[1]
-    )
+    _no_capture(monkeypatch)
     _, sam = model.encode_pixels(batch["images"])
     query = torch.randn(4, 256)
     plain = samlib.decode(model.sam, sam, query, model.spec.multimask)
