@@ -12,7 +12,8 @@
     python benchmarks/gpu/tiny_steps.py --quick     # a CPU check of the script: batch 8, a few steps each
 
 One process, the recipe's model (random init, as the run starts) in the local runtime, `key=value` overrides
-applied after the script's own. The target is 20 steps/s at batch 64 (1280 samples/s). Five measurements:
+applied after the script's own (which include `model.train_graphs=false`: eager is the baseline). The target is
+20 steps/s at batch 64 (1280 samples/s). Five measurements:
 
 1. data: batches/s of the training stream alone (`train_batches(recipe.data, ...)`: loader workers generate the shapes
    scenes, the training process receives them one by one and collates), for each `--workers` value; the first
@@ -136,6 +137,7 @@ def make_recipe(args, workers: int | None = None):
         f"train.device={args.device}",
         "wandb.mode=disabled",
         f"data.batch_size={args.batch_size}",
+        "model.train_graphs=false",  # eager is the baseline (--compare-graphs adds the graphs); an override may set it
     ]
     if workers is not None:
         overrides.append(f"data.num_workers={workers}")

@@ -155,9 +155,9 @@ def test_a_graphed_update_gives_the_eager_gradients(batch, monkeypatch):
             figures[name] = one.step(batch, None, step_generator(0, k))
         assert figures["graphed"]["train/loss"] == pytest.approx(figures["eager"]["train/loss"], rel=1e-4)
         assert grads["graphed"].keys() == grads["eager"].keys()
-        for n, g in grads["eager"].items():
-            scale = g.abs().max().clamp(min=1e-12)
-            assert (grads["graphed"][n] - g).abs().max() <= 1e-3 * scale, n
+        largest = max(g.abs().max() for g in grads["eager"].values())
+        for n, g in grads["eager"].items():  # within 1e-3 of the tensor's largest entry, or rounding of ~0 (a key bias)
+            assert (grads["graphed"][n] - g).abs().max() <= 1e-3 * g.abs().max() + 1e-6 * largest, n
         if k == 1:  # the encoders, decoding from the query and from the click, the LLM on two prompt batches
             captured = graphed.graphs.captures
             assert captured == 5
