@@ -42,6 +42,17 @@ def _sample(model, batch, temperature=1.0):
     return caps
 
 
+def _logprobs(policy, batch, rollout: Rollout):
+    """The rollout's captions' per-token log-probs under `policy` now (eval mode: no dropout)."""
+    policy.eval()
+    with torch.no_grad():
+        feats = policy.encode_images(batch["images"])
+        logp, _, _ = completion_logprobs(
+            policy, feats, batch["masks"], rollout.region, rollout.captions.completions(), 1.0
+        )
+    return logp
+
+
 def test_learner_logprobs_equal_the_samplers(tiny_model, region_batch):
     """Teacher-forcing the sampled captions gives the log-probs `generate` sampled them with (same
     temperature); the eos that ended a finished caption gets a log-prob of its own."""
@@ -76,16 +87,7 @@ def test_policy_gradient_moves_probability_to_the_better_caption(policy, region_
         for p in params:
             if p.grad is not None:
                 p -= 0.5 * p.grad / max(1e-8, max(q.grad.abs().max().item() for q in params if q.grad is not None))
-    policy.eval()
-    with torch.no_grad():
-        after, _, _ = completion_logprobs(
-            policy,
-            policy.encode_images(region_batch["images"]),
-            region_batch["masks"],
-            rollout.region,
-            rollout.captions.completions(),
-            1.0,
-        )
+    after = _logprobs(policy, region_batch, rollout)
     seq_gain = (after - before).sum(dim=1).view(4, G)
     distinct = [r for r in range(4) if not torch.equal(caps.ids[2 * r], caps.ids[2 * r + 1])]
     assert distinct
@@ -203,16 +205,7 @@ def test_best_weight_raises_the_winners_likelihood(policy, region_batch):
     with torch.no_grad():
         for p in params:
             p -= 1e-3 * p.grad
-    policy.eval()
-    with torch.no_grad():
-        after, _, _ = completion_logprobs(
-            policy,
-            policy.encode_images(region_batch["images"]),
-            region_batch["masks"],
-            rollout.region,
-            caps.completions(),
-            1.0,
-        )
+    after = _logprobs(policy, region_batch, rollout)
     gain = (after - old).sum(dim=1)
     assert all(gain[r] > 0 for r in winners), gain
     assert "grpo/best_nll" not in Grpo(_algo(), policy)(policy, region_batch, rollout, torch.Generator()).metrics
