@@ -106,7 +106,7 @@ class TrainGraphs:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """The model's encoders and SAM2 decoding go through the graphs inside the block."""
+        """The model's encoders, SAM2 decoding and LLM go through the graphs inside the block (one update)."""
         previous = self.model.train_graphs
         self.model.train_graphs = self
         self._calls.clear()

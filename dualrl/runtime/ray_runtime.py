@@ -157,7 +157,7 @@ class RayRuntime:
         object store (the driver only passes refs). A frozen teacher (`algo.ema_decay: 1`) is sent once: later
         syncs send only what changes (`grpo`'s policy), or nothing."""
         t0 = time.perf_counter()
-        targets = [(name, which) for name, which in (("rollout", self.rollout_weights), ("reward", "ema"))]
+        targets = [("rollout", self.rollout_weights), ("reward", "ema")]
         if self.ema_frozen and self._ema_sent:
             targets = [(name, which) for name, which in targets if which != "ema"]
         self._ema_sent = True

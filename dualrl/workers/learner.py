@@ -60,7 +60,7 @@ class Learner:
         self.model.train()
         # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
         self.compiled = CompiledBlocks(self.model, model.train_compile_wrapper) if model.train_compile else None
-        # model.train_graphs: the encoders and SAM2's decoding replay CUDA graphs in updates (CUDA only)
+        # model.train_graphs: the encoders, SAM2 decoding and LLM replay CUDA graphs in updates (CUDA only)
         self.graphs = TrainGraphs(self.model) if model.train_graphs and device.startswith("cuda") else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
         self.step_module: torch.nn.Module = dp.ModelCall(self.model)
