@@ -10,7 +10,8 @@ lengths, the losses) stays eager. Gradients are eager's up to the order of float
 kernels).
 
 - A signature is the inputs' shapes, dtypes and whether they need a gradient; a new one is captured (a few eager
-  warm-up passes, then the capture) until `max_graphs` are held; past that the part runs eagerly.
+  warm-up passes, then the capture) until `max_graphs` are held; past that the part runs eagerly, counted in
+  the learner's metric `train/graph_eager_calls`.
 - Graphs serve only the learner's update (`active()`), on CUDA, with autograd on; evaluation, rollouts and CPU runs
   run the plain code.
 - A graph's backward runs for each of its outputs that needs a gradient, with zeros for those the step leaves
@@ -151,7 +152,7 @@ class TrainGraphs:
                     self._warned = True
                     log.warning(
                         "model.train_graphs: %d input signatures captured already; %s with new shapes runs eagerly "
-                        "(counted in train_graphs.eager_calls)",
+                        "(counted in the metric train/graph_eager_calls)",
                         self.max_graphs,
                         name,
                     )

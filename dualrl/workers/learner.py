@@ -155,6 +155,8 @@ class Learner:
                 "train/nonfinite_in_a_row": float(self.bad_steps_in_a_row),
             }
         )
+        if self.graphs is not None:  # parts that ran eagerly because the graphs' cap was reached (0 when all replay)
+            metrics["train/graph_eager_calls"] = float(self.graphs.eager_calls)
         return metrics
 
     def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator) -> dict[str, float]:

@@ -163,3 +163,16 @@ def test_a_graphed_update_gives_the_eager_gradients(batch, monkeypatch):
             assert captured == 5
         assert graphed.graphs.captures == captured and graphed.graphs.eager_calls == 0  # the same shapes: replays
     assert any("vision_tower" in n for n in grads["graphed"]) and any("image_encoder" in n for n in grads["graphed"])
+
+
+def test_parts_past_the_cap_run_eagerly_and_are_counted_in_the_metrics(batch, monkeypatch):
+    """A learner whose graphs hold no more signatures runs every part eagerly, and says how often."""
+    recipe = load_recipe("recipes/sft_dual.yaml", PRETRAIN)
+    learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu")
+    learner.graphs = TrainGraphs(learner.model, max_graphs=0)
+    monkeypatch.setattr(TrainGraphs, "applies", staticmethod(lambda *tensors: torch.is_grad_enabled()))
+    metrics = learner.step(batch, None, step_generator(0, 1))
+    assert metrics["train/graph_eager_calls"] == 5.0  # encoders, two decodings, the LLM twice
+    assert learner.graphs.captures == 0 and "train/graph_eager_calls" not in Learner(
+        recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu"
+    ).step(batch, None, step_generator(0, 1))
