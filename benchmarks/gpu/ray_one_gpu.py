@@ -1,17 +1,20 @@
 """The Ray runtime on one GPU: the actors share the card through fractional GPU requests.
 
-    python benchmarks/gpu/ray_one_gpu.py [--steps 8] [--tiny] [--out results.json]
+    python benchmarks/gpu/ray_one_gpu.py [--steps 8] [--runs NAME ...] [--tiny] [--out results.json]
 
 Runs `python -m dualrl.launch` under `runtime.kind=ray` as a user would, on the built-in shapes data at the
 recipe's working size, and reads the runs' metrics.jsonl:
-- `sync` / `async`: the Sa2VA-4B-shaped `sft_dual` recipe with random init (recipes/sa2va/random_init/), one
-  learner, one rollout and one reward worker at `runtime.worker_gpus` 0.3 each, with `runtime.async_rollout` off and
-  on: the median step time after the first step (`step/ms`), the sync time, the staleness;
-- `group`: the tiny default recipe with 2 learners, 2 rollout and 2 reward workers on the same card (gloo, since
-  NCCL takes one rank per card) and the weights broadcast over a collective (`runtime.weight_sync=collective`):
-  that the learner group and the weight channel run on CUDA tensors.
-`--tiny` runs all three with the tiny recipe on the CPU (to check the script). Each run's layout printout and
-its last lines are kept in the results.
+- `object_store` / `cuda_ipc` / `async`: the Sa2VA-4B-shaped `sft_dual` recipe with random init
+  (recipes/sa2va/random_init/), one learner, one rollout and one reward worker at `runtime.worker_gpus` 0.3 each;
+  the weights through the object store, then through CUDA IPC (`runtime.weight_sync` auto on one card), then
+  CUDA IPC with `runtime.async_rollout`: the median step time after the first step (`step/ms`), the sync time, the
+  staleness;
+- `group` / `group_ipc`: the tiny default recipe with 2 learners, 2 rollout and 2 reward workers on the same card
+  (gloo, since NCCL takes one rank per card), the weights broadcast over a collective
+  (`runtime.weight_sync=collective`), then shared by CUDA IPC: that the learner group and both weight paths run on
+  CUDA tensors.
+`--tiny` runs them with the tiny recipe on the CPU (to check the script; the CUDA IPC runs take the object store
+there). Each run's layout printout, the weight path it logged and its last lines are kept in the results.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NO_PATHS, ROOT  # the real-scale recipe's data and weight paths off
 
 REAL = "recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml"
+RUNS = ("object_store", "cuda_ipc", "async", "group", "group_ipc")
 TINY = "recipes/sft_dual.yaml"
 COMMON = ["eval.at_start=false", "eval.every=1000", "train.save_every=1000", "train.log_every=1", "wandb.mode=disabled"]
 COMMON += ["runtime.kind=ray"]
@@ -54,7 +58,9 @@ def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_
         if not line.startswith("  "):
             break
         layout.append(line.strip())
+    path = next((line.split("through ", 1)[1] for line in lines if "weights reach the workers through" in line), None)
     result = {"command": " ".join(cmd[1:]), "exit": done.returncode, "wall_s": round(wall, 1), "layout": layout}
+    result["weight_path"] = path
     if done.returncode != 0:
         result["tail"] = lines[-30:]
         return result
@@ -77,6 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="the tiny recipe on the CPU, to check the script")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     parser.add_argument("--timeout-s", type=float, default=230.0, help="per run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -89,21 +96,28 @@ def main() -> int:
         real = [REAL, *NO_PATHS, "data.shapes={image_size: 1024, val_size: 16}", "data.num_workers=6"]
         real += ["eval.batch_size=8"]
         share = ["runtime.worker_gpus=0.3", "runtime.worker_cpus=3"]
-    group = ["runtime.learners=2", "runtime.rollout_workers=2", "runtime.reward_workers=2"]
-    group += ["runtime.weight_sync=collective", "data.batch_size=8"]
+    group = ["runtime.learners=2", "runtime.rollout_workers=2", "runtime.reward_workers=2", "data.batch_size=8"]
     group_share = ["runtime.worker_gpus=0.15", "runtime.worker_cpus=1"] if not args.tiny else []
+    ipc = [] if args.tiny else ["runtime.weight_sync=cuda_ipc"]
     runs = {
-        "sync": (real[0], [*real[1:], *share, *steps]),
-        "async": (real[0], [*real[1:], *share, *steps, "runtime.async_rollout=true"]),
-        "group": (TINY, [*group, *group_share, *steps]),
+        "object_store": (real[0], [*real[1:], *share, *steps, "runtime.weight_sync=object_store"]),
+        "cuda_ipc": (real[0], [*real[1:], *share, *steps, "runtime.weight_sync=auto"]),
+        "async": (real[0], [*real[1:], *share, *steps, *ipc, "runtime.async_rollout=true"]),
+        "group": (TINY, [*group, *group_share, *steps, "runtime.weight_sync=collective"]),
+        "group_ipc": (TINY, [*group, *group_share, *steps, *ipc]),
     }
+    runs = {name: runs[name] for name in args.runs}
     results = {}
     for name, (recipe, overrides) in runs.items():
         results[name] = launch(name, recipe, overrides, out_dir, args.timeout_s)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}), flush=True)
-    sync, ahead = results["sync"].get("median_step_ms"), results["async"].get("median_step_ms")
-    if sync and ahead:
-        results["async_over_sync_step"] = round(ahead / sync, 3)
+    step = {name: r.get("median_step_ms") for name, r in results.items()}
+    sync = {name: r.get("median_sync_ms") for name, r in results.items()}
+    if step.get("object_store") and step.get("cuda_ipc"):
+        results["cuda_ipc_over_object_store_step"] = round(step["cuda_ipc"] / step["object_store"], 3)
+        results["cuda_ipc_over_object_store_sync"] = round(sync["cuda_ipc"] / sync["object_store"], 4)
+    if step.get("cuda_ipc") and step.get("async"):
+        results["async_over_sync_step"] = round(step["async"] / step["cuda_ipc"], 3)
     path = args.out or out_dir / "ray_one_gpu.json"
     path.write_text(json.dumps(results, indent=1))
     print("written", path)

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# The Ray runtime on the one-GPU machine (benchmarks/gpu/ray_one_gpu.py), with Ray brought as a wheel: the machine
-# has no registry, and Ray's wheel (79 MB) is over one call's transfer, so earlier calls on the same warm machine
-# leave parts of it in /tmp/rayparts (`cp .raywhl/<part>/* /tmp/rayparts/`); this joins them and installs Ray.
+# The Ray runtime on the one-GPU machine (benchmarks/gpu/ray_one_gpu.py), with Ray brought from this machine: the GPU
+# machine has no registry, and Ray does not fit in one call with the tree and the other wheels. So a first call
+# carries .gpucarry/ray-trim.tar.xz (made by benchmarks/gpu/pack_ray.sh) and copies it to /tmp/keep; a second call
+# on the still-warm machine carries .whl and .gpucarry/raydeps and runs this:
+#   RUNS="object_store cuda_ipc" bash benchmarks/gpu/ray_one_gpu.sh
+# It installs Ray and those of its dependencies the machine lacks, runs the CUDA IPC test, then the runs named.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source benchmarks/gpu/setup.sh
-cat /tmp/rayparts/ray.whl.part* > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl /tmp/rayparts/*.whl || exit 1
+tar -C /tmp/site -xJf /tmp/keep/ray-trim.tar.xz || exit 1
+for pair in msgpack:msgpack click:click jsonschema:jsonschema jsonschema_specifications:jsonschema_specifications \
+  referencing:referencing rpds:rpds_py attrs:attrs google.protobuf:protobuf; do
+  python3 -c "import ${pair%%:*}" 2>/dev/null && continue
+  echo "installing ${pair#*:}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpucarry/raydeps/"${pair#*:}"-*.whl || exit 1
+done
 python3 -c "import ray; print('ray', ray.__version__)" || exit 1
-timeout 560 python3 benchmarks/gpu/ray_one_gpu.py --steps 6 --out "$OUT/ray_one_gpu.json" 2>&1 | tail -n 40
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_ipc.py 2>&1 | tee "$OUT/test_cuda_ipc.log" | tail -n 3
+# shellcheck disable=SC2086  # the runs are words
+timeout 540 python3 benchmarks/gpu/ray_one_gpu.py --steps 6 --runs ${RUNS:-object_store cuda_ipc} \
+  --out "$OUT/ray_one_gpu.json" 2>&1 | tail -n 40

@@ -122,12 +122,14 @@ class RuntimeSpec(Section):
         le=1024,
         description="ray: reward actors (EMA segmenter + plugins); a step's regions are split among them.",
     )
-    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+    weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = Field(
         "auto",
         description="ray: how trainable weights reach the rollout and reward workers. collective: broadcast from "
         "learner rank 0 over a process group of its own (NCCL when every actor has a GPU of its own: card to card; "
-        "gloo otherwise); object_store: one copy put in Ray's object store, read by each worker; auto: collective "
-        "with whole GPUs (worker_gpus >= 1), object_store otherwise (CPUs; actors sharing a card).",
+        "gloo otherwise); cuda_ipc: workers on learner 0's card map its weight buffers through CUDA IPC and copy "
+        "them on the card; object_store: one copy put in Ray's object store, read by each worker; auto: collective "
+        "with whole GPUs (worker_gpus >= 1), cuda_ipc when every worker shares learner 0's card, object_store "
+        "otherwise (CPUs; fractions of several cards).",
     )
     async_rollout: bool = Field(
         False,

@@ -19,7 +19,7 @@ from dualrl.runtime import ActorTimeout
 
 if TYPE_CHECKING:
     from dualrl.recipe.run import RuntimeSpec
-    from dualrl.runtime.ray_calls import Actor, Deadlines
+    from dualrl.runtime.ray_calls import Actor
 
 ROLES = ("learner", "rollout worker", "reward worker")
 
@@ -59,11 +59,16 @@ class Placement:
             self.group = None
 
 
-def layout(actors: list[Actor], deadlines: Deadlines) -> str:
-    """One line per actor once all have started: role, node, GPUs and process."""
-    places = deadlines.results([a.submit("whereabouts") for a in actors])
+def layout(actors: list[Actor], places: list[dict[str, Any]]) -> str:
+    """One line per actor (`places`: each one's `whereabouts`): role, node, GPUs and process."""
     width = max(len(a.role) for a in actors)
     return "\n".join(
         f"  {a.role:<{width}}  node {p['node']}  GPU {','.join(map(str, p['gpus'])) or '-'}  pid {p['pid']}"
         for a, p in zip(actors, places)
     )
+
+
+def one_card(places: list[dict[str, Any]]) -> bool:
+    """Every actor (`whereabouts`) on the first one's node and its one GPU: what CUDA IPC between them needs."""
+    first = places[0]
+    return len(first["gpus"]) == 1 and all((p["node"], p["gpus"]) == (first["node"], first["gpus"]) for p in places)

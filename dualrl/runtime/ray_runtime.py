@@ -25,8 +25,9 @@ import torch
 
 from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
+from dualrl.runtime.cuda_ipc import IpcReceiver, IpcSender, SharedWeights
 from dualrl.runtime.groups import LearnerGroup, RewardGroup, RolloutGroup
-from dualrl.runtime.placement import Placement, layout
+from dualrl.runtime.placement import Placement, layout, one_card
 from dualrl.runtime.ray_calls import Actor, Deadlines, whereabouts
 from dualrl.runtime.weight_channel import WeightChannel
 from dualrl.workers import Learner, RewardWorker, RolloutWorker, data_parallel
@@ -72,8 +73,46 @@ def _in_actor(cls: type, threads: int | None) -> type:
             """A worker: take the tensors broadcast on channel `name` into its model."""
             self.load_weights(self._channels[name].receive(self.model.trainable_state()))
 
+        def share_weights(self, which: str) -> SharedWeights | None:
+            """Learner rank 0: copy the policy's or the EMA's trainable tensors into the buffers it shares by CUDA
+            IPC, and return their handles. The other ranks make this call too when the learners shard the weights
+            (they help gather them) and return None."""
+            tensors = self.sync_tensors(which)
+            if not tensors:
+                return None
+            self._ipc_sender = getattr(self, "_ipc_sender", None) or IpcSender()
+            return self._ipc_sender.share(which, tensors)
+
+        def receive_shared(self, shared: SharedWeights) -> None:
+            """A worker on learner 0's card: copy the weights out of its shared buffers into this model."""
+            self._ipc_receiver = getattr(self, "_ipc_receiver", None) or IpcReceiver(self.model.device)
+            self.load_weights(self._ipc_receiver.receive(shared, self.model.trainable_state()))
+            self._ipc_receiver.done()
+
     Hosted.__name__ = Hosted.__qualname__ = cls.__name__
     return Hosted
+
+
+SYNC_PATHS = {
+    "collective": "a collective",
+    "cuda_ipc": "CUDA IPC on learner 0's card",
+    "object_store": "the object store",
+}
+
+
+def weight_path(asked: str, device: str, backend: str, places: list[dict[str, Any]]) -> str:
+    """`runtime.weight_sync` resolved for this run's layout (`places`: the actors' whereabouts, learners first)."""
+    shared_card = device.startswith("cuda") and one_card(places)
+    if asked == "auto":
+        return "collective" if backend == "nccl" else "cuda_ipc" if shared_card else "object_store"
+    if asked == "cuda_ipc" and not shared_card:
+        where = sorted({f"node {p['node']} GPU {','.join(p['gpus']) or '-'}" for p in places})
+        raise ValueError(
+            "runtime.weight_sync=cuda_ipc needs every actor on one GPU of one node, with train.device cuda; this "
+            f"run's actors are on {where} (train.device {device}). Use runtime.weight_sync=object_store, or "
+            "collective with whole GPUs (runtime.worker_gpus >= 1)"
+        )
+    return asked
 
 
 class RayRuntime:
@@ -114,18 +153,19 @@ class RayRuntime:
             )
             rollouts = start("rollout worker", RolloutWorker, spec.rollout_workers, recipe.model, device)
             rewards = start("reward worker", RewardWorker, spec.reward_workers, recipe.model, recipe.rewards, device)
-            log.info("layout:\n%s", layout(self._actors, self.deadlines))
+            places = self.deadlines.results([a.submit("whereabouts") for a in self._actors])
+            log.info("layout:\n%s", layout(self._actors, places))
             backend = data_parallel.backend(device, whole_gpus=spec.worker_gpus >= 1)
             self.learner = LearnerGroup(
                 learners, self.deadlines, backend, spec.collective_timeout_s, spec.learner_sharding
             )
             self.rollout = RolloutGroup(rollouts, self.deadlines)
             self.reward = RewardGroup(rewards, self.deadlines)
-            collective = spec.weight_sync == "collective" or (spec.weight_sync == "auto" and backend == "nccl")
-            self.channels = {"rollout": rollouts, "reward": rewards} if collective else {}
+            self.weight_sync = weight_path(spec.weight_sync, device, backend, places)
+            self.channels = {"rollout": rollouts, "reward": rewards} if self.weight_sync == "collective" else {}
             for name, members in self.channels.items():
                 self._open_channel(name, learners[0], members, backend, spec.collective_timeout_s)
-            log.info("weights reach the workers through %s", "a collective" if collective else "the object store")
+            log.info("weights reach the workers through %s", SYNC_PATHS[self.weight_sync])
         except BaseException:
             self.shutdown(graceful=False)
             if self._signal is not None:
@@ -163,6 +203,8 @@ class RayRuntime:
         self._ema_sent = True
         if not targets:
             return {"sync/bytes": 0.0, "sync/ms": 1000 * (time.perf_counter() - t0)}
+        if self.weight_sync == "cuda_ipc":
+            return self._share(targets, t0)
         if self.channels:
             sent = []
             for name, which in targets:
@@ -182,6 +224,20 @@ class RayRuntime:
         # one copy per kind of weights in the object store; each worker reads its copy from there
         return {
             "sync/bytes": float(len(refs) * self.learner.sync_bytes()),
+            "sync/ms": 1000 * (time.perf_counter() - t0),
+        }
+
+    def _share(self, targets: list[tuple[str, str]], t0: float) -> dict[str, float]:
+        """The CUDA IPC sync: learner rank 0 copies each kind of weights into its shared buffers, then the workers
+        copy them out on the same card."""
+        shared = {}
+        for which in dict.fromkeys(which for _, which in targets):
+            shared[which] = self.deadlines.results(self.learner.submit_all("share_weights", which))[0]
+        groups = {"rollout": self.rollout.actors, "reward": self.reward.actors}
+        calls = [w.submit("receive_shared", shared[which]) for name, which in targets for w in groups[name]]
+        self.deadlines.results(calls)
+        return {
+            "sync/bytes": float(sum(s.nbytes for s in shared.values())),
             "sync/ms": 1000 * (time.perf_counter() - t0),
         }
 

@@ -36,15 +36,15 @@ class WeightChannel:
 
     def send(self, tensors: dict[str, Tensor]) -> int:
         """Broadcast `tensors` (root only); returns the bytes sent."""
-        flat = _flatten(tensors, self.device)
-        self._broadcast(_header(tensors, self.device))
+        flat = flatten(tensors, self.device)
+        self._broadcast(layout_header(tensors, self.device))
         for buffer in flat.values():
             self._broadcast(buffer)
         return sum(b.numel() * b.element_size() for b in flat.values())
 
     def receive(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
         """The tensors the root sends, shaped as `like` (this worker's own trainable tensors, same names)."""
-        header = _header(like, self.device)
+        header = layout_header(like, self.device)
         expected = header.clone()
         self._broadcast(header)
         if not torch.equal(header, expected):
@@ -52,40 +52,40 @@ class WeightChannel:
                 f"weight channel: the learner sends {header.tolist()} (tensors, elements per dtype) but this worker "
                 f"expects {expected.tolist()}: its model was built from another recipe"
             )
-        flat = {dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in _sizes(like).items()}
+        flat = {dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in dtype_sizes(like).items()}
         for buffer in flat.values():
             self._broadcast(buffer)
-        return _unflatten(flat, like)
+        return unflatten(flat, like)
 
     def _broadcast(self, tensor: Tensor) -> None:
         self.group.broadcast(tensor, ROOT).wait()
 
 
-def _groups(tensors: dict[str, Tensor]) -> dict[torch.dtype, list[str]]:
+def by_dtype(tensors: dict[str, Tensor]) -> dict[torch.dtype, list[str]]:
     by_dtype: dict[torch.dtype, list[str]] = defaultdict(list)
     for name in sorted(tensors):
         by_dtype[tensors[name].dtype].append(name)
     return dict(sorted(by_dtype.items(), key=lambda item: str(item[0])))
 
 
-def _sizes(tensors: dict[str, Tensor]) -> dict[torch.dtype, int]:
-    return {dtype: sum(tensors[n].numel() for n in names) for dtype, names in _groups(tensors).items()}
+def dtype_sizes(tensors: dict[str, Tensor]) -> dict[torch.dtype, int]:
+    return {dtype: sum(tensors[n].numel() for n in names) for dtype, names in by_dtype(tensors).items()}
 
 
-def _header(tensors: dict[str, Tensor], device: torch.device) -> Tensor:
-    return torch.tensor([len(tensors), *_sizes(tensors).values()], dtype=torch.int64, device=device)
+def layout_header(tensors: dict[str, Tensor], device: torch.device) -> Tensor:
+    return torch.tensor([len(tensors), *dtype_sizes(tensors).values()], dtype=torch.int64, device=device)
 
 
-def _flatten(tensors: dict[str, Tensor], device: torch.device) -> dict[torch.dtype, Tensor]:
+def flatten(tensors: dict[str, Tensor], device: torch.device) -> dict[torch.dtype, Tensor]:
     return {
         dtype: torch.cat([tensors[n].detach().reshape(-1).to(device) for n in names])
-        for dtype, names in _groups(tensors).items()
+        for dtype, names in by_dtype(tensors).items()
     }
 
 
-def _unflatten(flat: dict[torch.dtype, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+def unflatten(flat: dict[torch.dtype, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
-    for dtype, names in _groups(like).items():
+    for dtype, names in by_dtype(like).items():
         pieces = flat[dtype].split([like[n].numel() for n in names])
         out.update({n: piece.view(like[n].shape) for n, piece in zip(names, pieces)})
     return out
