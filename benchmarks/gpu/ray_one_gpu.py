@@ -12,7 +12,10 @@ recipe's working size, and reads the runs' metrics.jsonl:
 - `group` / `group_ipc`: the tiny default recipe with 2 learners, 2 rollout and 2 reward workers on the same card
   (gloo, since NCCL takes one rank per card), the weights broadcast over a collective
   (`runtime.weight_sync=collective`), then shared by CUDA IPC: that the learner group and both weight paths run on
-  CUDA tensors.
+  CUDA tensors;
+- `equivalence`: the tiny recipe (dropout off) with 1 learner and 2 micro-batches against 2 learners on the same
+  global batch, on the card (gloo), in float32 and in bf16, and the 1-learner bf16 run repeated (the card's own
+  run-to-run spread): the largest difference of trainable and EMA weights after the last step.
 `--tiny` runs them with the tiny recipe on the CPU (to check the script; the CUDA IPC runs take the object store
 there). Each run's layout printout, the weight path it logged and its last lines are kept in the results.
 """
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NO_PATHS, ROOT  # the real-scale recipe's data and weight paths off
 
 REAL = "recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml"
-RUNS = ("object_store", "cuda_ipc", "async", "group", "group_ipc")
+RUNS = ("object_store", "cuda_ipc", "async", "group", "group_ipc", "equivalence")
 TINY = "recipes/sft_dual.yaml"
 COMMON = ["eval.at_start=false", "eval.every=1000", "train.save_every=1000", "train.log_every=1", "wandb.mode=disabled"]
 COMMON += ["runtime.kind=ray"]
@@ -79,6 +82,51 @@ def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_
     return result
 
 
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return {
+        f"{name}:{k}": v.float()
+        for name in ("trainable", "ema")
+        for k, v in load_file(step / f"{name}.safetensors").items()
+    }
+
+
+def equivalence(out_dir: Path, steps: list[str], share: list[str], timeout_s: float) -> dict:
+    """1 learner with 2 micro-batches against 2 learners with one each, in float32 and bf16; the weights compared."""
+    base = [*steps, *share, "model.trainable.lora_dropout=0.0", "data.batch_size=8"]
+    one = ["runtime.learners=1", "optim.accumulation=2"]
+    two = ["runtime.learners=2", "optim.accumulation=1"]
+    arms = {
+        "float32_one": [*base, *one, "model.precision=float32"],
+        "float32_two": [*base, *two, "model.precision=float32"],
+        "bf16_one": [*base, *one, "model.precision=bf16"],
+        "bf16_two": [*base, *two, "model.precision=bf16"],
+        "bf16_one_again": [*base, *one, "model.precision=bf16"],
+    }
+    result: dict = {}
+    for name, overrides in arms.items():
+        result[name] = launch(f"equivalence_{name}", TINY, overrides, out_dir, timeout_s)
+        print(name, result[name].get("exit"), result[name].get("wall_s"), flush=True)
+    if any(r["exit"] != 0 for r in result.values()):
+        result["exit"] = 1
+        return result
+    weights = {name: _weights(out_dir / f"equivalence_{name}") for name in arms}
+    for a, b, key in [
+        ("float32_one", "float32_two", "float32_max_abs_diff"),
+        ("bf16_one", "bf16_two", "bf16_max_abs_diff"),
+        ("bf16_one", "bf16_one_again", "bf16_repeat_max_abs_diff"),
+        ("float32_one", "bf16_one", "float32_against_bf16_max_abs_diff"),  # the scale: what precision alone moves
+    ]:
+        x, y = weights[a], weights[b]
+        assert x.keys() == y.keys(), (a, b)
+        result[key] = max((x[k] - y[k]).abs().max().item() for k in x)
+    result["largest_weight"] = max(v.abs().max().item() for v in weights["float32_one"].values())
+    result["exit"] = 0
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -106,9 +154,13 @@ def main() -> int:
         "group": (TINY, [*group, *group_share, *steps, "runtime.weight_sync=collective"]),
         "group_ipc": (TINY, [*group, *group_share, *steps, *ipc]),
     }
-    runs = {name: runs[name] for name in args.runs}
     results = {}
-    for name, (recipe, overrides) in runs.items():
+    for name in args.runs:
+        if name == "equivalence":
+            results[name] = equivalence(out_dir, steps, group_share, args.timeout_s)
+            print(name, json.dumps({k: v for k, v in results[name].items() if not isinstance(v, dict)}), flush=True)
+            continue
+        recipe, overrides = runs[name]
         results[name] = launch(name, recipe, overrides, out_dir, args.timeout_s)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "command"}), flush=True)
     step = {name: r.get("median_step_ms") for name, r in results.items()}
