@@ -182,8 +182,11 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
         # at a stop before train.steps, so that its checkpoint holds it)
         inputs = stream.take(step, recipe.train.steps)
         batch, rollout, metrics = inputs.batch, inputs.rollout, inputs.metrics
+        t_learn = time.perf_counter()
+        metrics["step/wait/ms"] = 1000 * (t_learn - t_step)  # for the batch, captions and rewards
         learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
         metrics.update(learned)
+        metrics["learn/ms"] = 1000 * (time.perf_counter() - t_learn)
         if step % recipe.train.sync_every == 0:
             stream.settle()  # the step made ahead keeps the weights it started with
             metrics.update(runtime.sync())

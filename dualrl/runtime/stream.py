@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -142,8 +143,12 @@ class RolloutStream:
         if self.plan is None:
             return inputs
         plan = self.plan
+        t0 = time.perf_counter()
         captions = self.runtime.rollout.describe(batch, plan, self.seed_of(step))
+        t1 = time.perf_counter()
         inputs.scored = self.runtime.reward.score(batch, captions, plan.group_size)
+        inputs.metrics["rollout/ms"] = 1000 * (t1 - t0)  # wall times of the two calls, made ahead or not
+        inputs.metrics["reward/ms"] = 1000 * (time.perf_counter() - t1)
         inputs.rollout = Rollout(captions, plan.group_size, inputs.scored.total, off_policy=stale)
         inputs.metrics.update(inputs.scored.metrics)
         inputs.metrics["train/caption_tokens"] = sum(len(i) for i in captions.ids) / len(captions)

@@ -64,7 +64,8 @@ def drive(stream: RolloutStream, workers: Workers, first: int, last: int) -> dic
     for step in range(first, last + 1):
         inputs = stream.take(step, STEPS)
         rollout = inputs.rollout
-        seen[step] = (rollout.captions.texts, rollout.rewards.tolist(), rollout.off_policy, inputs.metrics)
+        metrics = {k: v for k, v in inputs.metrics.items() if not k.endswith("/ms")}  # wall times differ
+        seen[step] = (rollout.captions.texts, rollout.rewards.tolist(), rollout.off_policy, metrics)
         stream.settle()
         workers.version = step
     return seen
