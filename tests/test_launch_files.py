@@ -288,7 +288,7 @@ def test_sbatch_gives_up_at_the_deadline(slurm, tmp_path):
         (("recipes/sft_dual.yaml",), {"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST is not set"),
         (("recipes/sft_dual.yaml",), {"SLURM_GPUS_ON_NODE": "0"}, "do not fit the 0 GPU(s)"),
         (("recipes/sft_dual.yaml",), {"WORKER_GPUS": "one"}, "WORKER_GPUS must be a number"),
-        ((EIGHT_GPU,), {"SLURM_GPUS_ON_NODE": "2"}, "8 actors x runtime.worker_gpus=1.0 do not fit the 6 GPU(s)"),
+        ((EIGHT_GPU,), {"SLURM_GPUS_ON_NODE": "2"}, "8 actors asking 8.0 GPU(s) in all"),
         ((EIGHT_GPU,), {"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "8"}, "do not fit the 24 CPU(s)"),
         (("recipes/sft_dual.yaml", "runtime.learners=0"), {}, "runtime.learners: Input should be greater than"),
         (("recipes/sft_dual.yaml", "runtime.learner=2"), {}, "runtime.learner: unknown key"),

@@ -190,6 +190,12 @@ def test_sharded_learners_refuse_compiled_blocks_and_shared_cards():
         load_recipe("recipes/sft_dual.yaml", [*fsdp, "model.train_compile=true"])
     with pytest.raises(RecipeError, match=r"learners sharing a card talk over gloo"):
         load_recipe("recipes/sft_dual.yaml", [*fsdp, "runtime.worker_gpus=0.5"])
+    with pytest.raises(RecipeError, match=r"learners asking 0.5 GPU"):
+        load_recipe("recipes/sft_dual.yaml", [*fsdp, "runtime.worker_gpus=1", "runtime.learner_gpus=0.5"])
+    # learners on cards of their own, the workers sharing others
+    own = load_recipe("recipes/sft_dual.yaml", [*fsdp, "runtime.worker_gpus=0.5", "runtime.learner_gpus=1"]).runtime
+    assert (own.gpus("learner"), own.gpus("rollout worker"), own.gpus("reward worker")) == (1, 0.5, 0.5)
+    assert own.all_gpus() == 3
 
 
 def test_extends_takes_a_list_merged_in_order(tmp_path):

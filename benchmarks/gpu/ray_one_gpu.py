@@ -74,6 +74,11 @@ def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_
         first_step_ms=round(steps[0]["step/ms"], 1),
         median_step_ms=round(statistics.median(later), 1) if later else None,
         median_sync_ms=round(statistics.median(m["sync/ms"] for m in steps), 1),
+        median_phase_ms={  # after the first step: the driver's wait for captions and rewards, the calls, the update
+            k: round(statistics.median(m[k] for m in steps[1:]), 1)
+            for k in ("step/wait/ms", "rollout/ms", "reward/ms", "learn/ms")
+            if len(steps) > 1 and k in steps[1]
+        },
         sync_bytes=steps[-1]["sync/bytes"],
         staleness=[m.get("async/staleness") for m in steps],
         last_loss=steps[-1]["train/loss"],

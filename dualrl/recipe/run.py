@@ -95,6 +95,16 @@ class RuntimeSpec(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
     worker_cpus: float = Field(0.0, ge=0, description="num_cpus of each actor (0 lets 3 actors share 2 cores).")
     worker_gpus: float = Field(0.0, ge=0, description="num_gpus of each actor (fractions share a GPU).")
+    learner_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="num_gpus of each learner actor; null takes worker_gpus (e.g. 1 here and 0.5 for the "
+        "workers puts the learner on a card and the rollout and reward workers together on another).",
+    )
+    rollout_gpus: float | None = Field(
+        None, ge=0, description="num_gpus of each rollout actor; null takes worker_gpus."
+    )
+    reward_gpus: float | None = Field(None, ge=0, description="num_gpus of each reward actor; null takes worker_gpus.")
     learners: int = Field(
         1,
         ge=1,
@@ -125,11 +135,12 @@ class RuntimeSpec(Section):
     weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = Field(
         "auto",
         description="ray: how trainable weights reach the rollout and reward workers. collective: broadcast from "
-        "learner rank 0 over a process group of its own (NCCL when every actor has a GPU of its own: card to card; "
-        "gloo otherwise); cuda_ipc: workers on learner 0's card map its weight buffers through CUDA IPC and copy "
-        "them on the card; object_store: one copy put in Ray's object store, read by each worker; auto: collective "
-        "with whole GPUs (worker_gpus >= 1), cuda_ipc when every worker shares learner 0's card, object_store "
-        "otherwise (CPUs; fractions of several cards).",
+        "learner rank 0 over a process group of its own (NCCL when learner 0 and the group's workers each hold a "
+        "card of their own: card to card; gloo otherwise); cuda_ipc: workers on learner 0's card map its weight "
+        "buffers through CUDA IPC and copy them on the card; object_store: one copy put in Ray's object store, "
+        "read by each worker; auto: collective when learner 0 and the workers each hold a card of their own "
+        "(NCCL), cuda_ipc when every worker shares learner 0's card, object_store otherwise (CPUs; workers "
+        "sharing cards).",
     )
     async_rollout: bool = Field(
         False,
@@ -164,6 +175,20 @@ class RuntimeSpec(Section):
         "of its methods (which may compile or allocate); longer than runtime.call_timeout_s because an autoscaled "
         "GPU node can take many minutes to join.",
     )
+
+    def gpus(self, role: str) -> float:
+        """num_gpus of each actor of `role` ("learner", "rollout worker" or "reward worker")."""
+        own = {"learner": self.learner_gpus, "rollout worker": self.rollout_gpus, "reward worker": self.reward_gpus}
+        return self.worker_gpus if own[role] is None else own[role]
+
+    def all_gpus(self) -> float:
+        """The GPUs every actor of the run asks for together."""
+        counts = {
+            "learner": self.learners,
+            "rollout worker": self.rollout_workers,
+            "reward worker": self.reward_workers,
+        }
+        return sum(n * self.gpus(role) for role, n in counts.items())
 
 
 class WandbSpec(Section):

@@ -121,11 +121,12 @@ class Recipe(Section):
                 "would capture its gathers, under DDP they are untested); set model.train_graphs=false or "
                 "runtime.learners=1"
             )
-        if r.learner_sharding == "fsdp" and 0 < r.worker_gpus < 1:
+        if r.learner_sharding == "fsdp" and 0 < r.gpus("learner") < 1:
             raise ValueError(
-                f"runtime.learner_sharding=fsdp with runtime.worker_gpus={r.worker_gpus}: learners sharing a card talk "
-                "over gloo with GPU tensors, which dualrl's sharding does not support (it runs over NCCL, a whole GPU "
-                "per learner, or gloo on CPUs); set runtime.worker_gpus >= 1 or runtime.learner_sharding=ddp"
+                f"runtime.learner_sharding=fsdp with learners asking {r.gpus('learner')} GPU (runtime.learner_gpus, "
+                "else runtime.worker_gpus): learners sharing a card talk over gloo with GPU tensors, which dualrl's "
+                "sharding does not support (it runs over NCCL, a whole GPU per learner, or gloo on CPUs); give each "
+                "learner a GPU (runtime.learner_gpus=1) or set runtime.learner_sharding=ddp"
             )
         shares = r.learners * self.optim.accumulation
         if r.learners > 1 and self.data.batch_size < shares:

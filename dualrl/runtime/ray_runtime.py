@@ -27,7 +27,7 @@ from dualrl.algo.registry import objective_class
 from dualrl.runtime import resolve_device
 from dualrl.runtime.cuda_ipc import IpcReceiver, IpcSender, SharedWeights
 from dualrl.runtime.groups import LearnerGroup, RewardGroup, RolloutGroup
-from dualrl.runtime.placement import Placement, layout, one_card
+from dualrl.runtime.placement import Placement, layout, one_card, own_cards
 from dualrl.runtime.ray_calls import Actor, Deadlines, whereabouts
 from dualrl.runtime.weight_channel import WeightChannel
 from dualrl.workers import Learner, RewardWorker, RolloutWorker, data_parallel
@@ -100,17 +100,19 @@ SYNC_PATHS = {
 }
 
 
-def weight_path(asked: str, device: str, backend: str, places: list[dict[str, Any]]) -> str:
-    """`runtime.weight_sync` resolved for this run's layout (`places`: the actors' whereabouts, learners first)."""
+def weight_path(asked: str, device: str, channel_backend: str, places: list[dict[str, Any]]) -> str:
+    """`runtime.weight_sync` resolved for this run's layout (`places`: the actors' whereabouts, learners first;
+    `channel_backend`: what the weight channels would run on, NCCL when learner 0 and each channel's workers all
+    hold cards of their own)."""
     shared_card = device.startswith("cuda") and one_card(places)
     if asked == "auto":
-        return "collective" if backend == "nccl" else "cuda_ipc" if shared_card else "object_store"
+        return "collective" if channel_backend == "nccl" else "cuda_ipc" if shared_card else "object_store"
     if asked == "cuda_ipc" and not shared_card:
         where = sorted({f"node {p['node']} GPU {','.join(p['gpus']) or '-'}" for p in places})
         raise ValueError(
             "runtime.weight_sync=cuda_ipc needs every actor on one GPU of one node, with train.device cuda; this "
             f"run's actors are on {where} (train.device {device}). Use runtime.weight_sync=object_store, or "
-            "collective with whole GPUs (runtime.worker_gpus >= 1)"
+            "collective when learner 0 and the workers hold cards of their own"
         )
     return asked
 
@@ -155,16 +157,22 @@ class RayRuntime:
             rewards = start("reward worker", RewardWorker, spec.reward_workers, recipe.model, recipe.rewards, device)
             places = self.deadlines.results([a.submit("whereabouts") for a in self._actors])
             log.info("layout:\n%s", layout(self._actors, places))
-            backend = data_parallel.backend(device, whole_gpus=spec.worker_gpus >= 1)
+            # NCCL for a group whose processes each hold a card of their own (one rank per device), gloo otherwise
+            at_rollout = places[spec.learners : spec.learners + spec.rollout_workers]
+            at_reward = places[spec.learners + spec.rollout_workers :]
+            backend = data_parallel.backend(device, own_cards(places[: spec.learners]))
+            channel_backend = data_parallel.backend(
+                device, all(own_cards([places[0], *at]) for at in (at_rollout, at_reward))
+            )
             self.learner = LearnerGroup(
                 learners, self.deadlines, backend, spec.collective_timeout_s, spec.learner_sharding
             )
             self.rollout = RolloutGroup(rollouts, self.deadlines)
             self.reward = RewardGroup(rewards, self.deadlines)
-            self.weight_sync = weight_path(spec.weight_sync, device, backend, places)
+            self.weight_sync = weight_path(spec.weight_sync, device, channel_backend, places)
             self.channels = {"rollout": rollouts, "reward": rewards} if self.weight_sync == "collective" else {}
             for name, members in self.channels.items():
-                self._open_channel(name, learners[0], members, backend, spec.collective_timeout_s)
+                self._open_channel(name, learners[0], members, channel_backend, spec.collective_timeout_s)
             log.info("weights reach the workers through %s", SYNC_PATHS[self.weight_sync])
         except BaseException:
             self.shutdown(graceful=False)

@@ -59,10 +59,10 @@ def free_address() -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
-def backend(device: str, whole_gpus: bool) -> str:
-    """NCCL when every process has a card of its own; gloo otherwise (CPUs, or processes sharing a card through
-    fractional GPU requests, which NCCL refuses: one rank per device)."""
-    return "nccl" if device.startswith("cuda") and whole_gpus else "gloo"
+def backend(device: str, own_cards: bool) -> str:
+    """NCCL when every process of a group has a card of its own; gloo otherwise (CPUs, or processes sharing a card
+    through fractional GPU requests, which NCCL refuses: one rank per device)."""
+    return "nccl" if device.startswith("cuda") and own_cards else "gloo"
 
 
 def join(address: str, rank: Rank, backend: str, timeout_s: float, seed: int) -> None:
