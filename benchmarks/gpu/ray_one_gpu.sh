@@ -9,16 +9,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-source benchmarks/gpu/setup.sh
-tar -C /tmp/site -xJf /tmp/keep/ray-trim.tar.xz || exit 1
-for pair in msgpack:msgpack click:click jsonschema:jsonschema jsonschema_specifications:jsonschema_specifications \
-  referencing:referencing rpds:rpds_py attrs:attrs google.protobuf:protobuf; do
-  python3 -c "import ${pair%%:*}" 2>/dev/null && continue
-  echo "installing ${pair#*:}"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .gpucarry/raydeps/"${pair#*:}"-*.whl || exit 1
-done
-python3 -c "import ray; print('ray', ray.__version__)" || exit 1
+source benchmarks/gpu/ray_setup.sh
 [ -n "${SKIP_TEST:-}" ] || timeout 120 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_ipc.py 2>&1 | tee "$OUT/test_cuda_ipc.log" | tail -n 3
 # shellcheck disable=SC2086  # the runs are words
 timeout "${BENCH_TIMEOUT_S:-540}" python3 benchmarks/gpu/ray_one_gpu.py --steps 6 --runs ${RUNS:-object_store cuda_ipc} \
