@@ -186,7 +186,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
         metrics["step/wait/ms"] = 1000 * (t_learn - t_step)  # for the batch, captions and rewards
         learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
         metrics.update(learned)
-        metrics["learn/ms"] = 1000 * (time.perf_counter() - t_learn)
+        metrics["step/learn/ms"] = 1000 * (time.perf_counter() - t_learn)
         if step % recipe.train.sync_every == 0:
             stream.settle()  # the step made ahead keeps the weights it started with
             metrics.update(runtime.sync())

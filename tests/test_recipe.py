@@ -196,6 +196,8 @@ def test_sharded_learners_refuse_compiled_blocks_and_shared_cards():
     own = load_recipe("recipes/sft_dual.yaml", [*fsdp, "runtime.worker_gpus=0.5", "runtime.learner_gpus=1"]).runtime
     assert (own.gpus("learner"), own.gpus("rollout worker"), own.gpus("reward worker")) == (1, 0.5, 0.5)
     assert own.all_gpus() == 3
+    tenths = load_recipe("recipes/sft_dual.yaml", ["runtime.worker_gpus=0.1", "runtime.learner_gpus=0.7"]).runtime
+    assert tenths.all_gpus() == 0.9  # not 0.8999999999999999: the Slurm script compares it with the GPUs it has
 
 
 def test_extends_takes_a_list_merged_in_order(tmp_path):

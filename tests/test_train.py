@@ -31,8 +31,8 @@ def test_run_writes_the_output_contract(tmp_path):
     for key in ("train/loss_mask", "train/loss_dice", "train/llm_loss", "reward/mask_iou", "train/cycle_iou"):
         assert key in train[-1]
     for m in train:  # where a step's time went: waiting for its captions and rewards (made in it), then the update
-        assert m["rollout/ms"] > 0 and m["reward/ms"] > 0 and m["learn/ms"] > 0
-        assert m["rollout/ms"] + m["reward/ms"] <= m["step/wait/ms"] <= m["step/ms"] - m["learn/ms"]
+        assert m["step/rollout/ms"] > 0 and m["step/reward/ms"] > 0 and m["step/learn/ms"] > 0
+        assert m["step/rollout/ms"] + m["step/reward/ms"] <= m["step/wait/ms"] <= m["step/ms"] - m["step/learn/ms"]
     evals = [m for m in lines if "eval/ref_miou" in m]
     assert [m["step"] for m in evals] == [0, 3] and "eval/cycle_miou" in evals[0]
     assert evals[0]["eval/reward_total"] == pytest.approx(evals[0]["eval/reward/mask_iou"])  # mask_iou alone, weight 1
@@ -111,7 +111,7 @@ def test_pretrain_runs_without_rollout(tmp_path):
     )
     train = [m for m in _lines(out) if "train/loss" in m]
     assert "train/caption_loss" in train[-1] and "reward/mask_iou" not in train[-1]
-    assert "rollout/ms" not in train[-1] and train[-1]["learn/ms"] > 0
+    assert "step/rollout/ms" not in train[-1] and train[-1]["step/learn/ms"] > 0
 
 
 def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):

@@ -76,7 +76,7 @@ def launch(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_
         median_sync_ms=round(statistics.median(m["sync/ms"] for m in steps), 1),
         median_phase_ms={  # after the first step: the driver's wait for captions and rewards, the calls, the update
             k: round(statistics.median(m[k] for m in steps[1:]), 1)
-            for k in ("step/wait/ms", "rollout/ms", "reward/ms", "learn/ms")
+            for k in ("step/wait/ms", "step/rollout/ms", "step/reward/ms", "step/learn/ms")
             if len(steps) > 1 and k in steps[1]
         },
         sync_bytes=steps[-1]["sync/bytes"],

@@ -10,17 +10,21 @@ recipes/sa2va/random_init/), with 8 regions per learner (the one-GPU recipe's ba
 |---|---|---|---|---|---|---|
 | 1 | 1 | 1 | 1 | 0.4 | 0.3 | CUDA IPC (one card) |
 | 2 | 1 | 1 | 1 | 1 | 0.5 | NCCL (learner alone; the workers share the other card) |
-| 4 | 2 | 2 | 2 | 1 | 0.5 | NCCL; the learners' DDP over NCCL |
-| 8 | 4 | 4 | 4 | 1 | 0.5 | NCCL; the learners' DDP over NCCL |
+| 4 | 2 | 1 | 1 | 1 | 1 | NCCL; the learners' DDP over NCCL |
+| 8 | 4 | 2 | 2 | 1 | 1 | NCCL; the learners' DDP over NCCL (recipes/sa2va/sa2va_4b_sft_dual_8gpu.yaml's layout) |
+
+(NCCL takes one rank per card in a group, and a weight channel holds learner 0 and every worker of one kind: so
+two workers of a kind never share a card here, or the weights would go through the object store.)
 
 and the in-process runtime on one GPU as the baseline (`local`). For each: the median step after the first, the
-step's phases (`step/wait/ms`, `rollout/ms`, `reward/ms`, `learn/ms`, `sync/ms`), regions/s and captions/s, the
-scaling efficiency (regions/s over GPUs x the in-process baseline's), and the peak memory of each card (nvidia-smi,
-read every second while the run lasts). `--async` repeats each layout with `runtime.async_rollout`; `--object-store`
-repeats the layouts of 2 GPUs or more with `runtime.weight_sync=object_store` (the sync time against NCCL);
-`--equivalence` runs the tiny recipe with 1 learner (2 micro-batches) against 2 learners on cards of their own
-(NCCL), float32 and bf16 (`ray_one_gpu.equivalence`). Points needing more GPUs than the machine has are left out and
-listed. `--tiny` runs the same layouts with the tiny recipe on the CPU (no GPU asked for), to check the script.
+step's phases (`step/wait/ms`, `step/rollout/ms`, `step/reward/ms`, `step/learn/ms`, `sync/ms`), regions/s and
+captions/s, the scaling efficiency (regions/s over GPUs x the in-process baseline's), and the peak memory of each
+card (nvidia-smi, read every second while the run lasts). `--async` repeats each layout with
+`runtime.async_rollout`; `--object-store` repeats the layouts of 2 GPUs or more with
+`runtime.weight_sync=object_store` (the sync time against NCCL); `--equivalence` runs the tiny recipe with 1 learner
+(2 micro-batches) against 2 learners on cards of their own (NCCL), float32 and bf16 (`ray_one_gpu.equivalence`).
+Points needing more GPUs than the machine has are left out and listed. `--tiny` runs the same layouts with the tiny
+recipe on the CPU (no GPU asked for), to check the script.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ RECIPES = {
 LAYOUTS = {  # GPUs: learners, rollout workers, reward workers, GPUs of each learner, GPUs of each worker
     1: (1, 1, 1, 0.4, 0.3),
     2: (1, 1, 1, 1.0, 0.5),
-    4: (2, 2, 2, 1.0, 0.5),
-    8: (4, 4, 4, 1.0, 0.5),
+    4: (2, 1, 1, 1.0, 1.0),
+    8: (4, 2, 2, 1.0, 1.0),
 }
 REGIONS_PER_LEARNER = 8
 

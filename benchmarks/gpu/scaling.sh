@@ -3,7 +3,7 @@
 # carries .gpucarry/ray-trim.tar.xz and copies it to /tmp/keep; a second call on the still-warm machine carries .whl
 # and .gpucarry/raydeps and runs this, e.g.
 #   ARGS="--gpus 1 2 --algos sft_dual --async --object-store --equivalence" bash benchmarks/gpu/scaling.sh
-set -u
+set -u -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source benchmarks/gpu/ray_setup.sh

@@ -139,8 +139,8 @@ class RuntimeSpec(Section):
         "card of their own: card to card; gloo otherwise); cuda_ipc: workers on learner 0's card map its weight "
         "buffers through CUDA IPC and copy them on the card; object_store: one copy put in Ray's object store, "
         "read by each worker; auto: collective when learner 0 and the workers each hold a card of their own "
-        "(NCCL), cuda_ipc when every worker shares learner 0's card, object_store otherwise (CPUs; workers "
-        "sharing cards).",
+        "(NCCL), cuda_ipc when every actor (learners too) shares one card, object_store otherwise (CPUs; "
+        "workers sharing cards).",
     )
     async_rollout: bool = Field(
         False,
@@ -188,7 +188,7 @@ class RuntimeSpec(Section):
             "rollout worker": self.rollout_workers,
             "reward worker": self.reward_workers,
         }
-        return sum(n * self.gpus(role) for role, n in counts.items())
+        return round(sum(n * self.gpus(role) for role, n in counts.items()), 4)  # 0.1 + 0.2 is 0.3 here
 
 
 class WandbSpec(Section):

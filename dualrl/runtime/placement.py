@@ -34,11 +34,13 @@ class Placement:
         self.group = None
         if not any(bundles):
             return
-        if not all(bundles):
+        gpus = [self.asks[role]["num_gpus"] for role, n in zip(ROLES, counts) if n]
+        if not all(bundles) or (any(gpus) and not all(gpus)):
             raise ValueError(
-                "some actors ask Ray for resources and others for none (runtime.worker_cpus, runtime.worker_gpus, "
-                f"runtime.learner_gpus/rollout_gpus/reward_gpus: {self.asks}); one placement group holds them all, "
-                "and Ray refuses empty bundles: give every kind of actor CPUs or GPUs"
+                "some actors ask Ray for GPUs (or any resources) and others for none (runtime.worker_cpus, "
+                f"runtime.worker_gpus, runtime.learner_gpus/rollout_gpus/reward_gpus: {self.asks}). Every actor runs "
+                "on the run's device, so on GPUs each needs a share of one, and Ray refuses empty bundles: give every "
+                "kind of actor GPUs (or, on CPUs, CPUs)"
             )
         self.group = placement_group(bundles, strategy="PACK")
         ready, _ = ray.wait([self.group.ready()], timeout=spec.start_timeout_s)

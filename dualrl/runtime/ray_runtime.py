@@ -2,8 +2,9 @@
 
 The driver talks to them through `ray_calls.Actor`, which makes a remote call look like a local one, so the
 driver loop is the same code for both runtimes; every call has a deadline (`runtime.call_timeout_s`, and
-`runtime.start_timeout_s` for an actor's start-up). Weights travel once through the object store: the
-learner's result is handed by reference to both workers.
+`runtime.start_timeout_s` for an actor's start-up). Weights go from learner rank 0 to the workers by the path
+`weight_path` picks (`runtime.weight_sync`): a broadcast over weight channels, CUDA IPC on a shared card, or one copy
+in the object store handed by reference to both kinds of workers.
 
 The Ray processes a run starts end with it: `shutdown` kills the actors and ends the Ray instance this run
 started; the driver loop calls it at the end, and through the runtime's context manager on an exception,
@@ -201,9 +202,9 @@ class RayRuntime:
 
     def sync(self) -> dict[str, float]:
         """Weights straight from learner rank 0 to the workers: the EMA to the reward workers, and to the rollout
-        workers the EMA (`sft_dual`) or the policy (`grpo`); broadcast over the weight channels, or through the
-        object store (the driver only passes refs). A frozen teacher (`algo.ema_decay: 1`) is sent once: later
-        syncs send only what changes (`grpo`'s policy), or nothing."""
+        workers the EMA (`sft_dual`) or the policy (`grpo`); broadcast over the weight channels, copied by CUDA IPC
+        on a shared card, or through the object store (the driver only passes refs). A frozen teacher
+        (`algo.ema_decay: 1`) is sent once: later syncs send only what changes (`grpo`'s policy), or nothing."""
         t0 = time.perf_counter()
         targets = [("rollout", self.rollout_weights), ("reward", "ema")]
         if self.ema_frozen and self._ema_sent:
@@ -241,6 +242,8 @@ class RayRuntime:
         shared = {}
         for which in dict.fromkeys(which for _, which in targets):
             shared[which] = self.deadlines.results(self.learner.submit_all("share_weights", which))[0]
+            if shared[which] is None:
+                raise RuntimeError(f"cuda_ipc weight sync: learner rank 0 has no trainable {which} tensors to share")
         groups = {"rollout": self.rollout.actors, "reward": self.reward.actors}
         calls = [w.submit("receive_shared", shared[which]) for name, which in targets for w in groups[name]]
         self.deadlines.results(calls)

@@ -132,7 +132,7 @@ class RolloutStream:
         captions = Captions(**saved["captions"])
         inputs.scored = scored
         inputs.rollout = Rollout(captions, saved["group_size"], scored.total, off_policy=True)
-        inputs.metrics = dict(saved["metrics"])
+        inputs.metrics = {k: v for k, v in saved["metrics"].items() if not k.endswith("/ms")}  # timed elsewhere
         return inputs
 
     def _make(self, step: int, stale: bool, drawn: StepInputs | None = None) -> StepInputs:
@@ -147,8 +147,8 @@ class RolloutStream:
         captions = self.runtime.rollout.describe(batch, plan, self.seed_of(step))
         t1 = time.perf_counter()
         inputs.scored = self.runtime.reward.score(batch, captions, plan.group_size)
-        inputs.metrics["rollout/ms"] = 1000 * (t1 - t0)  # wall times of the two calls, made ahead or not
-        inputs.metrics["reward/ms"] = 1000 * (time.perf_counter() - t1)
+        inputs.metrics["step/rollout/ms"] = 1000 * (t1 - t0)  # wall times of the two calls, made ahead or not
+        inputs.metrics["step/reward/ms"] = 1000 * (time.perf_counter() - t1)
         inputs.rollout = Rollout(captions, plan.group_size, inputs.scored.total, off_policy=stale)
         inputs.metrics.update(inputs.scored.metrics)
         inputs.metrics["train/caption_tokens"] = sum(len(i) for i in captions.ids) / len(captions)

@@ -60,9 +60,13 @@ def test_a_learner_on_its_card_and_the_workers_sharing_another():
     assert weight_path("auto", "cuda", channels, places) == "collective"
 
 
-def test_actors_asking_nothing_beside_others_asking_are_refused():
+@pytest.mark.parametrize("cpus", [0, 1])
+def test_actors_without_a_gpu_beside_others_with_one_are_refused(cpus):
+    """On GPUs every actor runs on the run's device: one kind asking none (with CPUs or without) is refused before
+    anything is placed."""
     spec = load_recipe(
-        "recipes/sft_dual.yaml", ["runtime.kind=ray", "runtime.learner_gpus=1", "output_dir=unused"]
+        "recipes/sft_dual.yaml",
+        ["runtime.kind=ray", "runtime.learner_gpus=1", f"runtime.worker_cpus={cpus}", "output_dir=unused"],
     ).runtime
-    with pytest.raises(ValueError, match="Ray refuses empty bundles"):
+    with pytest.raises(ValueError, match="others for none"):
         Placement(spec, [1, 1, 1])
