@@ -132,7 +132,7 @@ class RolloutStream:
         captions = Captions(**saved["captions"])
         inputs.scored = scored
         inputs.rollout = Rollout(captions, saved["group_size"], scored.total, off_policy=True)
-        inputs.metrics = {k: v for k, v in saved["metrics"].items() if not k.endswith("/ms")}  # timed elsewhere
+        inputs.metrics = dict(saved["metrics"])  # its timings too: how long that step took in the run that made it
         return inputs
 
     def _make(self, step: int, stale: bool, drawn: StepInputs | None = None) -> StepInputs:
