@@ -56,20 +56,26 @@ REGIONS_PER_LEARNER = 8
 
 
 class CardMemory:
-    """The most memory each card used while it ran (nvidia-smi every second; empty without nvidia-smi)."""
+    """The most memory each card used while it ran (nvidia-smi every second; empty without nvidia-smi). A read
+    that fails stops the polling and is kept in `error`, so a partial peak is never reported as the peak."""
 
     def __init__(self):
         self.peak_mib: dict[str, int] = {}
+        self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True) if shutil.which("nvidia-smi") else None
 
     def _poll(self) -> None:
         query = ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"]
         while not self._stop.wait(1.0):
-            done = subprocess.run(query, capture_output=True, text=True, timeout=30)
-            for line in done.stdout.splitlines():
-                index, used = (x.strip() for x in line.split(","))
-                self.peak_mib[index] = max(self.peak_mib.get(index, 0), int(used))
+            try:
+                done = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+                for line in done.stdout.splitlines():
+                    index, used = (x.strip() for x in line.split(","))
+                    self.peak_mib[index] = max(self.peak_mib.get(index, 0), int(used))
+            except (subprocess.SubprocessError, ValueError) as err:
+                self.error = f"nvidia-smi read failed: {err!r}"
+                return
 
     def __enter__(self) -> CardMemory:
         if self._thread is not None:
@@ -93,7 +99,10 @@ def point(name: str, recipe: str, overrides: list[str], out_dir: Path, timeout_s
     """One run with its cards' peak memory, regions/s and captions/s."""
     with CardMemory() as memory:
         result = launch(name, recipe, overrides, out_dir, timeout_s)
-    result["peak_gib_per_card"] = {k: round(v / 1024, 1) for k, v in sorted(memory.peak_mib.items())}
+    if memory.error is None:
+        result["peak_gib_per_card"] = {k: round(v / 1024, 1) for k, v in sorted(memory.peak_mib.items())}
+    else:
+        result["peak_memory_error"] = memory.error
     if result.get("median_step_ms"):
         result["regions_per_s"] = round(regions / (result["median_step_ms"] / 1000), 2)
         result["captions_per_s"] = round(regions * g / (result["median_step_ms"] / 1000), 2)
