@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu/issue11.sh probe     # inductor's C++ wrapper builds and trains on this machine (seconds)
 #   bash benchmarks/gpu/issue11.sh tiny_graphs  # the CUDA-graph test; the tiny step eager, with model.train_graphs, eager;
 #                                            # the training loop with them
+#   bash benchmarks/gpu/issue11.sh tiny_precision  # the graphed tiny step in float32, TF32, bf16; its loop in TF32
+#   bash benchmarks/gpu/issue11.sh tiny_host  # the graphed tiny step against an earlier tree's; its loop
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -101,6 +103,32 @@ PY
     run tiny_graphs_loop "${LIMIT:-200}" python3 benchmarks/gpu/tiny_steps.py model.train_graphs=true --only loop \
       --out "$OUT/tiny_graphs_loop.json"
     ;;
+  tiny_precision)  # the graphed tiny step in float32, TF32 and bf16 (one process), a profile of the graphed float32
+    # step; then the graphed TF32 loop with the recipe's 6 loader workers and with $WORKERS
+    t=benchmarks/gpu/tiny_steps.py
+    run tiny_precision "${LIMIT:-240}" python3 $t model.train_graphs=true --only step profile --steps 60 --warmup 10 \
+      --variants tf32:model.precision=tf32 bf16:model.precision=bf16 --out "$OUT/tiny_precision.json"
+    run tiny_loop_tf32 120 python3 $t model.train_graphs=true model.precision=tf32 --only loop --max-seconds 30 \
+      --out "$OUT/tiny_loop_tf32.json"
+    run tiny_loop_tf32_w 120 python3 $t model.train_graphs=true model.precision=tf32 --only loop --max-seconds 30 \
+      --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_tf32_w.json"
+    ;;
+  tiny_host)  # the graphed tiny step of this tree against the tree in $BASE (a copy of an earlier commit, e.g.
+    # `git archive COMMIT dualrl benchmarks recipes pyproject.toml | tar -x -C .gpucarry/base`), new / base / new,
+    # one process each; a Python profile of this tree's step; the loop with $WORKERS workers in float32 and TF32
+    t=benchmarks/gpu/tiny_steps.py
+    run graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py
+    run tiny_new 120 python3 $t model.train_graphs=true --only step pyprofile --steps 100 --warmup 10 --profile-steps 20 \
+      --out "$OUT/tiny_new.json"
+    (cd "${BASE:-.gpucarry/base}" && run tiny_base 120 python3 $t model.train_graphs=true --only step --steps 100 \
+      --warmup 10 --out "$OUT/tiny_base.json")
+    run tiny_new_again 120 python3 $t model.train_graphs=true --only step --steps 100 --warmup 10 \
+      --out "$OUT/tiny_new_again.json"
+    for p in float32 tf32; do
+      run "tiny_loop_$p" 100 python3 $t model.train_graphs=true model.precision=$p --only loop --max-seconds 30 \
+        --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_$p.json"
+    done
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -125,5 +153,5 @@ PY
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
         [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--compare-graphs]
-        [--out results.json]
+        [--variants LABEL:KEY=VALUE,...] [--out results.json]
         [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
@@ -13,7 +13,7 @@
 
 One process, the recipe's model (random init, as the run starts) in the local runtime, `key=value` overrides
 applied after the script's own (which include `model.train_graphs=false`: eager is the baseline). The target is
-20 steps/s at batch 64 (1280 samples/s). Five measurements:
+20 steps/s at batch 64 (1280 samples/s). Six measurements:
 
 1. data: batches/s of the training stream alone (`train_batches(recipe.data, ...)`: loader workers generate the shapes
    scenes, the training process receives them one by one and collates), for each `--workers` value; the first
@@ -38,7 +38,9 @@ applied after the script's own (which include `model.train_graphs=false`: eager 
    copies by direction, synchronising calls (cudaStreamSynchronize & co., aten::_local_scalar_dense from
    `.item()` / `bool(tensor)`, aten::nonzero), and the share of the step's wall time the GPU is busy (union of
    kernel and copy intervals). The profiler slows the host side; its step times are not the rates of 2./3.
-5. syncs: one learner step (host batch) under a dispatch mode that records, by the innermost dualrl/ (or
+5. pyprofile: cProfile over `--profile-steps` learner steps on the device batch: the Python functions that hold the
+   host, by own and by cumulative time (appended to `profile_tables.txt`).
+6. syncs: one learner step (host batch) under a dispatch mode that records, by the innermost dualrl/ (or
    rewards/) source line, every op that makes the host wait for the device: `.item()` / `bool(t)` / `int(t)`
    (aten::_local_scalar_dense), nonzero, boolean-mask indexing, masked_select, repeat_interleave by a tensor,
    copies between host and device (a blocking copy synchronises the stream), `torch.tensor(data, device=cuda)`,
@@ -262,6 +264,57 @@ def measure_graphed_step(args, runtime, recipe, batch, rollout) -> dict:
         learner.graphs = None
     print(f"graphs: first step {first_s:.2f} s, {out['captures']} parts captured", flush=True)
     return out
+
+
+def measure_variant(args, variant: str, device_batch: dict) -> dict:
+    """The device-batch step of a runtime built again with the variant's overrides (`LABEL:key=value,...`),
+    after the base measurements, in the same process; torch's TF32 switches are put back afterwards, so that a
+    `model.precision=tf32` variant does not leak into what is measured next."""
+    label, _, spec = variant.partition(":")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    args_v = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *filter(None, spec.split(","))]})
+    recipe = make_recipe(args_v, args.loop_workers)
+    runtime = start_runtime(recipe)
+    try:
+        runtime.sync()
+        sync()
+        t = time.perf_counter()
+        runtime.learner.step(device_batch, None, step_generator(recipe.train.seed, 1))
+        sync()
+        first_s = time.perf_counter() - t
+        out = measure_step(args, runtime, recipe, device_batch, None, f"variant {label}")
+        out.update(variant=variant, first_step_s=first_s)
+    finally:
+        runtime.shutdown()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return out
+
+
+def python_profile(args, runtime, recipe, batch, rollout) -> dict:
+    """cProfile over `--profile-steps` learner steps on the device batch (after `--warmup` untimed ones): the
+    Python functions that hold the host, by own time and by cumulative time (torch's builtins included)."""
+    import cProfile
+    import io
+    import pstats
+
+    learner, seed = runtime.learner, recipe.train.seed
+    for i in range(args.warmup):
+        learner.step(batch, rollout, step_generator(seed, i + 1))
+    sync()
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.enable()
+    for i in range(args.profile_steps):
+        learner.step(batch, rollout, step_generator(seed, args.warmup + i + 1))
+    sync()
+    profiler.disable()
+    wall = time.perf_counter() - t
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumtime").print_stats(40)
+    print(f"python profile: {args.profile_steps} steps, {1000 * wall / args.profile_steps:.1f} ms a step", flush=True)
+    return {"steps": args.profile_steps, "step_ms": 1000 * wall / args.profile_steps, "text": text.getvalue()}
 
 
 # ------------------------------------------------------------------------------------------ 3. loop
@@ -685,7 +738,7 @@ def parse_args():
     parser.add_argument("--loop-workers", type=int, default=None, help="default: the recipe's data.num_workers")
     parser.add_argument("--profile-steps", type=int)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cap on each timed phase")
-    phases = ("data", "step", "loop", "profile", "syncs")
+    phases = ("data", "step", "loop", "profile", "pyprofile", "syncs")
     parser.add_argument("--only", nargs="+", choices=phases, default=list(phases))
     parser.add_argument(
         "--compare-compile",
@@ -697,6 +750,15 @@ def parse_args():
         action="store_true",
         help="step phase: time the device batch again with the encoders and SAM2 decoding as CUDA graphs "
         "(model.train_graphs; CUDA only), then eager again",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="step phase: the device batch again on a runtime built with these overrides added (pretrain "
+        "recipes: no rollout), one variant after the other, then the base runtime again; e.g. "
+        "tf32:model.precision=tf32",
     )
     parser.add_argument(
         "--wrappers",
@@ -754,7 +816,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)
         phase("data", measure_data, args)
-        if {"step", "loop", "profile", "syncs"} & set(args.only):
+        if {"step", "loop", "profile", "pyprofile", "syncs"} & set(args.only):
             recipe = make_recipe(args, args.loop_workers)
             if recipe.train.threads:
                 torch.set_num_threads(recipe.train.threads)
@@ -798,13 +860,21 @@ def main() -> int:
                         if args.compare_graphs
                         else []
                     ),
+                    *[measure_variant(args, v, device_batch) for v in args.variants],
+                    *(
+                        [measure_step(args, runtime, recipe, device_batch, rollout, "device, after variants")]
+                        if args.variants
+                        else []
+                    ),
                 ],
             )
             phase("profile", profile_steps, args, runtime, recipe, host_batch, rollout, args.out_dir)
+            phase("pyprofile", python_profile, args, runtime, recipe, device_batch, rollout)
             phase("syncs", sync_sites, args, runtime, recipe, host_batch, rollout)
-            if "syncs" in results:
-                with (args.out_dir / "profile_tables.txt").open("a") as f:
-                    f.write("\n\n" + results["syncs"]["text"] + "\n")
+            for name in ("pyprofile", "syncs"):
+                if name in results:
+                    with (args.out_dir / "profile_tables.txt").open("a") as f:
+                        f.write("\n\n" + results[name]["text"] + "\n")
             phase("loop", measure_loop, args, runtime, recipe, plan)
             runtime.shutdown()
     if cuda():

@@ -127,6 +127,10 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Grounded
             model.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if spec.precision == "tf32" and torch.device(device).type == "cuda":
+        # TF32 tensor cores for float32 products: a process-wide setting of torch, as trainers expose it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if spec.precision == "bf16":
         # Mixed precision as Sa2VA trains: what does not train is stored in bf16 (half the memory), what
         # trains stays float32 for the optimizer; the workers run forward passes under bf16 autocast.

@@ -26,7 +26,7 @@ from dualrl.model import sam as samlib
 from dualrl.model.decode import CaptionDecoder
 from dualrl.model.prompts import PromptBuilder
 from dualrl.model.sampling import Sampling, unsupported_generation_settings
-from dualrl.model.sequence import Assembler, Ids, Piece, Sequences
+from dualrl.model.sequence import Assembler, Feats, Ids, Piece, Sequences
 from dualrl.model.transfer import upload
 
 if TYPE_CHECKING:
@@ -95,6 +95,17 @@ class _EndText(StoppingCriteria):
 
 def _same_key(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] == b[1]
+
+
+def _image_rows(image_tokens: Tensor, i: int) -> Feats:
+    """Image i's tokens as rows of the batch's image tokens [B, T, H], which every prompt of a batch shares."""
+    count = image_tokens.shape[1]
+    return Feats(image_tokens, range(i * count, (i + 1) * count))
+
+
+def _is_identity(index: Tensor, n: int) -> bool:
+    """Whether a host index picks rows 0..n-1 in order (a device index is not read: that would wait for it)."""
+    return not index.is_cuda and len(index) == n and torch.equal(index, torch.arange(n, device=index.device))
 
 
 def causal_padding_mask(attention: Tensor) -> Tensor:
@@ -234,12 +245,12 @@ class GroundedVLM(nn.Module):
         return self.vlm.model.multi_modal_projector(feats.vision)
 
     @staticmethod
-    def region_tokens(image_tokens: Tensor, masks: Tensor, image_index: Tensor | None = None) -> list[Tensor]:
+    def region_cells(count: int, masks: Tensor, image_index: Tensor | None = None) -> list[list[int]]:
         """Sa2VA region prompt: the image tokens whose grid cell the mask covers (>= half, i.e. a nearest
-        downsample). A region smaller than one cell keeps its best-covered cell instead of vanishing. The cells
-        are picked where the masks are (host masks: on the host, so the host never waits for the device), then
-        gathered on the device by index. Region i lies in image `image_index[i]` (default: image i)."""
-        count = image_tokens.shape[1]
+        downsample), of `count` tokens an image. A region smaller than one cell keeps its best-covered cell instead
+        of vanishing. Region i lies in image `image_index[i]` (default: image i); its cells come back as rows of
+        the images' tokens read as one matrix [images * count, H]. Worked out where the masks are (host masks: on
+        the host, so the host never waits for the device)."""
         side = int(count**0.5)
         cover = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
         keep = cover >= 0.5
@@ -248,8 +259,15 @@ class GroundedVLM(nn.Module):
         keep = keep.cpu()  # one copy back when the masks were on the device
         region, cell = keep.nonzero(as_tuple=True)
         image = region if image_index is None else image_index.cpu()[region]
-        cells = upload(image * count + cell, image_tokens.device)
-        return list(image_tokens.flatten(0, 1).index_select(0, cells).split(keep.sum(dim=1).tolist()))
+        return [r.tolist() for r in (image * count + cell).split(keep.sum(dim=1).tolist())]
+
+    @classmethod
+    def region_tokens(cls, image_tokens: Tensor, masks: Tensor, image_index: Tensor | None = None) -> list[Tensor]:
+        """Each region's tokens (`region_cells`) as a tensor [cells, H]."""
+        cells = cls.region_cells(image_tokens.shape[1], masks, image_index)
+        flat = image_tokens.flatten(0, 1)
+        index = upload(torch.tensor([c for region in cells for c in region]), flat.device)
+        return list(flat.index_select(0, index).split([len(c) for c in cells]))
 
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, seq: Sequences) -> Tensor:
@@ -310,7 +328,9 @@ class GroundedVLM(nn.Module):
                 "these image features hold no SAM2 encoding (encoded with sam=False, for captioning): "
                 "encode with encode_images(images) to segment"
             )
-        logits, _ = self.decode_prompts(sam_feats.select(image_index), queries)
+        if not _is_identity(image_index, sam_feats.image_embed.shape[0]):  # else no copy of the features
+            sam_feats = sam_feats.select(upload(image_index, self.device))
+        logits, _ = self.decode_prompts(sam_feats, queries)
         return logits
 
     def decode_prompts(
@@ -326,7 +346,7 @@ class GroundedVLM(nn.Module):
         return samlib.decode(self.sam, feats, queries, self.spec.multimask, points=points)
 
     def segment_prompts(self, image_tokens: Tensor, image_index: Tensor, texts: list[str | Ids]) -> list[list[Piece]]:
-        return [self.prompts.segment(image_tokens[i], t) for i, t in zip(image_index.tolist(), texts)]
+        return [self.prompts.segment(_image_rows(image_tokens, i), t) for i, t in zip(image_index.tolist(), texts)]
 
     def segment(
         self,
@@ -345,15 +365,18 @@ class GroundedVLM(nn.Module):
         seq = self.assemble(self.segment_prompts(image_tokens, image_index, texts))
         hidden = self.lm_hidden(seq)
         queries = self.seg_queries(hidden, seq)
-        return self.decode_masks(queries, feats.sam, upload(image_index, self.device)), hidden, seq, image_tokens
+        return self.decode_masks(queries, feats.sam, image_index), hidden, seq, image_tokens
 
     # ---------------------------------------------------------------------------------- captioning
     def region_prompts(
         self, image_tokens: Tensor, masks: Tensor, image_index: Tensor, answers: list[str | Ids | None] | None = None
     ) -> list[list[Piece]]:
-        regions = self.region_tokens(image_tokens, masks, image_index)
-        answers = answers if answers is not None else [None] * len(regions)
-        return [self.prompts.region(image_tokens[i], r, a) for i, r, a in zip(image_index.tolist(), regions, answers)]
+        cells = self.region_cells(image_tokens.shape[1], masks, image_index)
+        answers = answers if answers is not None else [None] * len(cells)
+        return [
+            self.prompts.region(_image_rows(image_tokens, i), Feats(image_tokens, c), a)
+            for i, c, a in zip(image_index.tolist(), cells, answers)
+        ]
 
     @property
     def decoder(self) -> CaptionDecoder:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 _MARKER = re.compile(r"(<image>|<region>|\{question\}|\{expression\})")
 
 
+def _feats(tokens: Tensor | Feats) -> Feats:
+    return tokens if isinstance(tokens, Feats) else Feats(tokens)
+
+
 def _merge(pieces: list[Piece]) -> list[Piece]:
     """Join neighbouring text pieces with the same label, so text tokenizes as one string."""
     out: list[Piece] = []
@@ -55,16 +59,19 @@ class PromptBuilder:
         return _merge([Text(self.turn_open), *user, Text(self.turn_close), *answer])
 
     @staticmethod
-    def _image(image_tokens: Tensor) -> list[Piece]:
-        return [Text("<img>"), Feats(image_tokens), Text("</img>")]
+    def _image(image_tokens: Tensor | Feats) -> list[Piece]:
+        return [Text("<img>"), _feats(image_tokens), Text("</img>")]
 
-    def region(self, image_tokens: Tensor, region_tokens: Tensor, answer: str | Ids | None = None) -> list[Piece]:
-        """Region prompt; with `answer`, the caption follows as labelled tokens ending in eos."""
+    def region(
+        self, image_tokens: Tensor | Feats, region_tokens: Tensor | Feats, answer: str | Ids | None = None
+    ) -> list[Piece]:
+        """Region prompt; with `answer`, the caption follows as labelled tokens ending in eos. Image and region
+        tokens come as tensors [n, H] or as rows of a matrix the batch shares (`Feats` with `rows`)."""
         user = self._fill(
             self.spec.region,
             {
                 "<image>": self._image(image_tokens),
-                "<region>": [Text("<vp>"), Feats(region_tokens), Text("</vp>")],
+                "<region>": [Text("<vp>"), _feats(region_tokens), Text("</vp>")],
                 "{question}": [Text(self.spec.region_question)],
             },
         )
@@ -75,7 +82,7 @@ class PromptBuilder:
             reply = [answer, Text(self.eos, label=True)]
         return self._turn(user, reply)
 
-    def segment(self, image_tokens: Tensor, expression: str | Ids) -> list[Piece]:
+    def segment(self, image_tokens: Tensor | Feats, expression: str | Ids) -> list[Piece]:
         """Referring prompt, answered by "Sure, [SEG]." (labelled: the LM learns to emit [SEG])."""
         expr = [Text(expression)] if isinstance(expression, str) else [expression]
         user = self._fill(self.spec.segment_question, {"<image>": self._image(image_tokens), "{expression}": expr})

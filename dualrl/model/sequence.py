@@ -8,6 +8,7 @@ many prompts and lets soft caption embeddings carry gradients into the sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -38,7 +39,17 @@ class Ids:
 
 @dataclass
 class Feats:
-    feats: Tensor  # [n, H] image or region features
+    """Image or region features in place of `<IMG_CONTEXT>` slots: `feats` [n, H] as they are, or, with `rows`,
+    those rows of a matrix that many prompts of a batch share (`feats` [M, H], or [B, T, H] read as [B*T, H]: one
+    image's tokens are rows i*T to (i+1)*T, a region's the cells it covers). A shared matrix enters the
+    assembled batch once and each prompt picks its rows by index: the backward pass then makes one gradient for
+    it, not one full-size gradient per prompt that reads a view of it."""
+
+    feats: Tensor
+    rows: Sequence[int] | None = None
+
+    def __len__(self) -> int:
+        return self.feats.shape[0] if self.rows is None else len(self.rows)
 
 
 Piece = Text | Ids | Feats
@@ -81,18 +92,28 @@ class Assembler:
         ids of the whole batch, then the dense pieces, then a zero row for padding), gathered with one
         index: a handful of kernels for any batch size, and one scatter-add in the backward pass."""
         text_ids: list[int] = []  # every id that takes its embedding from the table, batch-wide
-        dense: list[Tensor] = []  # features and soft embeddings, in order
+        dense: list[Tensor] = []  # features (shared matrices once each) and soft embeddings, in order
+        shared: dict[int, int] = {}  # id of a shared matrix -> its first row among the dense rows
         n_dense = 0
-        rows: list[tuple[list[tuple[bool, int, int]], list[int], list[int]]] = []
+        rows: list[tuple[list[tuple[bool, Sequence[int]]], list[int], list[int]]] = []
         marks: dict[str, list[tuple[int, int, int]]] = {}
         for b, prompt in enumerate(prompts):
             spans, ids, labels = [], [], []
             for piece in prompt:
                 if isinstance(piece, Feats):
-                    n = piece.feats.shape[0]
-                    spans.append((True, n_dense, n))
-                    dense.append(piece.feats)
-                    n_dense += n
+                    n = len(piece)
+                    if piece.rows is None:
+                        spans.append((True, range(n_dense, n_dense + n)))
+                        dense.append(piece.feats)
+                        n_dense += n
+                    else:
+                        first = shared.get(id(piece.feats))
+                        if first is None:
+                            matrix = piece.feats.flatten(0, -2)
+                            first = shared[id(piece.feats)] = n_dense
+                            dense.append(matrix)
+                            n_dense += matrix.shape[0]
+                        spans.append((True, [first + r for r in piece.rows]))
                     ids += [-1] * n
                     labels += [-100] * n
                     continue
@@ -105,11 +126,11 @@ class Assembler:
                 if isinstance(piece, Ids) and piece.mark is not None:
                     marks.setdefault(piece.mark, []).append((b, len(ids), n))
                 if soft:
-                    spans.append((True, n_dense, n))
+                    spans.append((True, range(n_dense, n_dense + n)))
                     dense.append(piece.embeds)
                     n_dense += n
                 else:
-                    spans.append((False, len(text_ids), n))
+                    spans.append((False, range(len(text_ids), len(text_ids) + n)))
                     text_ids += tok
                 ids += tok
                 labels += tok if piece.label else [-100] * n
@@ -126,9 +147,11 @@ class Assembler:
         index, all_ids, all_labels, attention, offsets = [], [], [], [], []
         for spans, ids, labels in rows:
             gather = []
-            for is_dense, start, n in spans:
-                first = start + (len(text_ids) if is_dense else 0)
-                gather.extend(range(first, first + n))
+            for is_dense, at in spans:
+                if is_dense:  # dense rows come after the table's
+                    gather.extend(r + len(text_ids) for r in at)
+                else:
+                    gather.extend(at)
             pad = width - len(ids)
             offsets.append(pad if pad_left else 0)
             if pad_left:

@@ -236,10 +236,12 @@ class ModelSpec(Section):
         "of a checkpoint, only what it does not hold). null: the same as train.seed. LoRA adapters are drawn from "
         "train.seed, after the build.",
     )
-    precision: Literal["float32", "bf16"] = Field(
+    precision: Literal["float32", "tf32", "bf16"] = Field(
         "float32",
         description="bf16: frozen weights stored in bfloat16, trainable ones in float32, forward passes under bf16 "
-        "autocast (Sa2VA trains with bf16 mixed precision).",
+        "autocast (Sa2VA trains with bf16 mixed precision). tf32: float32 weights and activations, with matrix "
+        "products and convolutions on CUDA's TF32 tensor cores (10-bit mantissa inputs, float32 sums; set for the "
+        "whole process). On CPUs tf32 is float32.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernels of the VLM (flash_attention_2 needs the flash-attn package)."

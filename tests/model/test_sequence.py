@@ -52,3 +52,25 @@ def test_soft_embeddings_replace_ids_and_carry_gradient():
     assert torch.equal(batch.inputs_embeds[0, 1:3], soft)
     batch.inputs_embeds.sum().backward()
     assert torch.equal(soft.grad, torch.ones(2, 4))
+
+
+def test_shared_rows_match_copies_and_gradients():
+    """Feats with rows read a matrix the prompts share: the same embeddings and gradients as each prompt's own
+    copy of those rows, with the matrix put in once (one gradient path, not one per prompt)."""
+    _tok, _, asm = _assembler()
+    tokens = torch.randn(3, 5, 4, requires_grad=True)  # [images, tokens, H], read as 15 rows
+    picks = [range(0, 5), [7, 9], range(10, 15), [14]]
+    shared = asm([[Text("<|user|>"), Feats(tokens, rows=r), Text("<|end|>", label=True)] for r in picks])
+    copies = torch.randn(3, 5, 4).copy_(tokens.detach()).requires_grad_(True)
+    flat = copies.flatten(0, 1)
+    plain = asm([[Text("<|user|>"), Feats(flat[list(r)]), Text("<|end|>", label=True)] for r in picks])
+    assert torch.equal(shared.inputs_embeds, plain.inputs_embeds)
+    assert torch.equal(shared.attention_mask, plain.attention_mask) and torch.equal(shared.labels, plain.labels)
+    weights = torch.randn_like(shared.inputs_embeds)
+    (shared.inputs_embeds * weights).sum().backward()
+    (plain.inputs_embeds * weights).sum().backward()
+    torch.testing.assert_close(tokens.grad, copies.grad)
+    assert tokens.grad[0, 1:].abs().sum() > 0 and not tokens.grad[1, 0].any()  # row 5 is read by no prompt
+    gather = shared.inputs_embeds.grad_fn  # rows picked from one source: the shared matrix enters it once
+    sources = gather.next_functions[0][0].next_functions
+    assert len(sources) == 3  # the text table, the shared matrix, the padding row
