@@ -115,7 +115,7 @@ PY
     ;;
   tiny_host)  # the graphed tiny step of this tree against the tree in $BASE (a copy of an earlier commit, e.g.
     # `git archive COMMIT dualrl benchmarks recipes pyproject.toml | tar -x -C .gpucarry/base`), new / base / new,
-    # one process each; a Python profile of this tree's step; the loop with $WORKERS workers in float32 and TF32
+    # one process each; a Python profile of this tree's step; the loop with $WORKERS workers in each of $PRECISIONS
     t=benchmarks/gpu/tiny_steps.py
     run graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py
     run tiny_new 120 python3 $t model.train_graphs=true --only step pyprofile --steps 100 --warmup 10 --profile-steps 20 \
@@ -124,7 +124,7 @@ PY
       --warmup 10 --out "$OUT/tiny_base.json")
     run tiny_new_again 120 python3 $t model.train_graphs=true --only step --steps 100 --warmup 10 \
       --out "$OUT/tiny_new_again.json"
-    for p in float32 tf32; do
+    for p in ${PRECISIONS:-float32 tf32}; do
       run "tiny_loop_$p" 100 python3 $t model.train_graphs=true model.precision=$p --only loop --max-seconds 30 \
         --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_$p.json"
     done

@@ -12,6 +12,7 @@ Image features are computed by `encode_images` once and passed to any number of 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -259,7 +260,9 @@ class GroundedVLM(nn.Module):
         keep = keep.cpu()  # one copy back when the masks were on the device
         region, cell = keep.nonzero(as_tuple=True)
         image = region if image_index is None else image_index.cpu()[region]
-        return [r.tolist() for r in (image * count + cell).split(keep.sum(dim=1).tolist())]
+        flat, sizes = (image * count + cell).tolist(), keep.sum(dim=1).tolist()
+        ends = list(itertools.accumulate(sizes))
+        return [flat[end - n : end] for n, end in zip(sizes, ends)]
 
     @classmethod
     def region_tokens(cls, image_tokens: Tensor, masks: Tensor, image_index: Tensor | None = None) -> list[Tensor]:

@@ -104,7 +104,6 @@ class TrainGraphs:
         self.eager_calls = 0  # calls that ran eagerly because max_graphs were held
         self._warned = False
         self._calls: Counter = Counter()  # calls of each signature in this update
-        self._accumulators: list | None = None  # the parameters' gradient accumulators, made on the step's stream
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -116,17 +115,6 @@ class TrainGraphs:
             yield
         finally:
             self.model.train_graphs = previous
-
-    def _hold_accumulators(self) -> None:
-        """Make each trainable parameter's gradient accumulator (autograd's AccumulateGrad node) here, on the step's
-        stream, and keep it. Made first inside a capture, a node would belong to the capture's side stream for as
-        long as the graph keeps it alive, and every later update would record and wait on an event per parameter
-        to hand its gradient across streams (PyTorch warns of the mismatch)."""
-        if self._accumulators is None:
-            with torch.enable_grad():
-                self._accumulators = [
-                    p.view_as(p).grad_fn.next_functions[0][0] for p in self.model.parameters() if p.requires_grad
-                ]
 
     @staticmethod
     def applies(*tensors: Tensor) -> bool:
@@ -174,7 +162,6 @@ class TrainGraphs:
         return graphed(*args)
 
     def _capture(self, module: nn.Module, args: tuple[Tensor, ...]) -> Callable:
-        self._hold_accumulators()
         # static input buffers of the capture: copies, so that the step's own tensors are not written to
         sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         self.captures += 1

@@ -75,7 +75,9 @@ class Learner:
     def _optimizer(self) -> None:
         """AdamW over the trainable parameters (as they are now: whole, or this rank's shards) and its schedule."""
         o = self.optim_spec
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # the trainable parameters by name, kept: walking the model's modules for them costs milliseconds a step
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = list(self.trainable.values())
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=self.device.startswith("cuda")
         )
@@ -134,7 +136,8 @@ class Learner:
     def step(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
         """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
         then one scheduler step. Metrics are the mean over the updates."""
-        self.model.train()
+        if not self.model.training:  # set all the way down only after an eval(): a walk of every module
+            self.model.train()
         parts = micro_batches(batch, rollout, self.optim_spec.accumulation * self.rank.world)
         sums: dict[str, float] = {}
         skipped = self.skipped_steps
@@ -175,7 +178,7 @@ class Learner:
             for name, v in out.metrics.items():  # a figure is the mean over the micro-batches that report it
                 sums[name] = sums.get(name, 0.0) + v
                 counts[name] = counts.get(name, 0) + 1
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = list(self.trainable.values())
         grad_norm = sharding.whole_tensor(torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip))
         # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
         # the host wait for the device mid-step.
@@ -194,7 +197,7 @@ class Learner:
         self.optimizer.step()
         # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
         # the parameters themselves, not detached views: read without autograd below, and each detach is a dispatch
-        state = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        state = self.trainable
         if self.shards is not None:
             state = self.shards.local(state)
         broken = self._nonfinite(state)
