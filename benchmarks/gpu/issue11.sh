@@ -12,8 +12,6 @@
 #                                            # the training loop with them
 #   bash benchmarks/gpu/issue11.sh tiny_precision  # the graphed tiny step in float32, TF32, bf16; its loop in TF32
 #   bash benchmarks/gpu/issue11.sh tiny_host  # the graphed tiny step against an earlier tree's; its loop
-#   bash benchmarks/gpu/issue11.sh tiny_after  # the graphed step by precision, the data stream, the TF32 loop
-#   bash benchmarks/gpu/issue11.sh tiny_receive  # the loop with and without the data-receiving thread
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -131,24 +129,6 @@ PY
         --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_$p.json"
     done
     ;;
-  tiny_after)  # after the host work: the graphed step in float32, TF32 and bf16 (one process); the data stream alone
-    # with 12 and 16 loader workers; the TF32 loop with $WORKERS workers
-    t=benchmarks/gpu/tiny_steps.py
-    run tiny_after_precision 150 python3 $t model.train_graphs=true --only step --steps 100 --warmup 10 \
-      --variants tf32:model.precision=tf32 bf16:model.precision=bf16 --out "$OUT/tiny_after_precision.json"
-    run tiny_after_data 100 python3 $t --only data --workers 12 16 --data-batches 200 --max-seconds 20 \
-      --out "$OUT/tiny_after_data.json"
-    run tiny_after_loop_tf32 100 python3 $t model.train_graphs=true model.precision=tf32 --only loop --max-seconds 30 \
-      --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_after_loop_tf32.json"
-    ;;
-  tiny_receive)  # the graphed float32 loop with $WORKERS loader workers: samples received in a thread (the
-    # default, data.receive_thread) / in the training thread / in a thread again, one process each
-    t=benchmarks/gpu/tiny_steps.py
-    for r in true false true; do
-      run "tiny_loop_receive_$r" 80 python3 $t model.train_graphs=true data.receive_thread=$r --only loop --max-seconds 25 \
-        --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_receive_${r}_$SECONDS.json"
-    done
-    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -173,5 +153,5 @@ PY
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_after|tiny_receive|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac

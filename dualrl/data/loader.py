@@ -13,8 +13,6 @@ message naming the source and the reasons: then it is the data's path or format,
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,7 +162,6 @@ class TrainBatches:
         all_bad_after: int = 64,
         skipped: dict[str, int] | None = None,
         samples: dict[str, int] | None = None,
-        receive_thread: bool = False,
     ):
         self.streams, self.batch_size, self.position = streams, batch_size, position
         self.all_bad_after = all_bad_after
@@ -186,8 +183,6 @@ class TrainBatches:
         # restores and must find exactly as the uninterrupted run had it.
         self._loader = loader
         self._it = iter(loader)
-        if num_workers and receive_thread:  # counting, skipping and collating stay here, in draw order
-            self._it = _Receiver(self._it, depth=2 * batch_size)
 
     def __iter__(self) -> TrainBatches:
         return self
@@ -242,53 +237,8 @@ class TrainBatches:
         }
 
     def close(self) -> None:
-        if isinstance(self._it, _Receiver):
-            self._it.close()
         self._it = None
         self._loader = None
-
-
-class _Receiver:
-    """Takes the loader workers' samples off the pipe in a thread of the training process, up to `depth` ahead, and
-    hands them over in order: receiving (unpickling) a batch of 64 costs the training process milliseconds that
-    would otherwise add to every step. An error of the loader (a worker that died, ...) is raised by `next` in
-    the training thread, where the receiving thread met it."""
-
-    def __init__(self, items: Iterator, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="dualrl-data-receiver")
-        self._thread.start()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put((item, None)):
-                    return
-            self._put((None, StopIteration()))
-        except BaseException as err:  # handed to the training thread, which raises it
-            self._put((None, err))
-
-    def _put(self, entry: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> _Receiver:
-        return self
-
-    def __next__(self):
-        item, err = self._queue.get()
-        if err is not None:
-            raise err
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def _identity(x):
@@ -315,7 +265,6 @@ def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict 
         data.all_bad_after,
         state.get("data_skipped"),
         state.get("data_samples"),
-        data.receive_thread,
     )
 
 

@@ -150,11 +150,6 @@ class DataSpec(Section):
     )
     num_workers: int = Field(0, ge=0, description="Loader worker processes (decoding, resizing); 0: in-process.")
     prefetch: int = Field(4, gt=0, description="Samples in flight per worker.")
-    receive_thread: bool = Field(
-        True,
-        description="With loader workers: a thread of the training process takes their samples off the pipe "
-        "(unpickling, a few milliseconds a batch of 64), so that it overlaps the step instead of adding to it.",
-    )
     seed: int | None = Field(
         None,
         ge=0,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dualrl.data.decode import BadSample
-from dualrl.data.loader import TrainBatches, _Receiver
+from dualrl.data.loader import TrainBatches
 from dualrl.data.sources.base import Shard, Source
 from dualrl.data.stream import DataError, Mixture, SourceStream
 
@@ -98,7 +98,7 @@ def test_mixture_follows_weights_and_replays_counts():
         assert next(iter(mix.draws(p)))[2] == sum(1 for _, s, _ in draws[:p] if s == draws[p][1])
 
 
-def _batches(position=0, workers=0, bad=(), all_bad_after=64, receive_thread=False):
+def _batches(position=0, workers=0, bad=(), all_bad_after=64):
     a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
     streams = [SourceStream(a, 0), SourceStream(b, 0)]
     return TrainBatches(
@@ -109,7 +109,6 @@ def _batches(position=0, workers=0, bad=(), all_bad_after=64, receive_thread=Fal
         seed=0,
         num_workers=workers,
         all_bad_after=all_bad_after,
-        receive_thread=receive_thread,
     )
 
 
@@ -131,37 +130,6 @@ def test_worker_processes_give_the_same_batches():
     loader = _batches(workers=2)
     assert _ids(loader, 5) == ids
     loader.close()
-
-
-def test_a_receiving_thread_gives_the_same_batches_and_positions():
-    """With `data.receive_thread` the workers' samples are taken off the pipe ahead, in a thread: batches, skips and
-    the checkpointed position are those of the plain loader (counting stays with the consumer, in draw order)."""
-    bad = {(0, i) for i in range(0, 20, 3)}
-    plain, threaded = _batches(workers=2, bad=bad), _batches(workers=2, bad=bad, receive_thread=True)
-    try:
-        for _ in range(5):
-            assert tuple(next(plain)["index"]) == tuple(next(threaded)["index"])
-            assert plain.state() == threaded.state()
-        assert threaded.metrics() == plain.metrics()
-    finally:
-        plain.close()
-        threaded.close()
-
-
-def test_the_receiving_thread_hands_on_the_loaders_error():
-    """An error met while receiving (a worker that died, ...) is raised in the consumer's `next`, after the items
-    received before it; the end of the items ends the iteration."""
-
-    def items(fail: bool):
-        yield from range(3)
-        if fail:
-            raise RuntimeError("worker 1 exited unexpectedly")
-
-    failing = _Receiver(items(fail=True), depth=2)
-    assert [next(failing) for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(RuntimeError, match="exited unexpectedly"):
-        next(failing)
-    assert list(_Receiver(items(fail=False), depth=1)) == [0, 1, 2]
 
 
 def test_bad_samples_are_skipped_counted_and_logged_once(caplog):
