@@ -4,7 +4,8 @@
     training process: draw p -> (source, key)  ──►  loader workers: key -> decoded, squared sample
     training process: good samples -> batches; bad ones counted by reason, first of each logged
 
-Decoding happens in `data.num_workers` processes with `data.prefetch` samples in flight per worker. A
+Decoding happens in `data.num_workers` processes with `data.prefetch` samples in flight per worker, sent
+`data.chunk` samples a message (the training process pays for each message it receives). A
 bad sample never stops the run: it is skipped and the next draw taken, so every batch is full. A source
 whose first `data.all_bad_after` draws (or whole epoch, if smaller) are all bad stops the run with a
 message naming the source and the reasons: then it is the data's path or format, not a bad sample.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,12 +92,15 @@ class Skipped:
 
 
 class _Load(Dataset):
-    """Runs in the loader workers: a drawn key -> (draw, sample or Skipped)."""
+    """Runs in the loader workers: a chunk of drawn keys -> [(draw, sample or Skipped)], one message."""
 
     def __init__(self, sources: dict[str, Source]):
         self.sources = sources
 
-    def __getitem__(self, item: tuple) -> tuple[int, Any]:
+    def __getitem__(self, chunk: list[tuple]) -> list[tuple[int, Any]]:
+        return [self._one(item) for item in chunk]
+
+    def _one(self, item: tuple) -> tuple[int, Any]:
         p, name, key, seed = item
         try:
             return p, _as_arrays(self.sources[name].load(key, seed))
@@ -116,15 +121,22 @@ def _as_arrays(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Draws(Sampler):
-    """Runs in the training process: draw p -> (p, source, key, seed) from `position` on."""
+    """Runs in the training process: draws p -> chunks of `chunk` consecutive (p, source, key, seed), from
+    `position` on."""
 
-    def __init__(self, mixture: Mixture, streams: list[SourceStream], position: int, seed: int):
-        self.mixture, self.streams, self.position, self.seed = mixture, streams, position, seed
+    def __init__(self, mixture: Mixture, streams: list[SourceStream], position: int, seed: int, chunk: int = 1):
+        self.mixture, self.streams, self.position, self.seed, self.chunk = mixture, streams, position, seed, chunk
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[list[tuple]]:
+        chunk = []
         for p, s, count in self.mixture.draws(self.position):
             stream = self.streams[s]
-            yield p, stream.source.name, stream.key(count), self.seed * 1_000_003 + p
+            chunk.append((p, stream.source.name, stream.key(count), self.seed * 1_000_003 + p))
+            if len(chunk) == self.chunk:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 class SkipLog:
@@ -162,6 +174,7 @@ class TrainBatches:
         all_bad_after: int = 64,
         skipped: dict[str, int] | None = None,
         samples: dict[str, int] | None = None,
+        chunk: int = 1,
     ):
         self.streams, self.batch_size, self.position = streams, batch_size, position
         self.all_bad_after = all_bad_after
@@ -172,9 +185,9 @@ class TrainBatches:
         loader = DataLoader(
             _Load({s.source.name: s.source for s in streams}),
             batch_size=None,
-            sampler=_Draws(mixture, streams, position, seed),
+            sampler=_Draws(mixture, streams, position, seed, chunk),
             num_workers=num_workers,
-            prefetch_factor=prefetch if num_workers else None,
+            prefetch_factor=-(-prefetch // chunk) if num_workers else None,  # chunks in flight per worker
             collate_fn=_identity,
             persistent_workers=False,
             generator=torch.Generator(),
@@ -183,6 +196,7 @@ class TrainBatches:
         # restores and must find exactly as the uninterrupted run had it.
         self._loader = loader
         self._it = iter(loader)
+        self._pending: deque[tuple[int, Any]] = deque()  # the rest of the last chunk received
 
     def __iter__(self) -> TrainBatches:
         return self
@@ -190,7 +204,9 @@ class TrainBatches:
     def __next__(self) -> dict[str, Any]:
         items = []
         while len(items) < self.batch_size:
-            p, out = next(self._it)
+            if not self._pending:
+                self._pending.extend(next(self._it))
+            p, out = self._pending.popleft()
             self.position = p + 1
             if isinstance(out, Skipped):
                 self.skips.add(out)
@@ -265,6 +281,7 @@ def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict 
         data.all_bad_after,
         state.get("data_skipped"),
         state.get("data_samples"),
+        data.chunk,
     )
 
 

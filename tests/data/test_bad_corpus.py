@@ -238,7 +238,9 @@ def test_all_sources_mixed_through_workers(tmp_path):
         if c.after_index:
             c.after_index()
     mixture = Mixture(streams, [1.0] * len(streams), seed=1)
-    batches = TrainBatches(streams, mixture, batch_size=4, seed=1, num_workers=2, prefetch=2, all_bad_after=10_000)
+    batches = TrainBatches(
+        streams, mixture, batch_size=4, seed=1, num_workers=2, prefetch=2, all_bad_after=10_000, chunk=3
+    )
     try:
         while any(n < size for n, size in zip(mixture.counts_at(batches.position), sizes)):
             batch = next(batches)

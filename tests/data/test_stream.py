@@ -98,7 +98,7 @@ def test_mixture_follows_weights_and_replays_counts():
         assert next(iter(mix.draws(p)))[2] == sum(1 for _, s, _ in draws[:p] if s == draws[p][1])
 
 
-def _batches(position=0, workers=0, bad=(), all_bad_after=64):
+def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1):
     a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
     streams = [SourceStream(a, 0), SourceStream(b, 0)]
     return TrainBatches(
@@ -109,6 +109,7 @@ def _batches(position=0, workers=0, bad=(), all_bad_after=64):
         seed=0,
         num_workers=workers,
         all_bad_after=all_bad_after,
+        chunk=chunk,
     )
 
 
@@ -130,6 +131,26 @@ def test_worker_processes_give_the_same_batches():
     loader = _batches(workers=2)
     assert _ids(loader, 5) == ids
     loader.close()
+
+
+def test_chunked_messages_give_the_same_batches_skips_and_positions():
+    """Workers sending `data.chunk` draws a message: the same batches, skip counts and positions as one draw a
+    message, and a run resumed mid-chunk (3 does not divide the batch of 4) continues where it stopped."""
+    bad = {(0, i) for i in range(0, 20, 3)}
+    plain = _batches(workers=2, bad=bad)
+    ids = _ids(plain, 6)
+    chunked = _batches(workers=2, bad=bad, chunk=3)
+    try:
+        assert _ids(chunked, 3) == ids[:3]
+        assert chunked.metrics()["data/skipped_total"] > 0
+        position = chunked.state()["data_position"]
+        resumed = _batches(position=position, bad=bad, chunk=3)
+        assert _ids(resumed, 3) == ids[3:]
+        assert _ids(chunked, 3) == ids[3:]
+        assert chunked.state() == plain.state() and chunked.metrics() == plain.metrics()
+    finally:
+        plain.close()
+        chunked.close()
 
 
 def test_bad_samples_are_skipped_counted_and_logged_once(caplog):
