@@ -3,7 +3,7 @@ travel as torch tensors (one shared-memory file each) against numpy arrays (pick
 `dualrl.data.loader` sends them since 0.5.
 
     python benchmarks/loader_transport.py [--size 256] [--batch 64] [--batches 8] [--workers 2] [--rounds 2]
-        [--chunk 16]
+        [--chunk 8]
 
 Three transports run in this process, alternately (the third: numpy arrays, `--chunk` samples a message, as
 `dualrl.data.loader` sends them since 0.6), on built-in shapes samples at `--size` (pretrain_tiny's
@@ -56,7 +56,7 @@ def receive(transport: str, args) -> tuple[float, float]:
         batch_size=None,
         sampler=_Chunks(args.chunk) if chunked else None,
         num_workers=args.workers,
-        prefetch_factor=16 if not chunked else 2,
+        prefetch_factor=16 if not chunked else max(1, 16 // args.chunk),  # the same samples in flight
         collate_fn=lambda x: x,
     )
     it = iter(loader)
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=16, help="samples a message of the chunked transport")
+    parser.add_argument("--chunk", type=int, default=8, help="samples a message of the chunked transport")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {"tensors": [], "arrays": [], "chunks": []}

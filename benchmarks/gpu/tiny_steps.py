@@ -225,6 +225,15 @@ def measure_step(args, runtime, recipe, batch, rollout, label: str) -> dict:
     return out
 
 
+def first_step(runtime, recipe, batch, rollout) -> float:
+    """Seconds of one learner step (step 1), synchronised on both sides: what compiling or capturing costs."""
+    sync()
+    t = time.perf_counter()
+    runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
+    sync()
+    return time.perf_counter() - t
+
+
 def measure_compiled_step(args, runtime, recipe, batch, rollout, wrapper: str) -> dict:
     """The device-batch step with the learner's blocks compiled, called by inductor's `wrapper` (label
     `compiled-<wrapper>`), after the eager measurements."""
@@ -232,11 +241,7 @@ def measure_compiled_step(args, runtime, recipe, batch, rollout, wrapper: str) -
 
     graphs = counters["stats"]["unique_graphs"]
     with compiled_blocks(runtime.learner, wrapper):
-        sync()
-        t = time.perf_counter()
-        runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
-        sync()
-        first_s = time.perf_counter() - t
+        first_s = first_step(runtime, recipe, batch, rollout)
         out = measure_step(args, runtime, recipe, batch, rollout, f"compiled-{wrapper}")
     out.update(first_step_s=first_s, compiled_graphs=counters["stats"]["unique_graphs"] - graphs)
     print(
@@ -253,11 +258,7 @@ def measure_graphed_step(args, runtime, recipe, batch, rollout) -> dict:
     learner = runtime.learner
     learner.graphs = TrainGraphs(learner.model)
     try:
-        sync()
-        t = time.perf_counter()
-        learner.step(batch, rollout, step_generator(recipe.train.seed, 1))
-        sync()
-        first_s = time.perf_counter() - t
+        first_s = first_step(runtime, recipe, batch, rollout)
         out = measure_step(args, runtime, recipe, batch, rollout, "graphs")
         out.update(first_step_s=first_s, captures=learner.graphs.captures, eager_calls=learner.graphs.eager_calls)
     finally:
@@ -277,11 +278,7 @@ def measure_variant(args, variant: str, device_batch: dict) -> dict:
     runtime = start_runtime(recipe)
     try:
         runtime.sync()
-        sync()
-        t = time.perf_counter()
-        runtime.learner.step(device_batch, None, step_generator(recipe.train.seed, 1))
-        sync()
-        first_s = time.perf_counter() - t
+        first_s = first_step(runtime, recipe, device_batch, None)
         out = measure_step(args, runtime, recipe, device_batch, None, f"variant {label}")
         out.update(variant=variant, first_step_s=first_s)
     finally:

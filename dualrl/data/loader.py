@@ -4,8 +4,8 @@
     training process: draw p -> (source, key)  ──►  loader workers: key -> decoded, squared sample
     training process: good samples -> batches; bad ones counted by reason, first of each logged
 
-Decoding happens in `data.num_workers` processes with `data.prefetch` samples in flight per worker, sent
-`data.chunk` samples a message (the training process pays for each message it receives). A
+Decoding happens in `data.num_workers` processes with `data.prefetch` samples in flight per worker (rounded up to
+whole chunks), sent `data.chunk` samples a message (the training process pays for each message it receives). A
 bad sample never stops the run: it is skipped and the next draw taken, so every batch is full. A source
 whose first `data.all_bad_after` draws (or whole epoch, if smaller) are all bad stops the run with a
 message naming the source and the reasons: then it is the data's path or format, not a bad sample.
@@ -185,7 +185,7 @@ class TrainBatches:
         loader = DataLoader(
             _Load({s.source.name: s.source for s in streams}),
             batch_size=None,
-            sampler=_Draws(mixture, streams, position, seed, chunk),
+            sampler=_Draws(mixture, streams, position, seed, chunk if num_workers else 1),  # in-process: no messages
             num_workers=num_workers,
             prefetch_factor=-(-prefetch // chunk) if num_workers else None,  # chunks in flight per worker
             collate_fn=_identity,

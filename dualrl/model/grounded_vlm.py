@@ -269,7 +269,7 @@ class GroundedVLM(nn.Module):
         """Each region's tokens (`region_cells`) as a tensor [cells, H]."""
         cells = cls.region_cells(image_tokens.shape[1], masks, image_index)
         flat = image_tokens.flatten(0, 1)
-        index = upload(torch.tensor([c for region in cells for c in region]), flat.device)
+        index = upload(torch.tensor([c for region in cells for c in region], dtype=torch.long), flat.device)
         return list(flat.index_select(0, index).split([len(c) for c in cells]))
 
     # ------------------------------------------------------------------------------------ language

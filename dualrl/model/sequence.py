@@ -47,7 +47,8 @@ class Feats:
     it, not one full-size gradient per prompt that reads a view of it."""
 
     feats: Tensor
-    rows: Sequence[int] | None = None
+    rows: Sequence[int] | None = None  # the same tensor object for every prompt that shares it (a new view each
+    # time would enter the batch once per prompt)
 
     def __len__(self) -> int:
         return self.feats.shape[0] if self.rows is None else len(self.rows)
@@ -74,6 +75,16 @@ class Sequences:
     host_labels: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     padded_left: bool = False
+
+
+def _shifted(rows: Sequence[int], first: int, size: int) -> Sequence[int]:
+    """Rows of a shared matrix of `size` rows as rows of the gather source, where the matrix starts at `first`; a
+    row outside the matrix is an error (it would read a neighbouring piece)."""
+    if len(rows) and not (min(rows) >= 0 and max(rows) < size):
+        raise IndexError(f"rows {min(rows)}..{max(rows)} of a shared matrix of {size} rows")
+    if isinstance(rows, range):
+        return range(first + rows.start, first + rows.stop, rows.step)
+    return [first + r for r in rows]
 
 
 class Assembler:
@@ -114,7 +125,8 @@ class Assembler:
                             first = shared[id(piece.feats)] = n_dense
                             dense.append(matrix)
                             n_dense += matrix.shape[0]
-                        spans.append((True, [first + r for r in piece.rows]))
+                        size = piece.feats.shape[:-1].numel()
+                        spans.append((True, _shifted(piece.rows, first, size)))
                     ids += [-1] * n
                     labels += [-100] * n
                     continue
@@ -156,7 +168,7 @@ class Assembler:
             for is_dense, at in spans:
                 shift = base if is_dense else 0
                 if isinstance(at, range):
-                    gather.extend(range(at.start + shift, at.stop + shift))
+                    gather.extend(range(at.start + shift, at.stop + shift, at.step))
                 else:
                     gather.extend([r + shift for r in at])
             start = width - len(ids) if pad_left else 0

@@ -149,12 +149,16 @@ class DataSpec(Section):
         description="Regions per training step (grpo samples num_generations captions for each).",
     )
     num_workers: int = Field(0, ge=0, description="Loader worker processes (decoding, resizing); 0: in-process.")
-    prefetch: int = Field(4, gt=0, description="Samples in flight per worker (at least one chunk).")
+    prefetch: int = Field(
+        4, gt=0, description="Samples in flight per worker, rounded up to whole chunks (8 with the defaults)."
+    )
     chunk: int = Field(
         8,
         gt=0,
-        description="Samples a loader worker loads and sends as one message: the training process pays for each "
-        "message it receives (8 a message: half the CPU time of one a sample, benchmarks/loader_transport.py).",
+        description="Samples a loader worker loads and sends as one message (with num_workers > 0): the training "
+        "process pays for each message it receives (8 a message: half the CPU time of one a sample, "
+        "benchmarks/loader_transport.py). At least one chunk is in flight per worker: with large images, mind "
+        "the memory of num_workers x chunk samples.",
     )
     seed: int | None = Field(
         None,

@@ -135,17 +135,19 @@ def test_worker_processes_give_the_same_batches():
 
 def test_chunked_messages_give_the_same_batches_skips_and_positions():
     """Workers sending `data.chunk` draws a message: the same batches, skip counts and positions as one draw a
-    message, and a run resumed mid-chunk (3 does not divide the batch of 4) continues where it stopped."""
+    message, and a run resumed mid-chunk (5 draws a chunk, 12 taken) continues where it stopped."""
     bad = {(0, i) for i in range(0, 20, 3)}
     plain = _batches(workers=2, bad=bad)
     ids = _ids(plain, 6)
-    chunked = _batches(workers=2, bad=bad, chunk=3)
+    chunked = _batches(workers=2, bad=bad, chunk=5)
     try:
         assert _ids(chunked, 3) == ids[:3]
         assert chunked.metrics()["data/skipped_total"] > 0
         position = chunked.state()["data_position"]
-        resumed = _batches(position=position, bad=bad, chunk=3)
+        assert chunked._pending  # a chunk was part-way through: the resumed run starts inside it
+        resumed = _batches(position=position, workers=2, bad=bad, chunk=5)
         assert _ids(resumed, 3) == ids[3:]
+        resumed.close()
         assert _ids(chunked, 3) == ids[3:]
         assert chunked.state() == plain.state() and chunked.metrics() == plain.metrics()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dualrl.model.sequence import WIDTH_MULTIPLE, Assembler, Feats, Ids, Text
@@ -54,23 +55,43 @@ def test_soft_embeddings_replace_ids_and_carry_gradient():
     assert torch.equal(soft.grad, torch.ones(2, 4))
 
 
-def test_shared_rows_match_copies_and_gradients():
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_shared_rows_match_copies_and_gradients(pad_left):
     """Feats with rows read a matrix the prompts share: the same embeddings and gradients as each prompt's own
-    copy of those rows, with the matrix put in once (one gradient path, not one per prompt)."""
+    copy of those rows, with each matrix put in once (one gradient path, not one per prompt), behind other dense
+    pieces (a plain feature and a second shared matrix), left-padded or not."""
     _tok, _, asm = _assembler()
     tokens = torch.randn(3, 5, 4, requires_grad=True)  # [images, tokens, H], read as 15 rows
-    picks = [range(0, 5), [7, 9], range(10, 15), [14]]
-    shared = asm([[Text("<|user|>"), Feats(tokens, rows=r), Text("<|end|>", label=True)] for r in picks])
-    copies = torch.randn(3, 5, 4).copy_(tokens.detach()).requires_grad_(True)
+    other = torch.randn(6, 4, requires_grad=True)  # a second shared matrix, [rows, H]
+    lead = torch.randn(2, 4)  # a plain dense piece before them, in every prompt
+    picks = [(range(0, 5), [1]), ([7, 9], [5, 0]), (range(10, 15), [2, 3, 4]), ([14], [])]
+
+    def prompts(first, second):
+        return [[Text("<|user|>"), Feats(lead), first(r), second(q), Text("<|end|>", label=True)] for r, q in picks]
+
+    shared = asm(prompts(lambda r: Feats(tokens, r), lambda q: Feats(other, q)), pad_left=pad_left)
+    copies = tokens.detach().clone().requires_grad_(True)
+    other_copy = other.detach().clone().requires_grad_(True)
     flat = copies.flatten(0, 1)
-    plain = asm([[Text("<|user|>"), Feats(flat[list(r)]), Text("<|end|>", label=True)] for r in picks])
+    plain = asm(prompts(lambda r: Feats(flat[list(r)]), lambda q: Feats(other_copy[q])), pad_left=pad_left)
     assert torch.equal(shared.inputs_embeds, plain.inputs_embeds)
     assert torch.equal(shared.attention_mask, plain.attention_mask) and torch.equal(shared.labels, plain.labels)
     weights = torch.randn_like(shared.inputs_embeds)
     (shared.inputs_embeds * weights).sum().backward()
     (plain.inputs_embeds * weights).sum().backward()
     torch.testing.assert_close(tokens.grad, copies.grad)
+    torch.testing.assert_close(other.grad, other_copy.grad)
     assert tokens.grad[0, 1:].abs().sum() > 0 and not tokens.grad[1, 0].any()  # row 5 is read by no prompt
-    gather = shared.inputs_embeds.grad_fn  # rows picked from one source: the shared matrix enters it once
+    gather = shared.inputs_embeds.grad_fn  # rows picked from one source, where each shared matrix enters once
     sources = gather.next_functions[0][0].next_functions
-    assert len(sources) == 3  # the text table, the shared matrix, the padding row
+    assert len(sources) == 1 + len(picks) + 2 + 1  # table, the plain piece of each prompt, 2 matrices, padding
+
+
+def test_shared_rows_outside_their_matrix_are_an_error():
+    """A row past a shared matrix would read a neighbouring piece of the source: refused."""
+    _tok, _, asm = _assembler()
+    tokens = torch.randn(2, 3, 4)
+    with pytest.raises(IndexError, match="shared matrix of 6 rows"):
+        asm([[Text("<|user|>"), Feats(tokens, [5, 6])]])
+    with pytest.raises(IndexError, match="shared matrix of 6 rows"):
+        asm([[Text("<|user|>"), Feats(tokens, range(-1, 2))]])
