@@ -264,14 +264,6 @@ class GroundedVLM(nn.Module):
         ends = list(itertools.accumulate(sizes))
         return [flat[end - n : end] for n, end in zip(sizes, ends)]
 
-    @classmethod
-    def region_tokens(cls, image_tokens: Tensor, masks: Tensor, image_index: Tensor | None = None) -> list[Tensor]:
-        """Each region's tokens (`region_cells`) as a tensor [cells, H]."""
-        cells = cls.region_cells(image_tokens.shape[1], masks, image_index)
-        flat = image_tokens.flatten(0, 1)
-        index = upload(torch.tensor([c for region in cells for c in region], dtype=torch.long), flat.device)
-        return list(flat.index_select(0, index).split([len(c) for c in cells]))
-
     # ------------------------------------------------------------------------------------ language
     def lm_hidden(self, seq: Sequences) -> Tensor:
         """Last-layer hidden states of the LLM on assembled sequences; those of padding are not meaningful.

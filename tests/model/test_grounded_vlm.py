@@ -46,16 +46,15 @@ def test_describe_logprobs_match_teacher_forcing(tiny_model, region_batch):
     torch.testing.assert_close(forced, torch.cat(caps.logprobs), atol=1e-4, rtol=1e-4)
 
 
-def test_region_tokens_cover_mask_and_keep_tiny_regions():
-    """Region tokens are the image tokens of the cells a mask covers; a region smaller than one cell keeps
-    its best-covered cell instead of vanishing (Sa2VA would give K = 0)."""
-    tokens = torch.arange(16.0).view(1, 16, 1).repeat(2, 1, 1)  # 4x4 grid, token value = cell index
-    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+def test_region_cells_cover_mask_and_keep_tiny_regions():
+    """A region's tokens are the image tokens of the cells its mask covers, as rows of the batch's image tokens
+    read as one matrix; a region smaller than one cell keeps its best-covered cell instead of vanishing (Sa2VA
+    would give K = 0)."""
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)  # 4x4 grid of 16 cells an image
     masks[0, :4, :4] = True  # top-left quarter = cells 0, 1, 4, 5
     masks[1, 7, 7] = True  # one pixel in the last cell
-    out = GroundedVLM.region_tokens(tokens, masks)
-    assert out[0].flatten().tolist() == [0.0, 1.0, 4.0, 5.0]
-    assert out[1].flatten().tolist() == [15.0]
+    assert GroundedVLM.region_cells(16, masks) == [[0, 1, 4, 5], [16 + 15]]  # region 1 lies in image 1
+    assert GroundedVLM.region_cells(16, masks, torch.tensor([1, 0])) == [[16, 17, 20, 21], [15]]
 
 
 def test_default_trainable_set_is_sa2va(tiny_model):
