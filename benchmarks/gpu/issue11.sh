@@ -12,6 +12,8 @@
 #                                            # the training loop with them
 #   bash benchmarks/gpu/issue11.sh tiny_precision  # the graphed tiny step in float32, TF32, bf16; its loop in TF32
 #   bash benchmarks/gpu/issue11.sh tiny_host  # the graphed tiny step against an earlier tree's; its loop
+#   bash benchmarks/gpu/issue11.sh sft_mfu   # 4B sft_dual MFU over new batches, each with its FLOPs; expandable segments
+#   bash benchmarks/gpu/issue11.sh tiny_loop_matrix  # the graphed tiny loop: chunks, threads, workers, bf16, by thread
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -127,6 +129,31 @@ PY
     for p in ${PRECISIONS:-float32 tf32}; do
       run "tiny_loop_$p" 100 python3 $t model.train_graphs=true model.precision=$p --only loop --max-seconds 30 \
         --loop-workers "${WORKERS:-12}" --out "$OUT/tiny_loop_$p.json"
+    done
+    ;;
+  sft_mfu)  # the 4B sft_dual update as in `wrapper` (C++ wrapper), 7 timed updates each with its own batch's FLOPs;
+    # then the same with the caching allocator's expandable segments (inductor's cache warm from the first run)
+    common=(--algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp)
+    run sft_mfu "${LIMIT:-330}" python3 $steps "${common[@]}" --out "$OUT/sft_mfu.json"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run sft_mfu_expandable "${LIMIT:-240}" python3 $steps \
+      "${common[@]}" --out "$OUT/sft_mfu_expandable.json"
+    ;;
+  tiny_loop_matrix)  # the graphed tiny loop with $WORKERS (12) workers, one process each, in turn: as the recipe
+    # is, one sample a message (data.chunk=1), one torch thread in the training process, one thread and 6 workers,
+    # one thread in bf16, as the recipe is again; each with its CPU time by thread
+    t=benchmarks/gpu/tiny_steps.py
+    w=${WORKERS:-12}
+    i=0
+    for spec in "base" "chunk1 data.chunk=1" "threads1 train.threads=1" "threads1_w6 train.threads=1 data.num_workers=6" \
+      "threads1_bf16 train.threads=1 model.precision=bf16" "base_again"; do
+      read -r label extra <<<"$spec"
+      i=$((i + 1))
+      workers=$w
+      case $extra in *num_workers=*) workers=${extra##*num_workers=} ;; esac
+      # shellcheck disable=SC2086  # the overrides are words
+      run "loop_${i}_$label" 80 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-25}" \
+        --loop-steps 1000 --loop-workers "$workers" --out "$OUT/loop_${i}_$label.json"
     done
     ;;
   checks)

@@ -3,7 +3,7 @@
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
-        [--set KEY=VALUE ...] [--tiny]
+        [--flops-each] [--set KEY=VALUE ...] [--tiny]
         [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
@@ -18,11 +18,13 @@ swaps in the tiny model section of recipes/sft_dual.yaml to check the script on 
 
 After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the
 median update time give its MFU against the card's datasheet bf16 peak and against the measured matrix rate; with
-`--naive-regions`, the naive dual loop (one caption at a time with `generate`'s dynamic cache, every image encoded
-again for every caption and every segmentation) runs on the same batch, and `naive_speedup` is its step time
-(naive rollout + naive reward + the same learner update) over dualrl's. With `--compare-compile`, the learner update
-on the last batch is timed eagerly and then with its repeated blocks compiled (`model.train_compile`), same model and
-process (the first compiled update, which compiles, timed apart), and MFU is given for both. With
+`--flops-each`, each timed update's FLOPs are counted on its own batch, and `timed_mfu` is their sum over the timed
+updates' time; with `--naive-regions`, the naive dual loop (one caption at a time with `generate`'s dynamic cache,
+every image encoded again for every caption and every segmentation) runs on the same batch, and `naive_speedup` is
+its step time (naive rollout + naive reward + the same learner update) over dualrl's. With `--compare-compile`, the
+learner update on the last batch is timed eagerly and then with its repeated blocks compiled
+(`model.train_compile`), same model and process (the first compiled update, which compiles, timed apart), and MFU is
+given for both. With
 `--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
 inductor's Python and C++ wrappers (`model.train_compile_wrapper`).
 """
@@ -165,6 +167,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     timer = _Timed(runtime.learner)
     batches = train_batches(recipe.data, recipe.model.sam.image_size)
     phases: list[dict[str, float]] = []
+    kept: list[tuple[dict, Rollout, int]] = []  # the timed steps' inputs, for their FLOPs (--flops-each)
     for step in range(1, args.steps + 1):
         batch = next(batches)
         sync()
@@ -176,9 +179,10 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         sync()
         t_reward = time.perf_counter()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
-        metrics = runtime.learner.step(
-            batch, Rollout(captions, plan.group_size, scored.total), step_generator(recipe.train.seed, step)
-        )
+        rollout = Rollout(captions, plan.group_size, scored.total)
+        metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
+        if args.flops_each and step > 1:
+            kept.append((batch, rollout, step))
         sync()
         t_update = time.perf_counter()
         runtime.sync()
@@ -243,6 +247,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
         "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
+        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if kept else {}),
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -411,6 +416,17 @@ def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Gener
     return float(counter.get_total_flops())
 
 
+def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None) -> dict:
+    """MFU over the timed updates, each with its own batch's FLOPs (their prompts differ in length): the FLOPs of
+    all of them over the time of all of them, and each update's own."""
+    flops = [learner_flops(learner, batch, rollout, step_generator(seed, step)) for batch, rollout, step in kept]
+    times = [p["update_s"] for p in timed]
+    each = [f / t / peak for f, t in zip(flops, times)] if peak else None
+    out = {"timed_flops_per_update": flops, "timed_mfu": sum(flops) / sum(times) / peak if peak else None}
+    print(f"timed updates, each with its own FLOPs: {json.dumps({**out, 'each_mfu': each})}", flush=True)
+    return {**out, "timed_each_mfu": each}
+
+
 def profile_learner(
     learner, batch: dict, rollout: Rollout, generator: torch.Generator, out_dir: Path | None, name: str
 ) -> None:
@@ -534,6 +550,12 @@ def main() -> int:
         help="run the naive dual loop on this many regions of the last batch and scale it to the batch (0: off)",
     )
     parser.add_argument("--profile-learner", action="store_true", help="profile one more learner update")
+    parser.add_argument(
+        "--flops-each",
+        action="store_true",
+        help="count each timed update's FLOPs on its own batch (one more update each): timed_mfu is all their FLOPs "
+        "over all their time (mfu divides the last batch's FLOPs by the median update)",
+    )
     parser.add_argument(
         "--sync-sites", action="store_true", help="list the ops of one more learner update that make the host wait"
     )

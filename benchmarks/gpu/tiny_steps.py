@@ -380,16 +380,62 @@ class GpuUtilisation:
         }
 
 
+class CpuSplit:
+    """CPU time between `start()` and `stop()`: this process's threads grouped by name (the main thread, torch's intra-
+    op pool and others that keep the process's name, the ones that name themselves (CUDA's, ...)) and the whole
+    machine's busy cores, from /proc (empty where there is none), so that a loop's host time can be put on the
+    threads that spent it."""
+
+    def start(self) -> CpuSplit:
+        self.threads, self.machine, self.t0 = self._threads(), self._machine(), time.perf_counter()
+        return self
+
+    @staticmethod
+    def _threads() -> dict[int, tuple[str, float]]:
+        out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for task in Path("/proc/self/task").glob("*") if Path("/proc/self/task").is_dir() else []:
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended between the listing and the read
+                continue
+            tid = int(task.name)  # other threads inherit the process's name unless they set their own
+            out[tid] = ("main" if tid == os.getpid() else name, (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    @staticmethod
+    def _machine() -> tuple[float, float] | None:
+        try:
+            cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        values = [float(v) for v in cpu]
+        idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    def stop(self) -> dict:
+        wall, before, after = time.perf_counter() - self.t0, self.threads, self._threads()
+        by_name: Counter = Counter()
+        for tid, (name, seconds) in after.items():
+            by_name[name] += seconds - before.get(tid, (name, 0.0))[1]
+        out = {"threads_cores": {k: round(v / wall, 3) for k, v in by_name.most_common() if v > 0}}
+        start, end = self.machine, self._machine()
+        if start is not None and end is not None and end[1] > start[1]:
+            out["machine_busy_cores"] = (os.cpu_count() or 1) * (end[0] - start[0]) / (end[1] - start[1])
+        return out
+
+
 def measure_loop(args, runtime, recipe, plan) -> dict:
     """The loop of `dualrl.train.run` without logging, eval and checkpoints."""
     batches = train_batches(recipe.data, recipe.model.sam.image_size)
     seed, sampler = recipe.train.seed, None
-    waits, steps, n = [], [], 0
+    waits, learns, steps, n = [], [], [], 0
     t_start = time.perf_counter()
     for step in range(1, args.warmup + args.loop_steps + 1):
         if step == args.warmup + 1:
             sync()
             t0, cpu0, sampler = time.perf_counter(), time.process_time(), GpuUtilisation().start()
+            split = CpuSplit().start()
         t = time.perf_counter()
         batch = next(batches)
         metrics = batches.metrics()
@@ -399,18 +445,21 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
             captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(seed, step))
             scored = runtime.reward.score(batch, captions, plan.group_size)
             rollout = Rollout(captions, plan.group_size, scored.total)
+        t_learn = time.perf_counter()
         metrics.update(runtime.learner.step(batch, rollout, step_generator(seed, step)))
+        t_learned = time.perf_counter()
         if step % recipe.train.sync_every == 0:
             metrics.update(runtime.sync())
         if sampler is not None:
             waits.append(t_data - t)
+            learns.append(t_learned - t_learn)
             steps.append(time.perf_counter() - t)
             n += 1
             if time.perf_counter() - t0 > args.max_seconds:
                 break
     sync()
     wall, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    util = sampler.stop()
+    util, cpu = sampler.stop(), split.stop()
     batches.close()
     out = {
         "workers": recipe.data.num_workers,
@@ -420,7 +469,11 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
         "data_wait": sum(waits) / wall,
         "median_data_wait_ms": 1000 * statistics.median(waits),
         "median_step_ms": 1000 * statistics.median(steps),
+        "median_learner_step_ms": 1000 * statistics.median(learns),
         "cpu_busy": cpu_s / wall,
+        "torch_threads": torch.get_num_threads(),
+        "chunk": recipe.data.chunk,
+        **cpu,
         "warmup_s": t0 - t_start,
         **util,
     }
@@ -428,7 +481,8 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
     print(
         f"loop ({out['workers']} workers): {out['steps_per_s']:.2f} steps/s ({out['samples_per_s']:.0f} samples/s), "
         f"data wait {100 * out['data_wait']:.0f} % of wall, process CPU {100 * out['cpu_busy']:.0f} %, "
-        f"GPU utilisation {gpu}",
+        f"GPU utilisation {gpu}; median learner step {out['median_learner_step_ms']:.1f} ms; cores busy by thread "
+        f"{out['threads_cores']}, machine {out.get('machine_busy_cores', float('nan')):.1f} cores",
         flush=True,
     )
     return out
