@@ -139,9 +139,10 @@ PY
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run sft_mfu_expandable "${LIMIT:-240}" python3 $steps \
       "${common[@]}" --out "$OUT/sft_mfu_expandable.json"
     ;;
-  tiny_loop_matrix)  # the graphed tiny loop with $WORKERS (12) workers, one process each, in turn: as the recipe
+  tiny_loop_matrix)  # which waits for the GPU let other Python threads run; the graphed tiny loop with $WORKERS (12) workers, one process each, in turn: as the recipe
     # is, one sample a message (data.chunk=1), one torch thread in the training process, one thread and 6 workers,
     # one thread in bf16, as the recipe is again; each with its CPU time by thread
+    run gil_waits 60 python3 benchmarks/gpu/gil_waits.py --out "$OUT/gil_waits.json"
     t=benchmarks/gpu/tiny_steps.py
     w=${WORKERS:-12}
     i=0
