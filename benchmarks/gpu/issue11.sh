@@ -183,3 +183,7 @@ PY
     ;;
   *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
+# A call brings back only a few files: past 8, everything under $OUT goes back as one archive
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  tar -C "$OUT" -czf /tmp/issue11-results.tgz . && find "$OUT" -mindepth 1 -delete && mv /tmp/issue11-results.tgz "$OUT/"
+fi
