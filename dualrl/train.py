@@ -24,7 +24,7 @@ from dualrl.eval.training import evaluate
 from dualrl.logger import RunLogger, null_if_nonfinite
 from dualrl.recipe import Recipe, dump_recipe
 from dualrl.recipe.resume import Change, check_resume
-from dualrl.runtime import ActorLost, ActorTimeout, start_runtime
+from dualrl.runtime import ActorLost, ActorTimeout, resolve_device, set_intra_op_threads, start_runtime
 from dualrl.runtime.stream import RolloutStream
 
 log = logging.getLogger("dualrl")
@@ -139,8 +139,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     changes = _check_resume(out, recipe)  # before anything is built or written
     resumed = load_latest(out)  # the newest intact checkpoint (a bad newer one named in the log); None: fresh
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
 
     val_batches = EvalBatches(recipe.data, recipe.model.sam.image_size, recipe.eval.batch_size, recipe.eval.split)
     runtime = stack.enter_context(start_runtime(recipe))

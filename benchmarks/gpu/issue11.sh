@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu/issue11.sh tiny_host  # the graphed tiny step against an earlier tree's; its loop
 #   bash benchmarks/gpu/issue11.sh sft_mfu   # 4B sft_dual MFU over new batches, each with its FLOPs; expandable segments
 #   bash benchmarks/gpu/issue11.sh tiny_loop_matrix  # the graphed tiny loop: chunks, threads, workers, bf16, by thread
+#   bash benchmarks/gpu/issue11.sh tiny_final  # the tiny loop with the GPU defaults, their parts off in turn; the recipe run
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -157,6 +158,31 @@ PY
         --loop-steps 1000 --loop-workers "$workers" --out "$OUT/loop_${i}_$label.json"
     done
     ;;
+  tiny_final)  # the graphed tiny loop as the defaults now run it on a GPU (one torch thread, the receiving thread)
+    # with 12 workers; without the receiving thread; with the recipe's 6 workers; in bf16; then the recipe itself
+    # through the driver (12 workers, $STEPS steps, one evaluation at the end), whose summary gives its steps/s
+    t=benchmarks/gpu/tiny_steps.py
+    i=0
+    for spec in "defaults_w12" "no_receive_thread data.receive_thread=false" "defaults_w6 data.num_workers=6" \
+      "bf16_w12 model.precision=bf16"; do
+      read -r label extra <<<"$spec"
+      i=$((i + 1))
+      workers=12
+      case $extra in *num_workers=*) workers=${extra##*num_workers=} ;; esac
+      # shellcheck disable=SC2086  # the overrides are words
+      run "loop_${i}_$label" 80 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-25}" \
+        --loop-steps 1000 --loop-workers "$workers" --out "$OUT/loop_${i}_$label.json"
+    done
+    steps_n=${STEPS:-1500}
+    run pretrain_tiny_run 300 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
+      data.num_workers=12 train.steps="$steps_n" eval.every="$steps_n" train.save_every="$steps_n" \
+      train.log_every=100 output_dir=/tmp/pretrain_tiny_run
+    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
+    cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
+    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s over the loop,', \
+round(s['wall_time_s'], 1), 's in all; final', s['final'])"
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -181,7 +207,7 @@ PY
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
 # A call brings back only a few files: past 8, everything under $OUT goes back as one archive
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then

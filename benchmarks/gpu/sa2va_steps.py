@@ -57,7 +57,7 @@ from dualrl.model.decode_attention import attention_implementation
 from dualrl.model.sequence import Ids
 from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
-from dualrl.runtime import start_runtime
+from dualrl.runtime import resolve_device, set_intra_op_threads, start_runtime
 from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
 
 # Dense bf16 matrix peak of the card by its datasheet (H100 / H200 SXM), for MFU
@@ -152,6 +152,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         *args.set,
     ]
     recipe = load_recipe(args.recipe, overrides)
+    set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))  # as the driver does
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

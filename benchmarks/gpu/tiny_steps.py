@@ -85,7 +85,7 @@ from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout_data import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.recipe import load_recipe
-from dualrl.runtime import resolve_device, start_runtime
+from dualrl.runtime import resolve_device, set_intra_op_threads, start_runtime
 from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
 
 TARGET_STEPS_PER_S = 20.0
@@ -869,8 +869,7 @@ def main() -> int:
         phase("data", measure_data, args)
         if {"step", "loop", "profile", "pyprofile", "syncs"} & set(args.only):
             recipe = make_recipe(args, args.loop_workers)
-            if recipe.train.threads:
-                torch.set_num_threads(recipe.train.threads)
+            set_intra_op_threads(recipe.train.threads, args.device)  # as the driver does
             t0 = time.perf_counter()
             runtime = start_runtime(recipe)
             runtime.sync()

@@ -14,6 +14,8 @@ message naming the source and the reasons: then it is the data's path or format,
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -175,6 +177,7 @@ class TrainBatches:
         skipped: dict[str, int] | None = None,
         samples: dict[str, int] | None = None,
         chunk: int = 1,
+        receive_thread: bool = False,
     ):
         self.streams, self.batch_size, self.position = streams, batch_size, position
         self.all_bad_after = all_bad_after
@@ -196,6 +199,8 @@ class TrainBatches:
         # restores and must find exactly as the uninterrupted run had it.
         self._loader = loader
         self._it = iter(loader)
+        if num_workers and receive_thread:  # counting, skipping and collating stay here, in draw order
+            self._it = _Receiver(self._it, depth=max(2, -(-2 * batch_size // chunk)))  # two batches ahead
         self._pending: deque[tuple[int, Any]] = deque()  # the rest of the last chunk received
 
     def __iter__(self) -> TrainBatches:
@@ -253,8 +258,61 @@ class TrainBatches:
         }
 
     def close(self) -> None:
+        if isinstance(self._it, _Receiver):
+            self._it.close()
         self._it = None
         self._loader = None
+
+
+class _Receiver:
+    """Takes the loader workers' messages off the pipe in a thread of the training process, up to `depth` ahead,
+    and hands them over in order. Receiving (unpickling) costs the training process milliseconds a batch; in a
+    thread it runs while the training thread waits for the GPU (those waits let other threads run). An error of
+    the loader (a worker that died, ...) is raised by `next` in the training thread, after what came before it."""
+
+    POLL_S = 1.0  # how often a waiting `next` checks that the thread still runs
+
+    def __init__(self, items: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="dualrl-receiver")
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((None, StopIteration()))
+        except BaseException as err:  # handed to the training thread, which raises it
+            self._put((None, err))
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=self.POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> _Receiver:
+        return self
+
+    def __next__(self):
+        while True:  # as long as the loader takes (its own deadlines hold there), never past the thread's end
+            try:
+                item, err = self._queue.get(timeout=self.POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the data receiving thread ended without a sample or an error") from None
+        if err is not None:
+            raise err
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _identity(x):
@@ -282,6 +340,7 @@ def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict 
         state.get("data_skipped"),
         state.get("data_samples"),
         data.chunk,
+        data.receive_thread,
     )
 
 

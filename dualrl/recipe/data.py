@@ -160,6 +160,13 @@ class DataSpec(Section):
         "benchmarks/loader_transport.py). At least one chunk is in flight per worker: with large images, mind "
         "the memory of num_workers x chunk samples.",
     )
+    receive_thread: bool = Field(
+        True,
+        description="With loader workers: a thread of the training process takes their messages off the pipe "
+        "(unpickling, milliseconds a batch), so that receiving runs while the training thread waits for the GPU "
+        "instead of adding to the step; it holds up to two batches' samples ahead. Batches, skips and positions are "
+        "the same either way.",
+    )
     seed: int | None = Field(
         None,
         ge=0,

@@ -38,6 +38,7 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "data.num_workers": (True, "how samples are decoded, not which ones or in what order"),
     "data.prefetch": (True, "how samples are decoded, not which ones or in what order"),
     "data.chunk": (True, "how samples are decoded, not which ones or in what order"),
+    "data.receive_thread": (True, "where samples are received, not which ones or in what order"),
     "data.cache_dir": (True, "where the file index is cached"),
     "algo": (False, "the objective and its losses: the run would be another experiment"),
     "rewards": (False, "what reward/total, grpo's training signal, means"),

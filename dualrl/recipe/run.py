@@ -56,7 +56,13 @@ class TrainSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: auto takes cuda when a GPU is visible, else cpu."
     )
-    threads: int | None = Field(None, gt=0, description="torch intra-op threads (null: torch's default).")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads of the run's processes (null: 1 where the model runs on a GPU, as "
+        "torchrun sets them, so that idle pool threads leave the cores to the loader workers; torch's default on "
+        "a CPU).",
+    )
     stop_at_step: int | None = Field(
         None,
         gt=0,

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from dualrl.algo.registry import objective_class
-from dualrl.runtime import resolve_device
+from dualrl.runtime import intra_op_threads, resolve_device
 from dualrl.runtime.cuda_ipc import IpcReceiver, IpcSender, SharedWeights
 from dualrl.runtime.groups import LearnerGroup, RewardGroup, RolloutGroup
 from dualrl.runtime.placement import Placement, layout, one_card, own_cards
@@ -42,12 +42,12 @@ log = logging.getLogger("dualrl")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _in_actor(cls: type, threads: int | None) -> type:
+def _in_actor(cls: type, threads: int | None, device: str) -> type:
     class Hosted(cls):
         def __init__(self, *args, **kwargs):
-            # Ray sets OMP_NUM_THREADS=1 for actors without CPUs; the workers take turns, so each may
-            # use the machine's cores while it runs.
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+            # Ray sets OMP_NUM_THREADS=1 for actors without CPUs. On a CPU the workers take turns, so each may use
+            # the machine's cores while it runs; on a GPU one thread (intra_op_threads), unless the recipe says.
+            torch.set_num_threads(intra_op_threads(threads, device) or os.cpu_count() or 1)
             super().__init__(*args, **kwargs)
 
         def whereabouts(self) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class RayRuntime:
                 actors = []
                 for i in range(count):
                     opts = placement.options(role, i)
-                    handle = ray.remote(**opts)(_in_actor(cls, threads)).remote(*args)
+                    handle = ray.remote(**opts)(_in_actor(cls, threads, device)).remote(*args)
                     name = f"{role} {i}" if count > 1 else role
                     actors.append(Actor(name, cls.__name__, handle, self.deadlines))
                 self._actors.extend(actors)

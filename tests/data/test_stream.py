@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dualrl.data.decode import BadSample
-from dualrl.data.loader import TrainBatches
+from dualrl.data.loader import TrainBatches, _Receiver
 from dualrl.data.sources.base import Shard, Source
 from dualrl.data.stream import DataError, Mixture, SourceStream
 
@@ -98,7 +98,7 @@ def test_mixture_follows_weights_and_replays_counts():
         assert next(iter(mix.draws(p)))[2] == sum(1 for _, s, _ in draws[:p] if s == draws[p][1])
 
 
-def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1):
+def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1, receive_thread=False):
     a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
     streams = [SourceStream(a, 0), SourceStream(b, 0)]
     return TrainBatches(
@@ -110,6 +110,7 @@ def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1):
         num_workers=workers,
         all_bad_after=all_bad_after,
         chunk=chunk,
+        receive_thread=receive_thread,
     )
 
 
@@ -153,6 +154,46 @@ def test_chunked_messages_give_the_same_batches_skips_and_positions():
     finally:
         plain.close()
         chunked.close()
+
+
+def test_a_receiving_thread_gives_the_same_batches_skips_and_positions():
+    """With `data.receive_thread` the workers' chunks are taken off the pipe ahead, in a thread: batches, skips and
+    the checkpointed position are those of the plain loader at every step (counting stays with the consumer)."""
+    bad = {(0, i) for i in range(0, 20, 3)} | {(1, i) for i in range(20)}  # the second shard: all bad
+    plain = _batches(workers=2, bad=bad, chunk=3)
+    threaded = _batches(workers=2, bad=bad, chunk=3, receive_thread=True)
+    try:
+        assert isinstance(threaded._it, _Receiver)
+        for _ in range(6):
+            assert tuple(next(plain)["index"]) == tuple(next(threaded)["index"])
+            assert plain.state() == threaded.state()
+        # load-time skips; index-time ones count the shards indexed so far, which depends on how far ahead draws go
+        assert threaded.skips.counts == plain.skips.counts and sum(plain.skips.counts.values()) > 0
+    finally:
+        plain.close()
+        threaded.close()
+
+
+def test_the_receiving_thread_hands_on_the_loaders_error_and_end():
+    """An error met while receiving (a worker that died, ...) is raised by the consumer's `next`, after the items
+    received before it; the end of the items ends the iteration; a thread gone without either is an error."""
+
+    def items(fail: bool):
+        yield from range(3)
+        if fail:
+            raise RuntimeError("worker 1 exited unexpectedly")
+
+    failing = _Receiver(items(fail=True), depth=2)
+    assert [next(failing) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        next(failing)
+    assert list(_Receiver(items(fail=False), depth=1)) == [0, 1, 2]
+    gone = _Receiver(iter(()), depth=1)
+    gone._thread.join(timeout=5)
+    gone._queue.get_nowait()  # its end-of-items message, taken away: as if the thread had died silently
+    gone.POLL_S = 0.01
+    with pytest.raises(RuntimeError, match="ended without"):
+        next(gone)
 
 
 def test_bad_samples_are_skipped_counted_and_logged_once(caplog):
