@@ -87,11 +87,17 @@ def _shifted(rows: Sequence[int], first: int, size: int) -> Sequence[int]:
     return [first + r for r in rows]
 
 
+def _host_ids(ids: Tensor) -> np.ndarray:
+    """Token ids as a host int64 array (a device tensor is read back: the host waits for it)."""
+    return np.asarray(ids.tolist(), dtype=np.int64).reshape(-1)
+
+
 class Assembler:
     def __init__(self, tokenizer, embed: torch.nn.Module):
         self.tokenizer = tokenizer
         self.embed = embed
         self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
+        self._encode_array = lru_cache(maxsize=4096)(self._encode_array_uncached)
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -99,23 +105,30 @@ class Assembler:
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
+    def _encode_array_uncached(self, text: str) -> np.ndarray:
+        ids = np.asarray(self._encode(text), dtype=np.int64)
+        ids.flags.writeable = False  # shared by every prompt with this text
+        return ids
+
     def __call__(self, prompts: list[list[Piece]], pad_left: bool = False) -> Sequences:
         """Pad and stack the prompts. Every output row is one row of a single source matrix (the embedded
         ids of the whole batch, then the dense pieces, then a zero row for padding), gathered with one
         index: a handful of kernels for any batch size, and one scatter-add in the backward pass."""
-        text_ids: list[int] = []  # every id that takes its embedding from the table, batch-wide
+        text_ids: list[np.ndarray] = []  # every id that takes its embedding from the table, batch-wide
+        n_text = 0
         dense: list[Tensor] = []  # features (shared matrices once each) and soft embeddings, in order
         shared: dict[int, int] = {}  # id of a shared matrix -> its first row among the dense rows
         n_dense = 0
-        rows: list[tuple[list[tuple[bool, Sequence[int]]], list[int], list[int]]] = []
+        # per prompt: its length and its pieces as (dense?, source rows, ids or None (-1), labelled?)
+        rows: list[tuple[int, list[tuple[bool, Sequence[int], np.ndarray | None, bool]]]] = []
         marks: dict[str, list[tuple[int, int, int]]] = {}
         for b, prompt in enumerate(prompts):
-            spans, ids, labels = [], [], []
+            spans, length = [], 0
             for piece in prompt:
                 if isinstance(piece, Feats):
                     n = len(piece)
                     if piece.rows is None:
-                        spans.append((True, range(n_dense, n_dense + n)))
+                        spans.append((True, range(n_dense, n_dense + n), None, False))
                         dense.append(piece.feats)
                         n_dense += n
                     else:
@@ -126,55 +139,60 @@ class Assembler:
                             dense.append(matrix)
                             n_dense += matrix.shape[0]
                         size = piece.feats.shape[:-1].numel()
-                        spans.append((True, _shifted(piece.rows, first, size)))
-                    ids += [-1] * n
-                    labels += [-100] * n
+                        spans.append((True, _shifted(piece.rows, first, size), None, False))
+                    length += n
                     continue
                 soft = isinstance(piece, Ids) and piece.embeds is not None
                 if soft and not piece.label:  # its ids are not needed here: reading them could wait for the device
-                    tok = [-1] * len(piece.ids)
+                    tok, n = None, len(piece.ids)
                 else:
-                    tok = self.encode(piece.text) if isinstance(piece, Text) else piece.ids.tolist()
-                n = len(tok)
+                    tok = self._encode_array(piece.text) if isinstance(piece, Text) else _host_ids(piece.ids)
+                    n = len(tok)
                 if isinstance(piece, Ids) and piece.mark is not None:
-                    marks.setdefault(piece.mark, []).append((b, len(ids), n))
+                    marks.setdefault(piece.mark, []).append((b, length, n))
                 if soft:
-                    spans.append((True, range(n_dense, n_dense + n)))
+                    spans.append((True, range(n_dense, n_dense + n), tok, piece.label))
                     dense.append(piece.embeds)
                     n_dense += n
                 else:
-                    spans.append((False, range(len(text_ids), len(text_ids) + n)))
-                    text_ids += tok
-                ids += tok
-                labels += tok if piece.label else [-100] * n
-            rows.append((spans, ids, labels))
+                    spans.append((False, range(n_text, n_text + n), tok, piece.label))
+                    text_ids.append(tok)
+                    n_text += n
+                length += n
+            rows.append((length, spans))
 
         device = next(self.embed.parameters()).device
-        table = self.embed(upload(torch.from_numpy(np.asarray([text_ids], dtype=np.int64)), device))[0]
-        pad_row = len(text_ids) + n_dense
+        ids_all = np.concatenate(text_ids) if text_ids else np.zeros(0, dtype=np.int64)
+        table = self.embed(upload(torch.from_numpy(ids_all[None]), device))[0]
+        pad_row = n_text + n_dense
         source = torch.cat([table, *[d.to(table.dtype) for d in dense], table.new_zeros(1, table.shape[-1])])
 
-        width = max(len(ids) for _, ids, _ in rows)
+        width = max(length for length, _ in rows)
         if not pad_left:  # free for causal attention, and compiled blocks keep one graph (see WIDTH_MULTIPLE)
             width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        # the host's part in numpy arrays filled row by row: Python lists of every cell cost milliseconds at batch 64
-        shape, base = (len(rows), width), len(text_ids)  # dense rows come after the table's
+        # the host's part in numpy arrays, filled a piece at a time (not a token at a time: thousands a batch)
+        shape = (len(rows), width)
         index = np.full(shape, pad_row, dtype=np.int64)
         all_ids, all_labels = np.full(shape, -1, dtype=np.int64), np.full(shape, -100, dtype=np.int64)
         attention = np.zeros(shape, dtype=np.int64)
         offsets = []
-        for b, (spans, ids, labels) in enumerate(rows):
-            gather: list[int] = []
-            for is_dense, at in spans:
-                shift = base if is_dense else 0
-                if isinstance(at, range):
-                    gather.extend(range(at.start + shift, at.stop + shift, at.step))
-                else:
-                    gather.extend([r + shift for r in at])
-            start = width - len(ids) if pad_left else 0
+        for b, (length, spans) in enumerate(rows):
+            start = width - length if pad_left else 0
             offsets.append(start)
-            cells = slice(start, start + len(ids))
-            index[b, cells], all_ids[b, cells], all_labels[b, cells], attention[b, cells] = gather, ids, labels, 1
+            attention[b, start : start + length] = 1
+            at = start
+            for is_dense, src, tok, label in spans:
+                n = len(src)
+                shift = n_text if is_dense else 0  # dense rows come after the table's
+                if isinstance(src, range):
+                    index[b, at : at + n] = np.arange(src.start + shift, src.stop + shift, src.step)
+                else:
+                    index[b, at : at + n] = np.asarray(src, dtype=np.int64) + shift
+                if tok is not None:
+                    all_ids[b, at : at + n] = tok
+                    if label:
+                        all_labels[b, at : at + n] = tok
+                at += n
         # everything known on the host goes over in one copy: gather index, attention, labels, ids, marks
         flat_marks = {
             name: (
