@@ -140,15 +140,17 @@ PY
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run sft_mfu_expandable "${LIMIT:-240}" python3 $steps \
       "${common[@]}" --out "$OUT/sft_mfu_expandable.json"
     ;;
-  tiny_loop_matrix)  # which waits for the GPU let other Python threads run; the graphed tiny loop with $WORKERS (12) workers, one process each, in turn: as the recipe
-    # is, one sample a message (data.chunk=1), one torch thread in the training process, one thread and 6 workers,
-    # one thread in bf16, as the recipe is again; each with its CPU time by thread
+  tiny_loop_matrix)  # which waits for the GPU let other Python threads run; the graphed tiny loop with $WORKERS
+    # (12) workers, one process each, in turn: torch's 16 threads (the default before one thread on a GPU), with one
+    # sample a message (data.chunk=1), one torch thread, one thread and 6 workers, one thread in bf16, 16 threads
+    # again; each with its CPU time by thread
     run gil_waits 60 python3 benchmarks/gpu/gil_waits.py --out "$OUT/gil_waits.json"
     t=benchmarks/gpu/tiny_steps.py
     w=${WORKERS:-12}
     i=0
-    for spec in "base" "chunk1 data.chunk=1" "threads1 train.threads=1" "threads1_w6 train.threads=1 data.num_workers=6" \
-      "threads1_bf16 train.threads=1 model.precision=bf16" "base_again"; do
+    for spec in "threads16 train.threads=16" "chunk1 train.threads=16 data.chunk=1" "threads1 train.threads=1" \
+      "threads1_w6 train.threads=1 data.num_workers=6" "threads1_bf16 train.threads=1 model.precision=bf16" \
+      "threads16_again train.threads=16"; do
       read -r label extra <<<"$spec"
       i=$((i + 1))
       workers=$w
@@ -174,13 +176,15 @@ PY
         --loop-steps 1000 --loop-workers "$workers" --out "$OUT/loop_${i}_$label.json"
     done
     steps_n=${STEPS:-1500}
+    rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
     run pretrain_tiny_run 300 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
       data.num_workers=12 train.steps="$steps_n" eval.every="$steps_n" train.save_every="$steps_n" \
       train.log_every=100 output_dir=/tmp/pretrain_tiny_run
     cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
     cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
     python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s over the loop,', \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
+the first step to the end, the last evaluation and save included;', \
 round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     ;;
   checks)

@@ -393,6 +393,8 @@ class CpuSplit:
     @staticmethod
     def _threads() -> dict[int, tuple[str, float]]:
         out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        # Python threads by their own names (the OS name of a Python thread is the process's before 3.14)
+        python_names = {t.native_id: f"py:{t.name}" for t in threading.enumerate() if t.native_id is not None}
         for task in Path("/proc/self/task").glob("*") if Path("/proc/self/task").is_dir() else []:
             try:
                 name = (task / "comm").read_text().strip()
@@ -400,7 +402,8 @@ class CpuSplit:
             except OSError:  # the thread ended between the listing and the read
                 continue
             tid = int(task.name)  # other threads inherit the process's name unless they set their own
-            out[tid] = ("main" if tid == os.getpid() else name, (int(fields[11]) + int(fields[12])) / tick)
+            name = "main" if tid == os.getpid() else python_names.get(tid, name)
+            out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
         return out
 
     @staticmethod
@@ -409,7 +412,7 @@ class CpuSplit:
             cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
         except OSError:
             return None
-        values = [float(v) for v in cpu]
+        values = [float(v) for v in cpu[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
         idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
         return sum(values) - idle, sum(values)
 

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class TrainBatches:
         self._it = iter(loader)
         if num_workers and receive_thread:  # counting, skipping and collating stay here, in draw order
             self._it = _Receiver(self._it, depth=max(2, -(-2 * batch_size // chunk)))  # two batches ahead
+            weakref.finalize(self, self._it.close)  # dropped unclosed: the thread and the workers end all the same
         self._pending: deque[tuple[int, Any]] = deque()  # the rest of the last chunk received
 
     def __iter__(self) -> TrainBatches:
@@ -238,7 +240,7 @@ class TrainBatches:
         """Load-time skips of this run (and the runs it resumed) plus index-time skips of shards read."""
         total = dict(self.skips.counts)
         for stream in self.streams:
-            for reason, n in stream.skipped.items():
+            for reason, n in dict(stream.skipped).items():  # a copy: the receiving thread's draws may index a shard
                 total[reason] = total.get(reason, 0) + n
         return total
 
@@ -271,16 +273,19 @@ class _Receiver:
     the loader (a worker that died, ...) is raised by `next` in the training thread, after what came before it."""
 
     POLL_S = 1.0  # how often a waiting `next` checks that the thread still runs
+    CLOSE_S = 10.0  # how long `close` waits for the thread to let go of the loader
 
     def __init__(self, items: Iterator, depth: int):
+        self._items: Iterator | None = items  # the loader's iterator: its workers end when it is released
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="dualrl-receiver")
+        self._final: BaseException | None = None  # the end or the error, once handed over
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dualrl-receiver")
         self._thread.start()
 
-    def _run(self, items: Iterator) -> None:
+    def _run(self) -> None:
         try:
-            for item in items:
+            for item in self._items:
                 if not self._put((item, None)):
                     return
             self._put((None, StopIteration()))
@@ -300,6 +305,8 @@ class _Receiver:
         return self
 
     def __next__(self):
+        if self._final is not None:  # the end (or error) again, as a plain iterator would
+            raise self._final
         while True:  # as long as the loader takes (its own deadlines hold there), never past the thread's end
             try:
                 item, err = self._queue.get(timeout=self.POLL_S)
@@ -308,11 +315,24 @@ class _Receiver:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise RuntimeError("the data receiving thread ended without a sample or an error") from None
         if err is not None:
+            self._final = err
             raise err
         return item
 
     def close(self) -> None:
+        """Stop the thread and release the loader's iterator, whose workers then end (here, not later)."""
         self._stop.set()
+        while True:  # a thread blocked on a full queue wakes at once
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.CLOSE_S)
+        if self._thread.is_alive():
+            log.warning("the data receiving thread did not stop in %.0f s; it ends with the process", self.CLOSE_S)
+            return
+        self._items = None
 
 
 def _identity(x):

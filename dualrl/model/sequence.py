@@ -88,8 +88,10 @@ def _shifted(rows: Sequence[int], first: int, size: int) -> Sequence[int]:
 
 
 def _host_ids(ids: Tensor) -> np.ndarray:
-    """Token ids as a host int64 array (a device tensor is read back: the host waits for it)."""
-    return np.asarray(ids.tolist(), dtype=np.int64).reshape(-1)
+    """Token ids [n] as a host int64 array (a device tensor is read back: the host waits for it)."""
+    if ids.dim() != 1:
+        raise ValueError(f"an Ids piece takes token ids of shape [n], got {tuple(ids.shape)}")
+    return np.asarray(ids.tolist(), dtype=np.int64)
 
 
 class Assembler:

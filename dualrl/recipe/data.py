@@ -164,8 +164,9 @@ class DataSpec(Section):
         True,
         description="With loader workers: a thread of the training process takes their messages off the pipe "
         "(unpickling, milliseconds a batch), so that receiving runs while the training thread waits for the GPU "
-        "instead of adding to the step; it holds up to two batches' samples ahead. Batches, skips and positions are "
-        "the same either way.",
+        "instead of adding to the step; it holds up to two batches' samples ahead. Batches, positions and "
+        "load-time skips are the same either way (index-time skips count the shards indexed so far, which runs "
+        "further ahead with it).",
     )
     seed: int | None = Field(
         None,

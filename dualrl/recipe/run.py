@@ -60,8 +60,8 @@ class TrainSpec(Section):
         None,
         gt=0,
         description="torch intra-op threads of the run's processes (null: 1 where the model runs on a GPU, as "
-        "torchrun sets them, so that idle pool threads leave the cores to the loader workers; torch's default on "
-        "a CPU).",
+        "torchrun sets them for several processes a node, so that idle pool threads leave the cores to the loader "
+        "workers; on a CPU, torch's default in the driver's process and every core in Ray actors).",
     )
     stop_at_step: int | None = Field(
         None,

@@ -187,6 +187,8 @@ def test_the_receiving_thread_hands_on_the_loaders_error_and_end():
     assert [next(failing) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
         next(failing)
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # again, as a plain iterator would
+        next(failing)
     assert list(_Receiver(items(fail=False), depth=1)) == [0, 1, 2]
     gone = _Receiver(iter(()), depth=1)
     gone._thread.join(timeout=5)
@@ -194,6 +196,27 @@ def test_the_receiving_thread_hands_on_the_loaders_error_and_end():
     gone.POLL_S = 0.01
     with pytest.raises(RuntimeError, match="ended without"):
         next(gone)
+
+
+def test_closing_or_dropping_a_threaded_loader_ends_its_workers_at_once():
+    """`close()` stops the receiving thread and the loader's worker processes before it returns; a loader dropped
+    without `close()` ends them when it is collected."""
+    import gc
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    for how in ("close", "drop"):
+        batches = _batches(workers=2, chunk=2, receive_thread=True)
+        next(batches)
+        thread = batches._it._thread
+        assert len(multiprocessing.active_children()) == before + 2
+        if how == "close":
+            batches.close()
+        else:
+            del batches
+            gc.collect()
+        assert not thread.is_alive(), how
+        assert len(multiprocessing.active_children()) == before, how
 
 
 def test_bad_samples_are_skipped_counted_and_logged_once(caplog):

@@ -95,3 +95,10 @@ def test_shared_rows_outside_their_matrix_are_an_error():
         asm([[Text("<|user|>"), Feats(tokens, [5, 6])]])
     with pytest.raises(IndexError, match="shared matrix of 6 rows"):
         asm([[Text("<|user|>"), Feats(tokens, range(-1, 2))]])
+
+
+def test_ids_pieces_take_one_dimensional_ids():
+    """Token ids of another shape are refused with the shape named (a [1, n] row would mis-place the piece)."""
+    _, _, asm = _assembler()
+    with pytest.raises(ValueError, match=r"shape \[n\], got \(1, 3\)"):
+        asm([[Ids(torch.tensor([[1, 2, 3]]), label=True)]])
