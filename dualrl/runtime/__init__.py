@@ -29,12 +29,11 @@ def resolve_device(name: str) -> str:
 
 
 def intra_op_threads(threads: int | None, device: str) -> int | None:
-    """torch's intra-op threads for a process of the run whose model works on `device`: the recipe's
-    `train.threads` where it sets them; else one on a GPU, as torchrun gives its processes when a node runs several
-    (the host's own tensor
-    work is small there, and an idle pool's threads spin on the cores the loader workers need: the pretrain_tiny
-    loop on a 16-core H200 host ran 16.1 steps/s with one thread against 10.4-12.3 with torch's 16, its pool
-    keeping 4-6 cores busy); None on a CPU: torch's default."""
+    """torch's intra-op threads for a process of the run whose model works on `device`: the recipe's `train.threads`
+    where it sets them; else one on a GPU, as torchrun gives its processes when a node runs several (the host's
+    own tensor work is small there, and an idle pool's threads spin on the cores the loader workers need: the
+    pretrain_tiny loop on a 16-core H200 host ran 16.1 steps/s with one thread against 10.4-12.3 with torch's 16,
+    its pool keeping 4-6 cores busy); None on a CPU: torch's default."""
     if threads:
         return threads
     return 1 if device.startswith("cuda") else None
