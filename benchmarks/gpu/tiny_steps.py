@@ -4,7 +4,7 @@
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
         [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--compare-graphs]
-        [--variants LABEL:KEY=VALUE,...] [--out results.json]
+        [--variants LABEL:KEY=VALUE,...] [--no-reads] [--out results.json]
         [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
@@ -491,6 +491,32 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
     return out
 
 
+def without_reads() -> None:
+    """`--no-reads`: the learner module's two reads of the device (the update's figures, the non-finite weights
+    check) answered on the host with no transfer, for the rest of the process. What a step costs when the host never
+    waits for the GPU: an upper bound for checks kept on the device, since the update still launches what it did."""
+    from dualrl.workers import learner as learner_module
+
+    class NoRead:
+        def __init__(self, n: int):
+            self.n = n
+
+        def tolist(self) -> list[float]:
+            return [0.0] * self.n
+
+    class Torch:  # the learner module's `torch`, with `stack` not read back
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def stack(tensors, *a, **k):
+            torch.stack(tensors, *a, **k)  # launched as before, never read
+            return NoRead(len(tensors))
+
+    learner_module.torch = Torch()
+    learner_module.nonfinite_tensors = lambda tensors: []
+
+
 # --------------------------------------------------------------------------------------- 4. profile
 @contextmanager
 def labelled_parts(learner):
@@ -815,6 +841,12 @@ def parse_args():
         "tf32:model.precision=tf32",
     )
     parser.add_argument(
+        "--no-reads",
+        action="store_true",
+        help="an upper bound, not a way to train: the learner's update reads nothing back from the device (its "
+        "figures come back as zeros and the non-finite checks are skipped), so the host never waits for the GPU",
+    )
+    parser.add_argument(
         "--wrappers",
         nargs="+",
         choices=("python", "cpp"),
@@ -873,6 +905,8 @@ def main() -> int:
         if {"step", "loop", "profile", "pyprofile", "syncs"} & set(args.only):
             recipe = make_recipe(args, args.loop_workers)
             set_intra_op_threads(recipe.train.threads, args.device)  # as the driver does
+            if args.no_reads:
+                without_reads()
             t0 = time.perf_counter()
             runtime = start_runtime(recipe)
             runtime.sync()
