@@ -176,15 +176,22 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     t_loop, step = time.time(), start_step
     failure, last_saved = None, start_step or None
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
+    train = recipe.train
     for step in range(start_step + 1, stop + 1):
         runtime.step, t_step = step, time.perf_counter()  # the step is named if a remote call times out
         # batch, captions, rewards (with async_rollout: made during the last step, and the next one started, also
         # at a stop before train.steps, so that its checkpoint holds it)
         inputs = stream.take(step, recipe.train.steps)
         batch, rollout, metrics = inputs.batch, inputs.rollout, inputs.metrics
+        if deadline is not None and step < stop and time.time() > deadline:
+            log.info("train.max_minutes reached at step %d: saving; the same command resumes from here", step)
+            stop = step
         t_learn = time.perf_counter()
         metrics["step/wait/ms"] = 1000 * (t_learn - t_step)  # for the batch, captions and rewards
-        learned = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
+        # The update's figures come back from the device only on the steps that use them: a GPU learner does not
+        # wait for the device in between, and its bad updates are counted (and a divergence seen) at those steps
+        read = step == stop or any(step % k == 0 for k in (train.log_every, train.save_every, recipe.eval.every))
+        learned = runtime.learner.step(batch, rollout, step_generator(train.seed, step), read=read)
         metrics.update(learned)
         metrics["step/learn/ms"] = 1000 * (time.perf_counter() - t_learn)
         if step % recipe.train.sync_every == 0:
@@ -192,11 +199,8 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             metrics.update(runtime.sync())
         metrics["step/ms"] = 1000 * (time.perf_counter() - t_step)  # rollout, reward, update and sync
         logger.advance()
-        if learned["train/nonfinite_in_a_row"] >= recipe.train.max_nonfinite_steps:
+        if learned.get("train/nonfinite_in_a_row", 0.0) >= train.max_nonfinite_steps:
             failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
-            stop = step
-        if deadline is not None and step < stop and time.time() > deadline:
-            log.info("train.max_minutes reached at step %d: saving; the same command resumes from here", step)
             stop = step
         if step % recipe.train.log_every == 0 or step == stop:
             logger.log(step, metrics)

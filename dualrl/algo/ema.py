@@ -40,21 +40,44 @@ class EMA:
         self._shadow: dict[str, Tensor] = {
             name: p.detach().to(torch.float32, copy=True) for name, p in named_params.items()
         }
+        self._staging: tuple[Tensor, list[Tensor]] | None = None  # update(keep=...)'s copy of the parameters
 
     @torch.no_grad()
-    def update(self, named_params: Mapping[str, Tensor]) -> None:
-        """``ema <- lerp(ema, param, 1 - decay)`` for every name, in place, as one foreach call."""
+    def update(self, named_params: Mapping[str, Tensor], keep: Tensor | None = None) -> None:
+        """``ema <- lerp(ema, param, 1 - decay)`` for every name, in place, as one foreach call.
+
+        `keep`: a bool scalar on the EMA's device; where it is false nothing moves, even when the parameters hold
+        NaN or inf (a bad update's weights), and the host never reads it. Then the update runs as
+        ``ema <- ema * (1 - w * keep) + w * where(keep, param, 0)`` with ``w = 1 - decay`` (lerp's value up to
+        rounding; decay 0 still copies exactly), through a float32 staging copy of the parameters made once."""
         _check_names(self._shadow, named_params, "EMA.update")
         if not self._shadow or self.decay == 1.0:  # frozen: nothing moves
             return
         names = list(self._shadow)
         shadow = [self._shadow[n] for n in names]
+        params = [named_params[n] for n in names]
+        if keep is not None:
+            self._update_where(shadow, params, keep)
+            return
         # lerp_ needs matching dtype/device; bf16 params are upcast to the float32 copy (no call where they match:
         # hundreds of tensors a step, each call a trip through the dispatcher)
-        params = [named_params[n] for n in names]
         params = [p if (p.dtype, p.device) == (s.dtype, s.device) else p.to(s) for p, s in zip(params, shadow)]
         # torch.lerp uses end - (end - start) * (1 - w) for w >= 0.5, so decay = 0 copies exactly.
         torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+
+    def _update_where(self, shadow: list[Tensor], params: list[Tensor], keep: Tensor) -> None:
+        if self._staging is None:  # one flat float32 buffer, viewed as each parameter
+            if len({s.device for s in shadow}) > 1:
+                raise ValueError("EMA.update(keep=...) needs every tensor on one device")
+            flat = torch.empty(sum(s.numel() for s in shadow), dtype=torch.float32, device=shadow[0].device)
+            views = flat.split([s.numel() for s in shadow])
+            self._staging = (flat, [v.view_as(s) for v, s in zip(views, shadow)])
+        flat, staged = self._staging
+        w = 1.0 - self.decay
+        torch._foreach_copy_(staged, params)  # casts bf16 parameters up
+        flat.masked_fill_(~keep, 0.0)  # a select: NaN and inf are gone where keep is false
+        torch._foreach_mul_(shadow, 1.0 - w * keep.float())
+        torch._foreach_add_(shadow, staged, alpha=w)
 
     def tensors(self) -> dict[str, Tensor]:
         """The live float32 EMA tensors by name (not copies)."""

@@ -28,6 +28,12 @@ class OptimSpec(Section):
         description="Split each step's batch into this many micro-batches: one forward/backward each, one optimizer "
         "step (Sa2VA: 2 regions x 4 per GPU).",
     )
+    fused: bool | None = Field(
+        None,
+        description="AdamW's fused kernel; null: on a GPU only. With it (and weights not sharded), an update decides "
+        "on the device whether it was bad (skipped, EMA gated) and its figures are read only on the steps that "
+        "log, evaluate or save, so the learner never waits for the device in between.",
+    )
 
 
 class TrainSpec(Section):
@@ -45,7 +51,8 @@ class TrainSpec(Section):
         gt=0,
         description="Steps in a row whose update was skipped for a non-finite loss or gradient, or left non-finite "
         "weights, after which the run stops with an error (exit 1, no checkpoint from such weights); a single one is "
-        "skipped, counted in train/skipped_nonfinite, and the run goes on.",
+        "skipped, counted in train/skipped_nonfinite, and the run goes on. With optim.fused (a GPU's default) the "
+        "count is read on the steps that log, evaluate or save, so the run stops at the first of those after it.",
     )
     seed: int = Field(
         0,

@@ -48,11 +48,14 @@ class LearnerGroup:
                 shares = ", ".join(f"{100 * h:.1f} %" for h in held)
                 log.info("the learners shard the trainable weights (fsdp); each rank holds: %s", shares)
 
-    def step(self, batch: dict, rollout: Rollout | None, generator: torch.Generator) -> dict[str, float]:
+    def step(
+        self, batch: dict, rollout: Rollout | None, generator: torch.Generator, read: bool = True
+    ) -> dict[str, float]:
         if len(self.actors) == 1:
-            return self.actors[0].step(batch, rollout, generator)
+            return self.actors[0].step(batch, rollout, generator, read)
         batch_ref, rollout_ref = ray.put(batch), ray.put(rollout)
-        metrics = self.deadlines.results([a.submit("step", batch_ref, rollout_ref, generator) for a in self.actors])
+        calls = [a.submit("step", batch_ref, rollout_ref, generator, read) for a in self.actors]
+        metrics = self.deadlines.results(calls)
         return metrics[0]
 
     def state_dict(self) -> dict:

@@ -117,3 +117,12 @@ def mean_over_ranks(sums: dict[str, float], counts: dict[str, int], rank: Rank) 
         dist.all_gather_object(shares, (sums, counts))
     keys = dict.fromkeys(k for s, _ in shares for k in s)
     return {k: sum(s.get(k, 0.0) for s, _ in shares) / sum(c.get(k, 0) for _, c in shares) for k in keys}
+
+
+def any_rank(flag: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """A bool scalar true on every rank where it is true on any (an all-reduce on the device, nothing read back)."""
+    if rank.world == 1:
+        return flag
+    value = flag.float()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value > 0

@@ -5,6 +5,11 @@ non-finite weights is not taken into the EMA; either is a bad update, counted (`
 with a bad update are counted in a row (`train/nonfinite_in_a_row`; the driver stops at `train.max_nonfinite_steps`);
 gradients are clipped. Weights leave the learner only through `sync_state` (trainable tensors only: the
 frozen base never travels).
+
+With a fused optimizer (`optim.fused`, a GPU's default) and weights not sharded, these checks run on the device: the optimizer skips a bad update
+on a device flag and the EMA is gated by another, so an update never waits for the GPU. Its figures wait in the
+ledger (`dualrl/workers/ledger.py`) until a step asks for them (`read=True`: the driver asks on the steps it logs,
+evaluates or saves), and are then counted in order as if read at once. Elsewhere every step reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dualrl.model.train_graphs import TrainGraphs
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 from dualrl.workers import data_parallel as dp
 from dualrl.workers import sharding
+from dualrl.workers.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,7 @@ class Learner:
         self.total_steps = train.steps
         self._optimizer()
         self.ema = EMA(self.model.trainable_state(), algo.ema_decay)
-        self.skipped_steps = 0
-        self.bad_steps_in_a_row = 0
-        self.bad_updates: list[str] = []  # what went wrong in the bad updates of those steps
+        self.ledger = Ledger(list(self.trainable))
 
     def _optimizer(self) -> None:
         """AdamW over the trainable parameters (as they are now: whole, or this rank's shards) and its schedule."""
@@ -78,10 +82,20 @@ class Learner:
         # the trainable parameters by name, kept: walking the model's modules for them costs milliseconds a step
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         params = list(self.trainable.values())
-        self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=self.device.startswith("cuda")
-        )
+        fused = self.device.startswith("cuda") if o.fused is None else o.fused
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o, self.total_steps))
+
+    @property
+    def checks_on_device(self) -> bool:
+        """Whether an update decides on the device whether it was bad (see the module's docstring): the fused
+        optimizer skips on a device flag; sharded weights are checked over every rank's shards on the host."""
+        return bool(self.optimizer.defaults.get("fused")) and self.shards is None
+
+    @property
+    def skipped_steps(self) -> int:
+        self.ledger.settle()
+        return self.ledger.skipped
 
     def join_group(
         self, address: str, rank: int, world: int, backend: str, timeout_s: float, how: str = "ddp"
@@ -133,38 +147,43 @@ class Learner:
         reference.requires_grad_(False)
         return reference
 
-    def step(self, batch: dict, rollout, generator: torch.Generator) -> dict[str, float]:
+    def step(self, batch: dict, rollout, generator: torch.Generator, read: bool = True) -> dict[str, float]:
         """One driver step: `objective.iterations` updates on this batch (1 except GRPO's num_iterations),
-        then one scheduler step. Metrics are the mean over the updates."""
+        then one scheduler step. Metrics are the mean over the updates. With `read=False`, where the checks run on
+        the device, the step returns without waiting for the GPU, and its metrics hold only the learning rate (and
+        the graphs' count): the figures wait for the next step that reads."""
         if not self.model.training:  # set all the way down only after an eval(): a walk of every module
             self.model.train()
         parts = micro_batches(batch, rollout, self.optim_spec.accumulation * self.rank.world)
-        sums: dict[str, float] = {}
-        skipped = self.skipped_steps
+        step = self.scheduler.last_epoch + 1  # the driver's step these updates belong to
         for _ in range(self.objective.iterations):
-            for k, v in self._update(parts, generator).items():
-                sums[k] = sums.get(k, 0.0) + v
-        if self.skipped_steps == skipped:
-            self.bad_steps_in_a_row = 0
-            self.bad_updates.clear()
-        else:
-            self.bad_steps_in_a_row += 1
+            self._update(parts, generator, step)
         self.scheduler.step()
-        metrics = {k: v / self.objective.iterations for k, v in sums.items()}
-        metrics.update(
-            {
-                "train/lr": self.scheduler.get_last_lr()[0],
-                "train/skipped_nonfinite": float(self.skipped_steps),
-                "train/nonfinite_in_a_row": float(self.bad_steps_in_a_row),
-            }
-        )
+        metrics = {"train/lr": self.scheduler.get_last_lr()[0]}
+        if read or not self.checks_on_device:
+            metrics.update(self._read())
         if self.graphs is not None:  # parts that ran eagerly because the graphs' cap was reached (0 when all replay)
             metrics["train/graph_eager_calls"] = float(self.graphs.eager_calls)
         return metrics
 
-    def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator) -> dict[str, float]:
+    def _read(self) -> dict[str, float]:
+        """The ledger settled: the last step's figures (the mean over its updates; each update's over the ranks'
+        micro-batches), the counts of bad updates and of bad steps in a row."""
+        updates = self.ledger.settle()
+        sums: dict[str, float] = {}
+        for u in updates:
+            figures = dp.mean_over_ranks(u.figures, u.counts, self.rank)
+            figures["train/grad_norm"] = u.grad_norm  # the same on every rank
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = {k: v / len(updates) for k, v in sums.items()}
+        metrics["train/skipped_nonfinite"] = float(self.ledger.skipped)
+        metrics["train/nonfinite_in_a_row"] = float(self.ledger.in_a_row)
+        return metrics
+
+    def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator, step: int) -> None:
         """One optimizer step over the micro-batches of a step (this rank's share of them): the loss is their
-        mean, so the gradient is the mean of theirs (DDP averages the ranks'); metrics are averaged too."""
+        mean, so the gradient is the mean of theirs (DDP averages the ranks'); its figures go to the ledger."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, sums, counts = 0.0, {}, {}
         mine = dp.rank_parts(parts, self.rank)
@@ -178,37 +197,27 @@ class Learner:
             for name, v in out.metrics.items():  # a figure is the mean over the micro-batches that report it
                 sums[name] = sums.get(name, 0.0) + v
                 counts[name] = counts.get(name, 0) + 1
+        sums["train/loss"], counts["train/loss"] = loss, len(mine)
         params = list(self.trainable.values())
         grad_norm = sharding.whole_tensor(torch.nn.utils.clip_grad_norm_(params, self.optim_spec.grad_clip))
-        # Every figure the update reports reaches the host in one transfer: each `.item()` on the way would make
-        # the host wait for the device mid-step.
-        names = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
-        figures = torch.stack(
-            [loss, grad_norm.float().to(loss.device), *(sums[k].detach().float().to(loss.device) for k in names)]
-        ).tolist()
-        sums.update(zip(names, figures[2:]))
-        sums["train/loss"], counts["train/loss"] = figures[0], len(mine)
-        metrics = dp.mean_over_ranks(sums, counts, self.rank)
-        loss, grad = metrics["train/loss"], figures[1]  # the gradient norm is the same on every rank
-        step = self.scheduler.last_epoch + 1  # the driver's step this update belongs to
-        if not (math.isfinite(loss) and math.isfinite(grad)):
-            self._bad_update(f"step {step}: loss={loss}, grad_norm={grad}, update skipped")
-            return {**metrics, "train/loss": loss, "train/grad_norm": grad}
-        self.optimizer.step()
-        # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
-        # the parameters themselves, not detached views: read without autograd below, and each detach is a dispatch
-        state = self.trainable
-        if self.shards is not None:
-            state = self.shards.local(state)
-        broken = self._nonfinite(state)
-        if broken:
-            self._bad_update(
-                f"step {step}: the update (loss={loss:.4g}, grad_norm={grad:.4g}) left non-finite weights in "
-                f"{_names(broken)}, EMA not updated"
-            )
+        # bad: the loss or the gradient is not finite, on any rank (the gradient norm is the same on every rank)
+        bad = dp.any_rank(~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))), self.rank)
+        state = self.trainable if self.shards is None else self.shards.local(self.trainable)
+        if self.checks_on_device:
+            self.optimizer.found_inf = bad.float()  # the fused optimizer skips the update where it is 1
+            self.optimizer.step()
+            # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
+            finite = finite_flags(state)
+            self.ema.update(state, keep=~bad & finite.all())
         else:
-            self.ema.update(state)
-        return {**metrics, "train/loss": loss, "train/grad_norm": grad}
+            finite = torch.ones(len(state), dtype=torch.bool)
+            if not bad.item():
+                self.optimizer.step()
+                broken = set(self._nonfinite(state))
+                finite = torch.tensor([n not in broken for n in state])
+                if not broken:
+                    self.ema.update(state)
+        self.ledger.add(step, loss / len(mine), grad_norm, bad, finite, sums, counts)
 
     def _compiled_blocks(self):
         return self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
@@ -242,14 +251,10 @@ class Learner:
         finally:
             self.step_module.reshard()
 
-    def _bad_update(self, what: str) -> None:
-        self.skipped_steps += 1
-        self.bad_updates.append(what)
-        log.warning("%s (%d skipped or non-finite so far)", what, self.skipped_steps)
-
     def nonfinite_report(self) -> list[str]:
         """What went wrong in the bad updates of the current run of bad steps (empty after a good step)."""
-        return list(self.bad_updates)
+        self.ledger.settle()
+        return list(self.ledger.reports)
 
     def nonfinite_weights(self) -> list[str]:
         """Names of the trainable tensors (`model.`) and EMA tensors (`ema.`) that are not finite; checked before
@@ -324,30 +329,32 @@ class Learner:
         self.ema.load_state_dict(ema)
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self.ledger.settle()  # updates made before the load are not the checkpoint's
+        self.ledger.skipped = int(state["skipped_steps"])
         set_rng_state(state["rng"])
 
 
-def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors whose L2 norm is not finite: a NaN or inf in them, or values so large that the norm
-    overflows (about 1e19 in float32), blown-up weights either way. One fused norm per tensor and one transfer
-    to the host when all are finite."""
-    if not tensors:
-        return []
+def finite_flags(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One bool per tensor, on the device of the first: whether its L2 norm is finite. Not finite: a NaN or inf in
+    it, or values so large that the norm overflows (about 1e19 in float32), blown-up weights either way. One fused
+    norm per device and dtype, nothing read back."""
     with torch.no_grad():
         norms = torch._foreach_norm(list(tensors.values()))
         device = norms[0].device
         if any(n.device != device for n in norms):
             norms = [n.to(device) for n in norms]
-        finite = torch.isfinite(torch.stack(norms))
+        return torch.isfinite(torch.stack(norms))
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors whose L2 norm is not finite (`finite_flags`), with one transfer to the host when all
+    are finite."""
+    if not tensors:
+        return []
+    finite = finite_flags(tensors)
     if finite.all().item():
         return []
     return [name for name, ok in zip(tensors, finite.tolist()) if not ok]
-
-
-def _names(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def _attention_without_plans():

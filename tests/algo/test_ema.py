@@ -96,3 +96,21 @@ def test_shape_mismatch_on_load_is_an_error() -> None:
     with pytest.raises(ValueError, match="'w'"):
         ema.load_state_dict({"w": torch.zeros(3), "b": torch.zeros(1, 1)})
     assert ema.tensors()["w"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.3, 0.0])
+def test_a_kept_update_is_lerps_and_a_dropped_one_moves_nothing_even_from_nan(decay: float) -> None:
+    """update(keep=...): kept, the lerp's values to float32 rounding (decay 0 copies exactly, bf16 params upcast);
+    dropped, the EMA stays bit for bit, even when the parameters hold NaN and inf."""
+    new = {"w": torch.tensor([3.0, 4.5], dtype=torch.bfloat16), "b": torch.tensor([[6.0]])}
+    plain, gated = EMA(_params(), decay), EMA(_params(), decay)
+    plain.update(new)
+    gated.update(new, keep=torch.tensor(True))
+    for name, value in plain.tensors().items():
+        torch.testing.assert_close(gated.tensors()[name], value, rtol=1e-6, atol=1e-6)
+        if decay == 0.0:
+            assert torch.equal(gated.tensors()[name], new[name].float())
+    before = {k: v.clone() for k, v in gated.tensors().items()}
+    broken = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([[float("inf")]])}
+    gated.update(broken, keep=torch.tensor(False))
+    assert all(torch.equal(before[k], v) for k, v in gated.tensors().items())
