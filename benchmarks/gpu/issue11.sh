@@ -15,8 +15,8 @@
 #   bash benchmarks/gpu/issue11.sh sft_mfu   # 4B sft_dual MFU over new batches, each with its FLOPs; expandable segments
 #   bash benchmarks/gpu/issue11.sh tiny_loop_matrix  # the graphed tiny loop: chunks, threads, workers, bf16, by thread
 #   bash benchmarks/gpu/issue11.sh tiny_final  # the tiny loop with the GPU defaults, their parts off in turn; the recipe run
-#   bash benchmarks/gpu/issue11.sh tiny_reads  # a profile of the tiny step; its loop as the defaults run it against
-#                                            # the same loop never reading back from the GPU (an upper bound), float32, bf16
+#   bash benchmarks/gpu/issue11.sh tiny_ledger  # GPU tests of the ledger; the tiny loop reading every step against
+#                                            # reading every train.log_every steps; the recipe through the driver
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -189,21 +189,32 @@ print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_
 the first step to the end, the last evaluation and save included;', \
 round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     ;;
-  tiny_reads)  # a profile of the graphed tiny step as the defaults run it (torch.profiler and cProfile); then its loop
-    # with 12 workers, one process each, in turn: defaults, --no-reads (the update never waits for the GPU: the
-    # most that checks kept on the device could give), bf16, bf16 --no-reads, defaults again
+  tiny_ledger)  # the CUDA-graph test and the ledger's tests on the GPU (fused CUDA AdamW); the graphed tiny loop with
+    # 12 workers, one process each: reading every step (as before the ledger), reading every train.log_every steps
+    # (the driver's default now), the same in bf16, reading every step again; then the recipe through the driver
     t=benchmarks/gpu/tiny_steps.py
-    run tiny_profile 150 python3 $t model.train_graphs=true --only step profile pyprofile --steps 60 --warmup 10 \
-      --profile-steps 5 --out "$OUT/tiny_profile.json"
+    run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
+      tests/workers/test_ledger.py tests/algo/test_ema.py
     i=0
-    for spec in "defaults" "no_reads --no-reads" "bf16 model.precision=bf16" \
-      "bf16_no_reads model.precision=bf16 --no-reads" "defaults_again"; do
+    for spec in "read_every_step --read-every 1" "defaults" "bf16 model.precision=bf16" \
+      "read_every_step_again --read-every 1"; do
       read -r label extra <<<"$spec"
       i=$((i + 1))
       # shellcheck disable=SC2086  # the overrides are words
       run "loop_${i}_$label" 80 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-25}" \
         --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
     done
+    steps_n=${STEPS:-1200}
+    rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
+    run pretrain_tiny_run 300 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
+      data.num_workers=12 train.steps="$steps_n" eval.every="$steps_n" train.save_every="$steps_n" \
+      train.log_every=100 output_dir=/tmp/pretrain_tiny_run
+    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
+    cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
+    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
+the first step to the end, the last evaluation and save included;', \
+round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
@@ -229,7 +240,7 @@ round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_reads|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_ledger|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
 # A call brings back only a few files: past 8, everything under $OUT goes back as one archive
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then

@@ -4,7 +4,7 @@
         [--batch-size 64] [--workers 0 6 12] [--data-batches 40] [--steps 100] [--warmup 10]
         [--loop-steps 200] [--loop-workers N] [--profile-steps 5] [--max-seconds 60]
         [--only data step loop profile syncs] [--compare-compile [--wrappers python cpp]] [--compare-graphs]
-        [--variants LABEL:KEY=VALUE,...] [--no-reads] [--out results.json]
+        [--variants LABEL:KEY=VALUE,...] [--read-every N] [--out results.json]
         [--out-dir DIR] [--quick]
 
     python benchmarks/gpu/tiny_steps.py key=value ... --only step profile   # recipe overrides come first
@@ -204,7 +204,8 @@ def measure_step(args, runtime, recipe, batch, rollout, label: str) -> dict:
     times, t0, cpu0 = [], time.perf_counter(), time.process_time()
     for i in range(args.steps):
         t = time.perf_counter()
-        learner.step(batch, rollout, step_generator(seed, args.warmup + i + 1))
+        read = (i + 1) % args.read_every == 0 or i + 1 == args.steps  # as the driver reads on the steps it logs
+        learner.step(batch, rollout, step_generator(seed, args.warmup + i + 1), read=read)
         times.append(time.perf_counter() - t)
         if time.perf_counter() - t0 > args.max_seconds:
             break
@@ -449,7 +450,8 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
             scored = runtime.reward.score(batch, captions, plan.group_size)
             rollout = Rollout(captions, plan.group_size, scored.total)
         t_learn = time.perf_counter()
-        metrics.update(runtime.learner.step(batch, rollout, step_generator(seed, step)))
+        read = step % args.read_every == 0  # as the driver reads on the steps it logs
+        metrics.update(runtime.learner.step(batch, rollout, step_generator(seed, step), read=read))
         t_learned = time.perf_counter()
         if step % recipe.train.sync_every == 0:
             metrics.update(runtime.sync())
@@ -476,6 +478,7 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
         "cpu_busy": cpu_s / wall,
         "torch_threads": torch.get_num_threads(),
         "chunk": recipe.data.chunk,
+        "read_every": args.read_every,
         **cpu,
         "warmup_s": t0 - t_start,
         **util,
@@ -489,32 +492,6 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
         flush=True,
     )
     return out
-
-
-def without_reads() -> None:
-    """`--no-reads`: the learner module's two reads of the device (the update's figures, the non-finite weights
-    check) answered on the host with no transfer, for the rest of the process. What a step costs when the host never
-    waits for the GPU: an upper bound for checks kept on the device, since the update still launches what it did."""
-    from dualrl.workers import learner as learner_module
-
-    class NoRead:
-        def __init__(self, n: int):
-            self.n = n
-
-        def tolist(self) -> list[float]:
-            return [0.0] * self.n
-
-    class Torch:  # the learner module's `torch`, with `stack` not read back
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def stack(tensors, *a, **k):
-            torch.stack(tensors, *a, **k)  # launched as before, never read
-            return NoRead(len(tensors))
-
-    learner_module.torch = Torch()
-    learner_module.nonfinite_tensors = lambda tensors: []
 
 
 # --------------------------------------------------------------------------------------- 4. profile
@@ -841,10 +818,12 @@ def parse_args():
         "tf32:model.precision=tf32",
     )
     parser.add_argument(
-        "--no-reads",
-        action="store_true",
-        help="an upper bound, not a way to train: the learner's update reads nothing back from the device (its "
-        "figures come back as zeros and the non-finite checks are skipped), so the host never waits for the GPU",
+        "--read-every",
+        type=int,
+        default=None,
+        help="step and loop phases: the learner reads its figures back every this many steps, as the driver does on "
+        "the steps it logs (default: the recipe's train.log_every; 1: every step, as before the figures waited on "
+        "the device)",
     )
     parser.add_argument(
         "--wrappers",
@@ -905,8 +884,7 @@ def main() -> int:
         if {"step", "loop", "profile", "pyprofile", "syncs"} & set(args.only):
             recipe = make_recipe(args, args.loop_workers)
             set_intra_op_threads(recipe.train.threads, args.device)  # as the driver does
-            if args.no_reads:
-                without_reads()
+            args.read_every = args.read_every or recipe.train.log_every
             t0 = time.perf_counter()
             runtime = start_runtime(recipe)
             runtime.sync()
