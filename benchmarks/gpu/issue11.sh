@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu/issue11.sh tiny_final  # the tiny loop with the GPU defaults, their parts off in turn; the recipe run
 #   bash benchmarks/gpu/issue11.sh tiny_ledger  # GPU tests of the ledger; the tiny loop reading every step against
 #                                            # reading every train.log_every steps; the recipe through the driver
+#   bash benchmarks/gpu/issue11.sh ledger_final  # tiny_ledger's tests, loops and recipe run, then sft_mfu's first run
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -216,6 +217,34 @@ print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_
 the first step to the end, the last evaluation and save included;', \
 round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     ;;
+  ledger_final)  # tiny_ledger's GPU tests; the graphed tiny loop (12 workers) reading every step, as the driver does,
+    # every step again, one process each; the recipe through the driver; then, with what is left of ${BUDGET:-580} s,
+    # sft_mfu's first run (the 4B update's MFU) under the one-thread default
+    t=benchmarks/gpu/tiny_steps.py
+    run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
+      tests/workers/test_ledger.py tests/algo/test_ema.py
+    i=0
+    for spec in "read_every_step --read-every 1" "defaults" "read_every_step_again --read-every 1"; do
+      read -r label extra <<<"$spec"
+      i=$((i + 1))
+      # shellcheck disable=SC2086  # the overrides are words
+      run "loop_${i}_$label" 70 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-20}" \
+        --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
+    done
+    rm -rf /tmp/pretrain_tiny_run
+    run pretrain_tiny_run 150 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
+      data.num_workers=12 train.steps=1200 eval.every=1200 train.save_every=1200 train.log_every=100 \
+      output_dir=/tmp/pretrain_tiny_run
+    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
+    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s;', \
+round(s['wall_time_s'], 1), 's in all; final', s['final'])"
+    left=$((${BUDGET:-580} - SECONDS))
+    echo "== ${left}s left for sft_mfu"
+    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+      --out "$OUT/sft_mfu.json"
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -240,7 +269,7 @@ round(s['wall_time_s'], 1), 's in all; final', s['final'])"
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_ledger|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_ledger|ledger_final|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
 # A call brings back only a few files: past 8, everything under $OUT goes back as one archive
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then

@@ -6,10 +6,11 @@ with a bad update are counted in a row (`train/nonfinite_in_a_row`; the driver s
 gradients are clipped. Weights leave the learner only through `sync_state` (trainable tensors only: the
 frozen base never travels).
 
-With a fused optimizer (`optim.fused`, a GPU's default) and weights not sharded, these checks run on the device: the optimizer skips a bad update
-on a device flag and the EMA is gated by another, so an update never waits for the GPU. Its figures wait in the
-ledger (`dualrl/workers/ledger.py`) until a step asks for them (`read=True`: the driver asks on the steps it logs,
-evaluates or saves), and are then counted in order as if read at once. Elsewhere every step reads them.
+With a fused optimizer (`optim.fused`, a GPU's default) and weights not sharded, these checks run on the device:
+the optimizer skips a bad update on a device flag and the EMA is gated by another (`EMA.update_unless`), so an
+update never waits for the GPU. Its figures wait in the ledger (`dualrl/workers/ledger.py`) until a step asks for
+them (`read=True`: the driver asks on the steps it logs, evaluates or saves), and are then counted in order as if
+read at once. Elsewhere every step reads them.
 """
 
 from __future__ import annotations
@@ -207,8 +208,7 @@ class Learner:
             self.optimizer.found_inf = bad.float()  # the fused optimizer skips the update where it is 1
             self.optimizer.step()
             # A finite update can still blow the weights up (a huge learning rate): checked before the EMA takes them.
-            finite = finite_flags(state)
-            self.ema.update(state, keep=~bad & finite.all())
+            finite = self.ema.update_unless(state, bad)
         else:
             finite = torch.ones(len(state), dtype=torch.bool)
             if not bad.item():
@@ -334,24 +334,18 @@ class Learner:
         set_rng_state(state["rng"])
 
 
-def finite_flags(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One bool per tensor, on the device of the first: whether its L2 norm is finite. Not finite: a NaN or inf in
-    it, or values so large that the norm overflows (about 1e19 in float32), blown-up weights either way. One fused
-    norm per device and dtype, nothing read back."""
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors whose L2 norm is not finite: a NaN or inf in them, or values so large that the norm
+    overflows (about 1e19 in float32), blown-up weights either way. One fused norm per tensor and one transfer
+    to the host when all are finite."""
+    if not tensors:
+        return []
     with torch.no_grad():
         norms = torch._foreach_norm(list(tensors.values()))
         device = norms[0].device
         if any(n.device != device for n in norms):
             norms = [n.to(device) for n in norms]
-        return torch.isfinite(torch.stack(norms))
-
-
-def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors whose L2 norm is not finite (`finite_flags`), with one transfer to the host when all
-    are finite."""
-    if not tensors:
-        return []
-    finite = finite_flags(tensors)
+        finite = torch.isfinite(torch.stack(norms))
     if finite.all().item():
         return []
     return [name for name, ok in zip(tensors, finite.tolist()) if not ok]

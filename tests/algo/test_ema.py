@@ -99,18 +99,35 @@ def test_shape_mismatch_on_load_is_an_error() -> None:
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.3, 0.0])
-def test_a_kept_update_is_lerps_and_a_dropped_one_moves_nothing_even_from_nan(decay: float) -> None:
-    """update(keep=...): kept, the lerp's values to float32 rounding (decay 0 copies exactly, bf16 params upcast);
-    dropped, the EMA stays bit for bit, even when the parameters hold NaN and inf."""
+def test_update_unless_is_update_when_good_and_moves_nothing_when_bad_even_from_nan(decay: float) -> None:
+    """update_unless: a good update gives update's values to float32 rounding (decay 0 copies exactly, bf16 params
+    upcast) and flags every tensor finite; a bad flag, or a parameter holding NaN, inf or values whose norm
+    overflows, leaves the EMA bit for bit, and the flags name the tensors whose norm is not finite."""
     new = {"w": torch.tensor([3.0, 4.5], dtype=torch.bfloat16), "b": torch.tensor([[6.0]])}
     plain, gated = EMA(_params(), decay), EMA(_params(), decay)
     plain.update(new)
-    gated.update(new, keep=torch.tensor(True))
+    assert gated.update_unless(new, bad=torch.tensor(False)).tolist() == [True, True]
     for name, value in plain.tensors().items():
         torch.testing.assert_close(gated.tensors()[name], value, rtol=1e-6, atol=1e-6)
         if decay == 0.0:
             assert torch.equal(gated.tensors()[name], new[name].float())
     before = {k: v.clone() for k, v in gated.tensors().items()}
-    broken = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([[float("inf")]])}
-    gated.update(broken, keep=torch.tensor(False))
+    gated.update_unless({"w": torch.tensor([7.0, 8.0]), "b": torch.tensor([[1.0]])}, bad=torch.tensor(True))
     assert all(torch.equal(before[k], v) for k, v in gated.tensors().items())
+    for w, b, flags in (
+        ([float("nan"), 1.0], [[1.0]], [False, True]),
+        ([1.0, 1.0], [[float("-inf")]], [True, False]),
+        ([3e19, 1.0], [[1.0]], [False, True]),  # finite, but its squares overflow
+    ):
+        finite = gated.update_unless({"w": torch.tensor(w), "b": torch.tensor(b)}, bad=torch.tensor(False))
+        assert finite.tolist() == flags
+        assert all(torch.equal(before[k], v) for k, v in gated.tensors().items())
+
+
+def test_state_dict_tensors_own_their_memory() -> None:
+    """The EMA's tensors are views of one buffer; its state_dict holds copies (saved and pickled on their own)."""
+    ema = EMA(_params(), decay=0.5)
+    state = ema.state_dict()
+    assert all(t.untyped_storage().nbytes() == t.numel() * 4 for t in state.values())
+    state["w"].add_(1.0)
+    assert ema.tensors()["w"].tolist() == [1.0, 2.0]
