@@ -29,10 +29,11 @@ applied after the script's own (which include `model.train_graphs=false`: eager 
    batch with the encoders and SAM2's decoding replayed as CUDA graphs (`model.train_graphs`, same model, same
    process; the first step, which captures, timed apart), then eager once more (`device, again`), so that a drift
    of the machine shows; each labelled row is its own measurement.
-3. loop: the driver's loop (`dualrl/train.py`: next batch, learner step, EMA sync to the teacher every
-   `train.sync_every` steps) for `--loop-steps` steps with `--loop-workers` loader workers (default: the
-   recipe's); `data wait` is the share of the wall time spent in `next(batches)`; GPU utilisation is sampled
-   by NVML (`torch.cuda.utilization`, else `nvidia-smi -lms`) during the timed steps.
+3. loop: the driver's loop (`dualrl/train.py`: next batch, learner step reading its figures every `--read-every`
+   steps as the driver does on the steps it logs, EMA sync to the teacher every `train.sync_every` steps) for
+   `--loop-steps` steps with `--loop-workers` loader workers (default: the recipe's); `data wait` is the share of
+   the wall time spent in `next(batches)`; GPU utilisation is sampled by NVML (`torch.cuda.utilization`, else
+   `nvidia-smi -lms`) during the timed steps.
 4. profile: `torch.profiler` (CPU + CUDA activities) over `--profile-steps` learner steps on the host batch:
    tables by self CPU time and self CUDA time (top 25), and per step: CUDA kernels and their launches, memory
    copies by direction, synchronising calls (cudaStreamSynchronize & co., aten::_local_scalar_dense from

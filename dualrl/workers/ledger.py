@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-log = logging.getLogger("dualrl.workers.learner")
+log = logging.getLogger("dualrl.workers.learner")  # the learner's bad updates, under the learner's name
 
 
 @dataclass
