@@ -34,6 +34,19 @@ run() {  # name, seconds, command...: one benchmark, its log under $OUT, never p
   tail -n 12 "$OUT/$name.log"
 }
 steps=benchmarks/gpu/sa2va_steps.py
+recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver (12 workers, one evaluation at the
+  # end), its summary and metrics under $OUT, and its steps/s (batch 64) from the first step to the end
+  rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
+  run pretrain_tiny_run "$2" python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
+    data.num_workers=12 train.steps="$1" eval.every="$1" train.save_every="$1" train.log_every=100 \
+    output_dir=/tmp/pretrain_tiny_run
+  cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
+  cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
+  python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
+the first step to the end, the last evaluation and save included;', round(s['wall_time_s'], 1), 's in all; final', \
+s['final'])"
+}
 case ${1:-} in
   rollout)
     run rollout 330 python3 benchmarks/gpu/rollout.py --paths engine engine_compiled --steps 8 --profile \
@@ -178,17 +191,7 @@ PY
       run "loop_${i}_$label" 80 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-25}" \
         --loop-steps 1000 --loop-workers "$workers" --out "$OUT/loop_${i}_$label.json"
     done
-    steps_n=${STEPS:-1500}
-    rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
-    run pretrain_tiny_run 300 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
-      data.num_workers=12 train.steps="$steps_n" eval.every="$steps_n" train.save_every="$steps_n" \
-      train.log_every=100 output_dir=/tmp/pretrain_tiny_run
-    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
-    cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
-    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
-the first step to the end, the last evaluation and save included;', \
-round(s['wall_time_s'], 1), 's in all; final', s['final'])"
+    recipe_run "${STEPS:-1500}" 300
     ;;
   tiny_ledger)  # the CUDA-graph test and the ledger's tests on the GPU (fused CUDA AdamW); the graphed tiny loop with
     # 12 workers, one process each: reading every step (as before the ledger), reading every train.log_every steps
@@ -205,20 +208,10 @@ round(s['wall_time_s'], 1), 's in all; final', s['final'])"
       run "loop_${i}_$label" 80 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-25}" \
         --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
     done
-    steps_n=${STEPS:-1200}
-    rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
-    run pretrain_tiny_run 300 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
-      data.num_workers=12 train.steps="$steps_n" eval.every="$steps_n" train.save_every="$steps_n" \
-      train.log_every=100 output_dir=/tmp/pretrain_tiny_run
-    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
-    cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
-    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
-the first step to the end, the last evaluation and save included;', \
-round(s['wall_time_s'], 1), 's in all; final', s['final'])"
+    recipe_run "${STEPS:-1200}" 300
     ;;
-  ledger_final)  # tiny_ledger's GPU tests; the graphed tiny loop (12 workers) reading every step, as the driver does,
-    # every step again, one process each; the recipe through the driver; then, with what is left of ${BUDGET:-580} s,
+  ledger_final)  # tiny_ledger's GPU tests; the graphed tiny loop (12 workers) reading every step, reading as the
+    # driver does, reading every step again, one process each; the recipe through the driver; then, with what is left of ${BUDGET:-580} s,
     # sft_mfu's first run (the 4B update's MFU) under the one-thread default
     t=benchmarks/gpu/tiny_steps.py
     run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
@@ -231,14 +224,7 @@ round(s['wall_time_s'], 1), 's in all; final', s['final'])"
       run "loop_${i}_$label" 70 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-20}" \
         --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
     done
-    rm -rf /tmp/pretrain_tiny_run
-    run pretrain_tiny_run 150 python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
-      data.num_workers=12 train.steps=1200 eval.every=1200 train.save_every=1200 train.log_every=100 \
-      output_dir=/tmp/pretrain_tiny_run
-    cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
-    python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s;', \
-round(s['wall_time_s'], 1), 's in all; final', s['final'])"
+    recipe_run 1200 150
     left=$((${BUDGET:-580} - SECONDS))
     echo "== ${left}s left for sft_mfu"
     run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
