@@ -199,7 +199,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             metrics.update(runtime.sync())
         metrics["step/ms"] = 1000 * (time.perf_counter() - t_step)  # rollout, reward, update and sync
         logger.advance()
-        if learned.get("train/nonfinite_in_a_row", 0.0) >= train.max_nonfinite_steps:
+        if learned.get("train/nonfinite_longest_run", 0.0) >= train.max_nonfinite_steps:
             failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
             stop = step
         if step % recipe.train.log_every == 0 or step == stop:

@@ -76,6 +76,7 @@ class Learner:
         self._optimizer()
         self.ema = EMA(self.model.trainable_state(), algo.ema_decay)
         self.ledger = Ledger(list(self.trainable))
+        self._longest_reports: list[str] = []  # nonfinite_report's answer, set by each read
 
     def _optimizer(self) -> None:
         """AdamW over the trainable parameters (as they are now: whole, or this rank's shards) and its schedule."""
@@ -91,7 +92,7 @@ class Learner:
     def checks_on_device(self) -> bool:
         """Whether an update decides on the device whether it was bad (see the module's docstring): the fused
         optimizer skips on a device flag; sharded weights are checked over every rank's shards on the host."""
-        return bool(self.optimizer.defaults.get("fused")) and self.shards is None
+        return all(g.get("fused") for g in self.optimizer.param_groups) and self.shards is None
 
     @property
     def skipped_steps(self) -> int:
@@ -180,6 +181,10 @@ class Learner:
         metrics = {k: v / len(updates) for k, v in sums.items()}
         metrics["train/skipped_nonfinite"] = float(self.ledger.skipped)
         metrics["train/nonfinite_in_a_row"] = float(self.ledger.in_a_row)
+        # the longest run since the last read: with reads every few steps, a run can end between two reads
+        metrics["train/nonfinite_longest_run"] = float(self.ledger.longest)
+        self._longest_reports = self.ledger.longest_reports
+        self.ledger.new_window()
         return metrics
 
     def _update(self, parts: list[tuple[dict, object]], generator: torch.Generator, step: int) -> None:
@@ -252,9 +257,9 @@ class Learner:
             self.step_module.reshard()
 
     def nonfinite_report(self) -> list[str]:
-        """What went wrong in the bad updates of the current run of bad steps (empty after a good step)."""
-        self.ledger.settle()
-        return list(self.ledger.reports)
+        """What went wrong in the bad updates of the longest run of bad steps up to the last read (that stops the
+        run; on a CPU, with a read every step, the current run: empty after a good step)."""
+        return list(self._longest_reports)
 
     def nonfinite_weights(self) -> list[str]:
         """Names of the trainable tensors (`model.`) and EMA tensors (`ema.`) that are not finite; checked before
@@ -327,7 +332,11 @@ class Learner:
             optimizer = self.shards.optimizer_part(optimizer, params)
         self.model.load_trainable(model)
         self.ema.load_state_dict(ema)
-        self.optimizer.load_state_dict(optimizer)
+        # the kernel is this run's choice (optim.fused may change on resume, as from a CPU to a GPU): torch would
+        # take the saved groups' flag with the state
+        fused = self.optimizer.defaults.get("fused")
+        groups = [{**g, "fused": fused} for g in optimizer["param_groups"]]
+        self.optimizer.load_state_dict({**optimizer, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         self.ledger.settle()  # updates made before the load are not the checkpoint's
         self.ledger.skipped = int(state["skipped_steps"])

@@ -5,7 +5,8 @@ tensor non-finite (the EMA does not take it). Where the learner decides this on 
 the fused optimizer skips on a device flag, the EMA is gated by one), nothing in an update waits for the GPU; each
 update appends one small tensor here (its figures, its flag, one finiteness flag per trainable tensor), and
 `settle` reads all of those since the last read in one transfer and does the bookkeeping in their order: counts,
-the run of bad steps, and the reports, exactly as if each update had been read when it ran. Where the learner
+the run of bad steps, and the reports, exactly as if each update had been read when it ran; the longest run of bad
+steps since the last read is kept too, since one that ended before the read must still stop the run. Where the learner
 decides on the host (a CPU, sharded weights), it settles after every step, and the ledger is the same bookkeeping.
 """
 
@@ -48,7 +49,14 @@ class Ledger:
         self.skipped = 0  # bad updates over the run (saved with checkpoints)
         self.in_a_row = 0  # driver steps in a row with a bad update, up to the last settled one
         self.reports: list[str] = []  # what went wrong in the bad updates of that run of bad steps
+        # the longest run of bad steps settled since `new_window` (one that ended before a read still counts:
+        # the driver stops on it), and its reports
+        self.longest, self.longest_reports = 0, []
         self._pending: list[_Pending] = []
+
+    def new_window(self) -> None:
+        """Start counting the longest run of bad steps afresh (after a read has reported it)."""
+        self.longest, self.longest_reports = 0, []
 
     def add(
         self,
@@ -118,6 +126,8 @@ class Ledger:
     def _end_step(self, bad: bool) -> None:
         if bad:
             self.in_a_row += 1
+            if self.in_a_row > self.longest:
+                self.longest, self.longest_reports = self.in_a_row, list(self.reports)
         else:
             self.in_a_row = 0
             self.reports.clear()

@@ -65,7 +65,10 @@ def test_reading_every_third_step_logs_counts_and_saves_what_reading_every_step_
     # every step in both), so the figures and weights are compared to float32 rounding, the counts exactly
     for step in (3, 6):
         assert third[step].keys() == every[step].keys()
-        assert third[step] == pytest.approx(every[step], rel=1e-5, abs=1e-6)
+        longest = "train/nonfinite_longest_run"  # since the last read: step 2's bad step is in the first window
+        assert third[step][longest] == (1 if step == 3 else 0) and every[step][longest] == 0
+        same = {k: v for k, v in every[step].items() if k != longest}
+        assert {k: v for k, v in third[step].items() if k != longest} == pytest.approx(same, rel=1e-5, abs=1e-6)
         assert third[step]["train/skipped_nonfinite"] == 1 and third[step]["train/nonfinite_in_a_row"] == 0
     for name in ("trainable.safetensors", "ema.safetensors"):
         a, b = (load_file(out / "checkpoints" / "step_6" / name) for out in (runs[1], runs[3]))
@@ -88,23 +91,81 @@ def test_a_diverging_run_stops_at_the_first_read_after_its_limit(tmp_path, monke
     assert lines[4]["train/skipped_nonfinite"] == 4
 
 
-def test_the_ema_never_takes_an_update_that_broke_the_weights(tmp_path):
-    """With the checks on the device, an update that leaves non-finite weights is not read back, and the EMA stays
-    exactly what it was (the gate is a device flag, not a read); the read reports it."""
-    recipe = load_recipe("recipes/sft_dual.yaml", [*FUSED, f"output_dir={tmp_path}", "optim.lr=1e30"])
+class NanLossOn:
+    """The run's objective, with a NaN loss at the calls numbered in `calls` (from 1)."""
+
+    def __init__(self, objective, calls: set[int]):
+        self.objective, self.nan_calls, self.calls = objective, calls, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+    def __call__(self, *args):
+        out = self.objective(*args)
+        self.calls += 1
+        if self.calls in self.nan_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_a_run_of_bad_steps_that_ends_before_the_read_still_stops_the_run(tmp_path, monkeypatch):
+    """NaN losses at steps 2-4 (limit 3), a good step 5, and the first read at step 5: the run of three bad steps
+    ended before the read, and the run stops there all the same, as reading every step would have at step 4."""
+    import dualrl.workers.learner as learner
+
+    real = learner.build_objective
+    monkeypatch.setattr(learner, "build_objective", lambda *a: NanLossOn(real(*a), {2, 3, 4}))
+    out = tmp_path / "run"
+    args = [*FUSED, f"output_dir={out}", "train.steps=6", "train.log_every=5", "train.save_every=6", "eval.every=6"]
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 5: 3 steps in a row.*step 2: loss=nan"):
+        run(load_recipe("recipes/sft_dual.yaml", args))
+    five = _train_lines(out)[5]
+    assert five["train/nonfinite_in_a_row"] == 0 and five["train/nonfinite_longest_run"] == 3
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "broken_weights"])
+def test_a_bad_update_moves_nothing_it_should_not_without_a_read(tmp_path, bad):
+    """With the checks on the device and nothing read: a NaN loss leaves the weights, the optimizer's step count and
+    the EMA bit for bit (the fused kernel skips on the device flag); an update that leaves non-finite weights
+    (optim.lr=1e30) leaves the EMA bit for bit (gated by a device flag). The ledger reports either when it is read."""
+    lr = ["optim.lr=1e30"] if bad == "broken_weights" else []
+    recipe = load_recipe("recipes/sft_dual.yaml", [*FUSED, f"output_dir={tmp_path}", *lr])
     runtime = start_runtime(recipe)
     try:
         learner = runtime.learner
         assert learner.checks_on_device
-        ema = {k: v.clone() for k, v in learner.ema.tensors().items()}
         batch = _one_batch(recipe)
-        metrics = learner.step(batch, _rollout(runtime, recipe, batch), step_generator(0, 1), read=False)
+        rollout = _rollout(runtime, recipe, batch)
+        if bad == "nan_loss":  # a good update first, so that the EMA and the weights differ
+            learner.objective = NanLossOn(learner.objective, {2})
+            learner.step(batch, rollout, step_generator(0, 1), read=False)
+        ema = {k: v.clone() for k, v in learner.ema.tensors().items()}
+        weights = {k: v.detach().clone() for k, v in learner.trainable.items()}
+        if bad == "nan_loss":
+            assert not all(torch.equal(ema[k], weights[k].float()) for k in ema)
+        metrics = learner.step(batch, rollout, step_generator(0, 2), read=False)
         assert "train/loss" not in metrics and learner.ledger.pending
-        assert nonfinite_tensors(learner.trainable)  # NaN, inf or a norm that overflows
         assert all(torch.equal(ema[k], v) for k, v in learner.ema.tensors().items())
-        assert learner.skipped_steps == 1 and "left non-finite weights" in learner.nonfinite_report()[0]
+        if bad == "nan_loss":
+            assert all(torch.equal(weights[k], v) for k, v in learner.trainable.items())
+            steps = {float(s["step"]) for s in learner.optimizer.state.values()}
+            assert steps == {1.0}  # step 1's
+            assert learner.skipped_steps == 1 and "update skipped" in learner.ledger.reports[0]
+        else:
+            assert nonfinite_tensors(learner.trainable)  # NaN, inf or a norm that overflows
+            assert learner.skipped_steps == 1 and "left non-finite weights" in learner.ledger.reports[0]
     finally:
         runtime.shutdown()
+
+
+def test_resuming_takes_this_runs_optimizer_kernel(tmp_path):
+    """A run saved with AdamW's plain kernel (a CPU's default) resumes with the fused one (as on a GPU): the fused
+    kernel runs from the saved state and the checks run on the device."""
+    out = tmp_path / "run"
+    args = [*TINY, f"output_dir={out}", "eval.at_start=false", "train.save_every=2", "eval.every=100"]
+    run(load_recipe("recipes/sft_dual.yaml", [*args, "train.steps=2"]))
+    summary = run(load_recipe("recipes/sft_dual.yaml", [*args, "train.steps=3", "optim.fused=true"]))
+    assert summary["complete"] and summary["steps_this_run"] == 1 and summary["skipped_nonfinite_steps"] == 0
 
 
 def _one_batch(recipe) -> dict:
@@ -132,24 +193,37 @@ def _add(ledger: Ledger, step: int, loss: float, finite: list[bool], figure: flo
     ledger.add(step, t(loss), t(0.5), bad, t(finite), {"train/loss": t(loss), "x": t(figure), "host": 2.0}, {})
 
 
+NAN = float("nan")
+
+
 def test_the_ledger_counts_steps_in_order_from_one_read(caplog):
-    """Updates of four steps (two updates at step 1, as GRPO's iterations make) read at once: the bad updates are
-    counted and reported in order, the run of bad steps restarts at a good one, and the read returns the last
-    step's updates with their figures."""
+    """Updates of several steps (two a step at steps 1-2, as GRPO's iterations make) read at once: a step is bad when
+    any of its updates is, the bad updates are counted and reported in order, the run of bad steps restarts at a good
+    step, the longest run since the window began is kept, and a read returns the last step's updates."""
     ledger = Ledger(["a", "b"])
     _add(ledger, 1, 1.0, [True, True])
-    _add(ledger, 1, float("nan"), [True, True])  # step 1 is bad: one of its updates is
-    _add(ledger, 2, 2.0, [True, True])  # good: the run of bad steps ends
-    _add(ledger, 3, 3.0, [True, False])  # broke tensor b
-    _add(ledger, 4, float("nan"), [True, True], figure=7.0)
+    _add(ledger, 1, NAN, [True, True])  # step 1 is bad: its second update is
+    _add(ledger, 2, NAN, [True, True])  # step 2 is bad: its first update is
+    _add(ledger, 2, 2.0, [True, True])
     with caplog.at_level("WARNING", logger=ledger_module.log.name):
-        last = ledger.settle()
-    assert ledger.skipped == 3 and ledger.in_a_row == 2 and not ledger.pending
-    assert ledger.reports == [
-        "step 3: the update (loss=3, grad_norm=0.5) left non-finite weights in b, EMA not updated",
-        "step 4: loss=nan, grad_norm=0.5, update skipped",
-    ]
-    warned = [r.message.split(" (")[0] for r in caplog.records]
-    assert warned[0] == "step 1: loss=nan, grad_norm=0.5, update skipped" and len(warned) == 3
-    assert len(last) == 1 and last[0].step == 4 and last[0].figures["x"] == 7.0 and last[0].figures["host"] == 2.0
-    assert ledger.settle() == [] and ledger.skipped == 3
+        ledger.settle()
+    assert ledger.skipped == 2 and ledger.in_a_row == 2 and ledger.longest == 2 and len(ledger.reports) == 2
+    ledger.new_window()
+    _add(ledger, 3, 3.0, [True, True])  # good: the run of bad steps ends
+    _add(ledger, 4, 4.0, [True, False])  # broke tensor b
+    _add(ledger, 5, NAN, [True, True], figure=7.0)
+    last = ledger.settle()
+    assert ledger.skipped == 4 and ledger.in_a_row == 2 and ledger.longest == 2 and not ledger.pending
+    assert (
+        ledger.reports
+        == ledger.longest_reports
+        == [
+            "step 4: the update (loss=4, grad_norm=0.5) left non-finite weights in b, EMA not updated",
+            "step 5: loss=nan, grad_norm=0.5, update skipped",
+        ]
+    )
+    warned = [r.message.rsplit(" (", 1)[0] for r in caplog.records]
+    skipped = [f"step {k}: loss=nan, grad_norm=0.5, update skipped" for k in (1, 2)]
+    assert warned == [*skipped, *ledger.reports]
+    assert len(last) == 1 and last[0].step == 5 and last[0].figures["x"] == 7.0 and last[0].figures["host"] == 2.0
+    assert ledger.settle() == [] and ledger.skipped == 4
