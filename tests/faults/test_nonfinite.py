@@ -54,10 +54,10 @@ def test_huge_learning_rate_stops_the_launch_with_an_error_and_writes_no_checkpo
 
 
 class NanLossAt:
-    """The run's objective, with a NaN loss at its `call`-th call."""
+    """The run's objective, with a NaN loss at its `call`-th call (or at each call in a set of them, from 1)."""
 
-    def __init__(self, objective, call: int):
-        self.objective, self.call, self.calls = objective, call, 0
+    def __init__(self, objective, call: int | set[int]):
+        self.objective, self.nan_calls, self.calls = objective, {call} if isinstance(call, int) else call, 0
 
     def __getattr__(self, name: str):
         return getattr(self.objective, name)
@@ -65,7 +65,7 @@ class NanLossAt:
     def __call__(self, *args):
         out = self.objective(*args)
         self.calls += 1
-        if self.calls == self.call:
+        if self.calls in self.nan_calls:
             out.loss = out.loss * float("nan")
         return out
 

@@ -91,30 +91,13 @@ def test_a_diverging_run_stops_at_the_first_read_after_its_limit(tmp_path, monke
     assert lines[4]["train/skipped_nonfinite"] == 4
 
 
-class NanLossOn:
-    """The run's objective, with a NaN loss at the calls numbered in `calls` (from 1)."""
-
-    def __init__(self, objective, calls: set[int]):
-        self.objective, self.nan_calls, self.calls = objective, calls, 0
-
-    def __getattr__(self, name: str):
-        return getattr(self.objective, name)
-
-    def __call__(self, *args):
-        out = self.objective(*args)
-        self.calls += 1
-        if self.calls in self.nan_calls:
-            out.loss = out.loss * float("nan")
-        return out
-
-
 def test_a_run_of_bad_steps_that_ends_before_the_read_still_stops_the_run(tmp_path, monkeypatch):
     """NaN losses at steps 2-4 (limit 3), a good step 5, and the first read at step 5: the run of three bad steps
     ended before the read, and the run stops there all the same, as reading every step would have at step 4."""
     import dualrl.workers.learner as learner
 
     real = learner.build_objective
-    monkeypatch.setattr(learner, "build_objective", lambda *a: NanLossOn(real(*a), {2, 3, 4}))
+    monkeypatch.setattr(learner, "build_objective", lambda *a: NanLossAt(real(*a), {2, 3, 4}))
     out = tmp_path / "run"
     args = [*FUSED, f"output_dir={out}", "train.steps=6", "train.log_every=5", "train.save_every=6", "eval.every=6"]
     with pytest.raises(TrainingDiverged, match=r"stopped at step 5: 3 steps in a row.*step 2: loss=nan"):
@@ -137,7 +120,7 @@ def test_a_bad_update_moves_nothing_it_should_not_without_a_read(tmp_path, bad):
         batch = _one_batch(recipe)
         rollout = _rollout(runtime, recipe, batch)
         if bad == "nan_loss":  # a good update first, so that the EMA and the weights differ
-            learner.objective = NanLossOn(learner.objective, {2})
+            learner.objective = NanLossAt(learner.objective, {2})
             learner.step(batch, rollout, step_generator(0, 1), read=False)
         ema = {k: v.clone() for k, v in learner.ema.tensors().items()}
         weights = {k: v.detach().clone() for k, v in learner.trainable.items()}
