@@ -142,8 +142,8 @@ def test_a_bad_update_moves_nothing_it_should_not_without_a_read(tmp_path, bad):
 
 
 def test_resuming_takes_this_runs_optimizer_kernel(tmp_path):
-    """A run saved with AdamW's plain kernel (a CPU's default) resumes with the fused one (as on a GPU): the fused
-    kernel runs from the saved state and the checks run on the device."""
+    """A run saved with AdamW's plain kernel (a CPU's default) resumes with optim.fused (as on a GPU) and trains its
+    next step from the saved state (torch would keep the checkpoint's plain kernel, which refuses the device flag)."""
     out = tmp_path / "run"
     args = [*TINY, f"output_dir={out}", "eval.at_start=false", "train.save_every=2", "eval.every=100"]
     run(load_recipe("recipes/sft_dual.yaml", [*args, "train.steps=2"]))
