@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from dualrl.model.build import build_model, load_weights, save_pretrained
+from dualrl.model import grounded_vlm
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
 
@@ -55,6 +56,27 @@ def test_region_cells_cover_mask_and_keep_tiny_regions():
     masks[1, 7, 7] = True  # one pixel in the last cell
     assert GroundedVLM.region_cells(16, masks) == [[0, 1, 4, 5], [16 + 15]]  # region 1 lies in image 1
     assert GroundedVLM.region_cells(16, masks, torch.tensor([1, 0])) == [[16, 17, 20, 21], [15]]
+
+
+def test_region_cells_by_block_sums_equal_pooling():
+    """Host masks whose sides the grid divides are counted by block sums: the shares, and the cells (half-covered
+    ones, and the best-covered one of a region with none), are those that pooling a float copy gives, for bool and
+    uint8 masks; masks the grid does not divide (60 px in 16 cells) are pooled."""
+    gen = torch.Generator().manual_seed(0)
+    for size, side in ((64, 4), (60, 4), (48, 16), (60, 16)):
+        masks = torch.rand(12, size, size, generator=gen) > torch.rand(12, 1, 1, generator=gen)
+        masks[0] = False
+        masks[1, :2, :2] = True  # under half a cell
+        masks[2, : size // side // 2, :] = True  # exactly half of the first cell row
+        pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
+        cover = grounded_vlm._cell_cover(masks, side)
+        torch.testing.assert_close(cover, pooled, rtol=0, atol=1e-6)  # one ulp where a cell is not 2^k pixels
+        keep = pooled >= 0.5
+        empty = ~keep.any(dim=1)
+        keep[empty, pooled[empty].argmax(dim=1)] = True
+        expected = [(i * side * side + keep[i].nonzero().flatten()).tolist() for i in range(len(masks))]
+        assert GroundedVLM.region_cells(side * side, masks) == expected
+        assert GroundedVLM.region_cells(side * side, masks.to(torch.uint8)) == expected
 
 
 def test_default_trainable_set_is_sa2va(tiny_model):
