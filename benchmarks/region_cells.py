@@ -5,9 +5,10 @@ the token grid divides.
     python benchmarks/region_cells.py [--masks 8] [--size 1024] [--side 16] [--threads 1 4] [--repeats 5]
 
 The default is one batch of the 4B recipes (8 regions) at Sa2VA's 1024 px and 16 x 16 image tokens; a `sft_dual`
-step finds a batch's cells twice (the teacher's captions, the update), and those of its references once more. Both run in this process, alternately, at each torch thread
-count (the driver runs a GPU learner with one: `train.threads`); the figure is the median wall time of one call,
-and the ratio pooling / block sums. The cells of the two are checked equal first.
+step finds a batch's cells twice (the teacher's captions, the update), and those of its references once more.
+Both run in this process, alternately, at each torch thread count (the driver runs a GPU learner with one:
+`train.threads`); the figure is the median wall time of one call, and the ratio pooling / block sums. The cells of
+the two are checked equal first.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         med = {f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}
         results[f"threads_{threads}"] = {**med, "ratio": med["pooling_ms"] / med["block_sums_ms"]}
-        print(f"{threads} thread(s): " + json.dumps({k: round(v, 2) for k, v in results[f'threads_{threads}'].items()}))
+        print(f"{threads} thread(s): " + json.dumps({k: round(v, 2) for k, v in results[f"threads_{threads}"].items()}))
     print(json.dumps({"masks": args.masks, "size": args.size, "side": args.side, **results}))
 
 

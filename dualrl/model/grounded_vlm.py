@@ -17,9 +17,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import numpy as np
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -118,7 +118,6 @@ def causal_padding_mask(attention: Tensor) -> Tensor:
     return causal[None, None] & attention.bool()[:, None, None, :]
 
 
-
 def _cell_cover(masks: Tensor, side: int) -> Tensor:
     """The share of each cell of a side x side grid that each mask [N, H, W] covers, [N, side * side] float32.
 
@@ -132,6 +131,7 @@ def _cell_cover(masks: Tensor, side: int) -> Tensor:
     rows = np.add.reduce(cells, axis=-1, dtype=np.int32)  # [n, h, side]: each cell row's count
     counts = rows.reshape(n, side, h // side, side).sum(axis=2, dtype=np.int32).reshape(n, side * side)
     return torch.from_numpy(counts).float() / ((h // side) * (w // side))
+
 
 class GroundedVLM(nn.Module):
     def __init__(self, vlm: nn.Module, sam: nn.Module, tokenizer, spec: ModelSpec):

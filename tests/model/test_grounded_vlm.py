@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from dualrl.model.build import build_model, load_weights, save_pretrained
 from dualrl.model import grounded_vlm
+from dualrl.model.build import build_model, load_weights, save_pretrained
 from dualrl.model.grounded_vlm import GroundedVLM
 from dualrl.model.sequence import Ids
 
