@@ -63,6 +63,22 @@ def diverged_message(recipe: Recipe, step: int, report: list[str], last_saved: i
     )
 
 
+class StepWindow:
+    """The steps since the last log line, for `step/mean/ms`: their wall time from the first one's start to the
+    log, evaluations and checkpoints left out, over their number. On a GPU it is the true time a step takes, where
+    `step/ms` at a step that reads no figures back times only the launches."""
+
+    def __init__(self):
+        self.start, self.steps, self.aside = time.perf_counter(), 0, 0.0
+
+    def close(self) -> float:
+        """The window's mean step time in ms; the next window starts now."""
+        now = time.perf_counter()
+        mean = 1000 * (now - self.start - self.aside) / max(self.steps, 1)
+        self.start, self.steps, self.aside = now, 0, 0.0
+        return mean
+
+
 def save_if_finite(runtime, out: Path, step: int, run_state: dict, keep: int, ahead: dict | None = None) -> bool:
     """Write the step's checkpoint unless the learner's weights or EMA are non-finite (then the last one stays).
     `ahead`: the next step's captions and rewards when they were made ahead (runtime.async_rollout)."""
@@ -177,6 +193,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     failure, last_saved = None, start_step or None
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     train = recipe.train
+    window = StepWindow()
     for step in range(start_step + 1, stop + 1):
         runtime.step, t_step = step, time.perf_counter()  # the step is named if a remote call times out
         # batch, captions, rewards (with async_rollout: made during the last step, and the next one started, also
@@ -194,27 +211,34 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
         learned = runtime.learner.step(batch, rollout, step_generator(train.seed, step), read=read)
         metrics.update(learned)
         metrics["step/learn/ms"] = 1000 * (time.perf_counter() - t_learn)
-        if step % recipe.train.sync_every == 0:
+        # the teacher (rollout and reward weights) follows the EMA; a run without captions reads it only to evaluate
+        if plan is not None and step % train.sync_every == 0:
             stream.settle()  # the step made ahead keeps the weights it started with
             metrics.update(runtime.sync())
         metrics["step/ms"] = 1000 * (time.perf_counter() - t_step)  # rollout, reward, update and sync
+        window.steps += 1
         logger.advance()
         if learned.get("train/nonfinite_longest_run", 0.0) >= train.max_nonfinite_steps:
             failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
             stop = step
-        if step % recipe.train.log_every == 0 or step == stop:
+        if step % train.log_every == 0 or step == stop:
+            metrics["step/mean/ms"] = window.close()
             logger.log(step, metrics)
         if failure is not None:
             break  # no evaluation and no checkpoint of these weights
-        if step % recipe.eval.every == 0 or step == recipe.train.steps:
+        t_aside = time.perf_counter()
+        if step % recipe.eval.every == 0 or step == train.steps:
             if rollout is not None and plan.group_size > 1:
                 logger.groups(step, batch, rollout, inputs.scored)
             stream.settle()
+            if plan is None:
+                metrics.update(runtime.sync())
             metrics.update(run_eval(step))
-        due = step % recipe.train.save_every == 0 or step == stop
+        due = step % train.save_every == 0 or step == stop
         ahead = stream.ahead_state(step) if due else None
-        if due and save_if_finite(runtime, out, step, inputs.data_state, recipe.train.keep_checkpoints, ahead):
+        if due and save_if_finite(runtime, out, step, inputs.data_state, train.keep_checkpoints, ahead):
             last_saved = step
+        window.aside += time.perf_counter() - t_aside
         if step == stop:
             break
 

@@ -33,6 +33,7 @@ def test_run_writes_the_output_contract(tmp_path):
     for m in train:  # where a step's time went: waiting for its captions and rewards (made in it), then the update
         assert m["step/rollout/ms"] > 0 and m["step/reward/ms"] > 0 and m["step/learn/ms"] > 0
         assert m["step/rollout/ms"] + m["step/reward/ms"] <= m["step/wait/ms"] <= m["step/ms"] - m["step/learn/ms"]
+        assert m["step/mean/ms"] >= m["step/ms"]  # the window of one step: from the last log line to this one
     evals = [m for m in lines if "eval/ref_miou" in m]
     assert [m["step"] for m in evals] == [0, 3] and "eval/cycle_miou" in evals[0]
     assert evals[0]["eval/reward_total"] == pytest.approx(evals[0]["eval/reward/mask_iou"])  # mask_iou alone, weight 1
@@ -112,6 +113,22 @@ def test_pretrain_runs_without_rollout(tmp_path):
     train = [m for m in _lines(out) if "train/loss" in m]
     assert "train/caption_loss" in train[-1] and "reward/mask_iou" not in train[-1]
     assert "step/rollout/ms" not in train[-1] and train[-1]["step/learn/ms"] > 0
+
+
+def test_pretrain_syncs_the_teacher_only_to_evaluate(tmp_path, monkeypatch):
+    """Without captions, the teacher is read only by evaluations: it gets the EMA weights before each of them (and
+    once at the start), not after every step; `step/mean/ms` times the steps between log lines."""
+    from dualrl.runtime.local import LocalRuntime
+
+    calls = []
+    sync = LocalRuntime.sync
+    monkeypatch.setattr(LocalRuntime, "sync", lambda self: calls.append(1) or sync(self))
+    out = tmp_path / "pre"
+    run(_recipe(out, "algo.name=pretrain", "train.steps=4", "eval.at_start=false", "eval.every=2", "train.log_every=2"))
+    assert len(calls) == 1 + 2
+    train = [m for m in _lines(out) if "train/loss" in m]
+    assert [m["step"] for m in train] == [2, 4] and all("sync/ms" not in m for m in train)
+    assert all(m["step/mean/ms"] > 0 for m in train)
 
 
 def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):

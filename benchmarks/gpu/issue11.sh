@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu/issue11.sh tiny_ledger  # GPU tests of the ledger; the tiny loop reading every step against
 #                                            # reading every train.log_every steps; the recipe through the driver
 #   bash benchmarks/gpu/issue11.sh ledger_final  # tiny_ledger's tests, loops and recipe run, then sft_mfu's first run
+#   bash benchmarks/gpu/issue11.sh host_final  # GPU tests; the recipe's steady steps/s through the driver; the 4B
+#                                            # sft_dual MFU, its update at 1 and 16 threads, region cells two ways
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -46,6 +48,10 @@ recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver 
 print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
 the first step to the end, the last evaluation and save included;', round(s['wall_time_s'], 1), 's in all; final', \
 s['final'])"
+  python3 -c "import json, statistics; m = [json.loads(l) for l in open('$OUT/pretrain_tiny_run_metrics.jsonl')]; \
+w = [x['step/mean/ms'] for x in m if 'step/mean/ms' in x][1:]; \
+print('pretrain_tiny run: steady', round(1000 / statistics.median(w), 2), 'steps/s (median step/mean/ms of', len(w), \
+'windows after the first:', round(statistics.median(w), 2), 'ms; range', round(min(w), 2), '-', round(max(w), 2), ')')"
 }
 case ${1:-} in
   rollout)
@@ -230,6 +236,18 @@ PY
     run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
       --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
       --out "$OUT/sft_mfu.json"
+    ;;
+  host_final)  # the GPU tests of the ledger, EMA, graphs and region cells; the recipe through the driver (its steady
+    # steps/s from step/mean/ms); then, with what is left of ${BUDGET:-560} s, the 4B sft_dual MFU under the defaults
+    # (one torch thread), and its update on one batch at 1 and 16 threads, region cells by block sums and by pooling
+    run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
+      tests/workers/test_ledger.py tests/algo/test_ema.py tests/model/test_grounded_vlm.py
+    recipe_run 1200 150
+    left=$((${BUDGET:-560} - SECONDS))
+    echo "== ${left}s left for sft_mfu"
+    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
+      --compare-threads 1 16 --set model.gradient_checkpointing=false model.train_compile=true \
+      model.train_compile_wrapper=cpp --out "$OUT/sft_mfu.json"
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py

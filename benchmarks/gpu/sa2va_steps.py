@@ -3,7 +3,7 @@
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
-        [--flops-each] [--set KEY=VALUE ...] [--tiny]
+        [--compare-threads 1 16] [--flops-each] [--set KEY=VALUE ...] [--tiny]
         [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
@@ -26,7 +26,9 @@ learner update on the last batch is timed eagerly and then with its repeated blo
 (`model.train_compile`), same model and process (the first compiled update, which compiles, timed apart), and MFU is
 given for both. With
 `--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
-inductor's Python and C++ wrappers (`model.train_compile_wrapper`).
+inductor's Python and C++ wrappers (`model.train_compile_wrapper`). With `--compare-threads`, the update on the last
+batch alternates between torch thread counts in the training process (`train.threads`), each with the region cells
+found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.6).
 """
 
 from __future__ import annotations
@@ -240,6 +242,10 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
     if args.compare_token_rows:
         token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
+    host = None
+    if args.compare_threads:
+        host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1), args)
+        set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -297,6 +303,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "compiled": compiled,
         "token_rows": token_rows,
         "wrapper": wrapper,
+        "host": host,
         "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
@@ -394,6 +401,39 @@ def compare_token_rows(learner, batch: dict, rollout: Rollout, seed: int, steps:
     out = {f"{name}_update_s": statistics.median(v) for name, v in times.items()}
     out["speedup"] = out["peft_update_s"] / out["dualrl_update_s"]
     print(f"token rows: {json.dumps(out)}", flush=True)
+    return out
+
+
+def compare_host(learner, batch: dict, rollout: Rollout, seed: int, steps: int, args) -> dict:
+    """Learner updates on one batch at each of `args.compare_threads` torch thread counts, with the region cells by
+    block sums and by pooling, all alternating, `steps` of each after one of each untimed: the median update time of
+    each, and each against one thread with block sums (the driver's default on a GPU)."""
+    from dualrl.model import grounded_vlm
+
+    def pooled(masks: torch.Tensor, side: int) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
+
+    blocks = grounded_vlm._cell_cover
+    arms = [(n, cells) for n in args.compare_threads for cells in ("block_sums", "pooling")]
+    times: dict[str, list[float]] = {f"threads_{n}_{cells}": [] for n, cells in arms}
+    try:
+        for i in range(steps + 1):
+            for n, cells in arms:
+                torch.set_num_threads(n)
+                grounded_vlm._cell_cover = blocks if cells == "block_sums" else pooled
+                sync()
+                t = time.perf_counter()
+                learner.step(batch, rollout, step_generator(seed, 5000 + i))
+                sync()
+                if i:
+                    times[f"threads_{n}_{cells}"].append(time.perf_counter() - t)
+    finally:
+        grounded_vlm._cell_cover = blocks
+    out = {f"{arm}_update_s": statistics.median(v) for arm, v in times.items()}
+    base = out.get("threads_1_block_sums_update_s")
+    if base:
+        out.update({f"{arm}_over_1_thread_block_sums": out[f"{arm}_update_s"] / base for arm in times})
+    print(f"host work: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -575,6 +615,14 @@ def main() -> int:
         "--compare-token-rows",
         action="store_true",
         help="time the learner update with PEFT's token rows and with dualrl's (model/token_rows.py), alternating",
+    )
+    parser.add_argument(
+        "--compare-threads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="time the learner update at these torch thread counts, each with the region cells by block sums and by "
+        "pooling, alternating",
     )
     parser.add_argument(
         "--set", nargs="*", default=[], help="more recipe overrides, e.g. model.gradient_checkpointing=false"

@@ -45,7 +45,12 @@ class TrainSpec(Section):
     log_every: int = Field(10, gt=0, description="Steps between lines of metrics.jsonl (and wandb).")
     save_every: int = Field(100, gt=0, description="Steps between checkpoints (one is also saved at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in output_dir/checkpoints/.")
-    sync_every: int = Field(1, gt=0, description="Steps between weight syncs to the rollout/reward workers.")
+    sync_every: int = Field(
+        1,
+        gt=0,
+        description="Steps between weight syncs to the rollout/reward workers (an algorithm without captions, "
+        "pretrain, syncs before each evaluation instead).",
+    )
     max_nonfinite_steps: int = Field(
         3,
         gt=0,
