@@ -183,7 +183,8 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
         run_eval(0)
     plan = objective_class(recipe.algo).plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
-    batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state)
+    on_gpu_here = recipe.runtime.kind == "local" and resolve_device(recipe.train.device) == "cuda"
+    batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state, pin=on_gpu_here)
     stack.callback(batches.close)  # however the loop ends, the loader's workers (and receiving thread) end with it
     rollout_seed = lambda step: ROLLOUT_SEED + step_seed(recipe.train.seed, step)  # noqa: E731
     stream = stack.enter_context(RolloutStream(runtime, batches, plan, rollout_seed, recipe.runtime))

@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu/issue11.sh tiny_ledger  # GPU tests of the ledger; the tiny loop reading every step against
 #                                            # reading every train.log_every steps; the recipe through the driver
 #   bash benchmarks/gpu/issue11.sh ledger_final  # tiny_ledger's tests, loops and recipe run, then sft_mfu's first run
+#   bash benchmarks/gpu/issue11.sh pin_final  # GPU tests; the tiny loop unpinned / pinned / unpinned; the recipe
+#                                            # through the driver; the 4B sft_dual MFU
 #   bash benchmarks/gpu/issue11.sh host_final  # GPU tests; the recipe's steady steps/s through the driver; the 4B
 #                                            # sft_dual MFU, its update at 1 and 16 threads, region cells two ways
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
@@ -248,6 +250,27 @@ PY
     run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
       --compare-threads 1 16 --set model.gradient_checkpointing=false model.train_compile=true \
       model.train_compile_wrapper=cpp --out "$OUT/sft_mfu.json"
+    ;;
+  pin_final)  # the GPU tests of pinned batches, region cells and the ledger; the graphed tiny loop (12 workers) with
+    # batches unpinned, pinned (the driver's way), unpinned again, one process each; the recipe through the driver;
+    # then, with what is left of ${BUDGET:-560} s, the 4B sft_dual MFU under the defaults
+    t=benchmarks/gpu/tiny_steps.py
+    run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/data/test_stream.py \
+      tests/model/test_grounded_vlm.py tests/workers/test_ledger.py
+    i=0
+    for spec in "unpinned --unpinned" "pinned" "unpinned_again --unpinned"; do
+      read -r label extra <<<"$spec"
+      i=$((i + 1))
+      # shellcheck disable=SC2086  # the overrides are words
+      run "loop_${i}_$label" 70 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-20}" \
+        --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
+    done
+    recipe_run 1200 150
+    left=$((${BUDGET:-560} - SECONDS))
+    echo "== ${left}s left for sft_mfu"
+    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+      --out "$OUT/sft_mfu.json"
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py

@@ -168,7 +168,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     built_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     plan = objective_class(recipe.algo).plan(recipe)
     timer = _Timed(runtime.learner)
-    batches = train_batches(recipe.data, recipe.model.sam.image_size)
+    batches = train_batches(recipe.data, recipe.model.sam.image_size, pin=torch.cuda.is_available())  # as the driver
     phases: list[dict[str, float]] = []
     kept: list[tuple[dict, Rollout, int]] = []  # the timed steps' inputs, for their FLOPs (--flops-each)
     for step in range(1, args.steps + 1):

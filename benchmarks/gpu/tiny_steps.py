@@ -431,8 +431,10 @@ class CpuSplit:
 
 
 def measure_loop(args, runtime, recipe, plan) -> dict:
-    """The loop of `dualrl.train.run` without logging, eval and checkpoints."""
-    batches = train_batches(recipe.data, recipe.model.sam.image_size)
+    """The loop of `dualrl.train.run` without logging, eval and checkpoints (`--unpinned`: batches in pageable memory,
+    as before the driver pinned them for a GPU learner)."""
+    pin = not args.unpinned and resolve_device(recipe.train.device) == "cuda"
+    batches = train_batches(recipe.data, recipe.model.sam.image_size, pin=pin)
     seed, sampler = recipe.train.seed, None
     waits, learns, steps, n = [], [], [], 0
     t_start = time.perf_counter()
@@ -454,7 +456,7 @@ def measure_loop(args, runtime, recipe, plan) -> dict:
         read = step % args.read_every == 0  # as the driver reads on the steps it logs
         metrics.update(runtime.learner.step(batch, rollout, step_generator(seed, step), read=read))
         t_learned = time.perf_counter()
-        if step % recipe.train.sync_every == 0:
+        if plan is not None and step % recipe.train.sync_every == 0:  # as the driver: no captions, no teacher to sync
             metrics.update(runtime.sync())
         if sampler is not None:
             waits.append(t_data - t)
@@ -825,6 +827,11 @@ def parse_args():
         help="step and loop phases: the learner reads its figures back every this many steps, as the driver does on "
         "the steps it logs (default: the recipe's train.log_every; 1: every step, as before the figures waited on "
         "the device)",
+    )
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="loop phase: batches in pageable host memory (the driver pins them for a GPU learner in its process)",
     )
     parser.add_argument(
         "--wrappers",

@@ -57,19 +57,20 @@ class Pretrain:
         if not rows:  # nothing supervised in this batch: a zero loss still connected to the graph
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(zero, {})
-        index = torch.tensor(rows)
-        feats = model.encode_images(batch["images"][index])
+        images, masks = batch["images"], batch["masks"]
+        if len(rows) < len(images):  # the regions with an expression (all of them: the batch as it came, pinned)
+            index = torch.tensor(rows)
+            images, masks = images[index], masks[index]
+        feats = model.encode_images(images)
         local = torch.arange(len(rows))
         logits, hidden, seq, image_tokens = model.segment(
             None, pick_references(batch, rows, generator), feats=feats, image_index=local
         )
-        gt = upload(batch["masks"][index], device)
+        gt = upload(masks, device)
         loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
         # region prompts from the host masks: their cells are picked without a device round trip
-        cap_seq = model.assemble(
-            model.region_prompts(image_tokens, batch["masks"][index], local, canonical(batch, rows))
-        )
+        cap_seq = model.assemble(model.region_prompts(image_tokens, masks, local, canonical(batch, rows)))
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (
             self.spec.ref_weight * (loss_mask + loss_dice)

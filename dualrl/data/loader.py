@@ -179,8 +179,9 @@ class TrainBatches:
         samples: dict[str, int] | None = None,
         chunk: int = 1,
         receive_thread: bool = False,
+        pin: bool = False,
     ):
-        self.streams, self.batch_size, self.position = streams, batch_size, position
+        self.streams, self.batch_size, self.position, self.pin = streams, batch_size, position, pin
         self.all_bad_after = all_bad_after
         self.skips = SkipLog(skipped)
         self.tried = {s.source.name: 0 for s in streams}
@@ -222,7 +223,7 @@ class TrainBatches:
             self.tried[out["source"]] += 1
             self.good[out["source"]] += 1
             items.append(out)
-        return collate_regions(items)
+        return collate_regions(items, self.pin)
 
     def _count(self, name: str, reason: str) -> None:
         self.tried[name] += 1
@@ -339,9 +340,12 @@ def _identity(x):
     return x
 
 
-def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict | None = None) -> TrainBatches:
+def train_batches(
+    data: DataSpec, sam_size: int, position: int = 0, state: dict | None = None, pin: bool = False
+) -> TrainBatches:
     """The training stream from draw `position`; `state` is a checkpoint's run state (skip and sample counts).
-    `sam_size`: SAM2's input size, the working size unless `data` sets one."""
+    `sam_size`: SAM2's input size, the working size unless `data` sets one. `pin`: batches' images and masks in pinned
+    host memory, for a GPU learner in this process."""
     state = state or {}
     streams, weights = [], []
     for name, spec in enabled(data):
@@ -361,6 +365,7 @@ def train_batches(data: DataSpec, sam_size: int, position: int = 0, state: dict 
         state.get("data_samples"),
         data.chunk,
         data.receive_thread,
+        pin,
     )
 
 

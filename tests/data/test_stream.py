@@ -98,7 +98,7 @@ def test_mixture_follows_weights_and_replays_counts():
         assert next(iter(mix.draws(p)))[2] == sum(1 for _, s, _ in draws[:p] if s == draws[p][1])
 
 
-def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1, receive_thread=False):
+def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1, receive_thread=False, pin=False):
     a, b = Toy("a", [20, 20], bad=bad), Toy("b", [30])
     streams = [SourceStream(a, 0), SourceStream(b, 0)]
     return TrainBatches(
@@ -111,6 +111,7 @@ def _batches(position=0, workers=0, bad=(), all_bad_after=64, chunk=1, receive_t
         all_bad_after=all_bad_after,
         chunk=chunk,
         receive_thread=receive_thread,
+        pin=pin,
     )
 
 
@@ -172,6 +173,24 @@ def test_a_receiving_thread_gives_the_same_batches_skips_and_positions():
     finally:
         plain.close()
         threaded.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_batches_are_the_plain_ones():
+    """For a GPU learner in the training process, images and masks are stacked into pinned memory, which `upload`
+    copies without staging: the same batches, images and masks as the plain stream."""
+    from dualrl.model.transfer import upload
+
+    plain, pinned = _batches(workers=2), _batches(workers=2, pin=True)
+    try:
+        for _ in range(3):
+            a, b = next(plain), next(pinned)
+            assert b["images"].is_pinned() and b["masks"].is_pinned() and not a["images"].is_pinned()
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"])
+            assert torch.equal(upload(b["masks"], "cuda").cpu(), a["masks"])
+    finally:
+        plain.close()
+        pinned.close()
 
 
 def test_the_receiving_thread_hands_on_the_loaders_error_and_end():
