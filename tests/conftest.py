@@ -22,6 +22,18 @@ REAL_DATA_OFF = [
     "model.init_from=null",
 ]
 
+# Held-out figures of the untrained tiny model (cycle mIoU about 0.04 over 8 regions of 128 px) are chaotic: on the
+# 2-core CPU, two runs of the same steps now and then differ there by 3e-5 (seen under load and in some test orders:
+# pixels whose mask logit sits near 0 flip with last-bit differences), so tests that compare runs give `eval/` keys
+# this much absolute room; training figures keep their tight tolerance.
+EVAL_ABS = 1e-4
+
+
+def metric_abs(key: str, tol: float) -> float:
+    """The absolute tolerance for metric `key` when two runs are compared: `tol`, or EVAL_ABS for held-out figures."""
+    return max(tol, EVAL_ABS) if key.startswith("eval/") else tol
+
+
 TINY = [
     "model.pretrained=null",
     "model.max_caption_tokens=6",

@@ -9,7 +9,7 @@ import torch
 
 from dualrl.recipe import load_recipe
 from dualrl.train import run
-from tests.conftest import TINY
+from tests.conftest import TINY, metric_abs
 
 
 def _recipe(out, *extra):
@@ -93,7 +93,7 @@ def test_interrupted_then_resumed_run_logs_the_same_metrics(tmp_path):
         for key in a:
             if key.startswith("sync/") or key.endswith("/ms"):  # wall-clock timings
                 continue
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=metric_abs(key, 1e-6)), (a["step"], key)
 
 
 def test_pretrain_runs_without_rollout(tmp_path):
@@ -174,6 +174,6 @@ def test_grpo_continues_from_an_earlier_run_and_resumes_exactly(tmp_path):
     for a, b in zip(whole, split):
         for key in a:
             if not (key.startswith("sync/") or key.endswith("/ms")):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=metric_abs(key, 1e-6)), (a["step"], key)
     rows = [json.loads(x) for x in (tmp_path / "whole" / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 and {"caption", "total", "mask_iou", "length"} <= rows[0].keys()
