@@ -55,6 +55,25 @@ w = [x['step/mean/ms'] for x in m if 'step/mean/ms' in x][1:]; \
 print('pretrain_tiny run: steady', round(1000 / statistics.median(w), 2), 'steps/s (median step/mean/ms of', len(w), \
 'windows after the first:', round(statistics.median(w), 2), 'ms; range', round(min(w), 2), '-', round(max(w), 2), ')')"
 }
+tiny_loops() {  # "label [tiny_steps options]"...: the graphed tiny loop (12 workers), one process each, in turn
+  local i=0 spec label extra
+  for spec in "$@"; do
+    read -r label extra <<<"$spec"
+    i=$((i + 1))
+    # shellcheck disable=SC2086  # the overrides are words
+    run "loop_${i}_$label" 70 python3 benchmarks/gpu/tiny_steps.py model.train_graphs=true $extra --only loop \
+      --max-seconds "${SECONDS_EACH:-20}" --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
+  done
+}
+sft_mfu_left() {  # default budget, [sa2va_steps options]: the 4B sft_dual MFU over 7 new batches, each with its own
+  # FLOPs, in what is left of ${BUDGET:-$1} s
+  local left=$((${BUDGET:-$1} - SECONDS))
+  shift
+  echo "== ${left}s left for sft_mfu"
+  run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each "$@" \
+    --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+    --out "$OUT/sft_mfu.json"
+}
 case ${1:-} in
   rollout)
     run rollout 330 python3 benchmarks/gpu/rollout.py --paths engine engine_compiled --steps 8 --profile \
@@ -221,23 +240,11 @@ PY
   ledger_final)  # tiny_ledger's GPU tests; the graphed tiny loop (12 workers) reading every step, reading as the
     # driver does, reading every step again, one process each; the recipe through the driver; then, with what is left of ${BUDGET:-580} s,
     # sft_mfu's first run (the 4B update's MFU) under the one-thread default
-    t=benchmarks/gpu/tiny_steps.py
     run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
       tests/workers/test_ledger.py tests/algo/test_ema.py
-    i=0
-    for spec in "read_every_step --read-every 1" "defaults" "read_every_step_again --read-every 1"; do
-      read -r label extra <<<"$spec"
-      i=$((i + 1))
-      # shellcheck disable=SC2086  # the overrides are words
-      run "loop_${i}_$label" 70 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-20}" \
-        --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
-    done
+    tiny_loops "read_every_step --read-every 1" "defaults" "read_every_step_again --read-every 1"
     recipe_run 1200 150
-    left=$((${BUDGET:-580} - SECONDS))
-    echo "== ${left}s left for sft_mfu"
-    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
-      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
-      --out "$OUT/sft_mfu.json"
+    sft_mfu_left 580
     ;;
   host_final)  # the GPU tests of the ledger, EMA, graphs and region cells; the recipe through the driver (its steady
     # steps/s from step/mean/ms); then, with what is left of ${BUDGET:-560} s, the 4B sft_dual MFU under the defaults
@@ -245,32 +252,16 @@ PY
     run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_train_graphs.py \
       tests/workers/test_ledger.py tests/algo/test_ema.py tests/model/test_grounded_vlm.py
     recipe_run 1200 150
-    left=$((${BUDGET:-560} - SECONDS))
-    echo "== ${left}s left for sft_mfu"
-    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
-      --compare-threads 1 16 --set model.gradient_checkpointing=false model.train_compile=true \
-      model.train_compile_wrapper=cpp --out "$OUT/sft_mfu.json"
+    sft_mfu_left 560 --compare-threads 1 16
     ;;
   pin_final)  # the GPU tests of pinned batches, region cells and the ledger; the graphed tiny loop (12 workers) with
     # batches unpinned, pinned (the driver's way), unpinned again, one process each; the recipe through the driver;
     # then, with what is left of ${BUDGET:-560} s, the 4B sft_dual MFU under the defaults
-    t=benchmarks/gpu/tiny_steps.py
     run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/data/test_stream.py \
       tests/model/test_grounded_vlm.py tests/workers/test_ledger.py
-    i=0
-    for spec in "unpinned --unpinned" "pinned" "unpinned_again --unpinned"; do
-      read -r label extra <<<"$spec"
-      i=$((i + 1))
-      # shellcheck disable=SC2086  # the overrides are words
-      run "loop_${i}_$label" 70 python3 $t model.train_graphs=true $extra --only loop --max-seconds "${SECONDS_EACH:-20}" \
-        --loop-steps 1000 --loop-workers 12 --out "$OUT/loop_${i}_$label.json"
-    done
+    tiny_loops "unpinned --unpinned" "pinned" "unpinned_again --unpinned"
     recipe_run 1200 150
-    left=$((${BUDGET:-560} - SECONDS))
-    echo "== ${left}s left for sft_mfu"
-    run sft_mfu "$left" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 --steps 8 --flops-each \
-      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
-      --out "$OUT/sft_mfu.json"
+    sft_mfu_left 560
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
