@@ -64,8 +64,8 @@ def diverged_message(recipe: Recipe, step: int, report: list[str], last_saved: i
 
 
 class StepWindow:
-    """The steps since the last log line, for `step/mean/ms`: their wall time from the first one's start to the
-    log, evaluations and checkpoints left out, over their number. On a GPU it is the true time a step takes, where
+    """The steps since the last log line, for `step/mean/ms`: the wall time from that line (or the loop's start) to
+    this one, evaluations and checkpoints left out, over their number. On a GPU it is the true time a step takes, where
     `step/ms` at a step that reads no figures back times only the launches."""
 
     def __init__(self):

@@ -58,7 +58,7 @@ class Pretrain:
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(zero, {})
         images, masks = batch["images"], batch["masks"]
-        if len(rows) < len(images):  # the regions with an expression (all of them: the batch as it came, pinned)
+        if len(rows) < len(images):  # the regions with an expression; all of them: the batch's own (pinned) tensors
             index = torch.tensor(rows)
             images, masks = images[index], masks[index]
         feats = model.encode_images(images)
