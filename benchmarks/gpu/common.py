@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import types
@@ -66,12 +67,18 @@ def sync() -> None:
 
 
 def facts() -> dict:
+    """Versions and the machine. The kernel release tells the GPU machines' two sandboxes apart (gVisor reports 4.4.0),
+    whose host work runs at different speeds: host-bound figures are compared on one machine only."""
+    import platform
+
     import transformers
 
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "kernel": platform.release(),
+        "cpu_cores": os.cpu_count(),
     }
 
 
