@@ -183,7 +183,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
         run_eval(0)
     plan = objective_class(recipe.algo).plan(recipe)  # how captions are drawn; None: no rollout
     stop = min(recipe.train.steps, recipe.train.stop_at_step or recipe.train.steps)
-    on_gpu_here = recipe.runtime.kind == "local" and resolve_device(recipe.train.device) == "cuda"
+    on_gpu_here = recipe.runtime.kind == "local" and torch.device(resolve_device(recipe.train.device)).type == "cuda"
     batches = train_batches(recipe.data, recipe.model.sam.image_size, position, run_state, pin=on_gpu_here)
     stack.callback(batches.close)  # however the loop ends, the loader's workers (and receiving thread) end with it
     rollout_seed = lambda step: ROLLOUT_SEED + step_seed(recipe.train.seed, step)  # noqa: E731
@@ -227,15 +227,17 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             logger.log(step, metrics)
         if failure is not None:
             break  # no evaluation and no checkpoint of these weights
-        t_aside = time.perf_counter()
         if step % recipe.eval.every == 0 or step == train.steps:
             if rollout is not None and plan.group_size > 1:
                 logger.groups(step, batch, rollout, inputs.scored)
-            stream.settle()
+            stream.settle()  # the next step's captions, made ahead: step work, timed in the window
+            t_aside = time.perf_counter()
             if plan is None:
                 metrics.update(runtime.sync())
             metrics.update(run_eval(step))
+            window.aside += time.perf_counter() - t_aside
         due = step % train.save_every == 0 or step == stop
+        t_aside = time.perf_counter()
         ahead = stream.ahead_state(step) if due else None
         if due and save_if_finite(runtime, out, step, inputs.data_state, train.keep_checkpoints, ahead):
             last_saved = step

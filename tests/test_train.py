@@ -118,14 +118,16 @@ def test_pretrain_runs_without_rollout(tmp_path):
 def test_pretrain_syncs_the_teacher_only_to_evaluate(tmp_path, monkeypatch):
     """Without captions, the teacher is read only by evaluations: it gets the EMA weights before each of them (and
     once at the start), not after every step; `step/mean/ms` times the steps between log lines."""
+    import dualrl.train
     from dualrl.runtime.local import LocalRuntime
 
     calls = []
-    sync = LocalRuntime.sync
-    monkeypatch.setattr(LocalRuntime, "sync", lambda self: calls.append(1) or sync(self))
+    sync, evaluate = LocalRuntime.sync, dualrl.train.evaluate
+    monkeypatch.setattr(LocalRuntime, "sync", lambda self: calls.append("sync") or sync(self))
+    monkeypatch.setattr(dualrl.train, "evaluate", lambda *a, **k: calls.append("eval") or evaluate(*a, **k))
     out = tmp_path / "pre"
     run(_recipe(out, "algo.name=pretrain", "train.steps=4", "eval.at_start=false", "eval.every=2", "train.log_every=2"))
-    assert len(calls) == 1 + 2
+    assert calls == ["sync", "sync", "eval", "sync", "eval"]
     train = [m for m in _lines(out) if "train/loss" in m]
     assert [m["step"] for m in train] == [2, 4] and all("sync/ms" not in m for m in train)
     assert all(m["step/mean/ms"] > 0 for m in train)

@@ -43,6 +43,7 @@ def _stack(tensors: list[torch.Tensor | np.ndarray], pin: bool = False) -> torch
     arrays = [t.numpy() if isinstance(t, torch.Tensor) else t for t in tensors]
     if not pin:
         return torch.from_numpy(np.stack(arrays))
-    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(arrays[0][:0]).dtype, pin_memory=True)
+    dtype = torch.from_numpy(np.empty(0, np.result_type(*arrays))).dtype  # np.stack's own promotion
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=dtype, pin_memory=True)
     np.stack(arrays, out=out.numpy())
     return out

@@ -123,7 +123,8 @@ def _cell_cover(masks: Tensor, side: int) -> Tensor:
 
     Host masks whose sides the grid divides (Sa2VA's 1024 px and 16 x 16 tokens) are counted by block sums in
     numpy, adding the bytes of each cell's row pieces first: about 10x faster on one core than pooling a float
-    copy, with the same shares. Other masks (device ones, uneven cells) go through adaptive average pooling."""
+    copy, with shares within an ulp of pooling's and the same cells. Other masks (device ones, uneven cells) go
+    through adaptive average pooling."""
     n, h, w = masks.shape
     if masks.device.type != "cpu" or masks.dtype not in (torch.bool, torch.uint8) or h % side or w % side:
         return F.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)

@@ -65,9 +65,9 @@ def test_region_cells_by_block_sums_equal_pooling():
     gen = torch.Generator().manual_seed(0)
     for size, side in ((64, 4), (60, 4), (48, 16), (60, 16)):
         masks = torch.rand(12, size, size, generator=gen) > torch.rand(12, 1, 1, generator=gen)
-        masks[0] = False
+        masks[0:3] = False
         masks[1, :2, :2] = True  # under half a cell
-        masks[2, : size // side // 2, :] = True  # exactly half of the first cell row
+        masks[2, : size // side // 2, :] = True  # exactly half of each cell of the first row
         pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float().unsqueeze(1), side).flatten(1)
         cover = grounded_vlm._cell_cover(masks, side)
         torch.testing.assert_close(cover, pooled, rtol=0, atol=1e-6)  # one ulp where a cell is not 2^k pixels
