@@ -69,13 +69,22 @@ class StepWindow:
     `step/ms` at a step that reads no figures back times only the launches."""
 
     def __init__(self):
-        self.start, self.steps, self.aside = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.aside_s = time.perf_counter(), 0, 0.0
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Time spent in this block is left out of the window (an evaluation, a checkpoint)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.aside_s += time.perf_counter() - t0
 
     def close(self) -> float:
         """The window's mean step time in ms; the next window starts now."""
         now = time.perf_counter()
-        mean = 1000 * (now - self.start - self.aside) / max(self.steps, 1)
-        self.start, self.steps, self.aside = now, 0, 0.0
+        mean = 1000 * (now - self.start - self.aside_s) / max(self.steps, 1)
+        self.start, self.steps, self.aside_s = now, 0, 0.0
         return mean
 
 
@@ -231,17 +240,15 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             if rollout is not None and plan.group_size > 1:
                 logger.groups(step, batch, rollout, inputs.scored)
             stream.settle()  # the next step's captions, made ahead: step work, timed in the window
-            t_aside = time.perf_counter()
-            if plan is None:
-                metrics.update(runtime.sync())
-            metrics.update(run_eval(step))
-            window.aside += time.perf_counter() - t_aside
+            with window.aside():
+                if plan is None:
+                    metrics.update(runtime.sync())
+                metrics.update(run_eval(step))
         due = step % train.save_every == 0 or step == stop
-        t_aside = time.perf_counter()
-        ahead = stream.ahead_state(step) if due else None
-        if due and save_if_finite(runtime, out, step, inputs.data_state, train.keep_checkpoints, ahead):
-            last_saved = step
-        window.aside += time.perf_counter() - t_aside
+        with window.aside():
+            ahead = stream.ahead_state(step) if due else None
+            if due and save_if_finite(runtime, out, step, inputs.data_state, train.keep_checkpoints, ahead):
+                last_saved = step
         if step == stop:
             break
 

@@ -122,7 +122,7 @@ def _cell_cover(masks: Tensor, side: int) -> Tensor:
     """The share of each cell of a side x side grid that each mask [N, H, W] covers, [N, side * side] float32.
 
     Host masks whose sides the grid divides (Sa2VA's 1024 px and 16 x 16 tokens) are counted by block sums in
-    numpy, adding the bytes of each cell's row pieces first: about 10x faster on one core than pooling a float
+    numpy, adding the bytes of each cell's row pieces first: about 8x faster on one core than pooling a float
     copy, with shares within an ulp of pooling's and the same cells. Other masks (device ones, uneven cells) go
     through adaptive average pooling."""
     n, h, w = masks.shape
