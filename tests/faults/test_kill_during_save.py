@@ -12,13 +12,24 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dualrl.recipe import load_recipe
 from dualrl.train import run
 from tests.conftest import TINY, metric_abs
 
-RUN = ["train.steps=4", "train.save_every=1", "train.keep_checkpoints=2", "eval.at_start=false", "eval.every=2"]
+# One intra-op thread: with two, about one process in three ends with other last bits in its weights (some CPU
+# kernel sums in another order), and the killed run trains in a process of its own; with one, every process gives
+# the same bits
+RUN = [
+    "train.steps=4",
+    "train.save_every=1",
+    "train.keep_checkpoints=2",
+    "eval.at_start=false",
+    "eval.every=2",
+    "train.threads=1",
+]
 KILLED_AT = 3
 DEADLINE_S = 600
 
@@ -68,6 +79,15 @@ def _lines(out):
 
 def _timing(key: str) -> bool:
     return key.startswith("sync/") or key.endswith("/ms") or key.endswith("_s") or "per_s" in key
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads_restored():
+    """The runs here set this process's intra-op threads (RUN); the modules after this one get torch's count back
+    (autouse: made before `whole`, which is of the same scope)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
