@@ -79,6 +79,7 @@ def facts() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "kernel": platform.release(),
         "cpu_cores": os.cpu_count(),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # the caching allocator's settings, if any
     }
 
 

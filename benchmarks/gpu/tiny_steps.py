@@ -81,6 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, compiled_blocks, sync
+from common import facts as machine_facts
 
 from dualrl.algo.registry import objective_class
 from dualrl.algo.rollout_data import Rollout
@@ -860,14 +861,10 @@ def main() -> int:
     args.device = resolve_device(args.device)
     args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="tiny_steps_"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    import transformers
-
     facts = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **machine_facts(),  # versions, the card, the kernel release and the cores
         "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if cuda() else None,
-        "cpu_cores": os.cpu_count(),
         "recipe": args.recipe,
         "batch_size": args.batch_size,
         "overrides": args.overrides,
