@@ -22,6 +22,10 @@
 #                                            # through the driver; the 4B sft_dual MFU
 #   bash benchmarks/gpu/issue11.sh host_final  # GPU tests; the recipe's steady steps/s through the driver; the 4B
 #                                            # sft_dual MFU, its update at 1 and 16 threads, region cells two ways
+#   bash benchmarks/gpu/issue11.sh final_a   # rollout against generate; the tiny loop; the tiny recipe through the driver
+#   bash benchmarks/gpu/issue11.sh final_b   # both algorithms' whole steps and MFU (141 GB settings) against the naive loop
+#   bash benchmarks/gpu/issue11.sh final_c   # the 4B sft_dual updates on new batches, then replayed; grpo's whole step
+#   bash benchmarks/gpu/issue11.sh alloc     # final_c's sft_dual updates under caching-allocator settings, one process each
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -38,8 +42,9 @@ run() {  # name, seconds, command...: one benchmark, its log under $OUT, never p
   tail -n 12 "$OUT/$name.log"
 }
 steps=benchmarks/gpu/sa2va_steps.py
-recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver (12 workers, one evaluation at the
-  # end), its summary and metrics under $OUT, and its steps/s (batch 64) from the first step to the end
+recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver (12 workers, evaluations at step 0
+  # and at the end), its summary and metrics under $OUT, and its steps/s (batch 64) over the loop (the evaluation at
+  # step 0 and the build left out; the last evaluation and the checkpoint in)
   rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
   run pretrain_tiny_run "$2" python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
     data.num_workers=12 train.steps="$1" eval.every="$1" train.save_every="$1" train.log_every=100 \
@@ -47,8 +52,8 @@ recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver 
   cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
   cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
   python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) from \
-the first step to the end, the last evaluation and save included;', round(s['wall_time_s'], 1), 's in all; final', \
+print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) over \
+the loop, the last evaluation and save included;', round(s['wall_time_s'], 1), 's in all; final', \
 s['final'])"
   python3 -c "import json, statistics; m = [json.loads(l) for l in open('$OUT/pretrain_tiny_run_metrics.jsonl')]; \
 w = [x['step/mean/ms'] for x in m if 'step/mean/ms' in x][1:]; \
@@ -263,6 +268,64 @@ PY
     recipe_run 1200 150
     sft_mfu_left 560
     ;;
+  final_a)  # the closing pass over the goals, part 1: the recipes' rollout path (engine, compiled layers, fused
+    # projections) over 16 steps of new region sizes against generate with the dynamic and the static cache; the
+    # graphed tiny loop (12 workers); the tiny recipe through the driver
+    run rollout 330 python3 benchmarks/gpu/rollout.py --paths engine_fused generate_dynamic generate_static \
+      --steps 16 --slow-steps 3 --static-steps 2 --skip-check --out "$OUT/rollout.json"
+    tiny_loops "defaults"
+    recipe_run 1200 150
+    ;;
+  final_b)  # part 2: each algorithm's whole step at the 4B recipe's batch with the 141 GB card's learner settings
+    # (one micro-batch, blocks compiled with the C++ wrapper), each update's MFU with its own FLOPs, against the
+    # naive loop on one region; the algorithms in $ALGOS, the last in what is left of ${BUDGET:-560} s
+    learner=(--accumulation 1 --flops-each --naive-regions 1
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp)
+    read -r -a algos <<<"${ALGOS:-sft_dual grpo}"
+    for algo in "${algos[@]}"; do
+      if [ "$algo" = grpo ]; then shape=(--batch-size 4 --generations 8 --steps 5); else shape=(--batch-size 8 --steps 8); fi
+      limit=$((${BUDGET:-560} - SECONDS))
+      [ "$limit" -lt 120 ] && { echo "== whole_$algo: not run, ${limit}s left"; continue; }
+      if [ "$algo" != "${algos[-1]}" ] && [ "$limit" -gt 330 ]; then limit=330; fi
+      run "whole_$algo" "$limit" python3 $steps --algos "$algo" "${shape[@]}" "${learner[@]}" --out "$OUT/whole_$algo.json"
+    done
+    ;;
+  final_c)  # part 3: the 4B sft_dual update on new batches, then again on the same batches (new shapes' cost against
+    # each batch's own: times, allocator segments, kernel time); then grpo's whole step as in final_b, in what is left
+    # of ${BUDGET:-560} s
+    learner=(--accumulation 1 --flops-each
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp)
+    run replay_sft_dual 300 python3 $steps --algos sft_dual --batch-size 8 --steps "${STEPS:-8}" --replay "${learner[@]}" \
+      --out "$OUT/replay_sft_dual.json"
+    left=$((${BUDGET:-560} - SECONDS))
+    if [ "$left" -ge 200 ]; then
+      run whole_grpo "$left" python3 $steps --algos grpo --batch-size 4 --generations 8 --steps 5 --naive-regions 1 \
+        "${learner[@]}" --out "$OUT/whole_grpo.json"
+    else
+      echo "== whole_grpo: not run, ${left}s left"
+    fi
+    ;;
+  alloc)  # the 4B sft_dual updates on new batches and replayed (final_c), one process per caching-allocator setting
+    # in $CONFS (default: torch's own, sizes rounded to 8 divisions of each power of two, expandable segments, torch's
+    # own again): new batches grew the allocator's cache by up to 173 segments an update, and those updates ran up to
+    # 1.39x their replay. The first process compiles with a cold inductor cache (minutes), the others reuse it: the
+    # last one repeats the first's setting on a warm cache. Under expandable segments the cache grows inside its
+    # segments, so their new_segments stay near 0 and compare only the times
+    learner=(--accumulation 1 --replay
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp)
+    i=0
+    for conf in ${CONFS:-default roundup_power2_divisions:8 expandable_segments:True default}; do
+      i=$((i + 1))
+      left=$((${BUDGET:-560} - SECONDS))
+      [ "$left" -lt 150 ] && { echo "== alloc_$i ($conf): not run, ${left}s left"; continue; }
+      limit=$((i == 1 ? 300 : 150))
+      [ "$limit" -gt "$left" ] && limit=$left
+      if [ "$conf" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else export PYTORCH_CUDA_ALLOC_CONF=$conf; fi
+      run "alloc_${i}" "$limit" python3 $steps --algos sft_dual --batch-size 8 --steps 8 "${learner[@]}" \
+        --out "$OUT/alloc_${i}.json"
+    done
+    unset PYTORCH_CUDA_ALLOC_CONF
+    ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py
     run sync_sites 240 python3 $steps --algos sft_dual grpo --batch-size 4 --generations 8 --accumulation 1 --steps 2 \
@@ -287,7 +350,7 @@ PY
     run grpo_compile 480 python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 --steps 4 \
       --compare-compile --out "$OUT/grpo_compile.json"
     ;;
-  *) echo "usage: issue11.sh rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_ledger|ledger_final|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
+  *) echo "usage: issue11.sh final_a|final_b|final_c|alloc|rollout|decode|learner|learner_compiled|token_rows|probe|wrapper|tiny_wrapper|tiny_graphs|tiny_precision|tiny_host|tiny_loop_matrix|tiny_final|tiny_ledger|ledger_final|sft_mfu|checks|whole|compile_tiny|compile_sft|compile_grpo" >&2; exit 2 ;;
 esac
 # A call brings back only a few files: past 8, everything under $OUT goes back as one archive
 if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then

@@ -182,12 +182,14 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         sync()
         t_reward = time.perf_counter()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+        segments = cuda_segments()
         rollout = Rollout(captions, plan.group_size, scored.total)
         metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
-        if args.flops_each and step > 1:
+        if (args.flops_each or args.replay) and step > 1:
             kept.append((batch, rollout, step))
         sync()
         t_update = time.perf_counter()
+        segments = cuda_segments() - segments  # the update's own (the sync below allocates nothing new)
         runtime.sync()
         sync()
         t_learn = time.perf_counter()
@@ -208,6 +210,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
                 "step_s": t_learn - t,
                 "loss": metrics["train/loss"],
                 "alloc_retries": float(retries),
+                "new_segments": float(segments),
                 "mask_cover": float(batch["masks"].float().mean()),
                 "caption_tokens": sum(len(i) for i in captions.ids) / len(captions),
             }
@@ -246,6 +249,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     if args.compare_threads:
         host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1), args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
+    replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -254,7 +258,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
         "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
-        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if kept else {}),
+        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if args.flops_each and kept else {}),
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -304,6 +308,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "token_rows": token_rows,
         "wrapper": wrapper,
         "host": host,
+        "replayed": replayed,
         "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
@@ -434,6 +439,40 @@ def compare_host(learner, batch: dict, rollout: Rollout, seed: int, steps: int, 
     if base:
         out.update({f"{arm}_over_1_thread_block_sums": out[f"{arm}_update_s"] / base for arm in times})
     print(f"host work: {json.dumps(out)}", flush=True)
+    return out
+
+
+def cuda_segments() -> int:
+    """How many memory segments the caching allocator has taken from the driver so far (each a cudaMalloc)."""
+    return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
+
+
+def replay(learner, kept: list, seed: int) -> dict:
+    """The timed steps' updates again, on their own batches in the same order (every shape now seen once): each
+    update's time and the allocator's new segments, then (on a GPU) each update's kernel time under a CUDA-only
+    profiler; on a CPU the kernel lists stay empty rather than read 0. An update slower the first time than now paid
+    for meeting its shapes; one as slow now, for its own work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, list[float]] = {"update_s": [], "new_segments": [], "kernel_s": [], "profiled_update_s": []}
+    for batch, rollout, step in kept:
+        segments = cuda_segments()
+        sync()
+        t = time.perf_counter()
+        learner.step(batch, rollout, step_generator(seed, step))
+        sync()
+        out["update_s"].append(time.perf_counter() - t)
+        out["new_segments"].append(float(cuda_segments() - segments))
+    for batch, rollout, step in kept if torch.cuda.is_available() else []:  # no kernel time to read on a CPU
+        sync()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            learner.step(batch, rollout, step_generator(seed, step))
+            sync()
+        out["profiled_update_s"].append(time.perf_counter() - t)
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        out["kernel_s"].append(sum(e.self_device_time_total for e in kernels) / 1e6)
+    print(f"replayed updates: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -596,6 +635,12 @@ def main() -> int:
         action="store_true",
         help="count each timed update's FLOPs on its own batch (one more update each): timed_mfu is all their FLOPs "
         "over all their time (mfu divides the last batch's FLOPs by the median update)",
+    )
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="after the timed steps, their updates again on the same batches: times, new allocator segments, kernel "
+        "time (tells the cost of new shapes from the cost of each batch's own work)",
     )
     parser.add_argument(
         "--sync-sites", action="store_true", help="list the ops of one more learner update that make the host wait"
