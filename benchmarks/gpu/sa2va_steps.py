@@ -456,6 +456,7 @@ def replay(learner, kept: list, seed: int) -> dict:
 
     out: dict[str, list[float]] = {"update_s": [], "new_segments": [], "kernel_s": [], "profiled_update_s": []}
     for batch, rollout, step in kept:
+        encoded_as_in_the_loop(learner, batch)
         segments = cuda_segments()
         sync()
         t = time.perf_counter()
@@ -464,6 +465,7 @@ def replay(learner, kept: list, seed: int) -> dict:
         out["update_s"].append(time.perf_counter() - t)
         out["new_segments"].append(float(cuda_segments() - segments))
     for batch, rollout, step in kept if torch.cuda.is_available() else []:  # no kernel time to read on a CPU
+        encoded_as_in_the_loop(learner, batch)
         sync()
         t = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -476,12 +478,21 @@ def replay(learner, kept: list, seed: int) -> dict:
     return out
 
 
+def encoded_as_in_the_loop(learner, batch: dict) -> None:
+    """The batch's images encoded as the teacher encodes them before each update in one process, outside any timing or
+    count: the update then reuses that encoding (`GroundedVLM.share_frozen_encoders`: frozen encoders), as in the
+    loop, and its time and FLOPs are those of the update the loop runs. With trainable encoders it changes nothing."""
+    with torch.no_grad():
+        learner.model.encode_images(batch["images"])
+
+
 def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator) -> float:
     """Model FLOPs of one learner update (forward and backward; the matrix products, convolutions and attention
     that torch's flop counter knows), counted on one more update with activation recomputation switched off, so
     recomputed forward passes are not counted (MFU's convention), and with the LLM's attention run as transformers'
     eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square)."""
     recomputing = [m for m in learner.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    encoded_as_in_the_loop(learner, batch)
     for module in recomputing:
         module.gradient_checkpointing = False
     compiled, learner.compiled = learner.compiled, None  # the model's FLOPs, counted on eager operators

@@ -57,6 +57,8 @@ def micro_batches(batch: dict, rollout: Rollout | None, chunks: int) -> list[tup
     captions: gradient accumulation runs the objective on each and steps the optimizer once."""
     n = len(batch["masks"])
     chunks = max(1, min(chunks, n))
+    if chunks == 1:  # the batch itself: its tensors keep their identity, which image encodings are kept by
+        return [(batch, rollout)]
     bounds = [round(i * n / chunks) for i in range(chunks + 1)]
     parts = []
     for lo, hi in itertools.pairwise(bounds):

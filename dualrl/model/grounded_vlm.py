@@ -95,8 +95,49 @@ class _EndText(StoppingCriteria):
         return torch.tensor([self.end in t for t in tails], device=input_ids.device)
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[0] is b[0] and a[1] == b[1]
+class LastEncoding:
+    """A model's last reusable image encoding (see `GroundedVLM.encode_images`), under its key: the images tensor
+    (by identity, held until replaced, so it cannot be a recycled object) and the encoders' weight versions. Models
+    whose frozen encoders are one set of weights (`GroundedVLM.share_frozen_encoders`) hold one together."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.feats: ImageFeatures | None = None
+
+    def get(self, key: tuple) -> ImageFeatures | None:
+        same = self.key is not None and self.key[0] is key[0] and self.key[1] == key[1]
+        return self.feats if same else None
+
+    def keep(self, key: tuple, feats: ImageFeatures) -> None:
+        self.key, self.feats = key, feats
+
+    def clear(self) -> None:
+        self.key = self.feats = None
+
+
+def _tie(module: nn.Module, source: nn.Module) -> int:
+    """Make `module`'s parameters and buffers `source`'s own tensors (the two built alike: same submodules, names,
+    shapes, dtypes and devices, else a ValueError). Returns the bytes `module` no longer holds."""
+    freed = 0
+    for (name, mine), (other_name, theirs) in zip(module.named_modules(), source.named_modules(), strict=True):
+        if name != other_name or type(mine) is not type(theirs):
+            raise ValueError(
+                f"cannot share weights: {name!r} ({type(mine).__name__}) against "
+                f"{other_name!r} ({type(theirs).__name__})"
+            )
+        for slots, other in ((mine._parameters, theirs._parameters), (mine._buffers, theirs._buffers)):
+            for key, tensor in slots.items():
+                given = other.get(key)
+                if tensor is None or given is None:
+                    if tensor is not given:
+                        raise ValueError(f"cannot share weights: {name}.{key} is set in one model only")
+                    continue
+                if (tensor.shape, tensor.dtype, tensor.device) != (given.shape, given.dtype, given.device):
+                    raise ValueError(f"cannot share weights: {name}.{key} differs in shape, dtype or device")
+                if tensor is not given:
+                    freed += tensor.numel() * tensor.element_size()
+                    slots[key] = given
+    return freed
 
 
 def _image_rows(image_tokens: Tensor, i: int) -> Feats:
@@ -157,7 +198,7 @@ class GroundedVLM(nn.Module):
         self.pad_id = tokenizer.pad_token_id
         self.prompts = PromptBuilder(spec.prompts, self.end_text)
         self._assembler: Assembler | None = None
-        self._features: tuple[tuple, ImageFeatures] | None = None  # last no-grad encoding, see encode_images
+        self.encodings = LastEncoding()  # the last reusable encoding, see encode_images
         self._decoder: CaptionDecoder | None = None
         self.train_graphs: TrainGraphs | None = None  # the learner's CUDA graphs, installed during its updates
 
@@ -194,7 +235,7 @@ class GroundedVLM(nn.Module):
             with torch.no_grad():  # one foreach call, not one copy per tensor (hundreds of launches a sync)
                 local = [p.to_local() if isinstance(p, DTensor) else p for p in (params[n] for n in names)]
                 torch._foreach_copy_(local, [state[n] for n in names])
-        self._features = None
+        self.encodings.clear()
 
     def autocast(self):
         """The context every forward pass runs in: bf16 autocast when `model.precision` is bf16."""
@@ -216,11 +257,11 @@ class GroundedVLM(nn.Module):
         recycled object) and unchanged encoder weights (their in-place version counters, which optimizer
         steps bump): describing and then scoring one batch with one model — the teacher in the local
         runtime, eval, or in-process grpo's rollout and learner step — encodes each image once, and SAM2's
-        encoder runs only when segmentation first asks for it."""
+        encoder runs only when segmentation first asks for it. Models that share their frozen encoders
+        (`share_frozen_encoders`) share this too: in the local runtime the learner's update reuses the teacher's."""
         key = (images, self._encoder_versions())
         reusable = not torch.is_grad_enabled() or self._encoders_frozen()
-        if reusable and self._features is not None and _same_key(self._features[0], key):
-            feats = self._features[1]
+        if reusable and (feats := self.encodings.get(key)) is not None:
             if sam and feats.sam is None:
                 feats.sam = self._encode_sam(upload(images, self.device))
             return feats
@@ -230,7 +271,7 @@ class GroundedVLM(nn.Module):
             return ImageFeatures(*self.train_graphs.encode(images))
         feats = ImageFeatures(*self.encode_pixels(images, sam))
         if reusable:
-            self._features = (key, feats)
+            self.encodings.keep(key, feats)
         return feats
 
     def encode_pixels(self, images: Tensor, sam: bool = True) -> tuple[Tensor, samlib.SamFeatures | None]:
@@ -252,6 +293,30 @@ class GroundedVLM(nn.Module):
 
     def _encoders_frozen(self) -> bool:
         return not (self.spec.trainable.vision or self.spec.trainable.sam_encoder)
+
+    def _encoders(self) -> tuple[nn.Module, nn.Module]:
+        return self.vlm.model.vision_tower, self.sam.image_encoder
+
+    def train(self, mode: bool = True) -> GroundedVLM:
+        """As `nn.Module.train`, except that frozen image encoders stay in eval mode: they extract features, the
+        same in an update as in a rollout, so that an encoding can serve both (`share_frozen_encoders`)."""
+        super().train(mode)
+        if mode and self._encoders_frozen():
+            for encoder in self._encoders():
+                encoder.eval()
+        return self
+
+    def share_frozen_encoders(self, source: GroundedVLM) -> int:
+        """Take `source`'s image encoders' weights as this model's own, and its last encoding, where both models keep
+        their encoders frozen (the default; else nothing happens): the frozen weights are held once, and a batch one
+        model encoded is not encoded again by the other (in one process, the teacher's captions and rewards, then the
+        learner's update, on the same images). The two models must be built from one spec. Returns the bytes no
+        longer held twice."""
+        if not (self._encoders_frozen() and source._encoders_frozen()):
+            return 0
+        freed = sum(_tie(mine, theirs) for mine, theirs in zip(self._encoders(), source._encoders()))
+        self.encodings = source.encodings
+        return freed
 
     def _encoder_versions(self) -> tuple[int, int]:
         vision = next(self.vlm.model.vision_tower.parameters())

@@ -229,5 +229,5 @@ def from_sa2va(model: GroundedVLM, state: dict[str, Tensor], strict: bool = True
                     loaded = mod.base_layer.weight[torch.tensor(rows, device=mod.base_layer.weight.device)]
                     mod.trainable_tokens_delta[a].copy_(loaded)
                     mod.trainable_tokens_original[a] = loaded.detach().clone()
-    model._features = None  # drop cached image features of the old weights
+    model.encodings.clear()  # drop cached image features of the old weights
     return report

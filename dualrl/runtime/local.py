@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ from dualrl.workers import Learner, RewardWorker, RolloutWorker
 if TYPE_CHECKING:
     from dualrl.recipe import Recipe
 
+log = logging.getLogger(__name__)
+
 
 class LocalRuntime:
     def __init__(self, recipe: Recipe):
@@ -25,6 +28,10 @@ class LocalRuntime:
         device = resolve_device(recipe.train.device)
         self.learner = Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, device)
         teacher = build_model(recipe.model, device)
+        # frozen encoders: one copy of their weights, and the teacher's encoding of a batch serves the update
+        freed = teacher.share_frozen_encoders(self.learner.model)
+        if freed:
+            log.info("teacher and learner share their frozen image encoders (%.1f MiB held once)", freed / 2**20)
         on_policy = objective_class(recipe.algo).rollout_weights == "policy"
         self.rollout = RolloutWorker(recipe.model, device, model=self.learner.model if on_policy else teacher)
         self.reward = RewardWorker(recipe.model, recipe.rewards, device, model=teacher)

@@ -280,7 +280,7 @@ def test_the_decoder_does_not_keep_its_model_alive(regions):
 def test_features_encoded_for_captioning_cannot_segment(model, regions):
     with torch.no_grad():
         feats = model.encode_images(regions["images"], sam=False)
-        model._features = None
+        model.encodings.clear()
         with pytest.raises(ValueError, match="no SAM2 encoding"):
             model.segment(None, ["the circle"] * len(regions["masks"]), feats=feats)
 

@@ -24,7 +24,7 @@ def test_group_of_captions_is_encoded_once_and_scored_like_single_ones(tiny_mode
     calls = []
     encode = tiny_model.encode_images
     monkeypatch.setattr(tiny_model, "encode_images", lambda images: calls.append(1) or encode(images))
-    tiny_model._features = None
+    tiny_model.encodings.clear()
     result = worker.score(region_batch, captions, group_size=g)
     assert len(calls) == 1 and len(result.total) == 12
     for i in range(12):  # each caption alone, its region as a batch of one

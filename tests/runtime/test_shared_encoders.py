@@ -1,0 +1,114 @@
+"""The local runtime's teacher and learner hold their frozen image encoders once, and the update reuses the teacher's
+encoding of the step's images: one encoding a step where there were two, and the same update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+from dualrl.algo.rollout_data import Rollout, RolloutPlan, micro_batches
+from dualrl.model import grounded_vlm
+from dualrl.model import sam as samlib
+from dualrl.model.build import build_model
+from dualrl.model.grounded_vlm import LastEncoding, _tie
+from dualrl.recipe import load_recipe
+from dualrl.runtime.local import LocalRuntime
+from dualrl.train import step_generator
+from tests.conftest import TINY
+
+
+def _runtime(*extra: str) -> LocalRuntime:
+    return LocalRuntime(load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=x", *extra]))
+
+
+def _count_encodings(monkeypatch) -> list[int]:
+    """How many times any model runs its image encoders (the vision tower, SAM2's encoder), as a list of 1s."""
+    calls: list[int] = []
+    encode_sam = grounded_vlm.GroundedVLM._encode_sam
+    monkeypatch.setattr(
+        grounded_vlm.GroundedVLM, "_encode_sam", lambda m, images: calls.append(1) or encode_sam(m, images)
+    )
+    return calls
+
+
+def _driver_step(runtime: LocalRuntime, batch: dict) -> dict:
+    """Describe, score and learn as the driver does in one process (sft_dual: one greedy caption a region)."""
+    plan = RolloutPlan()
+    torch.manual_seed(0)  # the update's LoRA dropout draws from torch's generator
+    captions = runtime.rollout.describe(batch, plan, 7)
+    scored = runtime.reward.score(batch, captions, plan.group_size)
+    return runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total), step_generator(0, 1))
+
+
+def test_the_update_reuses_the_teachers_encoding_and_learns_the_same(region_batch, monkeypatch):
+    shared = _runtime()
+    assert shared.reward.model.encodings is shared.learner.model.encodings
+    apart = _runtime()
+    apart.learner.model.encodings = LastEncoding()  # as before: the learner encodes the images itself
+    calls = _count_encodings(monkeypatch)
+    shared_metrics = _driver_step(shared, region_batch)
+    assert len(calls) == 1  # the teacher's, for its rewards; the update found it
+    apart_metrics = _driver_step(apart, region_batch)
+    assert len(calls) == 3
+    # the same update, to the last bits that CPU matrix kernels leave to where their inputs lie in memory (two
+    # updates with encodings of their own differ as much: about 1e-9 in the projector's weights)
+    apart_weights = dict(apart.learner.model.named_parameters())
+    for name, p in shared.learner.model.named_parameters():
+        torch.testing.assert_close(p, apart_weights[name], rtol=1e-6, atol=1e-8, msg=name)
+    for key, value in apart_metrics.items():
+        assert shared_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-8), key
+    shared.shutdown()
+    apart.shutdown()
+
+
+def test_frozen_encoder_weights_are_held_once_and_trainable_ones_are_not_shared():
+    runtime = _runtime()
+    teacher, student = runtime.reward.model, runtime.learner.model
+    for mine, theirs in zip(teacher._encoders(), student._encoders()):
+        assert all(a is b for a, b in zip(mine.parameters(), theirs.parameters()))
+    assert teacher.text_hidden_fcs[0].weight is not student.text_hidden_fcs[0].weight  # the rest stays the teacher's
+    runtime.shutdown()
+    training = _runtime("model.trainable.sam_encoder=true")
+    assert training.reward.model.encodings is not training.learner.model.encodings
+    teacher_sam = training.reward.model.sam.image_encoder
+    assert all(
+        a is not b for a, b in zip(teacher_sam.parameters(), training.learner.model.sam.image_encoder.parameters())
+    )
+    training.shutdown()
+
+
+def test_frozen_encoders_stay_in_eval_mode_in_training(tiny_spec):
+    model = build_model(tiny_spec).train()
+    assert model.sam.sam_mask_decoder.training and model.vlm.model.language_model.training
+    assert not any(m.training for encoder in model._encoders() for m in encoder.modules())
+    vision = tiny_spec.model_copy(update={"trainable": tiny_spec.trainable.model_copy(update={"vision": True})})
+    open_model = build_model(vision).train()
+    assert all(m.training for encoder in open_model._encoders() for m in encoder.modules())
+
+
+def test_weights_are_tied_only_between_modules_built_alike():
+    with pytest.raises(ValueError, match="differs in shape"):
+        _tie(torch.nn.Linear(2, 3), torch.nn.Linear(2, 4))
+    with pytest.raises(ValueError, match="Conv1d"):
+        _tie(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1)))
+    with pytest.raises(ValueError, match="one model only"):
+        _tie(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2))
+    mine, source = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert _tie(mine, source) == 6 * 4 and mine.weight is source.weight and mine.bias is source.bias
+
+
+def test_one_micro_batch_is_the_batch_itself(region_batch):
+    """Its tensors keep their identity, by which the encoding is found again."""
+    assert micro_batches(region_batch, None, 1)[0][0] is region_batch
+
+
+def test_the_fpn_position_encodings_are_sam2s_values_as_a_view(tiny_model):
+    encoder = tiny_model.sam.image_encoder
+    assert type(encoder.neck.position_encoding) is samlib.BroadcastPositionEmbedding
+    pixels = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        ours = encoder(pixels)
+        official = PositionEmbeddingSine(encoder.neck.position_encoding.num_pos_feats * 2)
+        for level, pos in zip(ours["backbone_fpn"], ours["vision_pos_enc"]):
+            assert torch.equal(pos, official(level)) and pos.stride(0) == 0  # the same values, no copy per image
