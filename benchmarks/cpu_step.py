@@ -9,8 +9,8 @@ against the way before it, in this process:
     python benchmarks/cpu_step.py [--steps 6] [--repeats 8] [--out results.json]
 
 Each pair runs alternately in this process; figures are median wall times and the ratio old / new. The encoder's
-two outputs are checked equal first; that the update learns the same from a shared encoding is a test
-(`tests/runtime/test_shared_encoders.py`).
+two outputs (levels and position encodings) are checked equal first; that the update learns the same from a shared
+encoding is a test (`tests/runtime/test_shared_encoders.py`).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def position_encodings(model, batch: dict, repeats: int) -> dict:
         for label, cls in (("old", PositionEmbeddingSine), ("new", samlib.BroadcastPositionEmbedding)):
             pe.__class__ = cls
             outputs[label] = encoder(pixels)
-        for a, b in zip(outputs["old"]["backbone_fpn"], outputs["new"]["backbone_fpn"]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key in ("backbone_fpn", "vision_pos_enc"):
+            for a, b in zip(outputs["old"][key], outputs["new"][key], strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
         for _ in range(repeats):
             for label, cls in (("old", PositionEmbeddingSine), ("new", samlib.BroadcastPositionEmbedding)):
                 pe.__class__ = cls

@@ -57,7 +57,7 @@ def main() -> None:
 
     def fresh(fn):
         def call():
-            model._features = None  # a new batch: nothing cached
+            model.encodings.clear()  # a new batch: nothing cached
             fn()
 
         return call

@@ -102,7 +102,7 @@ def to_bf16(model) -> None:
         if not param.requires_grad:
             param.data = param.data.to(torch.bfloat16)
     model.spec = model.spec.model_copy(update={"precision": "bf16"})
-    model._features = None
+    model.encodings.clear()
 
 
 def set_path(model, path: str) -> None:
@@ -158,7 +158,7 @@ class _PhaseTimer:
 def caption_step(model, batch: dict, group: int, max_new: int, seed: int, timer: _PhaseTimer | None = None) -> dict:
     sync()
     t0 = time.perf_counter()
-    model._features = None  # every step encodes its images, as a rollout worker does
+    model.encodings.clear()  # every step encodes its images, as a rollout worker does
     with torch.no_grad(), model.autocast():
         feats = model.encode_images(batch["images"], sam=False)
     sync()

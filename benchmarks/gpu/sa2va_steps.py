@@ -479,10 +479,12 @@ def replay(learner, kept: list, seed: int) -> dict:
 
 
 def encoded_as_in_the_loop(learner, batch: dict) -> None:
-    """The batch's images encoded as the teacher encodes them before each update in one process, outside any timing or
-    count: the update then reuses that encoding (`GroundedVLM.share_frozen_encoders`: frozen encoders), as in the
-    loop, and its time and FLOPs are those of the update the loop runs. With trainable encoders it changes nothing."""
-    with torch.no_grad():
+    """The batch's images encoded as the teacher encodes them before each update in one process (no autograd, the
+    model's autocast), outside any timing or count: an update of one micro-batch then reuses that encoding
+    (`GroundedVLM.share_frozen_encoders`: frozen encoders), as in the loop, and its time and FLOPs are those of the
+    update the loop runs. With trainable encoders or several micro-batches the update encodes for itself, in the loop
+    as here."""
+    with torch.no_grad(), learner.model.autocast():
         learner.model.encode_images(batch["images"])
 
 
@@ -592,7 +594,7 @@ def naive_step(runtime, batch: dict, plan, regions: int) -> dict:
         with roll.autocast():
             for i in range(n):
                 for _ in range(plan.group_size):
-                    roll._features = None
+                    roll.encodings.clear()
                     c = roll.describe(
                         batch["images"][i : i + 1],
                         batch["masks"][i : i + 1],
@@ -606,7 +608,7 @@ def naive_step(runtime, batch: dict, plan, regions: int) -> dict:
         t1 = time.perf_counter()
         with seg.autocast():
             for i, ids in captions:
-                seg._features = None
+                seg.encodings.clear()
                 logits, *_ = seg.segment(batch["images"][i : i + 1], [Ids(ids)])
                 mask_iou(logits.float(), batch["masks"][i : i + 1].to(logits.device))
         sync()

@@ -57,8 +57,8 @@ def micro_batches(batch: dict, rollout: Rollout | None, chunks: int) -> list[tup
     captions: gradient accumulation runs the objective on each and steps the optimizer once."""
     n = len(batch["masks"])
     chunks = max(1, min(chunks, n))
-    if chunks == 1:  # the batch itself: its tensors keep their identity, which image encodings are kept by
-        return [(batch, rollout)]
+    if chunks == 1:  # the batch itself (its images keep the identity encodings are kept by); a Rollout of its own
+        return [(batch, None if rollout is None else rollout.regions(0, n))]
     bounds = [round(i * n / chunks) for i in range(chunks + 1)]
     parts = []
     for lo, hi in itertools.pairwise(bounds):

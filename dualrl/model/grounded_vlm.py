@@ -98,36 +98,44 @@ class _EndText(StoppingCriteria):
 class LastEncoding:
     """A model's last reusable image encoding (see `GroundedVLM.encode_images`), under its key: the images tensor
     (by identity, held until replaced, so it cannot be a recycled object) and the encoders' weight versions. Models
-    whose frozen encoders are one set of weights (`GroundedVLM.share_frozen_encoders`) hold one together."""
+    whose frozen encoders are one set of weights (`GroundedVLM.share_frozen_encoders`) hold one together: the two
+    models of the local runtime, which runs them on one thread (it refuses `runtime.async_rollout`). Key and
+    encoding are one attribute, so a reader never pairs one batch's key with another's encoding."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.feats: ImageFeatures | None = None
+        self._entry: tuple[tuple, ImageFeatures] | None = None
 
     def get(self, key: tuple) -> ImageFeatures | None:
-        same = self.key is not None and self.key[0] is key[0] and self.key[1] == key[1]
-        return self.feats if same else None
+        entry = self._entry
+        if entry is None or entry[0][0] is not key[0] or entry[0][1] != key[1]:
+            return None
+        return entry[1]
 
     def keep(self, key: tuple, feats: ImageFeatures) -> None:
-        self.key, self.feats = key, feats
+        self._entry = (key, feats)
 
     def clear(self) -> None:
-        self.key = self.feats = None
+        self._entry = None
 
 
 def _tie(module: nn.Module, source: nn.Module) -> int:
-    """Make `module`'s parameters and buffers `source`'s own tensors (the two built alike: same submodules, names,
-    shapes, dtypes and devices, else a ValueError). Returns the bytes `module` no longer holds."""
-    freed = 0
-    for (name, mine), (other_name, theirs) in zip(module.named_modules(), source.named_modules(), strict=True):
+    """Make `module`'s parameters and buffers `source`'s own tensors. The two must be built alike (the same
+    submodules, slot names, shapes, dtypes and devices): else a ValueError, and nothing is tied. Returns the bytes
+    `module` no longer holds."""
+    ties = []
+    for (name, mine), (other_name, theirs) in itertools.zip_longest(
+        module.named_modules(), source.named_modules(), fillvalue=(None, None)
+    ):
         if name != other_name or type(mine) is not type(theirs):
             raise ValueError(
                 f"cannot share weights: {name!r} ({type(mine).__name__}) against "
                 f"{other_name!r} ({type(theirs).__name__})"
             )
         for slots, other in ((mine._parameters, theirs._parameters), (mine._buffers, theirs._buffers)):
+            if slots.keys() != other.keys():
+                raise ValueError(f"cannot share weights: {name!r} holds {sorted(slots)} against {sorted(other)}")
             for key, tensor in slots.items():
-                given = other.get(key)
+                given = other[key]
                 if tensor is None or given is None:
                     if tensor is not given:
                         raise ValueError(f"cannot share weights: {name}.{key} is set in one model only")
@@ -135,9 +143,10 @@ def _tie(module: nn.Module, source: nn.Module) -> int:
                 if (tensor.shape, tensor.dtype, tensor.device) != (given.shape, given.dtype, given.device):
                     raise ValueError(f"cannot share weights: {name}.{key} differs in shape, dtype or device")
                 if tensor is not given:
-                    freed += tensor.numel() * tensor.element_size()
-                    slots[key] = given
-    return freed
+                    ties.append((slots, key, tensor, given))
+    for slots, key, _, given in ties:
+        slots[key] = given
+    return sum(tensor.numel() * tensor.element_size() for _, _, tensor, _ in ties)
 
 
 def _image_rows(image_tokens: Tensor, i: int) -> Feats:
@@ -298,22 +307,28 @@ class GroundedVLM(nn.Module):
         return self.vlm.model.vision_tower, self.sam.image_encoder
 
     def train(self, mode: bool = True) -> GroundedVLM:
-        """As `nn.Module.train`, except that frozen image encoders stay in eval mode: they extract features, the
+        """As `nn.Module.train`, except that a frozen image encoder stays in eval mode: it extracts features, the
         same in an update as in a rollout, so that an encoding can serve both (`share_frozen_encoders`)."""
         super().train(mode)
-        if mode and self._encoders_frozen():
-            for encoder in self._encoders():
-                encoder.eval()
+        if mode:
+            trains = (self.spec.trainable.vision, self.spec.trainable.sam_encoder)
+            for encoder, trainable in zip(self._encoders(), trains):
+                if not trainable:
+                    encoder.eval()
         return self
 
     def share_frozen_encoders(self, source: GroundedVLM) -> int:
         """Take `source`'s image encoders' weights as this model's own, and its last encoding, where both models keep
         their encoders frozen (the default; else nothing happens): the frozen weights are held once, and a batch one
         model encoded is not encoded again by the other (in one process, the teacher's captions and rewards, then the
-        learner's update, on the same images). The two models must be built from one spec. Returns the bytes no
-        longer held twice."""
+        learner's update on the same images tensor: one micro-batch, as `micro_batches` hands the batch itself). The
+        two models must have one architecture, input sizes and precision (a ValueError otherwise). Returns the bytes
+        no longer held twice."""
         if not (self._encoders_frozen() and source._encoders_frozen()):
             return 0
+        for key in ("vision", "sam", "precision"):
+            if getattr(self.spec, key) != getattr(source.spec, key):
+                raise ValueError(f"cannot share encoders: model.{key} differs between the two models")
         freed = sum(_tie(mine, theirs) for mine, theirs in zip(self._encoders(), source._encoders()))
         self.encodings = source.encodings
         return freed

@@ -8,10 +8,11 @@ import torch
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 
 from dualrl.algo.rollout_data import Rollout, RolloutPlan, micro_batches
+from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.model import grounded_vlm
 from dualrl.model import sam as samlib
 from dualrl.model.build import build_model
-from dualrl.model.grounded_vlm import LastEncoding, _tie
+from dualrl.model.grounded_vlm import Captions, LastEncoding, _tie
 from dualrl.recipe import load_recipe
 from dualrl.runtime.local import LocalRuntime
 from dualrl.train import step_generator
@@ -23,41 +24,46 @@ def _runtime(*extra: str) -> LocalRuntime:
 
 
 def _count_encodings(monkeypatch) -> list[int]:
-    """How many times any model runs its image encoders (the vision tower, SAM2's encoder), as a list of 1s."""
+    """How many times any model runs SAM2's image encoder (the costly one of the two), as a list of 1s."""
     calls: list[int] = []
     encode_sam = grounded_vlm.GroundedVLM._encode_sam
-    monkeypatch.setattr(
-        grounded_vlm.GroundedVLM, "_encode_sam", lambda m, images: calls.append(1) or encode_sam(m, images)
-    )
+    count = lambda model, images: calls.append(1) or encode_sam(model, images)  # noqa: E731
+    monkeypatch.setattr(grounded_vlm.GroundedVLM, "_encode_sam", count)
     return calls
 
 
-def _driver_step(runtime: LocalRuntime, batch: dict) -> dict:
-    """Describe, score and learn as the driver does in one process (sft_dual: one greedy caption a region)."""
+def _driver_step(runtime: LocalRuntime, batch: dict, step: int) -> dict:
+    """Describe, score, learn and sync as the driver does in one process (sft_dual: one greedy caption a region)."""
     plan = RolloutPlan()
-    torch.manual_seed(0)  # the update's LoRA dropout draws from torch's generator
+    torch.manual_seed(step)  # the update's LoRA dropout draws from torch's generator
     captions = runtime.rollout.describe(batch, plan, 7)
     scored = runtime.reward.score(batch, captions, plan.group_size)
-    return runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total), step_generator(0, 1))
+    metrics = runtime.learner.step(batch, Rollout(captions, plan.group_size, scored.total), step_generator(0, step))
+    runtime.sync()
+    return metrics
 
 
 def test_the_update_reuses_the_teachers_encoding_and_learns_the_same(region_batch, monkeypatch):
+    """Two steps on two batches, the teacher synced in between: the update finds each step's own encoding."""
+    scenes = ShapesDataset("val", 8)
+    batches = [region_batch, collate_regions([scenes[i] for i in range(4, 8)])]
     shared = _runtime()
     assert shared.reward.model.encodings is shared.learner.model.encodings
     apart = _runtime()
     apart.learner.model.encodings = LastEncoding()  # as before: the learner encodes the images itself
     calls = _count_encodings(monkeypatch)
-    shared_metrics = _driver_step(shared, region_batch)
-    assert len(calls) == 1  # the teacher's, for its rewards; the update found it
-    apart_metrics = _driver_step(apart, region_batch)
-    assert len(calls) == 3
-    # the same update, to the last bits that CPU matrix kernels leave to where their inputs lie in memory (two
+    shared_metrics = [_driver_step(shared, batch, step) for step, batch in enumerate(batches, 1)]
+    assert len(calls) == 2  # the teacher's, for its rewards; each update found it
+    apart_metrics = [_driver_step(apart, batch, step) for step, batch in enumerate(batches, 1)]
+    assert len(calls) == 6
+    # the same updates, to the last bits that CPU matrix kernels leave to where their inputs lie in memory (two
     # updates with encodings of their own differ as much: about 1e-9 in the projector's weights)
     apart_weights = dict(apart.learner.model.named_parameters())
     for name, p in shared.learner.model.named_parameters():
         torch.testing.assert_close(p, apart_weights[name], rtol=1e-6, atol=1e-8, msg=name)
-    for key, value in apart_metrics.items():
-        assert shared_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-8), key
+    for ours, theirs in zip(shared_metrics, apart_metrics, strict=True):
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-8), key
     shared.shutdown()
     apart.shutdown()
 
@@ -84,7 +90,14 @@ def test_frozen_encoders_stay_in_eval_mode_in_training(tiny_spec):
     assert not any(m.training for encoder in model._encoders() for m in encoder.modules())
     vision = tiny_spec.model_copy(update={"trainable": tiny_spec.trainable.model_copy(update={"vision": True})})
     open_model = build_model(vision).train()
-    assert all(m.training for encoder in open_model._encoders() for m in encoder.modules())
+    assert all(m.training for m in open_model.vlm.model.vision_tower.modules())
+    assert not any(m.training for m in open_model.sam.image_encoder.modules())  # frozen still
+
+
+def test_encoders_are_shared_only_between_models_of_one_architecture_and_size(tiny_spec):
+    wider = tiny_spec.model_copy(update={"sam": tiny_spec.sam.model_copy(update={"image_size": 256})})
+    with pytest.raises(ValueError, match=r"model\.sam differs"):
+        build_model(wider).share_frozen_encoders(build_model(tiny_spec))
 
 
 def test_weights_are_tied_only_between_modules_built_alike():
@@ -94,13 +107,27 @@ def test_weights_are_tied_only_between_modules_built_alike():
         _tie(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1)))
     with pytest.raises(ValueError, match="one model only"):
         _tie(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2))
+    extra = torch.nn.Linear(2, 2)
+    extra.register_buffer("scale", torch.ones(2))
+    with pytest.raises(ValueError, match="holds"):
+        _tie(torch.nn.Linear(2, 2), extra)
+    half = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    first = half[0].weight
+    with pytest.raises(ValueError, match="differs in shape"):
+        _tie(half, torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 4)))
+    assert half[0].weight is first  # nothing tied when any part does not fit
     mine, source = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     assert _tie(mine, source) == 6 * 4 and mine.weight is source.weight and mine.bias is source.bias
 
 
-def test_one_micro_batch_is_the_batch_itself(region_batch):
-    """Its tensors keep their identity, by which the encoding is found again."""
-    assert micro_batches(region_batch, None, 1)[0][0] is region_batch
+def test_one_micro_batch_is_the_batch_itself_with_a_rollout_of_its_own(region_batch):
+    """The batch's tensors keep their identity, by which the encoding is found again; the objective may write on
+    its Rollout (grpo's old log-probs) without touching the caller's."""
+    rollout = Rollout(
+        Captions(["a"] * 4, [torch.tensor([1])] * 4, [torch.zeros(1)] * 4, [True] * 4, [torch.tensor([2])] * 4)
+    )
+    ((batch, part),) = micro_batches(region_batch, rollout, 1)
+    assert batch is region_batch and part is not rollout and part.captions.texts == rollout.captions.texts
 
 
 def test_the_fpn_position_encodings_are_sam2s_values_as_a_view(tiny_model):
