@@ -67,8 +67,8 @@ def sync() -> None:
 
 
 def facts() -> dict:
-    """Versions and the machine. The kernel release tells the GPU machines' two sandboxes apart (gVisor reports 4.4.0),
-    whose host work runs at different speeds: host-bound figures are compared on one machine only."""
+    """Versions and the machine. The kernel release tells GPU machines apart (6.18.44-fc-v1252 and -v1147 on
+    2026-12-03, whose host work ran at different speeds): host-bound figures are compared on one machine only."""
     import platform
 
     import transformers
