@@ -26,6 +26,9 @@
 #   bash benchmarks/gpu/issue11.sh final_b   # both algorithms' whole steps and MFU (141 GB settings) against the naive loop
 #   bash benchmarks/gpu/issue11.sh final_c   # the 4B sft_dual updates on new batches, then replayed; grpo's whole step
 #   bash benchmarks/gpu/issue11.sh alloc     # final_c's sft_dual updates under caching-allocator settings, one process each
+#   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh steady  # the 4B MFU over updates after ${WARMUP:-16}
+#                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
+#                                            # each with its own FLOPs, under torch's allocator, then expandable segments
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -323,6 +326,23 @@ PY
       if [ "$conf" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else export PYTORCH_CUDA_ALLOC_CONF=$conf; fi
       run "alloc_${i}" "$limit" python3 $steps --algos sft_dual --batch-size 8 --steps 8 "${learner[@]}" \
         --out "$OUT/alloc_${i}.json"
+    done
+    unset PYTORCH_CUDA_ALLOC_CONF
+    ;;
+  steady)  # ${ALGO:-sft_dual}'s learner as in final_b, ${STEPS:-36} steps of which the first ${WARMUP:-16} are
+    # warm-up, one process per caching-allocator setting in $CONFS (default: torch's own, then expandable segments),
+    # each in what is left of ${BUDGET:-560} s (the first compiles with a cold inductor cache)
+    i=0
+    for conf in ${CONFS:-default expandable_segments:True}; do
+      i=$((i + 1))
+      left=$((${BUDGET:-560} - SECONDS))
+      [ "$left" -lt 120 ] && { echo "== steady_$i ($conf): not run, ${left}s left"; continue; }
+      if [ "$conf" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else export PYTORCH_CUDA_ALLOC_CONF=$conf; fi
+      if [ "${ALGO:-sft_dual}" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
+      run "steady_$i" "$left" python3 $steps --algos "${ALGO:-sft_dual}" "${shape[@]}" --accumulation 1 --steps "${STEPS:-36}" \
+        --warmup "${WARMUP:-16}" --flops-each \
+        --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+        --out "$OUT/steady_$i.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
     ;;

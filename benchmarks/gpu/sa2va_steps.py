@@ -1,7 +1,8 @@
 """Sa2VA-sized dualrl steps on one GPU: time per phase and peak memory.
 
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
-        [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1] [--generation engine|generate]
+        [--warmup 1] [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1]
+        [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
         [--compare-threads 1 16] [--flops-each] [--set KEY=VALUE ...] [--tiny]
         [--out results.json]
@@ -12,7 +13,7 @@ size (1024: SAM2's input; the VLM takes its 448 tile from it), and runs `--steps
 algorithm through the same workers the driver uses: rollout (captions), reward (EMA segmentation + rewards),
 learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `sync_s` = `learner_s`;
 `sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
-with CUDA synchronisation; the first step is the warm-up and is reported apart. Peak GPU memory is
+with CUDA synchronisation; the first `--warmup` steps (1) are the warm-up, reported apart. Peak GPU memory is
 `torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny`
 swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 
@@ -185,7 +186,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         segments = cuda_segments()
         rollout = Rollout(captions, plan.group_size, scored.total)
         metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
-        if (args.flops_each or args.replay) and step > 1:
+        if (args.flops_each or args.replay) and step > args.warmup:
             kept.append((batch, rollout, step))
         sync()
         t_update = time.perf_counter()
@@ -217,7 +218,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         )
         print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
     batches.close()
-    timed = phases[1:] or phases
+    timed = phases[args.warmup :] or phases
     median = {
         k: statistics.median(p[k] for p in timed)
         for k in (
@@ -299,6 +300,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "memory_after_build_gib": built_gib,
         "peak_memory_gib": steps_peak_gib,  # the build and the timed steps (not the FLOP count's update)
         "warmup_step": phases[0],
+        "warmup_steps": args.warmup,
         "median": median,
         "steps": phases,
         "mfu": mfu,
@@ -628,6 +630,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml"))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="steps before the timed ones (the first compiles; later ones show the cost of first contact with new "
+        "shapes, which a long run pays only early): medians, MFU and --flops-each/--replay use the steps after them",
+    )
     parser.add_argument("--algos", nargs="+", default=["sft_dual", "grpo"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--generations", type=int, default=4)
