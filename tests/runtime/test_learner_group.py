@@ -24,6 +24,16 @@ WEIGHT_TOL = 2e-5  # float32; only the order of the gradient sums differs (one p
 GRPO = ["algo.name=grpo", "algo.grpo.num_generations=2", "rewards=[{name: mask_iou}, {name: length}]"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One Ray instance for the module's runs (the runtime leaves a caller's instance up): starting and ending Ray
+    for each of the 8 runs cost the suite seconds each on 2 cores. The runtime's own start and end are tested in
+    tests/runtime/test_ray.py and tests/faults/test_ray_deadlines.py."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
 def _lines(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
