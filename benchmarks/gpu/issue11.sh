@@ -331,18 +331,21 @@ PY
     ;;
   steady)  # ${ALGO:-sft_dual}'s learner as in final_b, ${STEPS:-36} steps of which the first ${WARMUP:-16} are
     # warm-up, one process per caching-allocator setting in $CONFS (default: torch's own, then expandable segments),
-    # each in what is left of ${BUDGET:-560} s (the first compiles with a cold inductor cache)
-    i=0
-    for conf in ${CONFS:-default expandable_segments:True}; do
-      i=$((i + 1))
-      left=$((${BUDGET:-560} - SECONDS))
-      [ "$left" -lt 120 ] && { echo "== steady_$i ($conf): not run, ${left}s left"; continue; }
+    # in what is left of ${BUDGET:-560} s, 150 s of it kept for each setting still to come (the first compiles with a
+    # cold inductor cache: about 425 s for 36 sft_dual steps, 2026-12-03)
+    read -r -a confs <<<"${CONFS:-default expandable_segments:True}"
+    algo=${ALGO:-sft_dual}
+    if [ "$algo" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
+    for i in "${!confs[@]}"; do
+      conf=${confs[$i]}
+      name="steady_${algo}_$((i + 1))"
+      limit=$((${BUDGET:-560} - SECONDS - 150 * (${#confs[@]} - i - 1)))
+      [ "$limit" -lt 120 ] && { echo "== $name ($conf): not run, ${limit}s left for it"; continue; }
       if [ "$conf" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else export PYTORCH_CUDA_ALLOC_CONF=$conf; fi
-      if [ "${ALGO:-sft_dual}" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
-      run "steady_$i" "$left" python3 $steps --algos "${ALGO:-sft_dual}" "${shape[@]}" --accumulation 1 --steps "${STEPS:-36}" \
+      run "$name" "$limit" python3 $steps --algos "$algo" "${shape[@]}" --accumulation 1 --steps "${STEPS:-36}" \
         --warmup "${WARMUP:-16}" --flops-each \
         --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
-        --out "$OUT/steady_$i.json"
+        --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
     ;;

@@ -13,9 +13,9 @@ size (1024: SAM2's input; the VLM takes its 448 tile from it), and runs `--steps
 algorithm through the same workers the driver uses: rollout (captions), reward (EMA segmentation + rewards),
 learner (one optimizer step, then the EMA sent to the teacher: `update_s` + `sync_s` = `learner_s`;
 `sync_host_s` times the same sync through host memory, as before 0.4, for comparison). Each phase is timed
-with CUDA synchronisation; the first `--warmup` steps (1) are the warm-up, reported apart. Peak GPU memory is
-`torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's update). `--tiny`
-swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
+with CUDA synchronisation; the first `--warmup` steps (1) are the warm-up, reported apart (`warmup_steps`). Peak GPU
+memory is `torch.cuda.max_memory_allocated` over each algorithm's build and timed steps (not the FLOP count's
+update). `--tiny` swaps in the tiny model section of recipes/sft_dual.yaml to check the script on a CPU.
 
 After the timed steps: the learner's model FLOPs of one update (torch's flop counter, recomputation off) over the
 median update time give its MFU against the card's datasheet bf16 peak and against the measured matrix rate; with
@@ -218,7 +218,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         )
         print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
     batches.close()
-    timed = phases[args.warmup :] or phases
+    timed = phases[args.warmup :]
     median = {
         k: statistics.median(p[k] for p in timed)
         for k in (
@@ -239,16 +239,18 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     rollout = Rollout(captions, plan.group_size, scored.total)
     compiled = None
     if args.compare_compile:
-        compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
+        compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup))
         timer.marks.clear()
     token_rows = wrapper = None
     if args.compare_wrapper:
-        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
+        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup))
     if args.compare_token_rows:
-        token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1))
+        token_rows = compare_token_rows(
+            runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup)
+        )
     host = None
     if args.compare_threads:
-        host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - 1), args)
+        host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup), args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
@@ -299,8 +301,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "estimate": estimate,
         "memory_after_build_gib": built_gib,
         "peak_memory_gib": steps_peak_gib,  # the build and the timed steps (not the FLOP count's update)
-        "warmup_step": phases[0],
-        "warmup_steps": args.warmup,
+        "warmup_steps": phases[: args.warmup],
         "median": median,
         "steps": phases,
         "mfu": mfu,
@@ -710,6 +711,8 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup} must leave a timed step: 0 <= --warmup < --steps ({args.steps})")
     info = {**facts(), "recipe": args.recipe, "tiny": args.tiny, "set": args.set}
     args.rates = ceilings("cuda" if torch.cuda.is_available() else "cpu")
     info["ceilings"] = args.rates

@@ -29,9 +29,12 @@ def ray_instance():
     """One Ray instance for the module's runs (the runtime leaves a caller's instance up): starting and ending Ray
     for each of the 8 runs cost the suite seconds each on 2 cores. The runtime's own start and end are tested in
     tests/runtime/test_ray.py and tests/faults/test_ray_deadlines.py."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)  # as COMMON's runtime.num_cpus=2 would
     yield
-    ray.shutdown()
+    if owned:
+        ray.shutdown()
 
 
 def _lines(out):
