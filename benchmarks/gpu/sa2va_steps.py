@@ -238,19 +238,18 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rollout = Rollout(captions, plan.group_size, scored.total)
     compiled = None
+    repeats = max(2, args.steps - args.warmup)  # each comparison's updates of each kind: as many as the timed steps
     if args.compare_compile:
-        compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup))
+        compiled = compare_compile(runtime.learner, batch, rollout, recipe.train.seed, repeats)
         timer.marks.clear()
     token_rows = wrapper = None
     if args.compare_wrapper:
-        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup))
+        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, repeats)
     if args.compare_token_rows:
-        token_rows = compare_token_rows(
-            runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup)
-        )
+        token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, repeats)
     host = None
     if args.compare_threads:
-        host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, max(2, args.steps - args.warmup), args)
+        host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, repeats, args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
