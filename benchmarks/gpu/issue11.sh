@@ -29,6 +29,7 @@
 #   ALGO=sft_dual|grpo bash benchmarks/gpu/issue11.sh steady  # the 4B MFU over updates after ${WARMUP:-16}
 #                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
 #                                            # each with its own FLOPs, under torch's allocator, then expandable segments
+#                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -338,13 +339,14 @@ PY
     if [ "$algo" = grpo ]; then shape=(--batch-size 4 --generations 8); else shape=(--batch-size 8); fi
     for i in "${!confs[@]}"; do
       conf=${confs[$i]}
-      name="steady_${algo}_$((i + 1))"
+      name="steady_${algo}${TAG:+_$TAG}_$((i + 1))"
       limit=$((${BUDGET:-560} - SECONDS - 150 * (${#confs[@]} - i - 1)))
       [ "$limit" -lt 120 ] && { echo "== $name ($conf): not run, ${limit}s left for it"; continue; }
       if [ "$conf" = default ]; then unset PYTORCH_CUDA_ALLOC_CONF; else export PYTORCH_CUDA_ALLOC_CONF=$conf; fi
+      # shellcheck disable=SC2086  # SETS holds several overrides
       run "$name" "$limit" python3 $steps --algos "$algo" "${shape[@]}" --accumulation 1 --steps "${STEPS:-36}" \
         --warmup "${WARMUP:-16}" --flops-each \
-        --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp \
+        --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp ${SETS:-} \
         --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF

@@ -57,7 +57,7 @@ from dualrl.algo.rollout_data import Rollout
 from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
 from dualrl.model.decode_attention import attention_implementation
-from dualrl.model.sequence import Ids
+from dualrl.model.sequence import Assembler, Ids
 from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device, set_intra_op_threads, start_runtime
@@ -91,6 +91,43 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
     size = sum(f.stat().st_size for f in directory.iterdir())
     del model
     return directory, {"random_build_s": t1 - t0, "save_s": t2 - t1, "checkpoint_gib": size / 2**30}
+
+
+class _Sizes:
+    """Records the sizes of the right-padded LLM batches the learner's updates assemble (rows, width, longest row):
+    how many of an update's sizes no earlier update met (`new_sizes`), and the share of its tokens that are padding
+    beyond each batch's longest row (`width_waste`: what `model.pad_width_to` costs)."""
+
+    def __init__(self):
+        self.seen: set[tuple[int, int]] = set()
+        self.current: list[tuple[int, int, int]] | None = None
+        call = Assembler.__call__
+        recorder = self
+
+        def recording(assembler, prompts, pad_left=False):
+            seq = call(assembler, prompts, pad_left)
+            if recorder.current is not None and not pad_left:
+                recorder.current.append((len(seq.lengths), seq.inputs_embeds.shape[1], max(seq.lengths)))
+            return seq
+
+        Assembler.__call__ = recording
+
+    @contextlib.contextmanager
+    def update(self, out: dict):
+        """Records the sizes assembled inside the block into `out`."""
+        self.current = []
+        try:
+            yield
+        finally:
+            sizes, self.current = self.current, None
+            new = {(r, w) for r, w, _ in sizes} - self.seen
+            self.seen |= new
+            cells = sum(r * w for r, w, _ in sizes)
+            out.update(
+                sizes=[list(x) for x in sizes],
+                new_sizes=float(len(new)),
+                width_waste=sum(r * (w - n) for r, w, n in sizes) / cells if cells else 0.0,
+            )
 
 
 class _Timed:
@@ -169,6 +206,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     built_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     plan = objective_class(recipe.algo).plan(recipe)
     timer = _Timed(runtime.learner)
+    sizes = _Sizes()
     batches = train_batches(recipe.data, recipe.model.sam.image_size, pin=torch.cuda.is_available())  # as the driver
     phases: list[dict[str, float]] = []
     kept: list[tuple[dict, Rollout, int]] = []  # the timed steps' inputs, for their FLOPs (--flops-each)
@@ -185,7 +223,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
         segments = cuda_segments()
         rollout = Rollout(captions, plan.group_size, scored.total)
-        metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
+        shapes: dict = {}
+        with sizes.update(shapes):
+            metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
         if (args.flops_each or args.replay) and step > args.warmup:
             kept.append((batch, rollout, step))
         sync()
@@ -214,9 +254,14 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
                 "new_segments": float(segments),
                 "mask_cover": float(batch["masks"].float().mean()),
                 "caption_tokens": sum(len(i) for i in captions.ids) / len(captions),
+                **shapes,
             }
         )
-        print(f"{algo} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases[-1].items()), flush=True)
+        print(
+            f"{algo} step {step}: "
+            + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in phases[-1].items()),
+            flush=True,
+        )
     batches.close()
     timed = phases[args.warmup :]
     median = {
@@ -252,7 +297,9 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, repeats, args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
-    flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
+    flops = learner_flops(
+        runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1), args.flops_width
+    )
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
         "model_flops_per_update": flops,
@@ -260,7 +307,11 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
         "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
-        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if args.flops_each and kept else {}),
+        **(
+            timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak, args.flops_width)
+            if args.flops_each and kept
+            else {}
+        ),
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -490,31 +541,36 @@ def encoded_as_in_the_loop(learner, batch: dict) -> None:
         learner.model.encode_images(batch["images"])
 
 
-def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator) -> float:
+def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator, width: int = 8) -> float:
     """Model FLOPs of one learner update (forward and backward; the matrix products, convolutions and attention
     that torch's flop counter knows), counted on one more update with activation recomputation switched off, so
     recomputed forward passes are not counted (MFU's convention), and with the LLM's attention run as transformers'
-    eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square)."""
+    eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square).
+    Right-padded batches are counted at widths rounded up to `width` tokens (8: the model's own work), whatever
+    `model.pad_width_to` the run pads to, so that coarser padding counts as time spent, not as FLOPs done."""
     recomputing = [m for m in learner.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     encoded_as_in_the_loop(learner, batch)
     for module in recomputing:
         module.gradient_checkpointing = False
     compiled, learner.compiled = learner.compiled, None  # the model's FLOPs, counted on eager operators
+    assembler = learner.model.assemble
+    padding, assembler.width_multiple = assembler.width_multiple, width
     try:  # eager attention: the same matrix products, which the counter knows also under grouped-query attention
         with attention_implementation(learner.model.lm.config, "eager"), FlopCounterMode(display=False) as counter:
             learner.step(batch, rollout, generator)
     finally:
         learner.compiled = compiled
+        assembler.width_multiple = padding
         for module in recomputing:
             module.gradient_checkpointing = True
     sync()
     return float(counter.get_total_flops())
 
 
-def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None) -> dict:
+def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None, width: int) -> dict:
     """MFU over the timed updates, each with its own batch's FLOPs (their prompts differ in length): the FLOPs of
     all of them over the time of all of them, and each update's own."""
-    flops = [learner_flops(learner, batch, rollout, step_generator(seed, step)) for batch, rollout, step in kept]
+    flops = [learner_flops(learner, batch, rollout, step_generator(seed, step), width) for batch, rollout, step in kept]
     times = [p["update_s"] for p in timed]
     each = [f / t / peak for f, t in zip(flops, times)] if peak else None
     out = {"timed_flops_per_update": flops, "timed_mfu": sum(flops) / sum(times) / peak if peak else None}
@@ -657,6 +713,13 @@ def main() -> int:
         action="store_true",
         help="count each timed update's FLOPs on its own batch (one more update each): timed_mfu is all their FLOPs "
         "over all their time (mfu divides the last batch's FLOPs by the median update)",
+    )
+    parser.add_argument(
+        "--flops-width",
+        type=int,
+        default=8,
+        help="count FLOPs with right-padded widths rounded up to this many tokens (8: the model's own work; a run "
+        "padding coarser, model.pad_width_to, then gets no credit for its padding)",
     )
     parser.add_argument(
         "--replay",

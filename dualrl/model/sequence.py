@@ -75,6 +75,7 @@ class Sequences:
     host_labels: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     padded_left: bool = False
+    lengths: tuple[int, ...] = ()  # each row's tokens before padding (the width's waste is width - max(lengths))
 
 
 def _shifted(rows: Sequence[int], first: int, size: int) -> Sequence[int]:
@@ -95,9 +96,10 @@ def _host_ids(ids: Tensor) -> np.ndarray:
 
 
 class Assembler:
-    def __init__(self, tokenizer, embed: torch.nn.Module):
+    def __init__(self, tokenizer, embed: torch.nn.Module, width_multiple: int = WIDTH_MULTIPLE):
         self.tokenizer = tokenizer
         self.embed = embed
+        self.width_multiple = width_multiple  # right-padded widths round up to this (`model.pad_width_to`)
         self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
         self._encode_array = lru_cache(maxsize=4096)(self._encode_array_uncached)
 
@@ -171,7 +173,7 @@ class Assembler:
 
         width = max(length for length, _ in rows)
         if not pad_left:  # free for causal attention, and compiled blocks keep one graph (see WIDTH_MULTIPLE)
-            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+            width = -(-width // self.width_multiple) * self.width_multiple
         # the host's part in numpy arrays, filled a piece at a time (not a token at a time: thousands a batch)
         shape = (len(rows), width)
         index = np.full(shape, pad_row, dtype=np.int64)
@@ -220,4 +222,7 @@ class Assembler:
             mark_index[name] = (on_device[at : at + n], on_device[at + n : at + 2 * n])
             at += 2 * n
         host_labels, host_ids = host[2 * cells : 4 * cells].view(2, len(rows), width).unbind(0)
-        return Sequences(source[index_d], attention_d, labels_d, ids_d, host_ids, host_labels, mark_index, pad_left)
+        lengths = tuple(length for length, _ in rows)
+        return Sequences(
+            source[index_d], attention_d, labels_d, ids_d, host_ids, host_labels, mark_index, pad_left, lengths
+        )
