@@ -37,10 +37,6 @@ def test_bad_value_names_allowed_values():
     assert "runtime.kind" in str(err.value) and "'local' or 'ray'" in str(err.value)
     with pytest.raises(RecipeError, match=r"optim\.lr"):
         load_recipe("recipes/sft_dual.yaml", ["optim.lr=-1"])
-    for width in (4, 12):  # right-padded widths stay multiples of 8 (compiled blocks assume that alignment)
-        with pytest.raises(RecipeError, match=r"model\.pad_width_to"):
-            load_recipe("recipes/sft_dual.yaml", [f"model.pad_width_to={width}"])
-    assert load_recipe("recipes/sft_dual.yaml", ["model.pad_width_to=64"]).model.pad_width_to == 64
 
 
 def test_missing_files_are_reported():

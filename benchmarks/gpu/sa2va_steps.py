@@ -95,8 +95,8 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
 
 class _Sizes:
     """Records the sizes of the right-padded LLM batches the learner's updates assemble (rows, width, longest row):
-    how many of an update's sizes no earlier update met (`new_sizes`), and the share of its tokens that are padding
-    beyond each batch's longest row (`width_waste`: what `model.pad_width_to` costs)."""
+    how many of an update's sizes no earlier update met (`new_sizes`: first contact with a size), and the share of
+    its tokens that are padding beyond each batch's longest row (`width_waste`)."""
 
     def __init__(self):
         self.seen: set[tuple[int, int]] = set()
@@ -297,9 +297,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, repeats, args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
-    flops = learner_flops(
-        runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1), args.flops_width
-    )
+    flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
         "model_flops_per_update": flops,
@@ -307,11 +305,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
         "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
-        **(
-            timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak, args.flops_width)
-            if args.flops_each and kept
-            else {}
-        ),
+        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if args.flops_each and kept else {}),
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -541,36 +535,31 @@ def encoded_as_in_the_loop(learner, batch: dict) -> None:
         learner.model.encode_images(batch["images"])
 
 
-def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator, width: int = 8) -> float:
+def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Generator) -> float:
     """Model FLOPs of one learner update (forward and backward; the matrix products, convolutions and attention
     that torch's flop counter knows), counted on one more update with activation recomputation switched off, so
     recomputed forward passes are not counted (MFU's convention), and with the LLM's attention run as transformers'
-    eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square).
-    Right-padded batches are counted at widths rounded up to `width` tokens (8: the model's own work), whatever
-    `model.pad_width_to` the run pads to, so that coarser padding counts as time spent, not as FLOPs done."""
+    eager matrix products (torch's counter rejects sdpa under grouped-query attention; both count the full square)."""
     recomputing = [m for m in learner.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     encoded_as_in_the_loop(learner, batch)
     for module in recomputing:
         module.gradient_checkpointing = False
     compiled, learner.compiled = learner.compiled, None  # the model's FLOPs, counted on eager operators
-    assembler = learner.model.assemble
-    padding, assembler.width_multiple = assembler.width_multiple, width
     try:  # eager attention: the same matrix products, which the counter knows also under grouped-query attention
         with attention_implementation(learner.model.lm.config, "eager"), FlopCounterMode(display=False) as counter:
             learner.step(batch, rollout, generator)
     finally:
         learner.compiled = compiled
-        assembler.width_multiple = padding
         for module in recomputing:
             module.gradient_checkpointing = True
     sync()
     return float(counter.get_total_flops())
 
 
-def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None, width: int) -> dict:
+def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None) -> dict:
     """MFU over the timed updates, each with its own batch's FLOPs (their prompts differ in length): the FLOPs of
     all of them over the time of all of them, and each update's own."""
-    flops = [learner_flops(learner, batch, rollout, step_generator(seed, step), width) for batch, rollout, step in kept]
+    flops = [learner_flops(learner, batch, rollout, step_generator(seed, step)) for batch, rollout, step in kept]
     times = [p["update_s"] for p in timed]
     each = [f / t / peak for f, t in zip(flops, times)] if peak else None
     out = {"timed_flops_per_update": flops, "timed_mfu": sum(flops) / sum(times) / peak if peak else None}
@@ -713,13 +702,6 @@ def main() -> int:
         action="store_true",
         help="count each timed update's FLOPs on its own batch (one more update each): timed_mfu is all their FLOPs "
         "over all their time (mfu divides the last batch's FLOPs by the median update)",
-    )
-    parser.add_argument(
-        "--flops-width",
-        type=int,
-        default=8,
-        help="count FLOPs with right-padded widths rounded up to this many tokens (8: the model's own work; a run "
-        "padding coarser, model.pad_width_to, then gets no credit for its padding)",
     )
     parser.add_argument(
         "--replay",

@@ -225,7 +225,7 @@ class GroundedVLM(nn.Module):
         # Rebuilt lazily: LoRA / trainable-token wrappers replace the embedding module after __init__.
         embed = self.vlm.get_input_embeddings()
         if self._assembler is None or self._assembler.embed is not embed:
-            self._assembler = Assembler(self.tokenizer, embed, self.spec.pad_width_to)
+            self._assembler = Assembler(self.tokenizer, embed)
         return self._assembler
 
     def trainable_state(self) -> dict[str, Tensor]:

@@ -96,10 +96,9 @@ def _host_ids(ids: Tensor) -> np.ndarray:
 
 
 class Assembler:
-    def __init__(self, tokenizer, embed: torch.nn.Module, width_multiple: int = WIDTH_MULTIPLE):
+    def __init__(self, tokenizer, embed: torch.nn.Module):
         self.tokenizer = tokenizer
         self.embed = embed
-        self.width_multiple = width_multiple  # right-padded widths round up to this (`model.pad_width_to`)
         self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
         self._encode_array = lru_cache(maxsize=4096)(self._encode_array_uncached)
 
@@ -173,7 +172,7 @@ class Assembler:
 
         width = max(length for length, _ in rows)
         if not pad_left:  # free for causal attention, and compiled blocks keep one graph (see WIDTH_MULTIPLE)
-            width = -(-width // self.width_multiple) * self.width_multiple
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
         # the host's part in numpy arrays, filled a piece at a time (not a token at a time: thousands a batch)
         shape = (len(rows), width)
         index = np.full(shape, pad_row, dtype=np.int64)

@@ -259,17 +259,6 @@ class ModelSpec(Section):
         "--compare-compile times it on a GPU); gradients agree with eager up to rounding. Evaluation, rollout and "
         "caption decoding are not affected.",
     )
-    pad_width_to: int = Field(
-        8,
-        ge=8,
-        multiple_of=8,
-        description="Right-padded LLM sequences (training, segmentation) are padded to a multiple of this many tokens "
-        "(free under causal attention: the padding comes after every row's tokens, and no token attends to it). 8 "
-        "keeps compiled blocks on one graph (dualrl/model/sequence.py). A coarser multiple (64) brings a batch back to "
-        "sizes already met, at the cost of the padded tokens' compute: for GPU learners whose batches meet new "
-        "sizes at every step (benchmarks/gpu/sa2va_steps.py records each update's sizes and counts the FLOPs at "
-        "--flops-width).",
-    )
     train_compile_wrapper: Literal["python", "cpp"] = Field(
         "python",
         description="With train_compile: what calls the compiled blocks' kernels. python: inductor's Python wrapper. "

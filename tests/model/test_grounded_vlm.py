@@ -207,26 +207,6 @@ def test_right_padded_rows_need_no_mask(tiny_model, region_batch, monkeypatch):
     torch.testing.assert_close(hidden[real], plain.last_hidden_state[real], rtol=1e-5, atol=1e-5)
 
 
-def test_a_coarser_width_multiple_leaves_masks_and_hidden_states(tiny_model, region_batch):
-    """`model.pad_width_to` only adds padding after every row's tokens: the segmenter's masks and each real token's
-    hidden state are those of the default multiple."""
-    texts = ["the red one", "a small blue circle on the left of the big square", "it", "the shape"]
-    out = {}
-    try:
-        for multiple in (8, 64):
-            tiny_model.assemble.width_multiple = multiple
-            with torch.no_grad():
-                out[multiple] = tiny_model.segment(region_batch["images"], texts)
-    finally:
-        tiny_model.assemble.width_multiple = tiny_model.spec.pad_width_to
-    (masks8, hidden8, seq8, _), (masks64, hidden64, seq64, _) = out[8], out[64]
-    width8, width64 = seq8.inputs_embeds.shape[1], seq64.inputs_embeds.shape[1]
-    assert width64 % 64 == 0 and width64 > width8 == -(-max(seq8.lengths) // 8) * 8
-    real8, real64 = seq8.attention_mask.bool(), seq64.attention_mask.bool()
-    torch.testing.assert_close(hidden64[real64], hidden8[real8], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(masks64, masks8, rtol=1e-5, atol=1e-5)
-
-
 def test_sliding_window_layers_keep_their_padding_mask(tiny_model, region_batch, monkeypatch):
     """Only an LLM whose layers all attend fully gets its masks prepared as none: a sliding window is a mask too,
     so with sliding layers the padding mask goes in and transformers builds the window's."""

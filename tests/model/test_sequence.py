@@ -35,17 +35,14 @@ def test_pieces_land_in_order_with_labels_and_marks():
     assert not batch.inputs_embeds[0, length:].any() and (batch.host_ids[0, length:] == -1).all()
 
 
-@pytest.mark.parametrize("multiple", [8, 64])
-def test_right_padded_widths_round_up_to_the_multiple(multiple):
-    """Right-padded batches are as wide as their longest row rounded up to the assembler's multiple
-    (`model.pad_width_to`), and record each row's own length; left-padded ones (prompts to decode) are not
-    rounded."""
-    tok, embed, _ = _assembler()
-    asm = Assembler(tok, embed, multiple)
+def test_right_padded_widths_round_up_and_rows_keep_their_lengths():
+    """Right-padded batches are as wide as their longest row rounded up to WIDTH_MULTIPLE and record each row's own
+    length; left-padded ones (prompts to decode) are not rounded."""
+    _tok, _, asm = _assembler()
     prompts = [[Ids(torch.arange(10, 10 + n))] for n in (3, 13, 70)]
     batch = asm(prompts)
     assert batch.lengths == (3, 13, 70)
-    assert batch.inputs_embeds.shape[1] == -(-70 // multiple) * multiple
+    assert batch.inputs_embeds.shape[1] == -(-70 // WIDTH_MULTIPLE) * WIDTH_MULTIPLE > 70
     assert batch.attention_mask.sum(1).tolist() == [3, 13, 70]
     assert asm(prompts, pad_left=True).inputs_embeds.shape[1] == 70
 
