@@ -527,10 +527,9 @@ def replay(learner, kept: list, seed: int) -> dict:
 
 def encoded_as_in_the_loop(learner, batch: dict) -> None:
     """The batch's images encoded as the teacher encodes them before each update in one process (no autograd, the
-    model's autocast), outside any timing or count: an update of one micro-batch then reuses that encoding
-    (`GroundedVLM.share_frozen_encoders`: frozen encoders), as in the loop, and its time and FLOPs are those of the
-    update the loop runs. With trainable encoders or several micro-batches the update encodes for itself, in the loop
-    as here."""
+    model's autocast), outside any timing or count: the update then reuses that encoding, each micro-batch its rows
+    of it (`GroundedVLM.share_frozen_encoders`: frozen encoders), as in the loop, and its time and FLOPs are those of
+    the update the loop runs. With trainable encoders the update encodes for itself, in the loop as here."""
     with torch.no_grad(), learner.model.autocast():
         learner.model.encode_images(batch["images"])
 

@@ -47,6 +47,15 @@ class ImageFeatures:
     def __len__(self) -> int:
         return self.vision.shape[0]
 
+    def rows(self, lo: int, hi: int) -> ImageFeatures:
+        """Images lo..hi-1, as views (no copy)."""
+        sam = (
+            None
+            if self.sam is None
+            else samlib.SamFeatures(self.sam.image_embed[lo:hi], [f[lo:hi] for f in self.sam.high_res])
+        )
+        return ImageFeatures(self.vision[lo:hi], sam)
+
 
 @dataclass
 class Captions:
@@ -100,22 +109,50 @@ class LastEncoding:
     (by identity, held until replaced, so it cannot be a recycled object) and the encoders' weight versions. Models
     whose frozen encoders are one set of weights (`GroundedVLM.share_frozen_encoders`) hold one together: the two
     models of the local runtime, which runs them on one thread (it refuses `runtime.async_rollout`). Key and
-    encoding are one attribute, so a reader never pairs one batch's key with another's encoding."""
+    encoding are one attribute, so a reader never pairs one batch's key with another's encoding.
+
+    Images that are consecutive rows of the kept tensor (`images[lo:hi]`, a view of its memory: the micro-batches
+    of an update, `micro_batches`) get those rows of its encoding, as views."""
 
     def __init__(self) -> None:
         self._entry: tuple[tuple, ImageFeatures] | None = None
 
-    def get(self, key: tuple) -> ImageFeatures | None:
+    def get(self, key: tuple) -> tuple[Tensor, ImageFeatures, tuple[int, int] | None] | None:
+        """(the kept images tensor, its encoding, None) for that tensor itself; (…, (lo, hi)) for rows of it; None
+        for anything else, or when the encoders' weights have changed since."""
         entry = self._entry
-        if entry is None or entry[0][0] is not key[0] or entry[0][1] != key[1]:
+        if entry is None or entry[0][1] != key[1]:
             return None
-        return entry[1]
+        kept, images = entry[0][0], key[0]
+        if kept is images:
+            return kept, entry[1], None
+        rows = _rows_within(images, kept)
+        return None if rows is None else (kept, entry[1], rows)
 
     def keep(self, key: tuple, feats: ImageFeatures) -> None:
         self._entry = (key, feats)
 
     def clear(self) -> None:
         self._entry = None
+
+
+def _rows_within(part: Tensor, whole: Tensor) -> tuple[int, int] | None:
+    """(lo, hi) where `part` is `whole[lo:hi]` in `whole`'s own memory, else None."""
+    if (
+        part.dtype != whole.dtype
+        or part.device != whole.device
+        or part.dim() == 0
+        or part.shape[1:] != whole.shape[1:]
+        or part.stride() != whole.stride()
+        or part.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+    ):
+        return None
+    step, offset = whole.stride(0), part.storage_offset() - whole.storage_offset()
+    if step <= 0 or offset % step:
+        return None
+    lo = offset // step
+    hi = lo + part.shape[0]
+    return (lo, hi) if lo >= 0 and hi <= whole.shape[0] else None
 
 
 def _tie(module: nn.Module, source: nn.Module) -> int:
@@ -270,10 +307,11 @@ class GroundedVLM(nn.Module):
         (`share_frozen_encoders`) share this too: in the local runtime the learner's update reuses the teacher's."""
         key = (images, self._encoder_versions())
         reusable = not torch.is_grad_enabled() or self._encoders_frozen()
-        if reusable and (feats := self.encodings.get(key)) is not None:
-            if sam and feats.sam is None:
-                feats.sam = self._encode_sam(upload(images, self.device))
-            return feats
+        if reusable and (found := self.encodings.get(key)) is not None:
+            whole, feats, rows = found
+            if sam and feats.sam is None:  # for the whole kept batch, where one part of it is the first to ask
+                feats.sam = self._encode_sam(upload(whole, self.device))
+            return feats if rows is None else feats.rows(*rows)
         images = upload(images, self.device)
         if sam and self.train_graphs is not None and self.train_graphs.applies(images):
             # the learner's update: a graph replay, its outputs overwritten by the next one, so not kept for reuse
@@ -321,7 +359,7 @@ class GroundedVLM(nn.Module):
         """Take `source`'s image encoders' weights as this model's own, and its last encoding, where both models keep
         their encoders frozen (the default; else nothing happens): the frozen weights are held once, and a batch one
         model encoded is not encoded again by the other (in one process, the teacher's captions and rewards, then the
-        learner's update on the same images tensor: one micro-batch, as `micro_batches` hands the batch itself). The
+        learner's update on the same images tensor, or on its rows in micro-batches, `micro_batches`). The
         two models must have one architecture, input sizes and precision (a ValueError otherwise). Returns the bytes
         no longer held twice."""
         if not (self._encoders_frozen() and source._encoders_frozen()):

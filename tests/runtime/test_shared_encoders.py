@@ -43,19 +43,21 @@ def _driver_step(runtime: LocalRuntime, batch: dict, step: int) -> dict:
     return metrics
 
 
-def test_the_update_reuses_the_teachers_encoding_and_learns_the_same(region_batch, monkeypatch):
-    """Two steps on two batches, the teacher synced in between: the update finds each step's own encoding."""
+@pytest.mark.parametrize("parts", [1, 2])
+def test_the_update_reuses_the_teachers_encoding_and_learns_the_same(region_batch, monkeypatch, parts):
+    """Two steps on two batches, the teacher synced in between: the update finds each step's own encoding, also
+    when it runs in micro-batches (`optim.accumulation`), each of which takes its rows of it."""
     scenes = ShapesDataset("val", 8)
     batches = [region_batch, collate_regions([scenes[i] for i in range(4, 8)])]
-    shared = _runtime()
+    shared = _runtime(f"optim.accumulation={parts}")
     assert shared.reward.model.encodings is shared.learner.model.encodings
-    apart = _runtime()
+    apart = _runtime(f"optim.accumulation={parts}")
     apart.learner.model.encodings = LastEncoding()  # as before: the learner encodes the images itself
     calls = _count_encodings(monkeypatch)
     shared_metrics = [_driver_step(shared, batch, step) for step, batch in enumerate(batches, 1)]
-    assert len(calls) == 2  # the teacher's, for its rewards; each update found it
+    assert len(calls) == 2  # the teacher's, for its rewards; each update (each of its parts) found it
     apart_metrics = [_driver_step(apart, batch, step) for step, batch in enumerate(batches, 1)]
-    assert len(calls) == 6
+    assert len(calls) == 2 + 2 + 2 * parts  # the teacher's, and each part of each update its own
     # the same updates, to the last bits that CPU matrix kernels leave to where their inputs lie in memory (two
     # updates with encodings of their own differ as much: about 1e-9 in the projector's weights)
     apart_weights = dict(apart.learner.model.named_parameters())
@@ -118,6 +120,29 @@ def test_weights_are_tied_only_between_modules_built_alike():
     assert half[0].weight is first  # nothing tied when any part does not fit
     mine, source = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     assert _tie(mine, source) == 6 * 4 and mine.weight is source.weight and mine.bias is source.bias
+
+
+def test_rows_of_the_kept_images_get_those_rows_of_its_encoding_as_views():
+    """A micro-batch's images (`images[lo:hi]`) find the whole batch's encoding; other tensors (a copy, another
+    tensor, rows of a tensor that is not the kept one) and changed encoder weights do not."""
+    images = torch.arange(6 * 2 * 3, dtype=torch.uint8).view(6, 2, 3)
+    feats = grounded_vlm.ImageFeatures(
+        torch.randn(6, 4, 5), samlib.SamFeatures(torch.randn(6, 3, 2, 2), [torch.randn(6, 1, 8, 8)])
+    )
+    cache = LastEncoding()
+    cache.keep((images, (0, 0)), feats)
+    assert cache.get((images, (0, 0))) == (images, feats, None)
+    for lo, hi in ((0, 3), (3, 6), (2, 5), (5, 6)):
+        kept, whole, rows = cache.get((images[lo:hi], (0, 0)))
+        assert kept is images and whole is feats and rows == (lo, hi)
+        part = whole.rows(*rows)
+        assert torch.equal(part.vision, feats.vision[lo:hi]) and part.vision.data_ptr() == feats.vision[lo].data_ptr()
+        assert torch.equal(part.sam.high_res[0], feats.sam.high_res[0][lo:hi])
+    for other in (images.clone(), images[1:4].clone(), torch.zeros_like(images), images[:, :1], images[::2]):
+        assert cache.get((other, (0, 0))) is None
+    assert cache.get((images[1:3], (1, 0))) is None  # the encoders' weights moved since
+    cache.keep((images[2:5], (0, 0)), feats.rows(2, 5))
+    assert cache.get((images[0:2], (0, 0))) is None  # rows of the storage outside the kept tensor
 
 
 def test_one_micro_batch_is_the_batch_itself_with_a_rollout_of_its_own(region_batch):
