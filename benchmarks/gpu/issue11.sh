@@ -30,6 +30,7 @@
 #                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
 #                                            # each with its own FLOPs, under torch's allocator, then expandable segments
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
+#   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
 #   bash benchmarks/gpu/issue11.sh compile_tiny|compile_sft|compile_grpo   # model.train_compile against eager
@@ -350,6 +351,13 @@ PY
         --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
+    ;;
+  encodings)  # the 4B recipes as they ship for 80 GB cards (2 micro-batches, eager, no recomputation): the update
+    # with its micro-batches taking their rows of the teacher's encoding against each encoding its own, alternating
+    run encodings_sft_dual "${LIMIT:-240}" python3 $steps --algos sft_dual --batch-size 8 --accumulation 2 --steps 4 \
+      --compare-encodings --out "$OUT/encodings_sft_dual.json"
+    run encodings_grpo "${LIMIT:-240}" python3 $steps --algos grpo --batch-size 4 --generations 8 --accumulation 2 \
+      --steps 4 --compare-encodings --out "$OUT/encodings_grpo.json"
     ;;
   checks)
     run cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_transfer.py

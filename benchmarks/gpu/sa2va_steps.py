@@ -4,7 +4,7 @@
         [--warmup 1] [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1]
         [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
-        [--compare-threads 1 16] [--flops-each] [--set KEY=VALUE ...] [--tiny]
+        [--compare-threads 1 16] [--compare-encodings] [--flops-each] [--set KEY=VALUE ...] [--tiny]
         [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
@@ -29,7 +29,9 @@ given for both. With
 `--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
 inductor's Python and C++ wrappers (`model.train_compile_wrapper`). With `--compare-threads`, the update on the last
 batch alternates between torch thread counts in the training process (`train.threads`), each with the region cells
-found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.6).
+found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.6). With `--compare-encodings`,
+the update on the last batch alternates between its micro-batches taking their rows of the teacher's encoding
+(dualrl's) and each encoding its own images (before 0.6, with `--accumulation` > 1).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ from common import NO_PATHS, ROOT, TINY_MODEL, ceilings, compiled_blocks, facts,
 
 from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import objective_class
-from dualrl.algo.rollout_data import Rollout
+from dualrl.algo.rollout_data import Rollout, micro_batches
 from dualrl.data.loader import train_batches
 from dualrl.model.build import memory_estimate
 from dualrl.model.decode_attention import attention_implementation
+from dualrl.model.grounded_vlm import LastEncoding
 from dualrl.model.sequence import Assembler, Ids
 from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
@@ -292,6 +295,11 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, repeats)
     if args.compare_token_rows:
         token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, repeats)
+    encodings = (
+        compare_encodings(runtime.learner, batch, rollout, recipe.train.seed, repeats)
+        if args.compare_encodings
+        else None
+    )
     host = None
     if args.compare_threads:
         host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, repeats, args)
@@ -353,6 +361,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "naive": naive,
         "compiled": compiled,
         "token_rows": token_rows,
+        "encodings": encodings,
         "wrapper": wrapper,
         "host": host,
         "replayed": replayed,
@@ -453,6 +462,34 @@ def compare_token_rows(learner, batch: dict, rollout: Rollout, seed: int, steps:
     out = {f"{name}_update_s": statistics.median(v) for name, v in times.items()}
     out["speedup"] = out["peft_update_s"] / out["dualrl_update_s"]
     print(f"token rows: {json.dumps(out)}", flush=True)
+    return out
+
+
+def compare_encodings(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
+    """Learner updates on one batch that the teacher has encoded, alternating: each micro-batch taking its rows of
+    that encoding (dualrl's) and each encoding its own images (before 0.6 with `optim.accumulation` > 1), `steps` of
+    each after one of each untimed: the median update time of each."""
+    shared = learner.model.encodings
+    times: dict[str, list[float]] = {"own": [], "shared": []}
+    try:
+        for i in range(steps + 1):
+            for name in times:
+                learner.model.encodings = shared
+                encoded_as_in_the_loop(learner, batch)
+                if name == "own":
+                    learner.model.encodings = LastEncoding()  # nothing kept: every part encodes its images
+                sync()
+                t = time.perf_counter()
+                learner.step(batch, rollout, step_generator(seed, 5000 + i))
+                sync()
+                if i:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        learner.model.encodings = shared
+    out = {f"{name}_update_s": statistics.median(v) for name, v in times.items()}
+    out["speedup"] = out["own_update_s"] / out["shared_update_s"]
+    out["micro_batches"] = len(micro_batches(batch, rollout, learner.optim_spec.accumulation))
+    print(f"encodings: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -726,6 +763,12 @@ def main() -> int:
         "--compare-token-rows",
         action="store_true",
         help="time the learner update with PEFT's token rows and with dualrl's (model/token_rows.py), alternating",
+    )
+    parser.add_argument(
+        "--compare-encodings",
+        action="store_true",
+        help="time the learner update with its micro-batches taking their rows of the teacher's encoding and with "
+        "each encoding its own images, alternating (use with --accumulation 2 or more)",
     )
     parser.add_argument(
         "--compare-threads",
