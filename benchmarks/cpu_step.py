@@ -1,12 +1,13 @@
 """What the default recipe's step (`recipes/sft_dual.yaml`, in one process) saves on image encodings, each saving
 against the way before it, in this process:
 
-- the update reuses the teacher's encoding of the step's images (`GroundedVLM.share_frozen_encoders`): timed as
-  whole driver steps (captions, rewards, update, sync) with the learner's encoding shared and with one of its own;
+- the update reuses the teacher's encoding of the step's images (`GroundedVLM.share_frozen_encoders`; with
+  `optim.accumulation=2` or more, each micro-batch its rows of it): timed as whole driver steps (captions, rewards,
+  update, sync) with the learner's encoding shared and with one of its own;
 - SAM2's FPN position encodings as a view over the batch (`sam.BroadcastPositionEmbedding`) against SAM2's copy per
   image: the image encoder on one batch.
 
-    python benchmarks/cpu_step.py [--steps 6] [--repeats 8] [--out results.json]
+    python benchmarks/cpu_step.py [--steps 6] [--repeats 8] [--out results.json] [KEY=VALUE ...]
 
 Each pair runs alternately in this process; figures are median wall times and the ratio old / new. The encoder's
 two outputs (levels and position encodings) are checked equal first; that the update learns the same from a shared
@@ -107,6 +108,10 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": recipe.data.batch_size,
+        "accumulation": recipe.optim.accumulation,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "overrides": args.overrides,
         "driver_step": driver_steps(runtime, recipe, batches, args.steps),
         "sam_image_encoder": position_encodings(runtime.learner.model, batches[0], args.repeats),
     }

@@ -1,5 +1,5 @@
 """What finding each region's image-token cells costs the training process on the host: pooling a float copy of
-the masks (as dualrl did before 0.6) against the block sums `GroundedVLM.region_cells` uses for masks whose sides
+the masks (as dualrl did before 0.5) against the block sums `GroundedVLM.region_cells` uses for masks whose sides
 the token grid divides.
 
     python benchmarks/region_cells.py [--masks 8] [--size 1024] [--side 16] [--threads 1 4] [--repeats 5]

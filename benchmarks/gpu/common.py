@@ -78,6 +78,7 @@ def facts() -> dict:
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "kernel": platform.release(),
+        "host": platform.node(),  # tells apart machines of one kernel release
         "cpu_cores": os.cpu_count(),
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # the caching allocator's settings, if any
     }

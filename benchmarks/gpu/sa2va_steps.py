@@ -29,9 +29,9 @@ given for both. With
 `--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
 inductor's Python and C++ wrappers (`model.train_compile_wrapper`). With `--compare-threads`, the update on the last
 batch alternates between torch thread counts in the training process (`train.threads`), each with the region cells
-found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.6). With `--compare-encodings`,
+found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.5). With `--compare-encodings`,
 the update on the last batch alternates between its micro-batches taking their rows of the teacher's encoding
-(dualrl's) and each encoding its own images (before 0.6, with `--accumulation` > 1).
+(dualrl's) and each encoding its own images (before 0.5, with `--accumulation` > 1).
 """
 
 from __future__ import annotations
@@ -97,39 +97,38 @@ def write_sa2va_checkpoint(args, out_dir: Path) -> tuple[Path, dict]:
 
 
 class _Sizes:
-    """Records the sizes of the right-padded LLM batches the learner's updates assemble (rows, width, longest row):
-    how many of an update's sizes no earlier update met (`new_sizes`: first contact with a size), and the share of
-    its tokens that are padding beyond each batch's longest row (`width_waste`)."""
+    """Records the sizes of the right-padded LLM batches a driver step's learner updates assemble in this process
+    (rows, width, longest row): how many of them no earlier step met (`new_sizes`: first contact with a size), and
+    the share of their tokens that are padding past each batch's longest row (`width_waste`). `Assembler.__call__`
+    records only inside `update`; a step that assembled nothing here (a Ray learner) records None."""
 
     def __init__(self):
         self.seen: set[tuple[int, int]] = set()
-        self.current: list[tuple[int, int, int]] | None = None
-        call = Assembler.__call__
-        recorder = self
-
-        def recording(assembler, prompts, pad_left=False):
-            seq = call(assembler, prompts, pad_left)
-            if recorder.current is not None and not pad_left:
-                recorder.current.append((len(seq.lengths), seq.inputs_embeds.shape[1], max(seq.lengths)))
-            return seq
-
-        Assembler.__call__ = recording
 
     @contextlib.contextmanager
     def update(self, out: dict):
         """Records the sizes assembled inside the block into `out`."""
-        self.current = []
+        sizes: list[tuple[int, int, int]] = []
+        call = Assembler.__call__
+
+        def recording(assembler, prompts, pad_left=False):
+            seq = call(assembler, prompts, pad_left)
+            if not pad_left:
+                sizes.append((len(seq.lengths), seq.inputs_embeds.shape[1], max(seq.lengths)))
+            return seq
+
+        Assembler.__call__ = recording
         try:
             yield
         finally:
-            sizes, self.current = self.current, None
+            Assembler.__call__ = call
             new = {(r, w) for r, w, _ in sizes} - self.seen
             self.seen |= new
             cells = sum(r * w for r, w, _ in sizes)
             out.update(
-                sizes=[list(x) for x in sizes],
-                new_sizes=float(len(new)),
-                width_waste=sum(r * (w - n) for r, w, n in sizes) / cells if cells else 0.0,
+                sizes=[list(x) for x in sizes] if sizes else None,
+                new_sizes=float(len(new)) if sizes else None,
+                width_waste=sum(r * (w - n) for r, w, n in sizes) / cells if cells else None,
             )
 
 
@@ -211,7 +210,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
     timer = _Timed(runtime.learner)
     sizes = _Sizes()
     batches = train_batches(recipe.data, recipe.model.sam.image_size, pin=torch.cuda.is_available())  # as the driver
-    phases: list[dict[str, float]] = []
+    phases: list[dict] = []  # per step: seconds per phase, counts, and the update's sizes
     kept: list[tuple[dict, Rollout, int]] = []  # the timed steps' inputs, for their FLOPs (--flops-each)
     for step in range(1, args.steps + 1):
         batch = next(batches)
@@ -467,28 +466,39 @@ def compare_token_rows(learner, batch: dict, rollout: Rollout, seed: int, steps:
 
 def compare_encodings(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
     """Learner updates on one batch that the teacher has encoded, alternating: each micro-batch taking its rows of
-    that encoding (dualrl's) and each encoding its own images (before 0.6 with `optim.accumulation` > 1), `steps` of
-    each after one of each untimed: the median update time of each."""
-    shared = learner.model.encodings
+    that encoding (dualrl's) and each encoding its own images (before 0.5 with `optim.accumulation` > 1), `steps` of
+    each after one of each untimed: the median update time of each, and how many times an update ran the image
+    encoders (`encode_pixels` and SAM2's alone), to show the two arms differ."""
+    model = learner.model
+    shared = model.encodings
     times: dict[str, list[float]] = {"own": [], "shared": []}
+    runs: dict[str, int] = {}
+    counted: list[int] = []
+    encode_pixels, encode_sam = model.encode_pixels, model._encode_sam
+    model.encode_pixels = lambda *a, **k: counted.append(1) or encode_pixels(*a, **k)
+    model._encode_sam = lambda *a, **k: counted.append(1) or encode_sam(*a, **k)
     try:
         for i in range(steps + 1):
             for name in times:
-                learner.model.encodings = shared
+                model.encodings = shared
                 encoded_as_in_the_loop(learner, batch)
                 if name == "own":
-                    learner.model.encodings = LastEncoding()  # nothing kept: every part encodes its images
+                    model.encodings = LastEncoding()  # nothing kept: every part encodes its images
+                counted.clear()
                 sync()
                 t = time.perf_counter()
                 learner.step(batch, rollout, step_generator(seed, 5000 + i))
                 sync()
+                runs[name] = len(counted)
                 if i:
                     times[name].append(time.perf_counter() - t)
     finally:
-        learner.model.encodings = shared
+        model.encodings = shared
+        del model.encode_pixels, model._encode_sam
     out = {f"{name}_update_s": statistics.median(v) for name, v in times.items()}
     out["speedup"] = out["own_update_s"] / out["shared_update_s"]
-    out["micro_batches"] = len(micro_batches(batch, rollout, learner.optim_spec.accumulation))
+    out.update({f"{name}_encoder_runs": n for name, n in runs.items()})
+    out["micro_batches"] = len(micro_batches(batch, rollout, learner.optim_spec.accumulation * learner.rank.world))
     print(f"encodings: {json.dumps(out)}", flush=True)
     return out
 

@@ -112,16 +112,17 @@ class LastEncoding:
     encoding are one attribute, so a reader never pairs one batch's key with another's encoding.
 
     Images that are consecutive rows of the kept tensor (`images[lo:hi]`, a view of its memory: the micro-batches
-    of an update, `micro_batches`) get those rows of its encoding, as views."""
+    of an update, `micro_batches`) get those rows of its encoding, as views. An in-place write to the kept images
+    (through any view: they share its version counter) makes the encoding stale, and it is not found again."""
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple, ImageFeatures] | None = None
+        self._entry: tuple[tuple, ImageFeatures, int | None] | None = None
 
     def get(self, key: tuple) -> tuple[Tensor, ImageFeatures, tuple[int, int] | None] | None:
         """(the kept images tensor, its encoding, None) for that tensor itself; (…, (lo, hi)) for rows of it; None
-        for anything else, or when the encoders' weights have changed since."""
+        for anything else, or when the encoders' weights or the images have changed since."""
         entry = self._entry
-        if entry is None or entry[0][1] != key[1]:
+        if entry is None or entry[0][1] != key[1] or _written(entry[0][0]) != entry[2]:
             return None
         kept, images = entry[0][0], key[0]
         if kept is images:
@@ -130,10 +131,15 @@ class LastEncoding:
         return None if rows is None else (kept, entry[1], rows)
 
     def keep(self, key: tuple, feats: ImageFeatures) -> None:
-        self._entry = (key, feats)
+        self._entry = (key, feats, _written(key[0]))
 
     def clear(self) -> None:
         self._entry = None
+
+
+def _written(images: Tensor) -> int | None:
+    """The count of in-place writes to `images` (inference tensors keep none)."""
+    return None if images.is_inference() else images._version
 
 
 def _rows_within(part: Tensor, whole: Tensor) -> tuple[int, int] | None:
@@ -300,11 +306,12 @@ class GroundedVLM(nn.Module):
 
         When no gradient can flow into the encoders (autograd off, or both encoders frozen, as by default),
         the last result is kept for the same images tensor (identity, held until replaced, so it cannot be a
-        recycled object) and unchanged encoder weights (their in-place version counters, which optimizer
-        steps bump): describing and then scoring one batch with one model — the teacher in the local
-        runtime, eval, or in-process grpo's rollout and learner step — encodes each image once, and SAM2's
-        encoder runs only when segmentation first asks for it. Models that share their frozen encoders
-        (`share_frozen_encoders`) share this too: in the local runtime the learner's update reuses the teacher's."""
+        recycled object; rows `images[lo:hi]` of it get those rows, see `LastEncoding`) and unchanged encoder
+        weights (their in-place version counters, which optimizer steps bump): describing and then scoring one
+        batch with one model — the teacher in the local runtime, eval, or in-process grpo's rollout and learner
+        step — encodes each image once, and SAM2's encoder runs only when segmentation first asks for it. Models
+        that share their frozen encoders (`share_frozen_encoders`) share this too: in the local runtime the
+        learner's update reuses the teacher's, each micro-batch its rows."""
         key = (images, self._encoder_versions())
         reusable = not torch.is_grad_enabled() or self._encoders_frozen()
         if reusable and (found := self.encodings.get(key)) is not None:

@@ -75,7 +75,7 @@ class Sequences:
     host_labels: Tensor
     marks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     padded_left: bool = False
-    lengths: tuple[int, ...] = ()  # each row's tokens before padding (the width's waste is width - max(lengths))
+    lengths: tuple[int, ...] = ()  # each row's tokens before padding (padding past the longest: width - max(lengths))
 
 
 def _shifted(rows: Sequence[int], first: int, size: int) -> Sequence[int]:

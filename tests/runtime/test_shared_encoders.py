@@ -143,6 +143,34 @@ def test_rows_of_the_kept_images_get_those_rows_of_its_encoding_as_views():
     assert cache.get((images[1:3], (1, 0))) is None  # the encoders' weights moved since
     cache.keep((images[2:5], (0, 0)), feats.rows(2, 5))
     assert cache.get((images[0:2], (0, 0))) is None  # rows of the storage outside the kept tensor
+    assert cache.get((images[3:5], (0, 0)))[2] == (1, 3)
+    images[4, 0, 0] += 1  # an in-place write, through the base tensor: the kept encoding is stale
+    assert cache.get((images[3:5], (0, 0))) is None and cache.get((images[2:5], (0, 0))) is None
+
+
+def test_a_part_that_first_asks_for_sam2_features_gets_them_for_the_whole_kept_batch(tiny_model, region_batch):
+    """The teacher captioned the batch (vision features only); the first micro-batch to segment runs SAM2's encoder
+    once, on the whole kept batch, and gets its rows: those a fresh encoding of the batch gives."""
+    images = region_batch["images"]
+    calls = []
+    encode_sam = tiny_model._encode_sam
+    tiny_model._encode_sam = lambda pixels: calls.append(len(pixels)) or encode_sam(pixels)
+    try:
+        tiny_model.encodings.clear()
+        with torch.no_grad():
+            assert tiny_model.encode_images(images, sam=False).sam is None
+            part = tiny_model.encode_images(images[1:3])
+            assert calls == [len(images)]
+            assert tiny_model.encode_images(images[3:4]).sam is not None and calls == [len(images)]
+            tiny_model.encodings.clear()
+            whole = tiny_model.encode_images(images)
+    finally:
+        del tiny_model._encode_sam
+        tiny_model.encodings.clear()
+    torch.testing.assert_close(part.vision, whole.vision[1:3])
+    torch.testing.assert_close(part.sam.image_embed, whole.sam.image_embed[1:3])
+    for ours, theirs in zip(part.sam.high_res, whole.sam.high_res, strict=True):
+        torch.testing.assert_close(ours, theirs[1:3])
 
 
 def test_one_micro_batch_is_the_batch_itself_with_a_rollout_of_its_own(region_batch):
