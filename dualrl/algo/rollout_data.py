@@ -57,12 +57,12 @@ def micro_batches(batch: dict, rollout: Rollout | None, chunks: int) -> list[tup
     captions: gradient accumulation runs the objective on each and steps the optimizer once."""
     n = len(batch["masks"])
     chunks = max(1, min(chunks, n))
-    # the parts' tensors are views of the batch's (rows lo..hi-1), by which they find its kept encoding's rows
     if chunks == 1:  # the batch itself (its images keep the identity encodings are kept by); a Rollout of its own
         return [(batch, None if rollout is None else rollout.regions(0, n))]
     bounds = [round(i * n / chunks) for i in range(chunks + 1)]
     parts = []
     for lo, hi in itertools.pairwise(bounds):
+        # views of the batch's rows lo..hi-1: by them a part finds its rows of the batch's kept encoding
         sub = {k: v[lo:hi] if isinstance(v, (list, torch.Tensor)) and len(v) == n else v for k, v in batch.items()}
         parts.append((sub, None if rollout is None else rollout.regions(lo, hi)))
     return parts

@@ -49,12 +49,8 @@ class ImageFeatures:
 
     def rows(self, lo: int, hi: int) -> ImageFeatures:
         """Images lo..hi-1, as views (no copy)."""
-        sam = (
-            None
-            if self.sam is None
-            else samlib.SamFeatures(self.sam.image_embed[lo:hi], [f[lo:hi] for f in self.sam.high_res])
-        )
-        return ImageFeatures(self.vision[lo:hi], sam)
+        rows = slice(lo, hi)
+        return ImageFeatures(self.vision[rows], None if self.sam is None else self.sam.select(rows))
 
 
 @dataclass

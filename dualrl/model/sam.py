@@ -122,7 +122,8 @@ class SamFeatures:
     image_embed: torch.Tensor  # [B, C, h, w] last FPN level (stride 16)
     high_res: list[torch.Tensor]  # FPN levels at stride 4 and 8, before the decoder's conv_s0/conv_s1
 
-    def select(self, index: torch.Tensor) -> SamFeatures:
+    def select(self, index: torch.Tensor | slice) -> SamFeatures:
+        """The images at `index`: a copy for an index tensor, views for a slice."""
         return SamFeatures(self.image_embed[index], [f[index] for f in self.high_res])
 
 
