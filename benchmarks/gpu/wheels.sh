@@ -1,21 +1,24 @@
 # Run on the CPU machine: fills .whl (gitignored) with the wheels the GPU machine lacks, for Python 3.12 on x86-64
 # Linux, at the versions this checkout's venv holds (benchmarks/gpu/setup.sh installs them there; no registry there).
-# wandb (20 MB) is left out: the benchmarks log nothing to it. sam2 publishes only a source archive: it is built here without its optional CUDA extension (pure Python).
-set -eu
+# wandb (20 MB) is left out: the benchmarks log nothing to it. sam2, antlr4 and iopath publish only source archives:
+# they are built here (pure Python; sam2 without its optional CUDA extension) and tagged for any Python.
+set -euo pipefail
 mkdir -p .whl
 version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+pip_or_fail() {  # a pip command; its output is shown (less the index's location warnings) only when it fails
+  local out
+  out=$("$@" 2>&1) || { grep -v "^WARNING: Location" <<<"$out" >&2; echo "failed: $*" >&2; exit 1; }
+}
 for name in hydra-core omegaconf portalocker trl nltk pycocotools pydantic pydantic-core \
   typing-inspection annotated-types joblib regex click; do
-  python3 -m pip download -q --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
+  pip_or_fail python3 -m pip download -q --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --only-binary=:all: -d .whl \
-    "$name==$(version "$name")" 2>&1 | grep -v "^WARNING: Location" || true
+    "$name==$(version "$name")"
 done
-# source archives only: built here (pure Python), sam2 without its optional CUDA extension, then tagged for any Python
 for name in sam2 antlr4-python3-runtime iopath; do
-  SAM2_BUILD_CUDA=0 .venv/bin/python -m pip wheel -q --no-deps -w .whl/build "$name==$(version "$name")" 2>&1 \
-    | grep -v "^WARNING: Location" || true
+  SAM2_BUILD_CUDA=0 pip_or_fail .venv/bin/python -m pip wheel -q --no-deps -w .whl/build "$name==$(version "$name")"
 done
-.venv/bin/python -m pip install -q wheel 2>&1 | grep -v "^WARNING: Location" || true
+pip_or_fail .venv/bin/python -m pip install -q wheel
 for w in .whl/build/*.whl; do
   .venv/bin/python -m wheel tags --remove --python-tag py3 --abi-tag none --platform-tag any "$w" >/dev/null
 done
