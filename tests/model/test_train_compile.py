@@ -216,3 +216,52 @@ def test_cpp_wrapper_gives_eager_gradients(tiny_model, monkeypatch):
     assert len(params) > 0
     for e, c in zip(eager, compiled):
         assert (c - e).abs().max() <= GRAD_RTOL * e.abs().max().clamp(min=1e-3)
+
+
+def test_cuda_graph_blocks_take_one_learner_and_one_micro_batch():
+    """model.train_compile_wrapper=cuda_graphs: a graph's gradients stay in its memory until the next update, so a
+    second micro-batch (or DDP, untested) is refused at load with the keys to change."""
+    graphs = ["model.train_compile=true", "model.train_compile_wrapper=cuda_graphs"]
+    with pytest.raises(ValueError, match=r"cuda_graphs with runtime\.learners=1 and optim\.accumulation=2"):
+        load_recipe("recipes/sft_dual.yaml", [*SETTINGS, *graphs, "optim.accumulation=2"])
+    with pytest.raises(ValueError, match=r"cuda_graphs with runtime\.learners=2"):
+        load_recipe("recipes/sft_dual.yaml", [*SETTINGS, *graphs, "runtime.kind=ray", "runtime.learners=2"])
+    assert load_recipe("recipes/sft_dual.yaml", [*SETTINGS, *graphs]).model.train_compile_wrapper == "cuda_graphs"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: needs CUDA")
+def test_cuda_graph_blocks_give_eager_gradients_recorded_and_replayed(batches, monkeypatch):
+    """model.train_compile_wrapper=cuda_graphs on CUDA, sft_dual, three updates on one batch from the eager learner's
+    weights each time: the first runs the blocks' compiled code plainly, the second records their graphs, the third
+    replays them, and each gives eager's loss and gradients. The LLM's and SAM2's blocks were recorded, none skipped,
+    each with few inputs copied in (activations and sizes: the parameters are the graphs' own). Dropout off, so
+    that eager and replayed updates draw nothing."""
+    from torch._inductor import cudagraph_trees
+
+    def learner(*overrides: str) -> Learner:
+        recipe = load_recipe("recipes/sft_dual.yaml", [*SETTINGS, "model.trainable.lora_dropout=0.0", *overrides])
+        return Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cuda")
+
+    eager = learner()
+    graphed = learner("model.train_compile=true", "model.train_compile_wrapper=cuda_graphs")
+    batch = batches[0]
+    rollout = Rollout(eager.describe(batch))
+    counters.clear()
+    for _ in range(3):
+        graphed.load_state_dict(eager.state_dict())
+        m_eager, g_eager = _step(eager, batch, rollout, monkeypatch)
+        eager.load_state_dict(graphed.state_dict())  # undo eager's update: each compares from the same weights
+        m_graphed, g_graphed = _step(graphed, batch, rollout, monkeypatch)
+        assert m_graphed["train/loss"] == pytest.approx(m_eager["train/loss"], rel=1e-4)
+        assert g_graphed.keys() == g_eager.keys()
+        largest = max(g.abs().max() for g in g_eager.values())
+        for name, g in g_eager.items():  # rounding within 1e-3 of a tensor's largest entry (or ~0, a key bias)
+            assert (g_graphed[name] - g).abs().max() <= 1e-3 * g.abs().max() + 1e-6 * largest, name
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    recorded = next(manager.graph_counter) if manager is not None else 0
+    copied = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    print(f"graphs recorded {recorded}, inputs copied in {copied}, skips {counters['inductor']['cudagraph_skips']}")
+    blocks = len(graphed.compiled.stacks["llm"]) + len(graphed.compiled.stacks["sam_decoder"])
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded >= 2 * blocks  # forward and backward of each block call
+    assert copied <= 8 * recorded  # a block's weights would be dozens of tensors each
