@@ -30,7 +30,6 @@
 #                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
 #                                            # each with its own FLOPs, under torch's allocator, then expandable segments
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
-#   bash benchmarks/gpu/issue11.sh graphs    # the 4B sft_dual steady MFU with the blocks as CUDA graphs, against cpp
 #   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
@@ -352,15 +351,6 @@ PY
         --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
-    ;;
-  graphs)  # model.train_compile_wrapper=cuda_graphs: its CUDA test; steady's sft_dual run with it (the 20 updates
-    # after 16 warm-up steps, each with its own FLOPs), then its update against the C++ wrapper's on the last batch,
-    # alternating, in the same process
-    run graphs_test 150 python3 -m pytest -q -s -p no:cacheprovider tests/model/test_train_compile.py -k cuda_graph
-    run steady_sft_dual_graphs $((${BUDGET:-560} - SECONDS)) python3 $steps --algos sft_dual --batch-size 8 \
-      --accumulation 1 --steps 36 --warmup 16 --flops-each --compare-wrapper cpp,cuda_graphs \
-      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cuda_graphs \
-      --out "$OUT/steady_sft_dual_graphs.json"
     ;;
   encodings)  # the 4B recipes as they ship for 80 GB cards (2 micro-batches, eager, no recomputation): the update
     # with its micro-batches taking their rows of the teacher's encoding against each encoding its own, alternating

@@ -3,9 +3,9 @@
     python benchmarks/gpu/sa2va_steps.py [--recipe recipes/sa2va/random_init/sa2va_4b_sft_dual.yaml] [--steps 4]
         [--warmup 1] [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1]
         [--generation engine|generate]
-        [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper [A,B]]
-        [--compare-token-rows] [--compare-threads 1 16] [--compare-encodings] [--flops-each] [--set KEY=VALUE ...]
-        [--tiny] [--out results.json]
+        [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
+        [--compare-threads 1 16] [--compare-encodings] [--flops-each] [--set KEY=VALUE ...] [--tiny]
+        [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
 depend on weight values), in the local runtime, on the built-in shapes data drawn at the recipe's working
@@ -26,9 +26,8 @@ its step time (naive rollout + naive reward + the same learner update) over dual
 learner update on the last batch is timed eagerly and then with its repeated blocks compiled
 (`model.train_compile`), same model and process (the first compiled update, which compiles, timed apart), and MFU is
 given for both. With
-`--compare-wrapper A,B` (and `model.train_compile=true`), the compiled update on the last batch alternates between
-two ways of calling the compiled blocks (`model.train_compile_wrapper`: inductor's Python or C++ wrapper, or CUDA
-graphs; python,cpp without A,B). With `--compare-threads`, the update on the last
+`--compare-wrapper` (and `model.train_compile=true`), the compiled update on the last batch alternates between
+inductor's Python and C++ wrappers (`model.train_compile_wrapper`). With `--compare-threads`, the update on the last
 batch alternates between torch thread counts in the training process (`train.threads`), each with the region cells
 found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.5). With `--compare-encodings`,
 the update on the last batch alternates between its micro-batches taking their rows of the teacher's encoding
@@ -292,8 +291,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         timer.marks.clear()
     token_rows = wrapper = None
     if args.compare_wrapper:
-        wrappers = args.compare_wrapper.split(",")
-        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, repeats, wrappers)
+        wrapper = compare_wrapper(runtime.learner, batch, rollout, recipe.train.seed, repeats)
     if args.compare_token_rows:
         token_rows = compare_token_rows(runtime.learner, batch, rollout, recipe.train.seed, repeats)
     encodings = (
@@ -405,22 +403,19 @@ def compare_compile(learner, batch: dict, rollout: Rollout, seed: int, steps: in
     return out
 
 
-def compare_wrapper(learner, batch: dict, rollout: Rollout, seed: int, steps: int, wrappers: list[str]) -> dict:
-    """Learner updates on one batch with the compiled blocks called by each of two `wrappers`
-    (`model.train_compile_wrapper`: python, cpp, cuda_graphs), alternating, `steps` of each after two of each untimed
-    (they compile the wrapper the timed steps did not use, and record cuda_graphs' graphs): the median update time of
-    each, the untimed first ones, and the first's median over the second's."""
+def compare_wrapper(learner, batch: dict, rollout: Rollout, seed: int, steps: int) -> dict:
+    """Learner updates on one batch with the compiled blocks called by inductor's Python wrapper and by its C++ one
+    (`model.train_compile_wrapper`), alternating, `steps` of each after one of each untimed (it compiles the wrapper
+    the timed steps did not use): the median update time of each, and the untimed first ones."""
     from dualrl.model.train_compile import CompiledBlocks
 
     own = learner.compiled
     if own is None:
         raise ValueError("--compare-wrapper times compiled updates: set model.train_compile=true")
-    if len(wrappers) != 2:
-        raise ValueError(f"--compare-wrapper takes two wrappers, as python,cpp; got {wrappers}")
-    blocks = {w: own if own.wrapper == w else CompiledBlocks(learner.model, w) for w in wrappers}
+    blocks = {w: own if own.wrapper == w else CompiledBlocks(learner.model, w) for w in ("python", "cpp")}
     times: dict[str, list[float]] = {w: [] for w in blocks}
     try:
-        for i in range(steps + 2):
+        for i in range(steps + 1):
             for name, compiled in blocks.items():
                 learner.compiled = compiled
                 sync()
@@ -430,9 +425,9 @@ def compare_wrapper(learner, batch: dict, rollout: Rollout, seed: int, steps: in
                 times[name].append(time.perf_counter() - t)
     finally:
         learner.compiled = own
-    out = {f"{w}_update_s": statistics.median(v[2:]) for w, v in times.items()}
-    out.update({f"{w}_first_updates_s": v[:2] for w, v in times.items()})
-    out["speedup"] = out[f"{wrappers[0]}_update_s"] / out[f"{wrappers[1]}_update_s"]
+    out = {f"{w}_update_s": statistics.median(v[1:]) for w, v in times.items()}
+    out.update({f"{w}_first_update_s": v[0] for w, v in times.items()})
+    out["speedup"] = out["python_update_s"] / out["cpp_update_s"]
     print(f"compiled wrappers: {json.dumps(out)}", flush=True)
     return out
 
@@ -770,10 +765,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--compare-wrapper",
-        nargs="?",
-        const="python,cpp",
-        help="time the compiled learner update with two of model.train_compile_wrapper's values, alternating "
-        "(python,cpp when none are given; e.g. cpp,cuda_graphs); needs model.train_compile=true",
+        action="store_true",
+        help="time the compiled learner update with inductor's Python and C++ wrappers (model.train_compile_wrapper), "
+        "alternating; needs model.train_compile=true",
     )
     parser.add_argument(
         "--compare-token-rows",

@@ -29,12 +29,6 @@ stays eager.
   it hands to cuBLAS. Where the host, not the GPU, sets the pace (many small blocks, LoRA's many products),
   `wrapper="cpp"` has inductor write that wrapper in C++ and build it once per compilation (inductor's
   `cpp_wrapper`; the kernels are the same).
-- `wrapper="cuda_graphs"` removes that host time where the blocks run on CUDA: torch.compile's cudagraph trees record
-  each block call of an update as a CUDA graph (per sizes: a size's first call runs plain, its second records) and
-  replay it afterwards, forward and backward; the parameters are the graphs' own inputs, copied nowhere. An update's
-  block outputs live in the trees' memory pool until the next update starts (`active()` marks it), which is why
-  one micro-batch an update. The vision layers stay on the Python wrapper: the model keeps their encodings between
-  calls, which the next update's graphs would overwrite.
 """
 
 from __future__ import annotations
@@ -80,15 +74,14 @@ class CompiledBlocks:
     """The compiled calls of a model's repeated blocks (made once; torch.compile traces lazily on first use),
     installed by `active()`."""
 
-    def __init__(self, model: nn.Module, wrapper: Literal["python", "cpp", "cuda_graphs"] = "python"):
+    def __init__(self, model: nn.Module, wrapper: Literal["python", "cpp"] = "python"):
         self.stacks = block_stacks(model)
         self.blocks: list[nn.Module] = [block for stack in self.stacks.values() for block in stack]
         self.wrapper = wrapper
         # inductor's options hold for the backward graph too, which it compiles at the first backward pass
+        options = {"cpp_wrapper": wrapper == "cpp"}
         self._compiled: list[Callable] = [
-            torch.compile(block._call_impl, dynamic=True, options=_options(wrapper, name))
-            for name, stack in self.stacks.items()
-            for block in stack
+            torch.compile(block._call_impl, dynamic=True, options=options) for block in self.blocks
         ]
 
     @contextlib.contextmanager
@@ -101,18 +94,9 @@ class CompiledBlocks:
             torch.fx.experimental._config.patch(use_duck_shape=False),
         ):
             try:
-                if self.wrapper == "cuda_graphs":  # a new update: the last one's graph outputs may be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
                 for block, compiled in zip(self.blocks, self._compiled):
                     block._compiled_call_impl = compiled
                 yield
             finally:
                 for block, impl in zip(self.blocks, previous):
                     block._compiled_call_impl = impl
-
-
-def _options(wrapper: str, stack: str) -> dict:
-    """inductor's options for a stack's blocks under `wrapper` (see the module's notes)."""
-    if wrapper == "cuda_graphs":
-        return {"triton.cudagraphs": stack != "vision"}
-    return {"cpp_wrapper": wrapper == "cpp"}

@@ -259,15 +259,12 @@ class ModelSpec(Section):
         "--compare-compile times it on a GPU); gradients agree with eager up to rounding. Evaluation, rollout and "
         "caption decoding are not affected.",
     )
-    train_compile_wrapper: Literal["python", "cpp", "cuda_graphs"] = Field(
+    train_compile_wrapper: Literal["python", "cpp"] = Field(
         "python",
         description="With train_compile: what calls the compiled blocks' kernels. python: inductor's Python wrapper. "
         "cpp: inductor writes it in C++ and builds it with the system compiler once per compilation (longer first "
-        "steps, less host time per block call: for learners whose GPU waits on the host). cuda_graphs: on CUDA, the "
-        "LLM's and SAM2's blocks replay CUDA graphs that torch.compile records per block call and sizes (its "
-        "cudagraph trees: a size's first update runs plain, its second records), so a block call costs the host "
-        "almost nothing once its sizes have been met; one learner, one micro-batch (optim.accumulation=1). "
-        "benchmarks/gpu/sa2va_steps.py --compare-wrapper times them on a GPU. Same kernels, same gradients.",
+        "steps, less host time per block call: for learners whose GPU waits on the host; benchmarks/gpu/"
+        "sa2va_steps.py --compare-wrapper times both on a GPU). Same kernels, same gradients.",
     )
     train_graphs: bool = Field(
         False,

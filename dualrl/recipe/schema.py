@@ -115,13 +115,6 @@ class Recipe(Section):
                 "FSDP's gathers, which dualrl does not do;"
                 " set model.train_compile=false or runtime.learner_sharding=ddp"
             )
-        if self.model.train_compile_wrapper == "cuda_graphs" and (r.learners > 1 or self.optim.accumulation > 1):
-            raise ValueError(
-                f"model.train_compile_wrapper=cuda_graphs with runtime.learners={r.learners} and "
-                f"optim.accumulation={self.optim.accumulation}: a graph's gradients live in its memory until the next "
-                "update, which a second micro-batch would overwrite, and under DDP the graphs are untested; set "
-                "both to 1 or choose another wrapper"
-            )
         if r.learners > 1 and self.model.train_graphs:
             raise ValueError(
                 f"runtime.learners={r.learners} with model.train_graphs: the graphs serve one learner (under FSDP they "
