@@ -3,7 +3,7 @@
 # wandb (20 MB) is left out: the benchmarks log nothing to it. sam2, antlr4 and iopath publish only source archives:
 # they are built here (pure Python; sam2 without its optional CUDA extension) and tagged for any Python.
 set -euo pipefail
-mkdir -p .whl
+rm -rf .whl && mkdir -p .whl  # only this script fills it: an older version left there would be installed too
 version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pip_or_fail() {  # a pip command; its output is shown (less the index's location warnings) only when it fails
   local out
