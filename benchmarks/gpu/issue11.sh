@@ -30,6 +30,8 @@
 #                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
 #                                            # each with its own FLOPs, under torch's allocator, then expandable segments
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
+#   bash benchmarks/gpu/issue11.sh gaps      # the 4B sft_dual learner as in steady (${STEPS:-12} steps), then the last
+#                                            # batch's update under the profiler: where the GPU waits, and for what
 #   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
 #   bash benchmarks/gpu/issue11.sh checks    # CUDA-only tests, the host waits left in eager updates, the tiny step
 #   bash benchmarks/gpu/issue11.sh whole     # both algorithms' whole steps against the naive loop, MFU
@@ -351,6 +353,13 @@ PY
         --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
+    ;;
+  gaps)  # steady's settings, fewer steps; the profiled update is the last batch's again (its sizes met)
+    # shellcheck disable=SC2086  # SETS holds several overrides
+    run "gaps_sft_dual${TAG:+_$TAG}" "${LIMIT:-540}" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 \
+      --steps "${STEPS:-12}" --warmup "${WARMUP:-8}" --profile-learner \
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp ${SETS:-} \
+      --out "$OUT/gaps_sft_dual${TAG:+_$TAG}.json"
     ;;
   encodings)  # the 4B recipes as they ship for 80 GB cards (2 micro-batches, eager, no recomputation): the update
     # with its micro-batches taking their rows of the teacher's encoding against each encoding its own, alternating

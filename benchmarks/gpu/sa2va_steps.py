@@ -613,17 +613,27 @@ def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | N
     return {**out, "timed_each_mfu": each}
 
 
+MODEL_PARTS = (  # GroundedVLM methods an update calls, labelled in the profiled update's trace
+    "encode_images", "project", "region_prompts", "lm_hidden", "logits_at", "lm_loss", "seg_queries", "decode_masks",
+    "segment",
+)
+
+
 def profile_learner(
     learner, batch: dict, rollout: Rollout, generator: torch.Generator, out_dir: Path | None, name: str
 ) -> None:
-    """torch.profiler over one learner update: operators by GPU and by host time, and the share of the update's
-    wall time its kernels fill (below 1: the host, not the GPU, sets the pace)."""
+    """torch.profiler over one learner update: operators by GPU and by host time, the share of the update's
+    wall time its kernels fill (below 1: the host, not the GPU, sets the pace), and where the GPU sat idle
+    (`gaps.py`: the model's methods labelled, each idle stretch charged to the place of the launch that ended it)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from gaps import format_report, gap_report, labelled
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    parts = [(learner.model, MODEL_PARTS), (learner.objective, ("mask_terms",))]  # the optimizer labels itself
     sync()
     t = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with labelled(parts, "update"), profile(activities=activities) as prof:
         learner.step(batch, rollout, generator)
         sync()
     wall = time.perf_counter() - t
@@ -631,11 +641,16 @@ def profile_learner(
     kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
     kinds = kernel_kinds(events)
     gpu_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        gaps = gap_report(Path(tmp) / "trace.json")
     text = (
         f"one learner update under the profiler: wall {wall:.3f} s, kernel time {kernels:.3f} s "
         f"({kernels / wall:.2f} of the wall), {sum(e.count for e in events if e.device_type.name == 'CPU')} "
         f"host events\nkernel time by kind: "
         + ", ".join(f"{k} {v:.3f} s ({v / max(kernels, 1e-9):.0%})" for k, v in kinds.items())
+        + "\nwhere the GPU waited:\n"
+        + format_report(gaps)
         + "\n"
         + events.table(sort_by=gpu_key, row_limit=30)
         + "\n"
@@ -644,6 +659,7 @@ def profile_learner(
     print(text, flush=True)
     if out_dir:
         (out_dir / f"learner_profile_{name}.txt").write_text(text)
+        (out_dir / f"learner_gaps_{name}.json").write_text(json.dumps(gaps, indent=1))
 
 
 KERNEL_KINDS = (  # (kind, name fragments), first match wins; matched against lower-cased kernel names
