@@ -169,13 +169,15 @@ def format_report(report: dict) -> str:
         return report["error"]
     lines = [
         f"device window {report['window_ms']:.1f} ms: busy {report['device_busy_ms']:.1f} ms, idle "
-        f"{report['device_idle_ms']:.1f} ms ({report['idle_share']:.0%}) in {report['gaps']} gaps of >= {MIN_GAP_US:g} us; "
+        f"{report['device_idle_ms']:.1f} ms ({report['idle_share']:.0%}) in {report['gaps']} gaps of >= "
+        f"{MIN_GAP_US:g} us; "
         f"idle after a late launch {report['idle_after_a_late_launch_ms']:.1f} ms, with the launch already made "
         f"{report['idle_with_the_launch_already_made_ms']:.1f} ms",
         "idle by the place of the launch that ended it (labels | innermost operator):",
     ]
     for row in report["idle_by_place"]:
-        lines.append(f"  {row['idle_ms']:8.2f} ms  {row['gaps']:5d} gaps  largest {row['largest_ms']:6.2f} ms  {row['place']}")
+        size = f"{row['idle_ms']:8.2f} ms  {row['gaps']:5d} gaps  largest {row['largest_ms']:6.2f} ms"
+        lines.append(f"  {size}  {row['place']}")
     lines.append(f"  {report['idle_elsewhere_ms']:8.2f} ms  elsewhere")
     lines.append("host calls that wait for the device:")
     for row in report["blocking_calls"] or [{"call": "none", "count": 0, "ms": 0.0}]:

@@ -614,7 +614,14 @@ def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | N
 
 
 MODEL_PARTS = (  # GroundedVLM methods an update calls, labelled in the profiled update's trace
-    "encode_images", "project", "region_prompts", "lm_hidden", "logits_at", "lm_loss", "seg_queries", "decode_masks",
+    "encode_images",
+    "project",
+    "region_prompts",
+    "lm_hidden",
+    "logits_at",
+    "lm_loss",
+    "seg_queries",
+    "decode_masks",
     "segment",
 )
 
@@ -625,9 +632,8 @@ def profile_learner(
     """torch.profiler over one learner update: operators by GPU and by host time, the share of the update's
     wall time its kernels fill (below 1: the host, not the GPU, sets the pace), and where the GPU sat idle
     (`gaps.py`: the model's methods labelled, each idle stretch charged to the place of the launch that ended it)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from gaps import format_report, gap_report, labelled
+    from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     parts = [(learner.model, MODEL_PARTS), (learner.objective, ("mask_terms",))]  # the optimizer labels itself
