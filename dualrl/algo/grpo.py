@@ -90,6 +90,28 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     return centred.view(-1)
 
 
+def greedy_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = _ADV_EPS) -> Tensor:
+    """Advantages against each group's first row, its greedy caption (ReMax's baseline): ``A_i = (r_i - r_0) /
+    (std(r) + eps)`` for the sampled rows, 0 for the greedy row. The std is the whole group's ("group", greedy row
+    included, so samples that all tie with each other but not with the greedy caption get finite advantages), all
+    N rewards' ("batch"), or none.
+
+    Args:
+        rewards: ``[N]`` rewards, groups of ``group_size`` consecutive rows, the greedy caption's first.
+        group_size: 1 + the samples per region (at least 2 samples).
+    """
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    if group_size < 3:
+        raise ValueError(f"a greedy baseline needs a greedy row and at least 2 samples per group, got {group_size}")
+    grouped = _grouped(rewards.detach(), group_size)
+    centred = grouped - grouped[:, :1]
+    if scale_rewards == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        centred = centred / (grouped.std() + eps)
+    return centred.view(-1)
+
+
 def zero_spread_fraction(rewards: Tensor, group_size: int, tol: float = 1e-6) -> float:
     """Fraction of groups whose rewards are all equal (``max - min <= tol``): they carry no learning signal.
 

@@ -25,7 +25,14 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from dualrl.algo.common import MaskTerms, StepOutput, pick_references, segment_view
-from dualrl.algo.grpo import best_sample_nll, group_advantages, group_winners, grpo_loss, zero_spread_fraction
+from dualrl.algo.grpo import (
+    best_sample_nll,
+    greedy_advantages,
+    group_advantages,
+    group_winners,
+    grpo_loss,
+    zero_spread_fraction,
+)
 from dualrl.algo.registry import register
 from dualrl.algo.rollout_data import Rollout, RolloutPlan
 from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
@@ -86,9 +93,11 @@ class Grpo:
     @classmethod
     def plan(cls, recipe: Recipe) -> RolloutPlan:
         g = recipe.algo.grpo
+        greedy = g.baseline == "greedy"
         return RolloutPlan(
-            group_size=g.num_generations,
+            group_size=g.num_generations + greedy,
             sample=True,
+            greedy_first=greedy,
             temperature=g.temperature,
             top_p=g.top_p,
             max_new_tokens=g.max_completion_length or recipe.model.max_caption_tokens,
@@ -116,12 +125,17 @@ class Grpo:
                     completion_logprobs, feats, masks, region, completions, s.temperature
                 )
         rewards = upload(rollout.rewards, device)
-        adv = group_advantages(rewards, rollout.group_size, s.scale_rewards)
+        g = rollout.group_size
+        if s.baseline == "greedy":  # each group's first row is the greedy caption: a baseline, not a sample
+            adv = greedy_advantages(rewards, g, s.scale_rewards)
+            policy_mask = mask & upload(torch.arange(len(completions)) % g != 0, device)[:, None]
+        else:
+            adv, policy_mask = group_advantages(rewards, g, s.scale_rewards), mask
         pg_loss, pg = grpo_loss(
             logp,
             rollout.old_logprobs,
             adv,
-            mask,
+            policy_mask,
             epsilon=s.epsilon,
             epsilon_high=s.epsilon_high,
             beta=s.beta,
@@ -161,6 +175,10 @@ class Grpo:
         }
         if best_nll is not None:
             metrics["grpo/best_nll"] = best_nll.detach()
+        if s.baseline == "greedy":  # the host's rewards: the greedy caption's, and the samples' lead over it
+            grouped = rollout.rewards.view(-1, g).double()
+            metrics["grpo/greedy_reward"] = grouped[:, 0].mean().item()
+            metrics["grpo/samples_over_greedy"] = (grouped[:, 1:] - grouped[:, :1]).mean().item()
         return StepOutput(loss, metrics)
 
     def _segmenter_terms(

@@ -13,13 +13,15 @@ from dualrl.model.grounded_vlm import Captions
 @dataclass(frozen=True)
 class RolloutPlan:
     """How captions are drawn for a step: `group_size` per region (consecutive rows), greedy or sampled (whose
-    weights draw them is the objective's `rollout_weights`)."""
+    weights draw them is the objective's `rollout_weights`); with `greedy_first`, each group's first caption is
+    greedy and the others sampled (GRPO's greedy baseline)."""
 
     group_size: int = 1
     sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int | None = None
+    greedy_first: bool = False
 
 
 @dataclass

@@ -112,6 +112,14 @@ class GrpoSpec(Section):
         ge=0,
         description="k3 KL to a frozen copy of the starting captioner (0: none, and no reference model is built).",
     )
+    baseline: Literal["group", "greedy"] = Field(
+        "group",
+        description="What a sampled caption's reward is measured against: its group's mean (GRPO), or the reward of "
+        "the region's greedy caption, decoded beside the G samples and scored with them (ReMax's baseline; the "
+        "group then has G + 1 captions, the greedy one first and out of the policy loss). The group mean rewards "
+        "any sample above the group's average, also one worse than the greedy caption that is evaluated; the "
+        "greedy baseline rewards only the samples that beat it.",
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group",
         description="Advantage = (reward - group mean) / std, the std over the group, over the batch, or none "

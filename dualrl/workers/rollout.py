@@ -30,12 +30,24 @@ class RolloutWorker:
         with torch.random.fork_rng(devices=cuda, enabled=seed is not None), self.model.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
-            return self.model.describe(
+            samples = plan.group_size - plan.greedy_first
+            captions = self.model.describe(
                 batch["images"],
                 batch["masks"],
-                group_size=plan.group_size,
+                group_size=samples,
                 sample=plan.sample,
                 temperature=plan.temperature,
                 top_p=plan.top_p,
                 max_new_tokens=plan.max_new_tokens or self.max_new_tokens,
             )
+            if not plan.greedy_first:
+                return captions
+            # after the samples, so they draw what a plan without the greedy row draws; the images' encoding is
+            # the one the samples made (kept by the model)
+            greedy = self.model.describe(
+                batch["images"], batch["masks"], max_new_tokens=plan.max_new_tokens or self.max_new_tokens
+            )
+        parts = []
+        for r in range(len(greedy)):
+            parts += [greedy.part(r, r + 1), captions.part(r * samples, (r + 1) * samples)]
+        return Captions.join(parts)

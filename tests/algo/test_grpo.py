@@ -12,6 +12,7 @@ from dualrl.algo.grpo import (
     SCALE_REWARDS,
     aggregate,
     best_sample_nll,
+    greedy_advantages,
     group_advantages,
     group_winners,
     grpo_loss,
@@ -80,6 +81,21 @@ def test_advantages_accept_integer_rewards_and_are_detached() -> None:
     adv = group_advantages(torch.tensor([1, 0, 0, 1]), 4, scale_rewards="none")
     assert adv.dtype == torch.float32 and adv.tolist() == [0.5, -0.5, -0.5, 0.5]
     assert not group_advantages(_t([1.0, 0.0], requires_grad=True), 2).requires_grad
+
+
+def test_greedy_advantages_measure_samples_against_the_greedy_row() -> None:
+    """Groups [greedy, samples...]: group 0 (0.5 | 1, 0, 0.5): r - r_0 = 0, 0.5, -0.5, 0; Bessel std of the group
+    sqrt(1/6) -> +-0.5 / 0.408248 = +-1.224745. Group 1: samples tie with each other (1, 1, 1) but beat the greedy
+    0: finite advantages (the whole group's std 0.5), equal and positive. The greedy rows get 0. (eps 1e-4 is
+    added to each std.)"""
+    rewards = _t([0.5, 1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0])
+    a, b = 0.5 / ((1 / 6) ** 0.5 + 1e-4), 1.0 / (0.5 + 1e-4)
+    assert greedy_advantages(rewards, 4).tolist() == pytest.approx([0.0, a, -a, 0.0, 0.0, b, b, b], rel=1e-9)
+    assert greedy_advantages(rewards, 4, scale_rewards="none").tolist() == [0.0, 0.5, -0.5, 0.0, 0.0, 1.0, 1.0, 1.0]
+    flat = greedy_advantages(_t([0.3] * 4), 4)
+    assert flat.tolist() == [0.0] * 4  # nothing beats or trails the greedy caption: no signal, no nan
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        greedy_advantages(_t([1.0, 0.0]), 2)
 
 
 def test_zero_spread_fraction_counts_flat_groups() -> None:

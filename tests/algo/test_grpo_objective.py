@@ -9,6 +9,7 @@ import torch
 from dualrl.algo.grpo_objective import Grpo, completion_logprobs
 from dualrl.algo.rollout_data import Rollout
 from dualrl.model.build import build_model
+from dualrl.model.grounded_vlm import Captions
 from dualrl.recipe import AlgoSpec
 
 G = 2
@@ -209,3 +210,46 @@ def test_best_weight_raises_the_winners_likelihood(policy, region_batch):
     gain = (after - old).sum(dim=1)
     assert all(gain[r] > 0 for r in winners), gain
     assert "grpo/best_nll" not in Grpo(_algo(), policy)(policy, region_batch, rollout, torch.Generator()).metrics
+
+
+def test_greedy_baseline_draws_the_greedy_caption_first_and_keeps_it_out_of_the_policy_loss(tiny_spec, region_batch):
+    """`algo.grpo.baseline=greedy`: the plan asks for G + 1 captions a region, the greedy one first; the rollout
+    worker draws the same samples as a plan without it (same seed) and puts the model's greedy caption before them.
+    The policy loss does not depend on the greedy rows' tokens (they are the baseline, not samples), and differs
+    from the group-mean baseline's on the same captions and rewards."""
+    from dualrl.algo.rollout_data import RolloutPlan
+    from dualrl.recipe import load_recipe
+    from dualrl.workers.rollout import RolloutWorker
+    from tests.conftest import TINY
+
+    recipe = load_recipe(
+        "recipes/sft_dual.yaml",
+        [*TINY, "output_dir=unused", "algo.name=grpo", f"algo.grpo.num_generations={G}", "algo.grpo.baseline=greedy"],
+    )
+    plan = Grpo.plan(recipe)
+    assert (plan.group_size, plan.greedy_first, plan.sample) == (G + 1, True, True)
+    torch.manual_seed(0)
+    model = build_model(tiny_spec)
+    worker = RolloutWorker(tiny_spec, "cpu", model=model)
+    caps = worker.describe(region_batch, plan, seed=7)
+    samples = worker.describe(region_batch, RolloutPlan(G, True, plan.temperature, plan.top_p), seed=7)
+    greedy = worker.describe(region_batch, RolloutPlan())
+    n = len(region_batch["masks"])
+    assert len(caps) == n * (G + 1)
+    for r in range(n):
+        assert torch.equal(caps.ids[r * (G + 1)], greedy.ids[r])
+        for k in range(G):
+            assert torch.equal(caps.ids[r * (G + 1) + 1 + k], samples.ids[r * G + k])
+
+    model.train()
+    rewards = torch.tensor([0.5, 0.9, 0.1] * n)
+    spec = _algo(seg_weight=0.0, llm_weight=0.0, baseline="greedy")
+    out = Grpo(spec, model)(model, region_batch, Rollout(caps, G + 1, rewards), torch.Generator().manual_seed(0))
+    swapped = Captions.join([caps.part(r + 2, r + 3) if r % 3 == 0 else caps.part(r, r + 1) for r in range(3 * n)])
+    again = Grpo(spec, model)(model, region_batch, Rollout(swapped, G + 1, rewards), torch.Generator().manual_seed(0))
+    assert float(again.metrics["grpo/loss"]) == pytest.approx(float(out.metrics["grpo/loss"]), rel=1e-5)
+    assert out.metrics["grpo/greedy_reward"] == pytest.approx(0.5)
+    assert out.metrics["grpo/samples_over_greedy"] == pytest.approx(0.0, abs=1e-6)  # (0.9 + 0.1) / 2 - 0.5
+    mean_baseline = Grpo(_algo(seg_weight=0.0, llm_weight=0.0), model)
+    other = mean_baseline(model, region_batch, Rollout(caps, G + 1, rewards), torch.Generator().manual_seed(0))
+    assert float(other.metrics["grpo/loss"]) != pytest.approx(float(out.metrics["grpo/loss"]), rel=1e-3)
