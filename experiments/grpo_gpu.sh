@@ -4,6 +4,8 @@
 #   bash experiments/grpo_gpu.sh select   # settings on the select split: one sft_dual start (seed 0), then GRPO
 #                                          # arms (lr, seg_target, G, temperature)
 #   bash experiments/grpo_gpu.sh val      # the GRPO recipe against sft_dual continued, from 3 seeds' sft_dual EMA
+#   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml bash experiments/grpo_gpu.sh greedy   # as select, the greedy
+#                                          # caption as the baseline (algo.grpo.baseline=greedy) beside the recipe
 # The three stages below start from sft_dual seed 0's EMA made elsewhere (on the CPU: experiments/
 # sft_dual_vs_supervised.sh), as STARTS/seed0/step_300/ema.safetensors (17 MB; an empty trainable.safetensors beside
 # it marks the step folder). With the tree it does not fit one call's carry beside .whl and WordNet: a first call
@@ -37,6 +39,16 @@ case ${1:-} in
       lr1e-4_best="$g,optim.lr=1e-4,algo.grpo.seg_target=best" lr1e-4_g16="$g,optim.lr=1e-4,algo.grpo.num_generations=16" \
       t15="$g,algo.grpo.temperature=1.5" t2_lr1e-4="$g,algo.grpo.temperature=2.0,optim.lr=1e-4" \
       t15_best="$g,algo.grpo.temperature=1.5,algo.grpo.seg_target=best"
+    ;;
+  greedy)
+    # the recipe's GRPO block, then the greedy baseline with it and with one change each (select split, seed 0)
+    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    r="$g,algo.grpo.baseline=greedy"
+    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" greedy="$r" \
+      greedy_t15="$r,algo.grpo.temperature=1.5" greedy_frozen="$r,algo.ema_decay=1.0" \
+      greedy_lr3e-5="$r,optim.lr=3e-5" greedy_b16_lr3e-4="$r,data.batch_size=16,optim.lr=3e-4" \
+      greedy_unscaled="$r,algo.grpo.scale_rewards=none"
     ;;
   val)
     c=model.init_weights=ema$X
