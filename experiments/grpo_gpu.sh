@@ -6,6 +6,8 @@
 #   bash experiments/grpo_gpu.sh val      # the GRPO recipe against sft_dual continued, from 3 seeds' sft_dual EMA
 #   S=recipes/sft_dual.yaml G=recipes/grpo_dual.yaml bash experiments/grpo_gpu.sh greedy   # as select, the greedy
 #                                          # caption as the baseline (algo.grpo.baseline=greedy) beside the recipe
+#   S=... G=... bash experiments/grpo_gpu.sh pure   # GRPO alone on the shared LoRA (no segmenter terms), against a
+#                                          # frozen teacher: does the segmenter's loss pull the greedy captions down?
 # The three stages below start from sft_dual seed 0's EMA made elsewhere (on the CPU: experiments/
 # sft_dual_vs_supervised.sh), as STARTS/seed0/step_300/ema.safetensors (17 MB; an empty trainable.safetensors beside
 # it marks the step folder). With the tree it does not fit one call's carry beside .whl and WordNet: a first call
@@ -49,6 +51,15 @@ case ${1:-} in
       greedy_t15="$r,algo.grpo.temperature=1.5" greedy_frozen="$r,algo.ema_decay=1.0" \
       greedy_lr3e-5="$r,optim.lr=3e-5" greedy_b16_lr3e-4="$r,data.batch_size=16,optim.lr=3e-4" \
       greedy_unscaled="$r,algo.grpo.scale_rewards=none"
+    ;;
+  pure)
+    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100},algo.ema_decay=1.0"
+    p="$g,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
+    q="$p,algo.grpo.baseline=greedy"
+    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" frozen="$g" frozen_greedy="$g,algo.grpo.baseline=greedy" \
+      pure="$p" pure_greedy="$q" pure_greedy_lr3e-5="$q,optim.lr=3e-5" pure_greedy_t15="$q,algo.grpo.temperature=1.5" \
+      pure_greedy_b16="$q,data.batch_size=16" pure_greedy_winners="$q,algo.grpo.best_weight=1.0"
     ;;
   val)
     c=model.init_weights=ema$X
