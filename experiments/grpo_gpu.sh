@@ -8,6 +8,8 @@
 #                                          # caption as the baseline (algo.grpo.baseline=greedy) beside the recipe
 #   S=... G=... bash experiments/grpo_gpu.sh pure   # GRPO alone on the shared LoRA (no segmenter terms), against a
 #                                          # frozen teacher: does the segmenter's loss pull the greedy captions down?
+#   S=... G=... bash experiments/grpo_gpu.sh credit   # the greedy baseline's advantage only on the tokens from where
+#                                          # a sample leaves the greedy caption (algo.grpo.credit=after_greedy_prefix)
 # The three stages below start from sft_dual seed 0's EMA made elsewhere (on the CPU: experiments/
 # sft_dual_vs_supervised.sh), as STARTS/seed0/step_300/ema.safetensors (17 MB; an empty trainable.safetensors beside
 # it marks the step folder). With the tree it does not fit one call's carry beside .whl and WordNet: a first call
@@ -60,6 +62,16 @@ case ${1:-} in
     bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" frozen="$g" frozen_greedy="$g,algo.grpo.baseline=greedy" \
       pure="$p" pure_greedy="$q" pure_greedy_lr3e-5="$q,optim.lr=3e-5" pure_greedy_t15="$q,algo.grpo.temperature=1.5" \
       pure_greedy_b16="$q,data.batch_size=16" pure_greedy_winners="$q,algo.grpo.best_weight=1.0"
+    ;;
+  credit)
+    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    c="$g,algo.grpo.baseline=greedy,algo.grpo.credit=after_greedy_prefix"
+    f="$c,algo.ema_decay=1.0"
+    p="$f,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
+    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" credit="$c" credit_frozen="$f" \
+      credit_frozen_lr3e-4="$f,optim.lr=3e-4" credit_frozen_t15="$f,algo.grpo.temperature=1.5" \
+      credit_frozen_b16="$f,data.batch_size=16" credit_alone="$p" credit_alone_lr3e-4="$p,optim.lr=3e-4"
     ;;
   val)
     c=model.init_weights=ema$X

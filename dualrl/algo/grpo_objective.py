@@ -128,7 +128,9 @@ class Grpo:
         g = rollout.group_size
         if s.baseline == "greedy":  # each group's first row is the greedy caption: a baseline, not a sample
             adv = greedy_advantages(rewards, g, s.scale_rewards)
-            policy_mask = mask & upload(torch.arange(len(completions)) % g != 0, device)[:, None]
+            reach = greedy_departures(completions, g, mask.shape[1]) if s.credit == "after_greedy_prefix" else None
+            samples = torch.arange(len(completions)) % g != 0
+            policy_mask = mask & upload(samples[:, None] if reach is None else reach & samples[:, None], device)
         else:
             adv, policy_mask = group_advantages(rewards, g, s.scale_rewards), mask
         pg_loss, pg = grpo_loss(
@@ -221,6 +223,20 @@ class Grpo:
                 continue
             rows.append(r)
         return texts, rows
+
+
+def greedy_departures(completions: list[Tensor], group_size: int, width: int) -> Tensor:
+    """[N, width] host bool: True at the tokens of each completion from the first one that differs from its group's
+    first (greedy) completion on; all False for the greedy rows and for samples equal to it."""
+    out = torch.zeros(len(completions), width, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        greedy = completions[i - i % group_size]
+        n = min(len(c), len(greedy))
+        same = (c[:n] == greedy[:n]).int().cumprod(0)
+        shared = int(same.sum())
+        if shared < len(c) or len(c) != len(greedy):
+            out[i, shared : len(c)] = True
+    return out
 
 
 def _laid_out(rows: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dualrl.recipe.section import MAX_BATCH, Section
 
@@ -120,6 +120,13 @@ class GrpoSpec(Section):
         "any sample above the group's average, also one worse than the greedy caption that is evaluated; the "
         "greedy baseline rewards only the samples that beat it.",
     )
+    credit: Literal["sequence", "after_greedy_prefix"] = Field(
+        "sequence",
+        description="Which tokens of a sample its advantage reaches: all of them, or (baseline: greedy) those from "
+        "where it departs from its region's greedy caption. The tokens before are the greedy caption's own; the "
+        "reward difference comes from the rest, and a push on the shared prefix would move the greedy caption "
+        "itself.",
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group",
         description="Advantage = (reward - group mean) / std, the std over the group, over the batch, or none "
@@ -150,6 +157,12 @@ class GrpoSpec(Section):
         "best-rewarded caption, or the reference where there is one, else the best.",
     )
     seg_weight: float = Field(1.0, ge=0, description="Weight of the segmenter's BCE + dice loss.")
+
+    @model_validator(mode="after")
+    def _credit_needs_the_greedy_caption(self) -> GrpoSpec:
+        if self.credit == "after_greedy_prefix" and self.baseline != "greedy":
+            raise ValueError("credit after_greedy_prefix needs baseline: greedy (the caption it is measured from)")
+        return self
 
 
 class AlgoSpec(Section):

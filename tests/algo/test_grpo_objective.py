@@ -253,3 +253,41 @@ def test_greedy_baseline_draws_the_greedy_caption_first_and_keeps_it_out_of_the_
     mean_baseline = Grpo(_algo(seg_weight=0.0, llm_weight=0.0), model)
     other = mean_baseline(model, region_batch, Rollout(caps, G + 1, rewards), torch.Generator().manual_seed(0))
     assert float(other.metrics["grpo/loss"]) != pytest.approx(float(out.metrics["grpo/loss"]), rel=1e-3)
+
+
+def test_greedy_departures_mark_the_tokens_from_where_a_sample_leaves_the_greedy_caption():
+    """Groups of 3, greedy first: a sample that shares 2 tokens is marked from its third; one equal to the greedy
+    caption, and the greedy row, nowhere; one that stops where the greedy goes on, at its end token; one that goes on
+    past a greedy caption that was cut, from its extra token."""
+    from dualrl.algo.grpo_objective import greedy_departures
+
+    t = lambda *v: torch.tensor(v)  # noqa: E731
+    completions = [t(5, 6, 7, 2), t(5, 6, 9, 2), t(5, 6, 7, 2), t(4, 4), t(4, 2), t(4, 4, 8)]
+    got = greedy_departures(completions, 3, 4).int().tolist()
+    assert got == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+
+
+def test_credit_after_the_greedy_prefix_leaves_the_shared_tokens_out_of_the_policy_loss(tiny_spec, region_batch):
+    """With credit after_greedy_prefix, a sample's policy term covers only the tokens from where it leaves the greedy
+    caption: per-token GRPO loss (on-policy: -advantage per token) averaged over exactly those tokens (dapo)."""
+    from dualrl.algo.grpo_objective import greedy_departures
+    from dualrl.algo.rollout_data import RolloutPlan
+    from dualrl.workers.rollout import RolloutWorker
+
+    torch.manual_seed(0)
+    model = build_model(tiny_spec)
+    plan = RolloutPlan(G + 1, True, 1.5, 1.0, None, greedy_first=True)
+    caps = RolloutWorker(tiny_spec, "cpu", model=model).describe(region_batch, plan, seed=3)
+    model.train()
+    n = len(region_batch["masks"])
+    rewards = torch.tensor([0.5, 0.9, 0.1] * n)
+    spec = _algo(seg_weight=0.0, llm_weight=0.0, baseline="greedy", credit="after_greedy_prefix")
+    out = Grpo(spec, model)(model, region_batch, Rollout(caps, G + 1, rewards), torch.Generator().manual_seed(0))
+    completions = caps.completions()
+    reach = greedy_departures(completions, G + 1, max(len(c) for c in completions))
+    assert reach.any() and not reach.all()
+    from dualrl.algo.grpo import greedy_advantages
+
+    adv = greedy_advantages(rewards, G + 1)
+    expected = -(adv[:, None] * reach).sum() / reach.sum()
+    assert float(out.metrics["grpo/loss"]) == pytest.approx(float(expected), rel=1e-5)
