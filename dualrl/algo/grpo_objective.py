@@ -128,11 +128,13 @@ class Grpo:
         g = rollout.group_size
         if s.baseline == "greedy":  # each group's first row is the greedy caption: a baseline, not a sample
             adv = greedy_advantages(rewards, g, s.scale_rewards)
-            reach = greedy_departures(completions, g, mask.shape[1]) if s.credit == "after_greedy_prefix" else None
             samples = torch.arange(len(completions)) % g != 0
+            reach = greedy_departures(completions, g, mask.shape[1]) if s.credit == "after_greedy_prefix" else None
             policy_mask = mask & upload(samples[:, None] if reach is None else reach & samples[:, None], device)
+            sampled = samples.nonzero()[:, 0].tolist()  # rows drawn at the temperature (the greedy log-probs are not)
         else:
             adv, policy_mask = group_advantages(rewards, g, s.scale_rewards), mask
+            sampled = None
         pg_loss, pg = grpo_loss(
             logp,
             rollout.old_logprobs,
@@ -160,6 +162,11 @@ class Grpo:
             from trl.trainer.utils import entropy_from_logits
 
             entropy = entropy_from_logits(logits).mean() if len(logits) else 0.0
+        lps = rollout.captions.logprobs
+        if sampled is None:
+            logp_gap = _logp_gap(logp.detach(), lps)
+        else:
+            logp_gap = _logp_gap(logp.detach()[sampled], [lps[i] for i in sampled])
         # figures stay on the device (the learner reads them all in one transfer) or come from host data
         metrics = {
             "train/loss_mask": loss_mask.detach(),
@@ -172,7 +179,7 @@ class Grpo:
             "grpo/caption_len": sum(len(c) for c in completions) / len(completions),
             "grpo/truncated_frac": 1.0 - sum(rollout.captions.finished) / len(completions),
             "grpo/entropy": entropy,
-            "grpo/rollout_logp_gap": _logp_gap(logp.detach(), rollout.captions.logprobs),
+            "grpo/rollout_logp_gap": logp_gap,
             **{f"grpo/{k}": v for k, v in pg.items()},
         }
         if best_nll is not None:
@@ -232,10 +239,8 @@ def greedy_departures(completions: list[Tensor], group_size: int, width: int) ->
     for i, c in enumerate(completions):
         greedy = completions[i - i % group_size]
         n = min(len(c), len(greedy))
-        same = (c[:n] == greedy[:n]).int().cumprod(0)
-        shared = int(same.sum())
-        if shared < len(c) or len(c) != len(greedy):
-            out[i, shared : len(c)] = True
+        shared = int((c[:n] == greedy[:n]).int().cumprod(0).sum())
+        out[i, shared : len(c)] = True  # nothing when the sample is the greedy caption or a prefix of it
     return out
 
 
