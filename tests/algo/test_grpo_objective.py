@@ -218,7 +218,7 @@ def test_greedy_baseline_draws_the_greedy_caption_first_and_keeps_it_out_of_the_
     The policy loss does not depend on the greedy rows' tokens (they are the baseline, not samples), and differs
     from the group-mean baseline's on the same captions and rewards."""
     from dualrl.algo.rollout_data import RolloutPlan
-    from dualrl.recipe import load_recipe
+    from dualrl.recipe import RecipeError, load_recipe
     from dualrl.workers.rollout import RolloutWorker
     from tests.conftest import TINY
 
@@ -228,6 +228,11 @@ def test_greedy_baseline_draws_the_greedy_caption_first_and_keeps_it_out_of_the_
     )
     plan = Grpo.plan(recipe)
     assert (plan.group_size, plan.greedy_first, plan.sample) == (G + 1, True, True)
+    with pytest.raises(RecipeError, match="credit after_greedy_prefix needs baseline: greedy"):
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [*TINY, "output_dir=unused", "algo.name=grpo", "algo.grpo.credit=after_greedy_prefix"],
+        )
     torch.manual_seed(0)
     model = build_model(tiny_spec)
     worker = RolloutWorker(tiny_spec, "cpu", model=model)
