@@ -10,6 +10,8 @@
 #                                          # frozen teacher: does the segmenter's loss pull the greedy captions down?
 #   S=... G=... bash experiments/grpo_gpu.sh credit   # the greedy baseline's advantage only on the tokens from where
 #                                          # a sample leaves the greedy caption (algo.grpo.credit=after_greedy_prefix)
+#   S=... G=... bash experiments/grpo_gpu.sh strong   # the arms that came closest on the former checkpoint, again
+#                                          # from the strong one (recipes/pretrained/shapes-tiny since 2026-12-04)
 # The three stages below start from sft_dual seed 0's EMA made elsewhere (on the CPU: experiments/
 # sft_dual_vs_supervised.sh), as STARTS/seed0/step_300/ema.safetensors (17 MB; an empty trainable.safetensors beside
 # it marks the step folder). With the tree it does not fit one call's carry beside .whl and WordNet: a first call
@@ -73,6 +75,16 @@ case ${1:-} in
       credit_frozen_lr3e-4="$f,optim.lr=3e-4" credit_frozen_t15="$f,algo.grpo.temperature=1.5" \
       credit_frozen_b16="$f,data.batch_size=16" credit_alone="$p" credit_alone_lr3e-4="$p,optim.lr=3e-4"
     ;;
+  strong)
+    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
+    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    r="$g,algo.grpo.baseline=greedy"
+    f="$g,algo.ema_decay=1.0,algo.grpo.temperature=1.5"
+    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" greedy="$r" \
+      greedy_frozen="$r,algo.ema_decay=1.0" lr3e-5="$g,optim.lr=3e-5" t15="$g,algo.grpo.temperature=1.5" \
+      frozen_t15_b16_lr3e-4="$f,data.batch_size=16,optim.lr=3e-4" frozen_best1="$g,algo.ema_decay=1.0,algo.grpo.best_weight=1.0" \
+      pure_greedy="$r,algo.ema_decay=1.0,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
+    ;;
   val)
     c=model.init_weights=ema$X
     bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" sft1="$S,$(seed 1)" sft2="$S,$(seed 2)" -- "$W2" \
@@ -119,5 +131,5 @@ case ${1:-} in
       recipe_best1="$h,algo.grpo.best_weight=1.0" frozen_best1="$f,algo.grpo.best_weight=1.0" \
       frozen_raft="$f,algo.grpo.policy_weight=0.0,algo.grpo.best_weight=1.0"
     ;;
-  *) echo "usage: $0 select|val|teacher|batch|long|winners" >&2; exit 2 ;;
+  *) echo "usage: $0 select|greedy|pure|credit|strong|val|teacher|batch|long|winners" >&2; exit 2 ;;
 esac
