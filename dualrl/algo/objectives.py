@@ -139,7 +139,12 @@ class SftDual:
         r, c = cap_seq.marks.get("caption", (torch.zeros(0, dtype=torch.long),) * 2)
         logits = model.logits_at(cap_hidden[r, c - 1])
         weights, indices = topk_gumbel_softmax(
-            logits.float(), self.spec.gumbel_top_k, self.spec.gumbel_tau, hard=True, generator=generator
+            logits.float(),
+            self.spec.gumbel_top_k,
+            self.spec.gumbel_tau,
+            hard=True,
+            generator=generator,
+            noise_scale=self.spec.gumbel_scale,
         )
         soft = soft_embeddings(weights.to(logits.dtype), indices, model.vlm.get_input_embeddings())
         ids = hard_ids(weights, indices)

@@ -35,10 +35,12 @@ def topk_gumbel_softmax(
     tau: float,
     hard: bool = True,
     generator: torch.Generator | None = None,
+    noise_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Sample a token among the top-k logits with Gumbel-softmax, optionally straight-through.
 
-    With ``(l_1..l_k), (idx_1..idx_k) = topk(logits, k)`` (k clamped to V) and ``g_j ~ Gumbel(0, 1)``:
+    With ``(l_1..l_k), (idx_1..idx_k) = topk(logits, k)`` (k clamped to V) and ``g_j ~ s * Gumbel(0, 1)``
+    (s = ``noise_scale``; at 1 a sample from softmax(l), at 0 the most likely token, no noise drawn):
 
         y_soft_j = softmax_j((l_j + g_j) / tau)
         y_hard_j = 1[j = argmax_i (l_i + g_i)]               # a sample from softmax(l) over the top k
@@ -55,6 +57,7 @@ def topk_gumbel_softmax(
         tau: softmax temperature, > 0 (the dual loop uses 0.7).
         hard: straight-through one-hot forward (True) or plain soft weights (False).
         generator: optional generator for reproducible noise.
+        noise_scale: scale of the Gumbel noise, >= 0.
 
     Returns:
         ``(weights [..., k], indices [..., k])``; indices are vocabulary ids sorted by descending logit.
@@ -63,9 +66,14 @@ def topk_gumbel_softmax(
         raise ValueError(f"k must be >= 1, got {k}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
     k = min(k, logits.shape[-1])
     top_logits, indices = logits.topk(k, dim=-1)
-    perturbed = top_logits.float() + _gumbel_noise(top_logits.shape, logits.device, generator)
+    perturbed = top_logits.float()
+    if noise_scale > 0:
+        noise = _gumbel_noise(top_logits.shape, logits.device, generator)
+        perturbed = perturbed + (noise if noise_scale == 1.0 else noise_scale * noise)
     y_soft = torch.softmax(perturbed / tau, dim=-1)
     if not hard:
         return y_soft.to(logits.dtype), indices

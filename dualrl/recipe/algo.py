@@ -57,6 +57,12 @@ class SftDualSpec(Section):
     gumbel_top_k: int = Field(
         128, gt=0, description="The soft token mixes only the student's k most likely tokens at each position."
     )
+    gumbel_scale: float = Field(
+        1.0,
+        ge=0,
+        description="Scale of the Gumbel noise that picks each soft token's forward value: 1 samples it from the "
+        "student's distribution, 0 takes the student's most likely token (the gradient is the softmax's either way).",
+    )
     caption_token_dropout: float = Field(
         0.25,
         ge=0,

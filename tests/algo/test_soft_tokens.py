@@ -89,6 +89,27 @@ def test_invalid_k_or_tau_are_errors() -> None:
         topk_gumbel_softmax(torch.zeros(3), k=0, tau=1.0)
     with pytest.raises(ValueError, match="tau must"):
         topk_gumbel_softmax(torch.zeros(3), k=1, tau=0.0)
+    with pytest.raises(ValueError, match="noise_scale must"):
+        topk_gumbel_softmax(torch.zeros(3), k=1, tau=1.0, noise_scale=-0.5)
+
+
+def test_noise_scale_zero_takes_the_most_likely_token_and_draws_nothing() -> None:
+    """noise_scale=0: the forward one-hot is on the top logit (index 0 of the sorted top k), the gradient is the
+    softmax's, and the generator is not advanced; a small scale moves fewer tokens off the top than 1."""
+    logits = torch.randn(256, 50, generator=_gen(3), requires_grad=True)
+    gen = _gen(5)
+    weights, indices = topk_gumbel_softmax(logits, k=8, tau=0.7, generator=gen, noise_scale=0.0)
+    assert torch.equal(weights.argmax(-1), torch.zeros(256, dtype=torch.long))
+    assert torch.equal(indices[:, 0], logits.argmax(-1))
+    assert torch.equal(gen.get_state(), _gen(5).get_state())
+    assert torch.equal(weights.detach()[:, 1:], torch.zeros(256, 7))
+    weights[:, 1].sum().backward()  # the straight-through gradient reaches the logits though the weight is 0
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    off_top = {}
+    for scale in (0.1, 1.0):
+        w, _ = topk_gumbel_softmax(logits.detach(), k=8, tau=0.7, generator=_gen(9), noise_scale=scale)
+        off_top[scale] = (w.argmax(-1) != 0).float().mean().item()
+    assert off_top[0.1] < off_top[1.0]
 
 
 def test_generator_makes_draws_reproducible() -> None:
