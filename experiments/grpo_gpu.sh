@@ -33,6 +33,12 @@ W1=${WAVE1:-120}
 W2=${WAVE2:-420}
 X=${EXTRA:+,$EXTRA}
 seed() { echo "train.seed=$1,data.seed=$1,model.seed=$1"; }
+# GRPO from sft0, made in the call's first wave (select split, seed 0), and that first wave before the arms given
+from_sft0() {
+  local steps=${STEPS:-300}
+  echo "$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0),train.steps=$steps,eval.every=${EVERY:-100}"
+}
+after_sft0() { bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" "$@"; }
 # GRPO from the carried start of seed 0, evaluated on select (the teacher, batch and long stages)
 from_seed0() { echo "$G,model.init_from=$STARTS/seed0/step_300,model.init_weights=ema,eval.split=select,$(seed 0)"; }
 case ${1:-} in
@@ -40,7 +46,7 @@ case ${1:-} in
     # the recipe's GRPO block as it was before this sweep (temperature 1, seg_target reference), then one change each
     g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0),algo.grpo.temperature=1.0"
     g="$g,algo.grpo.seg_target=reference,train.steps=${STEPS:-300},eval.every=$((${STEPS:-300} / 2))"
-    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" \
+    after_sft0 \
       base="$g" lr1e-4="$g,optim.lr=1e-4" lr3e-4="$g,optim.lr=3e-4" \
       lr1e-4_best="$g,optim.lr=1e-4,algo.grpo.seg_target=best" lr1e-4_g16="$g,optim.lr=1e-4,algo.grpo.num_generations=16" \
       t15="$g,algo.grpo.temperature=1.5" t2_lr1e-4="$g,algo.grpo.temperature=2.0,optim.lr=1e-4" \
@@ -48,39 +54,35 @@ case ${1:-} in
     ;;
   greedy)
     # the recipe's GRPO block, then the greedy baseline with it and with one change each (select split, seed 0)
-    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
-    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    g="$(from_sft0)"
     r="$g,algo.grpo.baseline=greedy"
-    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" greedy="$r" \
+    after_sft0 recipe="$g" greedy="$r" \
       greedy_t15="$r,algo.grpo.temperature=1.5" greedy_frozen="$r,algo.ema_decay=1.0" \
       greedy_lr3e-5="$r,optim.lr=3e-5" greedy_b16_lr3e-4="$r,data.batch_size=16,optim.lr=3e-4" \
       greedy_unscaled="$r,algo.grpo.scale_rewards=none"
     ;;
   pure)
-    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
-    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100},algo.ema_decay=1.0"
+    g="$(from_sft0),algo.ema_decay=1.0"
     p="$g,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
     q="$p,algo.grpo.baseline=greedy"
-    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" frozen="$g" frozen_greedy="$g,algo.grpo.baseline=greedy" \
+    after_sft0 frozen="$g" frozen_greedy="$g,algo.grpo.baseline=greedy" \
       pure="$p" pure_greedy="$q" pure_greedy_lr3e-5="$q,optim.lr=3e-5" pure_greedy_t15="$q,algo.grpo.temperature=1.5" \
       pure_greedy_b16="$q,data.batch_size=16" pure_greedy_winners="$q,algo.grpo.best_weight=1.0"
     ;;
   credit)
-    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
-    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    g="$(from_sft0)"
     c="$g,algo.grpo.baseline=greedy,algo.grpo.credit=after_greedy_prefix"
     f="$c,algo.ema_decay=1.0"
     p="$f,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
-    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" credit="$c" credit_frozen="$f" \
+    after_sft0 recipe="$g" credit="$c" credit_frozen="$f" \
       credit_frozen_lr3e-4="$f,optim.lr=3e-4" credit_frozen_t15="$f,algo.grpo.temperature=1.5" \
       credit_frozen_b16="$f,data.batch_size=16" credit_alone="$p" credit_alone_lr3e-4="$p,optim.lr=3e-4"
     ;;
   strong)
-    g="$G,model.init_from=@sft0,model.init_weights=ema,eval.split=select,$(seed 0)"
-    g="$g,train.steps=${STEPS:-300},eval.every=${EVERY:-100}"
+    g="$(from_sft0)"
     r="$g,algo.grpo.baseline=greedy"
     f="$g,algo.ema_decay=1.0,algo.grpo.temperature=1.5"
-    bash experiments/gpu_runs.sh "$W1" sft0="$S,$(seed 0)" -- "$W2" recipe="$g" greedy="$r" \
+    after_sft0 recipe="$g" greedy="$r" \
       greedy_frozen="$r,algo.ema_decay=1.0" lr3e-5="$g,optim.lr=3e-5" t15="$g,algo.grpo.temperature=1.5" \
       frozen_t15_b16_lr3e-4="$f,data.batch_size=16,optim.lr=3e-4" frozen_best1="$g,algo.ema_decay=1.0,algo.grpo.best_weight=1.0" \
       pure_greedy="$r,algo.ema_decay=1.0,algo.grpo.seg_weight=0,algo.loss.llm_weight=0"
