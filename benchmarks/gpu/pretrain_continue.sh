@@ -33,12 +33,14 @@ python3 -m dualrl.eval "$root/$name" --data shapes --split val --max-regions 256
 tail -3 "$root/eval_cli.log"
 keep=/tmp/pc_keep/$name
 rm -rf "$keep" && mkdir -p "$keep/metrics"
-cp -r "$root/$name" "$keep/"
-cp "$root/run/metrics.jsonl" "$keep/metrics/run_metrics.jsonl"
-cp "$root/run/recipe.yaml" "$keep/metrics/run_recipe.yaml"
-cp "$root/run/summary.json" "$keep/metrics/run_summary.json"
-cp "$root/own/metrics.jsonl" "$keep/metrics/own_eval_metrics.jsonl"
-cp "$root/eval_cli.json" "$keep/metrics/"
+{
+  cp -r "$root/$name" "$keep/" &&
+    cp "$root/run/metrics.jsonl" "$keep/metrics/run_metrics.jsonl" &&
+    cp "$root/run/recipe.yaml" "$keep/metrics/run_recipe.yaml" &&
+    cp "$root/run/summary.json" "$keep/metrics/run_summary.json" &&
+    cp "$root/own/metrics.jsonl" "$keep/metrics/own_eval_metrics.jsonl" &&
+    cp "$root/eval_cli.json" "$keep/metrics/"
+} || { echo "error: a result file is missing"; exit 1; }
 tr '\r' '\n' <"$root/run.log" | grep -v "it/s\]" >"$keep/metrics/run.log"
-tar -C "$keep" -cf "/tmp/$name.tar" . && split -b 15M "/tmp/$name.tar" "$OUT/$name.tar.part"
+tar -C "$keep" -cf "/tmp/$name.tar" . && split -b 15M "/tmp/$name.tar" "$OUT/$name.tar.part" || exit 1
 ls -la "$OUT"

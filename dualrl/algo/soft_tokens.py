@@ -72,8 +72,7 @@ def topk_gumbel_softmax(
     top_logits, indices = logits.topk(k, dim=-1)
     perturbed = top_logits.float()
     if noise_scale > 0:
-        noise = _gumbel_noise(top_logits.shape, logits.device, generator)
-        perturbed = perturbed + (noise if noise_scale == 1.0 else noise_scale * noise)
+        perturbed = perturbed + noise_scale * _gumbel_noise(top_logits.shape, logits.device, generator)
     y_soft = torch.softmax(perturbed / tau, dim=-1)
     if not hard:
         return y_soft.to(logits.dtype), indices
