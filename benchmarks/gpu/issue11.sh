@@ -30,6 +30,8 @@
 #                                            # warm-up steps (a long run's steady state: shapes and allocator seen),
 #                                            # each with its own FLOPs, under torch's allocator, then expandable segments
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
+#   bash benchmarks/gpu/issue11.sh fused     # the 4B sft_dual learner as in steady (fewer steps), then its timed
+#                                            # updates again with the LLM's sibling projections one by one and grouped
 #   bash benchmarks/gpu/issue11.sh gaps      # the 4B sft_dual learner as in steady (${STEPS:-12} steps), then the last
 #                                            # batch's update under the profiler: where the GPU waits, and for what
 #   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
@@ -353,6 +355,15 @@ PY
         --out "$OUT/$name.json"
     done
     unset PYTORCH_CUDA_ALLOC_CONF
+    ;;
+  fused)  # the 4B sft_dual learner as in steady (${STEPS:-28} steps, the first ${WARMUP:-12} warm-up), then the timed
+    # steps' updates again on their batches, the LLM's sibling projections one by one and grouped
+    # (model.train_fuse_projections), alternating, each kind's MFU over the same FLOPs; one process
+    # shellcheck disable=SC2086  # SETS holds several overrides
+    run "fused_sft_dual${TAG:+_$TAG}" "${LIMIT:-570}" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 \
+      --steps "${STEPS:-28}" --warmup "${WARMUP:-12}" --flops-each --compare-projections \
+      --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp ${SETS:-} \
+      --out "$OUT/fused_sft_dual${TAG:+_$TAG}.json"
     ;;
   gaps)  # steady's settings, fewer steps; the profiled update is the last batch's again (its sizes met)
     # shellcheck disable=SC2086  # SETS holds several overrides

@@ -4,7 +4,8 @@
         [--warmup 1] [--algos sft_dual grpo] [--batch-size 4] [--generations 4] [--accumulation 1]
         [--generation engine|generate]
         [--cache dynamic|static] [--naive-regions 2] [--compare-compile] [--compare-wrapper] [--compare-token-rows]
-        [--compare-threads 1 16] [--compare-encodings] [--flops-each] [--set KEY=VALUE ...] [--tiny]
+        [--compare-threads 1 16] [--compare-encodings] [--compare-projections] [--flops-each] [--set KEY=VALUE ...]
+        [--tiny]
         [--out results.json]
 
 Builds the recipe's model with random init (no weights can be downloaded where this runs; speed does not
@@ -31,7 +32,11 @@ inductor's Python and C++ wrappers (`model.train_compile_wrapper`). With `--comp
 batch alternates between torch thread counts in the training process (`train.threads`), each with the region cells
 found by block sums (dualrl's) and by pooling a float copy of the masks (before 0.5). With `--compare-encodings`,
 the update on the last batch alternates between its micro-batches taking their rows of the teacher's encoding
-(dualrl's) and each encoding its own images (before 0.5, with `--accumulation` > 1).
+(dualrl's) and each encoding its own images (before 0.5, with `--accumulation` > 1). With `--compare-projections`,
+the timed steps' updates run again on their own batches, each once with the LLM's sibling projections as the recipe
+has them and once grouped (`model.train_fuse_projections`), alternating which goes first, after one untimed pass of
+the other kind over them (it compiles and meets their sizes): each kind's update times and, with `--flops-each`,
+its MFU over the same FLOPs.
 """
 
 from __future__ import annotations
@@ -228,7 +233,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         shapes: dict = {}
         with sizes.update(shapes):
             metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
-        if (args.flops_each or args.replay) and step > args.warmup:
+        if (args.flops_each or args.replay or args.compare_projections) and step > args.warmup:
             kept.append((batch, rollout, step))
         sync()
         t_update = time.perf_counter()
@@ -304,6 +309,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         host = compare_host(runtime.learner, batch, rollout, recipe.train.seed, repeats, args)
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
+    projections = compare_projections(runtime.learner, kept, recipe.train.seed) if args.compare_projections else None
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -312,7 +318,11 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "mfu": flops / median["update_s"] / peak if peak else None,
         "mfu_of_measured_matmul": flops / median["update_s"] / args.rates["matmul_flops_per_s"],
         "mfu_compiled": flops / compiled["compiled_update_s"] / peak if peak and compiled else None,
-        **(timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak) if args.flops_each and kept else {}),
+        **(
+            timed_mfu(runtime.learner, kept, timed, recipe.train.seed, peak, projections)
+            if args.flops_each and kept
+            else {}
+        ),
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "accumulation": recipe.optim.accumulation,
     }
@@ -364,6 +374,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         "wrapper": wrapper,
         "host": host,
         "replayed": replayed,
+        "projections": projections,
         "sync_sites": syncs,
         "generation": recipe.model.generation,
     }
@@ -572,6 +583,43 @@ def replay(learner, kept: list, seed: int) -> dict:
     return out
 
 
+def compare_projections(learner, kept: list, seed: int) -> dict:
+    """The timed steps' updates again on their own batches, each with the LLM's sibling projections computed one by
+    one and grouped (`model.train_fuse_projections`), alternating which kind goes first from batch to batch, after
+    one untimed pass over the batches of the kind the timed steps did not run (it compiles its blocks and meets the
+    batches' sizes): each kind's update times in the batches' order, their sums' ratio, and the peak memory over the
+    alternating updates (the grouped copies held throughout)."""
+    from dualrl.model.train_projections import TrainProjections
+
+    own = learner.projections
+    kinds = {"plain": None, "grouped": own if own is not None else TrainProjections(learner.model.lm)}
+    first_pass = "plain" if own is not None else "grouped"
+
+    def update(kind: str, batch: dict, rollout: Rollout, step: int) -> float:
+        learner.projections = kinds[kind]
+        encoded_as_in_the_loop(learner, batch)
+        sync()
+        t = time.perf_counter()
+        learner.step(batch, rollout, step_generator(seed, 6000 + step))
+        sync()
+        return time.perf_counter() - t
+
+    out: dict[str, list[float] | float] = {"plain_update_s": [], "grouped_update_s": []}
+    try:
+        out["untimed_pass_s"] = sum(update(first_pass, b, r, s) for b, r, s in kept)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for i, (batch, rollout, step) in enumerate(kept):
+            for kind in ("plain", "grouped") if i % 2 else ("grouped", "plain"):
+                out[f"{kind}_update_s"].append(update(kind, batch, rollout, step))
+    finally:
+        learner.projections = own
+    out["speedup"] = sum(out["plain_update_s"]) / sum(out["grouped_update_s"])
+    out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print(f"grouped projections: {json.dumps(out)}", flush=True)
+    return out
+
+
 def encoded_as_in_the_loop(learner, batch: dict) -> None:
     """The batch's images encoded as the teacher encodes them before each update in one process (no autograd, the
     model's autocast), outside any timing or count: the update then reuses that encoding, each micro-batch its rows
@@ -602,13 +650,18 @@ def learner_flops(learner, batch: dict, rollout: Rollout, generator: torch.Gener
     return float(counter.get_total_flops())
 
 
-def timed_mfu(learner, kept: list, timed: list[dict], seed: int, peak: float | None) -> dict:
+def timed_mfu(
+    learner, kept: list, timed: list[dict], seed: int, peak: float | None, projections: dict | None = None
+) -> dict:
     """MFU over the timed updates, each with its own batch's FLOPs (their prompts differ in length): the FLOPs of
-    all of them over the time of all of them, and each update's own."""
+    all of them over the time of all of them, and each update's own; with `projections` (--compare-projections),
+    also each kind's MFU over its updates of the same batches."""
     flops = [learner_flops(learner, batch, rollout, step_generator(seed, step)) for batch, rollout, step in kept]
     times = [p["update_s"] for p in timed]
     each = [f / t / peak for f, t in zip(flops, times)] if peak else None
     out = {"timed_flops_per_update": flops, "timed_mfu": sum(flops) / sum(times) / peak if peak else None}
+    for kind in ("plain", "grouped") if projections and peak else ():
+        out[f"{kind}_projections_mfu"] = sum(flops) / sum(projections[f"{kind}_update_s"]) / peak
     print(f"timed updates, each with its own FLOPs: {json.dumps({**out, 'each_mfu': each})}", flush=True)
     return {**out, "timed_each_mfu": each}
 
@@ -801,6 +854,12 @@ def main() -> int:
         action="store_true",
         help="time the learner update with its micro-batches taking their rows of the teacher's encoding and with "
         "each encoding its own images, alternating (use with --accumulation 2 or more)",
+    )
+    parser.add_argument(
+        "--compare-projections",
+        action="store_true",
+        help="the timed steps' updates again on their batches, with the LLM's sibling projections one by one and "
+        "grouped (model.train_fuse_projections), alternating; with --flops-each, each kind's MFU",
     )
     parser.add_argument(
         "--compare-threads",

@@ -27,6 +27,7 @@ RESUME_KEYS: dict[str, tuple[bool, str]] = {
     "model.gradient_checkpointing": (True, "memory against compute; the same gradients"),
     "model.train_compile": (True, "how the learner's blocks run: the same gradients up to rounding"),
     "model.train_compile_wrapper": (True, "how the learner's compiled blocks are called: the same kernels"),
+    "model.train_fuse_projections": (True, "how the learner's projections run: the same gradients up to rounding"),
     "model.train_graphs": (True, "how the learner's fixed-shape parts run: the same gradients up to rounding"),
     "model.generation": (True, "the decoding machinery; the same sampling"),
     "model.generation_cache": (True, "the decoding machinery; the same sampling"),

@@ -115,6 +115,11 @@ class Recipe(Section):
                 "FSDP's gathers, which dualrl does not do;"
                 " set model.train_compile=false or runtime.learner_sharding=ddp"
             )
+        if r.learner_sharding == "fsdp" and self.model.train_fuse_projections:
+            raise ValueError(
+                "runtime.learner_sharding=fsdp with model.train_fuse_projections: the fused copies would be of "
+                "sharded base weights; set model.train_fuse_projections=false or runtime.learner_sharding=ddp"
+            )
         if r.learners > 1 and self.model.train_graphs:
             raise ValueError(
                 f"runtime.learners={r.learners} with model.train_graphs: the graphs serve one learner (under FSDP they "

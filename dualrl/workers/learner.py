@@ -31,6 +31,7 @@ from dualrl.checkpoint import rng_state, set_rng_state
 from dualrl.model.build import build_model
 from dualrl.model.train_compile import CompiledBlocks
 from dualrl.model.train_graphs import TrainGraphs
+from dualrl.model.train_projections import TrainProjections
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
 from dualrl.workers import data_parallel as dp
 from dualrl.workers import sharding
@@ -67,6 +68,8 @@ class Learner:
         self.model.train()
         # model.train_compile: the repeated blocks run compiled in updates (forward and backward), eager elsewhere
         self.compiled = CompiledBlocks(self.model, model.train_compile_wrapper) if model.train_compile else None
+        # model.train_fuse_projections: sibling LoRA projections computed together in updates
+        self.projections = TrainProjections(self.model.lm) if model.train_fuse_projections else None
         # model.train_graphs: the encoders, SAM2 decoding and LLM replay CUDA graphs in updates (CUDA only)
         self.graphs = TrainGraphs(self.model) if model.train_graphs and device.startswith("cuda") else None
         self.objective = build_objective(algo, self.model, self._reference(model, algo, device))
@@ -195,7 +198,7 @@ class Learner:
         mine = dp.rank_parts(parts, self.rank)
         for k in mine:
             batch, rollout = parts[k]
-            with self._no_sync(k == mine[-1]), self._compiled_blocks(), self._graphs():
+            with self._no_sync(k == mine[-1]), self._compiled_blocks(), self._graphs(), self._projections():
                 with self.model.autocast(), _attention_without_plans():
                     out = self.step_module(self.objective, batch, rollout, dp.part_generator(generator, k))
                 (out.loss / len(mine)).backward()
@@ -226,6 +229,9 @@ class Learner:
 
     def _compiled_blocks(self):
         return self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
+
+    def _projections(self):
+        return self.projections.active() if self.projections is not None else contextlib.nullcontext()
 
     def _graphs(self):
         return self.graphs.active() if self.graphs is not None else contextlib.nullcontext()

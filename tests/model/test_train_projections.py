@@ -1,0 +1,175 @@
+"""model.train_fuse_projections: the LLM's sibling LoRA projections (query/key/value, gate/up) computed together in
+the learner's updates give PEFT's loss and gradients (without dropout: the same values up to float32 rounding; with
+dropout, each member keeps a mask of its own); the model's own modules are back after every update; groups that
+cannot share a product are left alone; the copies follow base weights written in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dualrl.algo.rollout_data import Rollout
+from dualrl.data.scenes import ShapesDataset, collate_regions
+from dualrl.model.train_projections import TrainProjections, _Group
+from dualrl.recipe import load_recipe
+from dualrl.workers.learner import Learner
+from tests.conftest import TINY
+
+GRAD_RTOL = 1e-4  # each gradient within this share of its largest entry (products summed in another split)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ds = ShapesDataset("val", 4)
+    return collate_regions([ds[i] for i in range(4)])
+
+
+def _learner(*overrides: str) -> Learner:
+    recipe = load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=unused", *overrides])
+    return Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu")
+
+
+def _step(learner: Learner, batch: dict, rollout, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
+    grads: dict[str, torch.Tensor] = {}
+    step = learner.optimizer.step
+
+    def capture():
+        grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
+        step()
+
+    monkeypatch.setattr(learner.optimizer, "step", capture)
+    torch.manual_seed(11)
+    metrics = learner.step(batch, rollout, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(learner.optimizer, "step", step)
+    return metrics, grads
+
+
+def _pair(batch, monkeypatch, *overrides: str, fused_only: tuple[str, ...] = ()):
+    plain = _learner(*overrides)
+    with torch.no_grad():  # B away from its zero init, so that the A weights get gradients
+        for name, p in plain.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    fused = _learner("model.train_fuse_projections=true", *overrides, *fused_only)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        rollout = Rollout(plain.model.describe(batch["images"], batch["masks"], max_new_tokens=4))
+    return plain, fused, _step(plain, batch, rollout, monkeypatch), _step(fused, batch, rollout, monkeypatch)
+
+
+@pytest.mark.parametrize("dropout", ["0.0", "0.5"])
+def test_fused_update_gives_peft_loss_and_gradients(dropout, batch, monkeypatch):
+    """An sft_dual update with the grouped projections has the plain one's loss and every trainable gradient within
+    float32 rounding, and the model's own projection modules are back afterwards. With dropout too: on a CPU the
+    members' masks, drawn as one tensor in the members' order, are the numbers PEFT draws one layer after another
+    (CUDA's generator draws other masks of the same rate)."""
+    calls = []
+    outputs = _Group._outputs
+    monkeypatch.setattr(_Group, "_outputs", lambda group, x: calls.append(x.shape) or outputs(group, x))
+    _, fused, (m_plain, g_plain), (m_fused, g_fused) = _pair(
+        batch, monkeypatch, f"model.trainable.lora_dropout={dropout}"
+    )
+    # the fused step's LLM passes went through the groups: two per layer and pass, one pass at least
+    assert len(calls) >= 2 * len(fused.model.lm.layers)
+    layers = fused.model.lm.layers
+    assert len(fused.projections.groups) == 2 * len(layers)  # q/k/v and gate/up in every layer
+    assert all(type(layer.self_attn.q_proj).__name__ == "Linear" for layer in layers)  # PEFT's, put back
+    assert m_fused["train/loss"] == pytest.approx(m_plain["train/loss"], rel=1e-5)
+    assert set(g_plain) == set(g_fused)
+    for kind in ("q_proj.lora_A", "k_proj.lora_B", "v_proj.lora_A", "gate_proj.lora_B", "up_proj.lora_A"):
+        assert any(kind in name and g_plain[name].abs().max() > 0 for name in g_plain), kind
+    for name, g in g_plain.items():
+        scale = g.abs().max().clamp(min=1e-3)
+        assert (g_fused[name] - g).abs().max() <= GRAD_RTOL * scale, name
+
+
+def test_compiled_fused_update_gives_eager_gradients(batch, monkeypatch):
+    """With model.train_compile the grouped projections are traced into the compiled LLM layers (no graph break)
+    and the update keeps eager PEFT's loss and gradients (inductor's dropout drawn as eager's: fallback_random)."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    with torch._inductor.config.patch(fallback_random=True):
+        _, _, (m_plain, g_plain), (m_fused, g_fused) = _pair(
+            batch, monkeypatch, "model.trainable.lora_dropout=0.05", fused_only=("model.train_compile=true",)
+        )
+    assert sum(counters["graph_break"].values()) == breaks
+    assert m_fused["train/loss"] == pytest.approx(m_plain["train/loss"], rel=1e-5)
+    for name, g in g_plain.items():
+        scale = g.abs().max().clamp(min=1e-3)
+        assert (g_fused[name] - g).abs().max() <= GRAD_RTOL * scale, name
+
+
+def test_members_draw_their_own_dropout_masks():
+    """Inside a group with dropout, members with the same A weights get different A outputs: one mask each."""
+    recipe = load_recipe("recipes/sft_dual.yaml", [*TINY, "output_dir=unused", "model.trainable.lora_dropout=0.5"])
+    from dualrl.model.build import build_model
+
+    model = build_model(recipe.model).train()
+    group = TrainProjections(model.lm).groups[0]
+    rank = group.originals[0].r["default"]
+    with torch.no_grad():
+        for m in group.originals:  # the same A; B the identity on its first rows: a member's output shows its A's
+            m.lora_A["default"].weight.copy_(group.originals[0].lora_A["default"].weight)
+            m.lora_B["default"].weight.zero_()
+            m.lora_B["default"].weight[:rank].copy_(torch.eye(rank))
+    group.refresh()
+    x = torch.randn(3, 5, group.bases[0].in_features)
+    with torch.no_grad():
+        outs = [group.part(x, k) for k in range(len(group.sizes))]
+        base = torch.nn.functional.linear(x, group.weight, group.bias).split(group.sizes, dim=-1)
+    deltas = [(o - b)[..., :rank] for o, b in zip(outs, base)]
+    assert all(d.abs().sum() > 0 for d in deltas)
+    assert not torch.allclose(deltas[0], deltas[1]) and not torch.allclose(deltas[1], deltas[2])
+
+
+def test_copies_follow_base_weights_and_trainable_bases_stop_the_update():
+    """A base weight written in place is copied again at the next entry; one made trainable stops it with an error
+    naming the key; plain frozen linear layers group too, without adapters."""
+    lm = nn.Module()
+    lm.q_proj, lm.k_proj, lm.v_proj = nn.Linear(8, 6), nn.Linear(8, 2, bias=False), nn.Linear(8, 2)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    projections = TrainProjections(lm)
+    assert len(projections.groups) == 1
+    x = torch.randn(4, 8)
+    with projections.active():
+        assert torch.allclose(lm.k_proj(x), x @ projections.groups[0].bases[1].weight.T)
+    with torch.no_grad():
+        projections.groups[0].originals[1].weight.mul_(2)
+    with projections.active():
+        got = [lm.q_proj(x), lm.k_proj(x), lm.v_proj(x)]
+    want = [m(x) for m in projections.groups[0].originals]
+    assert all(torch.allclose(g, w) for g, w in zip(got, want))
+    assert type(lm.q_proj) is nn.Linear  # put back
+    lm.v_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"model\.train_fuse_projections"), projections.active():
+        pass
+    assert type(lm.q_proj) is nn.Linear
+
+
+def test_groups_that_cannot_share_a_product_are_left_alone():
+    """Another input size, or a trainable base (full fine-tuning), keeps the projections as they are."""
+    lm = nn.Module()
+    lm.q_proj, lm.k_proj, lm.v_proj = nn.Linear(8, 6), nn.Linear(4, 2), nn.Linear(8, 2)
+    lm.requires_grad_(False)
+    assert not TrainProjections(lm).groups
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = nn.Linear(8, 6), nn.Linear(8, 6)  # trainable
+    assert not TrainProjections(mlp).groups
+
+
+def test_recipe_refuses_fused_projections_with_graphs_or_sharding():
+    with pytest.raises(ValueError, match="train_fuse_projections"):
+        load_recipe("recipes/sft_dual.yaml", ["model.train_fuse_projections=true", "model.train_graphs=true"])
+    with pytest.raises(ValueError, match="train_fuse_projections"):
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [
+                "model.train_fuse_projections=true",
+                "runtime.kind=ray",
+                "runtime.learners=2",
+                "runtime.learner_sharding=fsdp",
+            ],
+        )
