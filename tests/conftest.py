@@ -51,6 +51,23 @@ TINY = [
 ]
 
 
+def learner_step_gradients(learner, batch: dict, rollout, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One learner step from a fixed random state (dropout seed 11, step generator 3): its metrics, and the gradients
+    as the optimizer is handed them."""
+    grads: dict[str, torch.Tensor] = {}
+    step = learner.optimizer.step
+
+    def capture():
+        grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
+        step()
+
+    monkeypatch.setattr(learner.optimizer, "step", capture)
+    torch.manual_seed(11)  # dropout
+    metrics = learner.step(batch, rollout, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(learner.optimizer, "step", step)
+    return metrics, grads
+
+
 @pytest.fixture(scope="session")
 def tiny_spec():
     from dualrl.recipe import load_recipe

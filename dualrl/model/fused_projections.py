@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,33 +15,37 @@ from dualrl.model.lora_merge import fold_into, foldable, is_lora
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _linear(module: nn.Module) -> nn.Linear | None:
+def base_linear(module: nn.Module) -> nn.Linear | None:
     """The linear layer a projection computes with (a LoRA layer's base), or None for anything else."""
     base = module.base_layer if is_lora(module) else module
     return base if type(base) is nn.Linear else None
 
 
-class _Fused(nn.Module):
-    """One group's fused weight [sum of outputs, input] and bias, and the product of the input it last saw.
+class FusedGroup(nn.Module):
+    """One group's fused weight [sum of outputs, input] and bias, and the members' outputs for the input it last saw.
 
-    The first member called with a new input computes the whole product; the others, called with that same
-    input, take their part of it. A member called with another input computes the product for that input, so
-    the parts are right whatever order the module calls its projections in; the kept product is dropped once
+    The first member called with a new input computes every member's output (`outputs`); the others, called with
+    that same input, take their part of it. A member called with another input computes the outputs for that input,
+    so the parts are right whatever order the module calls its projections in; the kept outputs are dropped once
     every member has taken its part, so nothing outlives the module's forward pass."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, sizes: list[int]):
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, sizes: list[int]):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.sizes = sizes
         self.input: Tensor | None = None
-        self.parts: tuple[Tensor, ...] | None = None
+        self.parts: Sequence[Tensor] | None = None
         self.taken = 0
+
+    def outputs(self, x: Tensor) -> Sequence[Tensor]:
+        """Every member's output for input `x`: here its part of one product over the fused weight."""
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
     def part(self, x: Tensor, k: int) -> Tensor:
         if self.parts is None or x is not self.input:
             self.input, self.taken = x, 0
-            self.parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self.parts = self.outputs(x)
         out = self.parts[k]
         self.taken += 1
         if self.taken == len(self.sizes):
@@ -51,15 +56,15 @@ class _Fused(nn.Module):
         self.input = self.parts = None
 
 
-class _Member(nn.Module):
-    """Stands in for one projection of a fused group while decoding."""
+class GroupMember(nn.Module):
+    """Stands in for one projection of a group (`FusedGroup`) while the group computes."""
 
-    def __init__(self, fused: _Fused, k: int):
+    def __init__(self, group: FusedGroup, k: int):
         super().__init__()
-        self.fused, self.k = fused, k
+        self.group, self.k = group, k
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fused.part(x, self.k)
+        return self.group.part(x, self.k)
 
 
 class FusedProjections:
@@ -79,11 +84,11 @@ class FusedProjections:
         for parent in lm.modules():
             for names in SIBLINGS:
                 members = [getattr(parent, n, None) for n in names]
-                bases = [_linear(m) if isinstance(m, nn.Module) else None for m in members]
+                bases = [base_linear(m) if isinstance(m, nn.Module) else None for m in members]
                 if all(b is not None for b in bases) and _alike(bases):
                     self.groups.append((parent, names))
-        self.fused: list[_Fused] = []
-        self.members: list[list[_Member]] = []
+        self.fused: list[FusedGroup] = []
+        self.members: list[list[GroupMember]] = []
 
     def lora_layers(self) -> list[nn.Module]:
         """The LoRA layers folded into the fused weights (the caller's `MergedLora` leaves them out)."""
@@ -101,7 +106,7 @@ class FusedProjections:
         with torch.no_grad():
             for k, (parent, names) in enumerate(self.groups):
                 members = [getattr(parent, n) for n in names]
-                bases = [_linear(m) for m in members]
+                bases = [base_linear(m) for m in members]
                 sizes = [b.out_features for b in bases]
                 held = self.fused[k] if k < len(self.fused) else None
                 ref = bases[0].weight
@@ -119,30 +124,38 @@ class FusedProjections:
                         out.copy_(base.bias) if base.bias is not None else out.zero_()
         return allocated
 
-    def _allocate(self, k: int, bases: list[nn.Linear], sizes: list[int]) -> _Fused:
+    def _allocate(self, k: int, bases: list[nn.Linear], sizes: list[int]) -> FusedGroup:
         ref = bases[0].weight
         weight = ref.new_empty(sum(sizes), ref.shape[1])
         bias = ref.new_zeros(sum(sizes)) if any(b.bias is not None for b in bases) else None
-        fused = _Fused(weight, bias, sizes)
-        members = [_Member(fused, i) for i in range(len(sizes))]
+        fused = FusedGroup(weight, bias, sizes)
+        members = [GroupMember(fused, i) for i in range(len(sizes))]
         self.fused[k : k + 1], self.members[k : k + 1] = [fused], [members]
         return fused
 
-    @contextlib.contextmanager
     def active(self):
         """The grouped projections compute from the fused weights for the block's duration."""
-        saved = [(parent, names, [parent._modules[n] for n in names]) for parent, names in self.groups]
-        try:
-            for (parent, names), members in zip(self.groups, self.members):
-                for name, member in zip(names, members):
-                    parent._modules[name] = member
-            yield
-        finally:
-            for parent, names, modules in saved:
-                for name, module in zip(names, modules):
-                    parent._modules[name] = module
-            for fused in self.fused:
-                fused.forget()
+        return members_in_place(self.groups, self.members, self.fused)
+
+
+@contextlib.contextmanager
+def members_in_place(
+    places: list[tuple[nn.Module, tuple[str, ...]]], members: list[list[GroupMember]], groups: list[FusedGroup]
+) -> Iterator[None]:
+    """Each place's projections (`parent.<name>` for its names) replaced by its group's members for the block's
+    duration; the model's own modules put back after it, and the groups' kept outputs dropped."""
+    saved = [[parent._modules[n] for n in names] for parent, names in places]
+    try:
+        for (parent, names), own in zip(places, members):
+            for name, member in zip(names, own):
+                parent._modules[name] = member
+        yield
+    finally:
+        for (parent, names), modules in zip(places, saved):
+            for name, module in zip(names, modules):
+                parent._modules[name] = module
+        for group in groups:
+            group.forget()
 
 
 def _alike(bases: list[nn.Linear]) -> bool:

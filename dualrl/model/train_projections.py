@@ -26,21 +26,14 @@ its gradient would not reach it through the copy.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dualrl.model.fused_projections import SIBLINGS
+from dualrl.model.fused_projections import SIBLINGS, FusedGroup, GroupMember, base_linear, members_in_place
 from dualrl.model.lora_merge import foldable, is_lora
-
-
-def _base(module: nn.Module) -> nn.Linear | None:
-    """The linear layer a projection computes with (a LoRA layer's base), or None."""
-    base = module.base_layer if is_lora(module) else module
-    return base if type(base) is nn.Linear else None
 
 
 def _dropout_p(layer: nn.Module) -> float:
@@ -49,7 +42,7 @@ def _dropout_p(layer: nn.Module) -> float:
 
 
 def _groupable(members: list[nn.Module]) -> bool:
-    bases = [_base(m) for m in members]
+    bases = [base_linear(m) for m in members]
     if any(b is None or b.weight.requires_grad or (b.bias is not None and b.bias.requires_grad) for b in bases):
         return False
     ref = bases[0].weight
@@ -72,23 +65,18 @@ def _groupable(members: list[nn.Module]) -> bool:
     )
 
 
-class _Group(nn.Module):
-    """One group's concatenated base copy and its members' LoRA layers; computes every member's output from the
-    first member's call and hands the others their part when they are called with the same input (any order)."""
+class _Group(FusedGroup):
+    """One group's concatenated base copy and its members' LoRA layers: every member's output computed at the first
+    member's call, the others handed their part (`FusedGroup`)."""
 
     def __init__(self, members: list[nn.Module]):
-        super().__init__()
+        bases = tuple(base_linear(m) for m in members)
+        super().__init__(None, None, [b.out_features for b in bases])
         # the model's own modules, kept out of this module's children (their parameters stay under their own names)
         self.originals = tuple(members)
-        self.bases = tuple(_base(m) for m in members)
-        self.sizes = [b.out_features for b in self.bases]
+        self.bases = bases
         self.lora = is_lora(members[0])
-        self.weight: Tensor | None = None
-        self.bias: Tensor | None = None
         self.signature: tuple = ()
-        self.input: Tensor | None = None
-        self.parts: list[Tensor] | None = None
-        self.taken = 0
 
     def refresh(self) -> None:
         """The copies from the base weights, when one was replaced or written in place since the last copy."""
@@ -113,23 +101,10 @@ class _Group(nn.Module):
                 )
         self.signature = signature
 
-    def part(self, x: Tensor, k: int) -> Tensor:
-        if self.parts is None or x is not self.input:
-            self.input, self.taken = x, 0
-            self.parts = self._outputs(x)
-        out = self.parts[k]
-        self.taken += 1
-        if self.taken == len(self.sizes):
-            self.forget()
-        return out
-
-    def forget(self) -> None:
-        self.input = self.parts = None
-
-    def _outputs(self, x: Tensor) -> list[Tensor]:
-        base = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+    def outputs(self, x: Tensor) -> Sequence[Tensor]:
+        base = super().outputs(x)  # the bases' parts of one product over their concatenated copy
         if not self.lora:
-            return list(base)
+            return base
         layers = self.originals
         names = [m.active_adapters[0] for m in layers]
         a = [m.lora_A[n].weight for m, n in zip(layers, names)]
@@ -150,24 +125,13 @@ class _Group(nn.Module):
         return outs
 
 
-class _Member(nn.Module):
-    """Stands in for one projection of a group inside `active()`."""
-
-    def __init__(self, group: _Group, k: int):
-        super().__init__()
-        self.group, self.k = group, k
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.group.part(x, self.k)
-
-
 class TrainProjections:
     """The grouped projections of a language model (see the module's docstring), swapped in by `active()`."""
 
     def __init__(self, lm: nn.Module):
         self.places: list[tuple[nn.Module, tuple[str, ...]]] = []
         self.groups: list[_Group] = []
-        self.members: list[list[_Member]] = []
+        self.members: list[list[GroupMember]] = []
         for parent in lm.modules():
             for names in SIBLINGS:
                 found = [parent._modules.get(n) for n in names]
@@ -175,21 +139,11 @@ class TrainProjections:
                     group = _Group(found)
                     self.places.append((parent, names))
                     self.groups.append(group)
-                    self.members.append([_Member(group, k) for k in range(len(names))])
+                    self.members.append([GroupMember(group, k) for k in range(len(names))])
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self):
         """The grouped projections compute together for the block's duration (the update's forward passes; their
-        backward needs nothing swapped)."""
+        backward needs nothing swapped). The copies are refreshed first where a base weight changed."""
         for group in self.groups:
             group.refresh()
-        try:
-            for (parent, names), members in zip(self.places, self.members):
-                for name, member in zip(names, members):
-                    parent._modules[name] = member
-            yield
-        finally:
-            for (parent, names), group in zip(self.places, self.groups):
-                for name, module in zip(names, group.originals):
-                    parent._modules[name] = module
-                group.forget()
+        return members_in_place(self.places, self.members, self.groups)

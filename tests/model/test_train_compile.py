@@ -20,7 +20,7 @@ from dualrl.model.build import build_model
 from dualrl.model.train_compile import CompiledBlocks, block_stacks
 from dualrl.recipe import load_recipe
 from dualrl.workers.learner import Learner
-from tests.conftest import TINY
+from tests.conftest import TINY, learner_step_gradients
 
 # float32 agreement of a compiled update with the eager one: each gradient within this share of its largest entry
 # (fused kernels sum in another order: measured about 1e-6 on the tiny model)
@@ -67,27 +67,11 @@ def _rollout(learner: Learner, batch: dict) -> Rollout | None:
         return Rollout(learner.model.describe(batch["images"], batch["masks"], max_new_tokens=4))
 
 
-def _step(learner: Learner, batch: dict, rollout, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One learner step from the same random state; the gradients as the optimizer is handed them."""
-    grads: dict[str, torch.Tensor] = {}
-    step = learner.optimizer.step
-
-    def capture():
-        grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
-        step()
-
-    monkeypatch.setattr(learner.optimizer, "step", capture)
-    torch.manual_seed(11)  # dropout
-    metrics = learner.step(batch, rollout, torch.Generator().manual_seed(3))
-    monkeypatch.setattr(learner.optimizer, "step", step)
-    return metrics, grads
-
-
 def _assert_same_update(eager: Learner, compiled: Learner, batch: dict, monkeypatch) -> None:
     compiled.load_state_dict(eager.state_dict())  # the same weights, optimizer state and step, whatever ran before
     rollout = _rollout(eager, batch)
-    m_eager, g_eager = _step(eager, batch, rollout, monkeypatch)
-    m_compiled, g_compiled = _step(compiled, batch, rollout, monkeypatch)
+    m_eager, g_eager = learner_step_gradients(eager, batch, rollout, monkeypatch)
+    m_compiled, g_compiled = learner_step_gradients(compiled, batch, rollout, monkeypatch)
     assert m_compiled["train/loss"] == pytest.approx(m_eager["train/loss"], rel=1e-5)
     assert set(g_eager) == set(g_compiled)
     for block in ("language_model.layers.1.mlp.down_proj.lora_A", "transformer.layers.1.", "multi_modal_projector"):

@@ -14,7 +14,7 @@ from dualrl.data.scenes import ShapesDataset, collate_regions
 from dualrl.model.train_projections import TrainProjections, _Group
 from dualrl.recipe import load_recipe
 from dualrl.workers.learner import Learner
-from tests.conftest import TINY
+from tests.conftest import TINY, learner_step_gradients
 
 GRAD_RTOL = 1e-4  # each gradient within this share of its largest entry (products summed in another split)
 
@@ -30,21 +30,6 @@ def _learner(*overrides: str) -> Learner:
     return Learner(recipe.model, recipe.algo, recipe.optim, recipe.train, "cpu")
 
 
-def _step(learner: Learner, batch: dict, rollout, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
-    grads: dict[str, torch.Tensor] = {}
-    step = learner.optimizer.step
-
-    def capture():
-        grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
-        step()
-
-    monkeypatch.setattr(learner.optimizer, "step", capture)
-    torch.manual_seed(11)
-    metrics = learner.step(batch, rollout, torch.Generator().manual_seed(3))
-    monkeypatch.setattr(learner.optimizer, "step", step)
-    return metrics, grads
-
-
 def _pair(batch, monkeypatch, *overrides: str, fused_only: tuple[str, ...] = ()):
     plain = _learner(*overrides)
     with torch.no_grad():  # B away from its zero init, so that the A weights get gradients
@@ -55,7 +40,12 @@ def _pair(batch, monkeypatch, *overrides: str, fused_only: tuple[str, ...] = ())
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():
         rollout = Rollout(plain.model.describe(batch["images"], batch["masks"], max_new_tokens=4))
-    return plain, fused, _step(plain, batch, rollout, monkeypatch), _step(fused, batch, rollout, monkeypatch)
+    return (
+        plain,
+        fused,
+        learner_step_gradients(plain, batch, rollout, monkeypatch),
+        learner_step_gradients(fused, batch, rollout, monkeypatch),
+    )
 
 
 @pytest.mark.parametrize("dropout", ["0.0", "0.5"])
@@ -65,8 +55,8 @@ def test_fused_update_gives_peft_loss_and_gradients(dropout, batch, monkeypatch)
     members' masks, drawn as one tensor in the members' order, are the numbers PEFT draws one layer after another
     (CUDA's generator draws other masks of the same rate)."""
     calls = []
-    outputs = _Group._outputs
-    monkeypatch.setattr(_Group, "_outputs", lambda group, x: calls.append(x.shape) or outputs(group, x))
+    outputs = _Group.outputs
+    monkeypatch.setattr(_Group, "outputs", lambda group, x: calls.append(x.shape) or outputs(group, x))
     _, fused, (m_plain, g_plain), (m_fused, g_fused) = _pair(
         batch, monkeypatch, f"model.trainable.lora_dropout={dropout}"
     )
