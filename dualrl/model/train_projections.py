@@ -140,6 +140,12 @@ class TrainProjections:
                     self.places.append((parent, names))
                     self.groups.append(group)
                     self.members.append([GroupMember(group, k) for k in range(len(names))])
+        if not self.groups:
+            raise ValueError(
+                "model.train_fuse_projections: no sibling projections of this LLM can be grouped (a group needs "
+                "query/key/value or gate/up projections over frozen base weights, all plain LoRA of one rank and "
+                "dropout, or all without LoRA); set model.train_fuse_projections=false"
+            )
 
     def active(self):
         """The grouped projections compute together for the block's duration (the update's forward passes; their

@@ -190,14 +190,17 @@ def test_copies_follow_base_weights_and_trainable_bases_stop_the_update():
 
 
 def test_groups_that_cannot_share_a_product_are_left_alone():
-    """Another input size, or a trainable base (full fine-tuning), keeps the projections as they are."""
+    """Another input size, or a trainable base (full fine-tuning), keeps the projections as they are; a model with
+    nothing to group is refused, since the setting would do nothing."""
     lm = nn.Module()
     lm.q_proj, lm.k_proj, lm.v_proj = nn.Linear(8, 6), nn.Linear(4, 2), nn.Linear(8, 2)
     lm.requires_grad_(False)
-    assert not TrainProjections(lm).groups
-    mlp = nn.Module()
-    mlp.gate_proj, mlp.up_proj = nn.Linear(8, 6), nn.Linear(8, 6)  # trainable
-    assert not TrainProjections(mlp).groups
+    lm.mlp = nn.Module()
+    lm.mlp.gate_proj, lm.mlp.up_proj = nn.Linear(8, 6), nn.Linear(8, 6)  # trainable
+    with pytest.raises(ValueError, match=r"no sibling projections"):
+        TrainProjections(lm)
+    lm.mlp.requires_grad_(False)
+    assert [names for _, names in TrainProjections(lm).places] == [("gate_proj", "up_proj")]
 
 
 def test_recipe_refuses_fused_projections_with_graphs_or_sharding():
