@@ -15,6 +15,8 @@ branch on the algorithm's name.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +27,7 @@ from dualrl.algo.registry import register
 from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
 from dualrl.model import sam as samlib
-from dualrl.model.grounded_vlm import GroundedVLM
+from dualrl.model.grounded_vlm import GroundedVLM, ImageFeatures
 from dualrl.model.sequence import Ids
 from dualrl.model.transfer import upload
 
@@ -151,16 +153,29 @@ class SftDual:
         lengths = [len(x) for x in rollout.ids]
         soft_captions = [Ids(i, embeds=e) for i, e in zip(ids.split(lengths), soft.split(lengths))]
 
-        # 3) One referring pass: reference expressions (supervised) and soft captions (dual), on the frames
-        #    to segment (the same frames, except for frame pairs).
+        # 3) Referring: reference expressions (supervised) and soft captions (dual), on the frames to segment (the
+        #    same frames, except for frame pairs); one pass, or the soft captions apart through frozen weights.
         seg_feats, seg_masks = segment_view(model, batch, feats)
         seg_masks = upload(seg_masks, device)
-        texts = pick_references(batch, rows, generator) + soft_captions
-        seg_index = torch.cat([torch.tensor(rows, dtype=torch.long), all_idx])
-        seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=seg_feats, image_index=seg_index)
-        llm_loss = model.lm_loss(seg_hidden, seg_seq)
+        references = pick_references(batch, rows, generator)
+        ref_index = torch.tensor(rows, dtype=torch.long)
+        frozen = self.spec.dual_segmenter == "frozen"
+        if frozen:
+            texts, seg_index = references, ref_index
+        else:
+            texts, seg_index = references + soft_captions, torch.cat([ref_index, all_idx])
         k = len(rows)
-        ref_gt = seg_masks[torch.tensor(rows, dtype=torch.long)]
+        if texts:
+            seg_logits, seg_hidden, seg_seq, _ = model.segment(None, texts, feats=seg_feats, image_index=seg_index)
+            llm_loss = model.lm_loss(seg_hidden, seg_seq)
+        else:  # frozen, and no region of the batch has an expression
+            seg_logits, llm_loss = None, torch.zeros((), device=device)
+        if frozen:
+            with _without_weight_gradients(model):
+                still = ImageFeatures(seg_feats.vision.detach(), seg_feats.sam)
+                dual_logits = model.segment(None, soft_captions, feats=still, image_index=all_idx)[0]
+            seg_logits = dual_logits if seg_logits is None else torch.cat([seg_logits, dual_logits])
+        ref_gt = seg_masks[ref_index]
         ref_mask, ref_dice, ref_iou = self.mask_terms(seg_logits[:k], ref_gt, generator)
         dual_mask, dual_dice, dual_iou = self.mask_terms(seg_logits[k:], seg_masks, generator)
 
@@ -179,6 +194,20 @@ class SftDual:
         if k:
             metrics["train/ref_iou"] = ref_iou
         return StepOutput(loss, metrics)
+
+
+@contextlib.contextmanager
+def _without_weight_gradients(model: GroundedVLM) -> Iterator[None]:
+    """The model's trainable weights as constants for the block's duration: the passes it runs give gradients to
+    their inputs (soft caption embeddings) but none to the weights."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _agreement(ids: Tensor, teacher: list[Tensor]) -> Tensor | float:

@@ -69,6 +69,15 @@ class SftDualSpec(Section):
         lt=1,
         description="Share of teacher caption tokens replaced by padding in the student's teacher-forced input.",
     )
+    dual_segmenter: Literal["student", "frozen"] = Field(
+        "student",
+        description="What segments the soft captions in the dual term. student: the student, in the same pass as "
+        "the reference expressions, so the term trains the captioner and the segmenter (the segmenter learns to "
+        "return the region's mask for the student's captions, noise included). frozen: the student's current "
+        "weights without gradient, in a pass of their own, so the term trains only the captioner, through the soft "
+        "tokens, to write captions the segmenter as it stands maps to the region (the image features are detached "
+        "too); the segmenter learns from the reference expressions alone.",
+    )
 
 
 class PretrainSpec(Section):

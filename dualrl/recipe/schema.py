@@ -120,6 +120,11 @@ class Recipe(Section):
                 "runtime.learner_sharding=fsdp with model.train_fuse_projections: the fused copies would be of "
                 "sharded base weights; set model.train_fuse_projections=false or runtime.learner_sharding=ddp"
             )
+        if r.learner_sharding == "fsdp" and self.algo.sft_dual.dual_segmenter == "frozen":
+            raise ValueError(
+                "runtime.learner_sharding=fsdp with algo.sft_dual.dual_segmenter=frozen: holding sharded weights "
+                "constant for one pass is not something dualrl does; use runtime.learner_sharding=ddp"
+            )
         if r.learners > 1 and self.model.train_graphs:
             raise ValueError(
                 f"runtime.learners={r.learners} with model.train_graphs: the graphs serve one learner (under FSDP they "

@@ -15,11 +15,12 @@ def _grads(model, loss):
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def _dual_only_step(model, batch):
+def _dual_only_step(model, batch, **sft_dual):
     """One sft_dual step with only the soft-caption mask term on, on a mask-only batch."""
     from dualrl.recipe import AlgoSpec
 
-    algo = AlgoSpec(sft_dual={"ref_weight": 0.0, "caption_weight": 0.0}, loss={"num_points": 128, "llm_weight": 0.0})
+    settings = {"ref_weight": 0.0, "caption_weight": 0.0, **sft_dual}
+    algo = AlgoSpec(sft_dual=settings, loss={"num_points": 128, "llm_weight": 0.0})
     batch = dict(batch, expression=[None] * 4, references=[[]] * 4)
     with torch.no_grad():
         rollout = model.describe(batch["images"], batch["masks"], max_new_tokens=5)
@@ -35,6 +36,33 @@ def test_dual_loss_flows_into_captioner_and_segmenter(tiny_spec, region_batch):
     grads = _grads(model, out.loss)
     has = lambda key: any(key in n and g.abs().sum() > 0 for n, g in grads.items())  # noqa: E731
     assert has("sam.sam_mask_decoder") and has("text_hidden_fcs") and has("lora_B")
+
+
+def test_frozen_dual_segmenter_trains_only_the_captioner(tiny_spec, region_batch, monkeypatch):
+    """algo.sft_dual.dual_segmenter=frozen: the soft captions are segmented by the student's weights held constant,
+    so the dual term's gradient reaches the captioner (the caption logits, LoRA through them) and nothing that only
+    segments (SAM2's decoder, the [SEG] projection); every weight is trainable again afterwards."""
+    import dualrl.algo.objectives as objectives
+
+    seen = {}
+    original = objectives.topk_gumbel_softmax
+
+    def spy(logits, *args, **kwargs):
+        logits.retain_grad()
+        seen["logits"] = logits
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "topk_gumbel_softmax", spy)
+    model = build_model(tiny_spec).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = _dual_only_step(model, region_batch, dual_segmenter="frozen")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    grads = _grads(model, out.loss)
+    has = lambda key: any(key in n and g.abs().sum() > 0 for n, g in grads.items())  # noqa: E731
+    assert has("lora_B") and seen["logits"].grad.abs().sum() > 0
+    assert not has("sam.sam_mask_decoder") and not has("text_hidden_fcs")
+    student = _grads(model, _dual_only_step(model, region_batch).loss)  # the default: the segmenter learns too
+    assert any("sam.sam_mask_decoder" in n and g.abs().sum() > 0 for n, g in student.items())
 
 
 def test_mask_loss_reaches_caption_logits_through_soft_tokens(tiny_spec, region_batch, monkeypatch):
@@ -92,3 +120,18 @@ def test_objectives_are_found_by_name_and_declare_what_a_step_needs():
         objective_class(SimpleNamespace(name="nope"))
     with pytest.raises(ValueError, match="registered twice"):
         register("sft_dual")(type("Other", (), {}))
+
+
+def test_frozen_dual_segmenter_is_refused_with_sharded_learners():
+    from dualrl.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="dual_segmenter=frozen"):
+        load_recipe(
+            "recipes/sft_dual.yaml",
+            [
+                "algo.sft_dual.dual_segmenter=frozen",
+                "runtime.kind=ray",
+                "runtime.learners=2",
+                "runtime.learner_sharding=fsdp",
+            ],
+        )
