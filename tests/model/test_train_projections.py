@@ -46,10 +46,10 @@ def _start(batch, *overrides: str, device: str = "cpu") -> tuple[Learner, dict, 
     return learner, state, rollout
 
 
-def _pair(batch, monkeypatch, *overrides: str, fused_only: tuple[str, ...] = (), device: str = "cpu"):
+def _pair(batch, monkeypatch, *overrides: str, device: str = "cpu"):
     """A plain and a grouped learner from the same start, and one step of each on the batch."""
     plain, state, rollout = _start(batch, *overrides, device=device)
-    fused = _learner("model.train_fuse_projections=true", *overrides, *fused_only, device=device)
+    fused = _learner("model.train_fuse_projections=true", *overrides, device=device)
     fused.load_state_dict(state)
     return (
         plain,
@@ -124,21 +124,45 @@ def test_fused_update_in_bf16_is_as_close_to_float32_as_peft(device, batch, monk
         assert distance["grouped"][name] <= 1.5 * distance["plain"][name] + 5e-3, name
 
 
-def test_compiled_fused_update_gives_eager_gradients(batch, monkeypatch):
-    """With model.train_compile the grouped projections are traced into the compiled LLM layers (no graph break)
-    and the update keeps eager PEFT's loss and gradients (inductor's dropout drawn as eager's: fallback_random)."""
+def test_compiled_grouped_layers_give_eager_gradients(tiny_spec):
+    """Under torch.compile the grouped projections are traced into each LLM layer's graph, forward and backward, with
+    no graph break, and the layers' output and LoRA gradients are eager PEFT's, dropout on. The layers are compiled as
+    `model.train_compile` compiles them (dynamic sizes) but with the `aot_eager` backend: the tracing is what is
+    tested here, and inductor's code generation would cost half a minute on 2 cores (the learner's inductor path
+    runs the grouped projections in the H200 benchmarks, `issue11.sh fused`)."""
     from torch._dynamo.utils import counters
 
-    breaks = sum(counters["graph_break"].values())
-    with torch._inductor.config.patch(fallback_random=True):
-        _, _, (m_plain, g_plain), (m_fused, g_fused) = _pair(
-            batch, monkeypatch, "model.trainable.lora_dropout=0.05", fused_only=("model.train_compile=true",)
-        )
+    from dualrl.model.build import build_model
+
+    model = build_model(tiny_spec).train()
+    lm = model.lm
+    params = [p for p in lm.layers.parameters() if p.requires_grad]  # LoRA
+    with torch.no_grad():  # B away from its zero init, so that the A weights get gradients
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    x = torch.randn(2, 11, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(5)  # dropout
+        loss = lm(inputs_embeds=x, use_cache=False).last_hidden_state.square().mean()
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    eager = grads()
+    breaks, frames = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    try:
+        for layer in lm.layers:
+            layer._compiled_call_impl = torch.compile(layer._call_impl, backend="aot_eager", dynamic=True)
+        with TrainProjections(lm).active():
+            compiled = grads()
+    finally:
+        for layer in lm.layers:
+            layer._compiled_call_impl = None
+    assert counters["stats"]["unique_graphs"] > frames  # the layers did run compiled
     assert sum(counters["graph_break"].values()) == breaks
-    assert m_fused["train/loss"] == pytest.approx(m_plain["train/loss"], rel=1e-5)
-    for name, g in g_plain.items():
-        scale = g.abs().max().clamp(min=1e-3)
-        assert (g_fused[name] - g).abs().max() <= GRAD_RTOL * scale, name
+    assert eager[0] > 0 and any(g.abs().max() > 0 for g in eager[1:])
+    for e, c in zip(eager, compiled):
+        assert (c - e).abs().max() <= GRAD_RTOL * e.abs().max().clamp(min=1e-3)
 
 
 def test_members_draw_their_own_dropout_masks():
