@@ -133,6 +133,7 @@ def test_compiled_grouped_layers_give_eager_gradients(tiny_spec):
     from torch._dynamo.utils import counters
 
     from dualrl.model.build import build_model
+    from dualrl.model.train_compile import RECOMPILE_LIMIT
 
     model = build_model(tiny_spec).train()
     lm = model.lm
@@ -153,7 +154,9 @@ def test_compiled_grouped_layers_give_eager_gradients(tiny_spec):
     try:
         for layer in lm.layers:
             layer._compiled_call_impl = torch.compile(layer._call_impl, backend="aot_eager", dynamic=True)
-        with TrainProjections(lm).active():
+        # every module's `_call_impl` shares one code object, compiled by earlier tests too: as in the learner
+        # (`CompiledBlocks`), the limit on its compiled variants is raised so that these layers do compile
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), TrainProjections(lm).active():
             compiled = grads()
     finally:
         for layer in lm.layers:
