@@ -27,6 +27,24 @@ def _dual_only_step(model, batch, **sft_dual):
     return SftDual(algo, model)(model, batch, rollout, torch.Generator().manual_seed(0))
 
 
+@pytest.fixture
+def caption_logits(monkeypatch) -> dict:
+    """The student's next-token logits at the caption positions of the next sft_dual step (under "logits"), kept
+    with their gradient."""
+    import dualrl.algo.objectives as objectives
+
+    seen: dict = {}
+    original = objectives.topk_gumbel_softmax
+
+    def spy(logits, *args, **kwargs):
+        logits.retain_grad()
+        seen["logits"] = logits
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "topk_gumbel_softmax", spy)
+    return seen
+
+
 def test_dual_loss_flows_into_captioner_and_segmenter(tiny_spec, region_batch):
     """With only the dual term on (no supervised terms), gradients reach the SAM decoder, the [SEG]
     projection and the LLM's LoRA; the mask-only batch needs no text."""
@@ -38,52 +56,30 @@ def test_dual_loss_flows_into_captioner_and_segmenter(tiny_spec, region_batch):
     assert has("sam.sam_mask_decoder") and has("text_hidden_fcs") and has("lora_B")
 
 
-def test_frozen_dual_segmenter_trains_only_the_captioner(tiny_spec, region_batch, monkeypatch):
+def test_frozen_dual_segmenter_trains_only_the_captioner(tiny_spec, region_batch, caption_logits):
     """algo.sft_dual.dual_segmenter=frozen: the soft captions are segmented by the student's weights held constant,
     so the dual term's gradient reaches the captioner (the caption logits, LoRA through them) and nothing that only
     segments (SAM2's decoder, the [SEG] projection); every weight is trainable again afterwards."""
-    import dualrl.algo.objectives as objectives
-
-    seen = {}
-    original = objectives.topk_gumbel_softmax
-
-    def spy(logits, *args, **kwargs):
-        logits.retain_grad()
-        seen["logits"] = logits
-        return original(logits, *args, **kwargs)
-
-    monkeypatch.setattr(objectives, "topk_gumbel_softmax", spy)
     model = build_model(tiny_spec).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     out = _dual_only_step(model, region_batch, dual_segmenter="frozen")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     grads = _grads(model, out.loss)
     has = lambda key: any(key in n and g.abs().sum() > 0 for n, g in grads.items())  # noqa: E731
-    assert has("lora_B") and seen["logits"].grad.abs().sum() > 0
+    assert has("lora_B") and caption_logits["logits"].grad.abs().sum() > 0
     assert not has("sam.sam_mask_decoder") and not has("text_hidden_fcs")
     student = _grads(model, _dual_only_step(model, region_batch).loss)  # the default: the segmenter learns too
     assert any("sam.sam_mask_decoder" in n and g.abs().sum() > 0 for n, g in student.items())
 
 
-def test_mask_loss_reaches_caption_logits_through_soft_tokens(tiny_spec, region_batch, monkeypatch):
+def test_mask_loss_reaches_caption_logits_through_soft_tokens(tiny_spec, region_batch, caption_logits):
     """The student's next-token logits at the caption positions (the captioner) receive gradient from the
     mask loss, through the straight-through Gumbel-softmax soft tokens."""
-    import dualrl.algo.objectives as objectives
-
-    seen = {}
-    original = objectives.topk_gumbel_softmax
-
-    def spy(logits, *args, **kwargs):
-        logits.retain_grad()
-        seen["logits"] = logits
-        return original(logits, *args, **kwargs)
-
-    monkeypatch.setattr(objectives, "topk_gumbel_softmax", spy)
     model = build_model(tiny_spec).train()
     out = _dual_only_step(model, region_batch)
     out.loss.backward()
-    grad = seen["logits"].grad
-    assert grad is not None and grad.abs().sum() > 0 and seen["logits"].shape[0] > 0
+    grad = caption_logits["logits"].grad
+    assert grad is not None and grad.abs().sum() > 0 and caption_logits["logits"].shape[0] > 0
 
 
 def test_pretrain_terms(tiny_spec, region_batch):
