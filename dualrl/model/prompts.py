@@ -65,8 +65,11 @@ class PromptBuilder:
     def region(
         self, image_tokens: Tensor | Feats, region_tokens: Tensor | Feats, answer: str | Ids | None = None
     ) -> list[Piece]:
-        """Region prompt; with `answer`, the caption follows as labelled tokens ending in eos. Image and region
-        tokens come as tensors [n, H] or as rows of a matrix the batch shares (`Feats` with `rows`)."""
+        """Region prompt; with `answer`, the caption follows ending in eos. A text answer and its eos are labelled
+        (the LM loss learns them); token ids (`Ids`) and their eos are labelled as `answer.label` says: ids given
+        as the input of a step (a teacher's caption, some tokens dropped; sampled completions) carry no target.
+        Image and region tokens come as tensors [n, H] or as rows of a matrix the batch shares (`Feats` with
+        `rows`)."""
         user = self._fill(
             self.spec.region,
             {
@@ -79,7 +82,7 @@ class PromptBuilder:
         if isinstance(answer, str):
             reply = [Text(answer + self.eos, label=True)]
         elif isinstance(answer, Ids):
-            reply = [answer, Text(self.eos, label=True)]
+            reply = [answer, Text(self.eos, label=answer.label)]
         return self._turn(user, reply)
 
     def segment(self, image_tokens: Tensor | Feats, expression: str | Ids) -> list[Piece]:

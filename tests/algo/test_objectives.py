@@ -82,6 +82,30 @@ def test_mask_loss_reaches_caption_logits_through_soft_tokens(tiny_spec, region_
     assert grad is not None and grad.abs().sum() > 0 and caption_logits["logits"].shape[0] > 0
 
 
+def test_caption_term_learns_only_the_references(tiny_spec, region_batch):
+    """sft_dual's captioning term is the referenced regions' expressions. The EMA captions the student reads (a
+    share of their tokens dropped) are its input, not its targets, nor is the end token after them: the term is the
+    same whatever the dropout, and zero on a batch without expressions. (The end token after a caption whose last
+    token was dropped once carried a target, at a cross-entropy of 25 for the pretrained tiny model.)"""
+    from dualrl.recipe import AlgoSpec
+
+    model = build_model(tiny_spec).eval()  # no LoRA dropout: the two passes see the same weights
+    with torch.no_grad():
+        rollout = model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=5)
+
+    def caption_loss(batch: dict, dropout: float) -> torch.Tensor:
+        algo = AlgoSpec(sft_dual={"caption_token_dropout": dropout}, loss={"num_points": 128})
+        with torch.no_grad():
+            out = SftDual(algo, model)(model, batch, rollout, torch.Generator().manual_seed(0))
+        return out.metrics["train/caption_loss"]
+
+    referenced = caption_loss(region_batch, 0.0)
+    assert referenced > 0
+    torch.testing.assert_close(caption_loss(region_batch, 0.9), referenced)
+    unreferenced = dict(region_batch, expression=[None] * 4, references=[[]] * 4)
+    assert caption_loss(unreferenced, 0.9) == 0
+
+
 def test_pretrain_terms(tiny_spec, region_batch):
     """Pretraining reports mask, dice, LM and caption losses plus the click term when enabled."""
     from dualrl.recipe import AlgoSpec
