@@ -20,7 +20,8 @@ def _lines(out):
 def test_ray_runtime_matches_local_and_syncs_only_trainable_weights(tmp_path):
     """runtime=ray trains, evaluates and checkpoints, logging the same metrics as runtime=local (the
     learner owns its randomness wherever it lives; only float summation order differs between the
-    processes, hence the tolerance); the weight sync carries the trainable tensors only
+    processes, hence the tolerance, and for the evaluation's IoU a pixel of the untrained model's near-empty
+    overlaps: 1e-4 of an mIoU near 0.005); the weight sync carries the trainable tensors only
     (far fewer bytes than the model)."""
     common = [*TINY, "runtime.num_cpus=2", "train.steps=2", "eval.every=2"]
     recipe = load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'ray'}", "runtime.kind=ray"])
@@ -29,10 +30,13 @@ def test_ray_runtime_matches_local_and_syncs_only_trainable_weights(tmp_path):
     run(load_recipe("recipes/sft_dual.yaml", [*common, f"output_dir={tmp_path / 'local'}"]))
     lines, local = _lines(tmp_path / "ray"), _lines(tmp_path / "local")
     timing = lambda k: k.startswith("sync/") or k.endswith("/ms")  # noqa: E731  wall-clock, not results
+    iou = lambda k: k.startswith("eval/") and "iou" in k  # noqa: E731  thresholded masks: whole pixels
     for a, b in zip(lines, local):
-        assert {k: v for k, v in a.items() if not timing(k)} == pytest.approx(
-            {k: v for k, v in b.items() if not timing(k)}, rel=2e-3, abs=1e-5
+        assert a.keys() == b.keys()
+        assert {k: v for k, v in a.items() if not timing(k) and not iou(k)} == pytest.approx(
+            {k: v for k, v in b.items() if not timing(k) and not iou(k)}, rel=2e-3, abs=1e-5
         )
+        assert {k: v for k, v in a.items() if iou(k)} == pytest.approx({k: v for k, v in b.items() if iou(k)}, abs=5e-4)
     last = [m for m in lines if "train/loss" in m][-1]
     assert summary["runtime"] == "ray" and "eval/cycle_miou" in summary["final"]
     from dualrl.model.build import build_model
