@@ -87,6 +87,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         """Keep the test output quiet."""
 
+    generation: int | None = None  # the server generation this request entered in, until it leaves
+
     def do_POST(self) -> None:
         if self.path != "/v1/chat/completions":
             self._send(404, {"error": "not found"})
@@ -94,13 +96,20 @@ class JudgeHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         match = CAPTION_RE.search(body["messages"][-1]["content"])
         caption = match.group(1) if match else ""
-        generation, count = self.server.enter(caption, body, self.headers.get("Authorization"))
+        self.generation, count = self.server.enter(caption, body, self.headers.get("Authorization"))
         try:
             self._respond(caption, count)
         except OSError:
             pass  # the client hung up
         finally:
-            self.server.leave(generation)
+            self._leave()
+
+    def _leave(self) -> None:
+        """The request stops counting as in flight before its answer is written: once the client has the answer
+        it may send the next request, which this thread could otherwise still count with it."""
+        if self.generation is not None:
+            self.server.leave(self.generation)
+            self.generation = None
 
     def _respond(self, caption: str, count: int) -> None:
         mode, _, rest = caption.partition(" ")
@@ -131,6 +140,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
+        self._leave()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
