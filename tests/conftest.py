@@ -26,13 +26,16 @@ REAL_DATA_OFF = [
 # 2-core CPU with torch's two intra-op threads, about one process in three ends 4 tiny steps with other last bits in its
 # weights (one thread: the same bits every time; the hash seed, MKL_DYNAMIC and MKL_CBWR do not change that), and
 # pixels whose mask logit sits near 0 flip: cycle mIoU 0.039074 or 0.039105. Tests that compare runs give `eval/` keys
-# this much absolute room; training figures keep their tight tolerance.
+# this much absolute room. So do training figures of thresholded masks (`train/dual_iou`, `reward/mask_iou`): two
+# updates whose weights agree to 1e-8 gave `train/dual_iou` 0.0427546 and 0.0427518 (CI, 2 cores). Losses and the rest
+# keep their tight tolerance.
 EVAL_ABS = 1e-4
 
 
 def metric_abs(key: str, tol: float) -> float:
-    """The absolute tolerance for metric `key` when two runs are compared: `tol`, or EVAL_ABS for held-out figures."""
-    return max(tol, EVAL_ABS) if key.startswith("eval/") else tol
+    """The absolute tolerance for metric `key` when two runs are compared: `tol`, or EVAL_ABS for held-out figures and
+    IoUs of thresholded masks."""
+    return max(tol, EVAL_ABS) if key.startswith("eval/") or key.endswith("iou") else tol
 
 
 TINY = [

@@ -16,7 +16,7 @@ from dualrl.model.grounded_vlm import Captions, LastEncoding, _tie
 from dualrl.recipe import load_recipe
 from dualrl.runtime.local import LocalRuntime
 from dualrl.train import step_generator
-from tests.conftest import TINY
+from tests.conftest import TINY, metric_abs
 
 
 def _runtime(*extra: str) -> LocalRuntime:
@@ -70,7 +70,7 @@ def test_the_update_reuses_the_teachers_encoding_and_learns_the_same(region_batc
         torch.testing.assert_close(p, apart_weights[name], rtol=1e-6, atol=atol, msg=name)
     for ours, theirs in zip(shared_metrics, apart_metrics, strict=True):
         for key, value in theirs.items():
-            assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-8), key
+            assert ours[key] == pytest.approx(value, rel=1e-6, abs=metric_abs(key, 1e-8)), key
     shared.shutdown()
     apart.shutdown()
 
