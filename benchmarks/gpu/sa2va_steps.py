@@ -176,7 +176,9 @@ class _Timed:
         return out
 
 
-def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers: int = 2) -> dict:
+def run_algo(
+    args, algo: str, out_dir: Path, sa2va: Path | None = None, workers: int = 2, save=lambda partial: None
+) -> dict:
     size = 128 if args.tiny else 1024
     overrides = [
         f"output_dir={out_dir / algo}",
@@ -288,6 +290,8 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         )
     }
     steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    partial = {"algo": algo, "partial": True, "steps": phases, "median": median}
+    save(partial)  # the timed steps, kept if a later stage does not finish
     rollout = Rollout(captions, plan.group_size, scored.total)
     compiled = None
     repeats = max(2, args.steps - args.warmup)  # each comparison's updates of each kind: as many as the timed steps
@@ -310,6 +314,7 @@ def run_algo(args, algo: str, out_dir: Path, sa2va: Path | None = None, workers:
         set_intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device))
     replayed = replay(runtime.learner, kept, recipe.train.seed) if args.replay else None
     projections = compare_projections(runtime.learner, kept, recipe.train.seed) if args.compare_projections else None
+    save({**partial, "compiled": compiled, "wrapper": wrapper, "replayed": replayed, "projections": projections})
     flops = learner_flops(runtime.learner, batch, rollout, step_generator(recipe.train.seed, args.steps + 1))
     peak = next((v for k, v in BF16_PEAK.items() if k in facts().get("device", "")), None)
     mfu = {
@@ -902,8 +907,11 @@ def main() -> int:
             print(json.dumps(info["sa2va_checkpoint"]), flush=True)
         for workers in args.workers:
             for algo in args.algos:
-                results.append(run_algo(args, algo, Path(tmp), sa2va, workers))
+                # what is measured so far is written as it comes: a run cut short by its time limit keeps it
+                save = lambda partial: _write(args.out, info, [*results, partial], complete=False)  # noqa: E731
+                results.append(run_algo(args, algo, Path(tmp), sa2va, workers, save))
                 gc_cuda()
+                _write(args.out, info, results, complete=False)
     for r in results:
         m = r["median"]
         print(
@@ -933,9 +941,15 @@ def main() -> int:
                 f"eager ({c['speedup']:.2f}x), MFU {mfu['mfu_compiled'] or 0:.3f}; first compiled update "
                 f"{c['compiled_first_update_s']:.1f} s"
             )
-    if args.out:
-        args.out.write_text(json.dumps({"facts": info, "results": results}, indent=1))
+    _write(args.out, info, results, complete=True)
     return 0
+
+
+def _write(out: Path | None, info: dict, results: list, complete: bool) -> None:
+    """The results so far; `complete` is False until every asked algorithm has run (a last entry with
+    `partial: true` holds the stages its algorithm finished)."""
+    if out:
+        out.write_text(json.dumps({"facts": info, "results": results, "complete": complete}, indent=1))
 
 
 def gc_cuda() -> None:
