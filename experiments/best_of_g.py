@@ -9,6 +9,9 @@ The recipe's starting model (its `model.pretrained` / `model.init_from`), on the
 expression, the cycle IoU of the greedy caption, and the cycle IoUs of G captions sampled at `--temperature`
 (the segmenter is the same model, as at step 0 of a run). Prints the means and the oracle best of G: the cycle
 mIoU a policy would reach if it always produced its best sample.
+
+`--prefixes` also segments every prefix of each greedy caption (its first 1, 2, ... tokens) and reports the best
+prefix: the ceiling of teaching the captioner only where to stop.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="select", choices=["val", "select"])
     parser.add_argument("--regions", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefixes", action="store_true", help="also the best prefix of each greedy caption")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.g < 2 or args.regions < 1 or args.temperature <= 0:
@@ -59,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     runtime = start_runtime(recipe)
     runtime.sync()
     sampled_plan = RolloutPlan(group_size=args.g, sample=True, temperature=args.temperature)
-    ref, greedy, sampled = [], [], []
+    ref, greedy, sampled, best_prefix, best_cut = [], [], [], [], []
     for i, batch in enumerate(batches):
         ref.append(runtime.learner.refer(batch)[0])
         captions = runtime.rollout.describe(batch, RolloutPlan(), args.seed * 1_000_003 + i)
         greedy.append(runtime.reward.score(batch, captions).segmentation["mask_iou"])
+        if args.prefixes:
+            iou, cut = _best_prefixes(runtime.reward, batch, captions.ids)
+            best_prefix.append(iou)
+            best_cut.append(cut)
         captions = runtime.rollout.describe(batch, sampled_plan, args.seed * 1_000_003 + i)
         ious = runtime.reward.score(batch, captions, args.g).segmentation["mask_iou"]
         sampled.append(ious.view(-1, args.g))
@@ -81,12 +89,28 @@ def main(argv: list[str] | None = None) -> int:
         "sampled_cycle_miou": sampled_all.mean().item(),
         "best_of_g_cycle_miou": sampled_all.max(1).values.mean().item(),
     }
+    if args.prefixes:
+        cuts = torch.cat(best_cut)
+        result["best_prefix_cycle_miou"] = torch.cat(best_prefix).mean().item()
+        result["best_prefix_is_whole"] = (cuts == 0).float().mean().item()
+        result["best_prefix_tokens_cut_mean"] = cuts.float().mean().item()
     for key, value in result.items():
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def _best_prefixes(reward, batch: dict, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per region, the best cycle IoU over the non-empty prefixes of its caption, and how many tokens that prefix
+    leaves out (0: the whole caption; ties go to the longest)."""
+    if any(len(c) == 0 for c in ids):
+        raise ValueError("an empty greedy caption has no prefix to segment")
+    prefixes = [c[:k] for c in ids for k in range(len(c), 0, -1)]
+    region = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(ids)])
+    ious = reward.segment(batch, prefixes, region)["mask_iou"].split([len(c) for c in ids])
+    return torch.stack([x.max() for x in ious]), torch.stack([x.argmax() for x in ious])
 
 
 if __name__ == "__main__":

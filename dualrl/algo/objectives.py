@@ -10,7 +10,9 @@ branch on the algorithm's name.
   through the student; the student's next-token logits become straight-through top-k Gumbel-softmax soft
   tokens; those tokens are the expression of a referring prompt; `[SEG]` -> SAM2 -> BCE + dice against the
   original mask. The mask loss thus trains the segmenter and, through the soft tokens, the captioner.
-  Regions that carry a reference also get the supervised terms, which anchor both directions.
+  Regions that carry a reference also get the supervised terms, which anchor both directions. With
+  `stop_weight`, the student also learns where each EMA caption is best cut: the end token after the prefix its
+  current segmenter maps best to the region.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dualrl.algo.common import MaskTerms, StepOutput, canonical, pick_references, ref_rows, segment_view
+from dualrl.algo.losses import mask_iou
 from dualrl.algo.registry import register
 from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.algo.soft_tokens import hard_ids, soft_embeddings, topk_gumbel_softmax
@@ -129,13 +132,23 @@ class SftDual:
         image_tokens = model.project(feats)
         all_idx = torch.arange(n)
 
-        # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions).
+        seg_feats, seg_masks = segment_view(model, batch, feats)  # the frames to segment and their masks
+        seg_masks = upload(seg_masks, device)
+
+        # 1) Student teacher-forced on the EMA captions (+ supervised captioning of referenced regions, + where to
+        #    end each EMA caption).
         answers: list = [Ids(self._teacher_forced(c, generator), mark="caption") for c in rollout.ids]
         answers += canonical(batch, rows)
         cap_index = torch.cat([all_idx, torch.tensor(rows, dtype=torch.long)])
+        supervised = len(answers)
+        if self.spec.stop_weight > 0:
+            stops = self.stops(model, seg_feats, seg_masks, rollout.ids)
+            kept = [r for r, k in enumerate(stops) if k > 0]
+            answers += [Ids(rollout.ids[r][: stops[r]], stop=True) for r in kept]
+            cap_index = torch.cat([cap_index, torch.tensor(kept, dtype=torch.long)])
         cap_seq = model.assemble(model.region_prompts(image_tokens, batch["masks"][cap_index], cap_index, answers))
         cap_hidden = model.lm_hidden(cap_seq)
-        caption_loss = model.lm_loss(cap_hidden, cap_seq)
+        caption_loss = model.lm_loss(cap_hidden, cap_seq, slice(0, supervised))
 
         # 2) Soft tokens from the student's next-token logits at each caption position.
         r, c = cap_seq.marks.get("caption", (torch.zeros(0, dtype=torch.long),) * 2)
@@ -155,8 +168,6 @@ class SftDual:
 
         # 3) Referring: reference expressions (supervised) and soft captions (dual), on the frames to segment (the
         #    same frames, except for frame pairs); one pass, or the soft captions apart through frozen weights.
-        seg_feats, seg_masks = segment_view(model, batch, feats)
-        seg_masks = upload(seg_masks, device)
         references = pick_references(batch, rows, generator)
         ref_index = torch.tensor(rows, dtype=torch.long)
         frozen = self.spec.dual_segmenter == "frozen"
@@ -183,7 +194,14 @@ class SftDual:
         loss_mask = s.ref_weight * ref_mask + s.dual_weight * dual_mask
         loss_dice = s.ref_weight * ref_dice + s.dual_weight * dual_dice
         loss = loss_mask + loss_dice + self.llm_weight * llm_loss + s.caption_weight * caption_loss
-        metrics = {
+        metrics = {}
+        if s.stop_weight > 0:
+            stop_loss = model.lm_loss(cap_hidden, cap_seq, slice(supervised, None))
+            loss = loss + s.stop_weight * stop_loss
+            lengths = torch.tensor([len(c) for c in rollout.ids], dtype=torch.float)
+            metrics["train/stop_loss"] = stop_loss.detach()
+            metrics["train/stop_tokens_cut"] = (lengths - torch.tensor(stops, dtype=torch.float)).mean().item()
+        metrics |= {
             "train/loss_mask": loss_mask.detach(),
             "train/loss_dice": loss_dice.detach(),
             "train/llm_loss": llm_loss.detach(),
@@ -194,6 +212,28 @@ class SftDual:
         if k:
             metrics["train/ref_iou"] = ref_iou
         return StepOutput(loss, metrics)
+
+    @torch.no_grad()
+    def stops(self, model: GroundedVLM, feats: ImageFeatures, masks: Tensor, captions: list[Tensor]) -> list[int]:
+        """Per caption, how many of its tokens to keep: the length of the prefix whose mask, segmented by the
+        model as it stands, has the best IoU with the region's. From the whole caption down, a shorter prefix
+        takes the place of the one chosen so far only when it gains `stop_margin` over it. An empty caption keeps 0
+        (no prefix to try)."""
+        tried = [r for r, c in enumerate(captions) if len(c)]
+        if not tried:
+            return [0] * len(captions)
+        prefixes = [Ids(captions[r][:k]) for r in tried for k in range(len(captions[r]), 0, -1)]
+        region = torch.tensor([r for r in tried for _ in range(len(captions[r]))], dtype=torch.long)
+        logits = model.segment(None, prefixes, feats=feats, image_index=region)[0]
+        ious = mask_iou(logits, masks[upload(region, masks.device)]).cpu()
+        keep = [0] * len(captions)
+        for r, iou in zip(tried, ious.split([len(captions[r]) for r in tried])):
+            best = 0  # index into longest-first prefixes
+            for j in range(1, len(iou)):
+                if iou[j] > iou[best] + self.spec.stop_margin:
+                    best = j
+            keep[r] = len(captions[r]) - best
+        return keep
 
 
 @contextlib.contextmanager

@@ -432,10 +432,15 @@ class GroundedVLM(nn.Module):
         """lm_head on selected hidden states only (vocab 150k x full sequence would waste memory)."""
         return self.vlm.lm_head(hidden)
 
-    def lm_loss(self, hidden: Tensor, seq: Sequences) -> Tensor:
-        """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100."""
+    def lm_loss(self, hidden: Tensor, seq: Sequences, rows: slice | None = None) -> Tensor:
+        """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100. `rows`: over
+        those prompts' labels only (a batch that holds two terms, each with its weight)."""
         labels = seq.labels[:, 1:]
         host = seq.host_labels[:, 1:]
+        if rows is not None:
+            among = torch.zeros(len(host), dtype=torch.bool)
+            among[rows] = True
+            host = host.masked_fill(~among[:, None], -100)
         rows, cols = (host != -100).nonzero(as_tuple=True)  # positions known on the host: no device wait
         if rows.numel() == 0:
             return hidden.sum() * 0.0

@@ -68,6 +68,7 @@ class PromptBuilder:
         """Region prompt; with `answer`, the caption follows ending in eos. A text answer and its eos are labelled
         (the LM loss learns them); token ids (`Ids`) and their eos are labelled as `answer.label` says: ids given
         as the input of a step (a teacher's caption, some tokens dropped; sampled completions) carry no target.
+        `answer.stop`, when set, labels the eos alone: where a caption should end.
         Image and region tokens come as tensors [n, H] or as rows of a matrix the batch shares (`Feats` with
         `rows`)."""
         user = self._fill(
@@ -82,7 +83,7 @@ class PromptBuilder:
         if isinstance(answer, str):
             reply = [Text(answer + self.eos, label=True)]
         elif isinstance(answer, Ids):
-            reply = [answer, Text(self.eos, label=answer.label)]
+            reply = [answer, Text(self.eos, label=answer.label if answer.stop is None else answer.stop)]
         return self._turn(user, reply)
 
     def segment(self, image_tokens: Tensor | Feats, expression: str | Ids) -> list[Piece]:

@@ -36,6 +36,7 @@ class Ids:
     label: bool = False
     mark: str | None = None  # record these positions under this name
     embeds: Tensor | None = None  # optional replacement embeddings (soft tokens) for these ids
+    stop: bool | None = None  # as an answer: whether the end token after it is labelled (None: as `label`)
 
 
 @dataclass

@@ -78,6 +78,23 @@ class SftDualSpec(Section):
         "tokens, to write captions the segmenter as it stands maps to the region (the image features are detached "
         "too); the segmenter learns from the reference expressions alone.",
     )
+    stop_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the where-to-stop term (0: off). Every prefix of each EMA caption (its first 1, 2, "
+        "... tokens) is segmented by the student's current weights without gradient; the student learns the end "
+        "token after the prefix whose mask agrees best with the region (the whole caption unless a shorter one "
+        "gains stop_margin of IoU), on every region, with or without an expression. It teaches the captioner to "
+        "leave out what the segmenter reads wrongly. Costs a no-gradient segmentation of about caption-length "
+        "prompts per region.",
+    )
+    stop_margin: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="IoU by which a shorter prefix must beat every longer one to become where the caption ends "
+        "(a few pixels' difference is noise, not a reason to drop words).",
+    )
 
 
 class PretrainSpec(Section):

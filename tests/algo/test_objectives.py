@@ -155,3 +155,69 @@ def test_frozen_dual_segmenter_is_refused_with_sharded_learners():
                 "runtime.learner_sharding=fsdp",
             ],
         )
+
+
+def test_stops_keep_the_prefix_the_segmenter_reads_best_by_the_margin(tiny_spec, region_batch, monkeypatch):
+    """`SftDual.stops` segments every prefix of each caption (longest first) and keeps the whole caption unless a
+    shorter prefix gains `stop_margin` of IoU over the one chosen so far; an empty caption is not tried."""
+    import dualrl.algo.objectives as objectives
+    from dualrl.recipe import AlgoSpec
+
+    model = build_model(tiny_spec).eval()
+    asked = []
+
+    def segment(images, texts, feats=None, image_index=None):
+        asked.extend((len(t.ids), int(r)) for t, r in zip(texts, image_index))
+        return (torch.zeros(len(texts), 4, 4),)
+
+    monkeypatch.setattr(model, "segment", segment)
+    # IoUs of the prefixes, longest first: caption 0 (3 tokens), caption 2 (2 tokens), caption 3 (2 tokens)
+    ious = torch.tensor([0.50, 0.51, 0.60, 0.70, 0.71, 0.20, 0.90])
+    monkeypatch.setattr(objectives, "mask_iou", lambda logits, gt: ious)
+    captions = [torch.tensor([5, 6, 7]), torch.tensor([], dtype=torch.long), torch.tensor([8, 9]), torch.tensor([3, 4])]
+    objective = SftDual(AlgoSpec(sft_dual={"stop_margin": 0.02}), model)
+    assert objective.stops(model, None, region_batch["masks"], captions) == [1, 0, 2, 1]
+    assert asked == [(3, 0), (2, 0), (1, 0), (2, 2), (1, 2), (2, 3), (1, 3)]
+
+
+def test_the_stop_term_learns_the_end_token_alone(tiny_spec, region_batch, monkeypatch):
+    """With `stop_weight`, each region's cut caption is the input and only the end token after it a target: the
+    captioning term is the references' as without it, the stop term is the cross-entropy of that end token, and
+    its gradient reaches the captioner."""
+    from dualrl.recipe import AlgoSpec
+
+    model = build_model(tiny_spec).eval()
+    with torch.no_grad():
+        rollout = model.describe(region_batch["images"], region_batch["masks"], max_new_tokens=5)
+    keep = [max(1, len(c) - 1) for c in rollout.ids]
+    monkeypatch.setattr(SftDual, "stops", lambda self, *args: keep)
+
+    def step(stop_weight: float):
+        algo = AlgoSpec(sft_dual={"stop_weight": stop_weight}, loss={"num_points": 128})
+        return SftDual(algo, model)(model, region_batch, rollout, torch.Generator().manual_seed(0))
+
+    plain, stopped = step(0.0), step(1.0)
+    assert "train/stop_loss" not in plain.metrics
+    torch.testing.assert_close(stopped.metrics["train/caption_loss"], plain.metrics["train/caption_loss"])
+    # one target a region: the end token, right after its cut caption; the term is its cross-entropy
+    from dualrl.model.sequence import Ids
+
+    image_tokens = model.project(model.encode_images(region_batch["images"]))
+    prompts = model.region_prompts(
+        image_tokens, region_batch["masks"], torch.arange(4), [Ids(c[:k], stop=True) for c, k in zip(rollout.ids, keep)]
+    )
+    with torch.no_grad():
+        seq = model.assemble(prompts)
+        logits = model.logits_at(model.lm_hidden(seq))
+    rows, cols = (seq.host_labels != -100).nonzero(as_tuple=True)
+    eos = model.tokenizer.convert_tokens_to_ids(model.prompts.eos)
+    assert rows.tolist() == [0, 1, 2, 3] and (seq.host_labels[rows, cols] == eos).all()
+    assert [int(seq.host_ids[r, c - 1]) for r, c in zip(rows, cols)] == [
+        int(c[k - 1]) for c, k in zip(rollout.ids, keep)
+    ]
+    expected = torch.nn.functional.cross_entropy(logits[rows, cols - 1].float(), torch.full((4,), eos))
+    torch.testing.assert_close(stopped.metrics["train/stop_loss"], expected, rtol=1e-4, atol=1e-5)
+    assert stopped.metrics["train/stop_tokens_cut"] == pytest.approx(
+        sum(len(c) - k for c, k in zip(rollout.ids, keep)) / 4
+    )
+    assert _grads(model, stopped.loss - plain.loss)  # the term is connected to trainable weights
