@@ -11,7 +11,9 @@ expression, the cycle IoU of the greedy caption, and the cycle IoUs of G caption
 mIoU a policy would reach if it always produced its best sample.
 
 `--prefixes` also segments every prefix of each greedy caption (its first 1, 2, ... tokens) and reports the best
-prefix: the ceiling of teaching the captioner only where to stop.
+prefix: the ceiling of teaching the captioner only where to stop (an oracle: it knows the mask when it chooses). And a
+rule that needs no mask: each caption cut before its first token the captioner chose with a probability under p, for
+p in `--cut-below` (at least one token kept).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefixes", action="store_true", help="also the best prefix of each greedy caption")
+    parser.add_argument("--cut-below", type=float, nargs="*", default=[0.5, 0.7, 0.9])
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.g < 2 or args.regions < 1 or args.temperature <= 0:
@@ -63,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime = start_runtime(recipe)
     runtime.sync()
     sampled_plan = RolloutPlan(group_size=args.g, sample=True, temperature=args.temperature)
-    ref, greedy, sampled, best_prefix, best_cut = [], [], [], [], []
+    ref, greedy, sampled, prefix_ious, greedy_logprobs = [], [], [], [], []
     for i, batch in enumerate(batches):
         ref.append(runtime.learner.refer(batch)[0])
         captions = runtime.rollout.describe(batch, RolloutPlan(), args.seed * 1_000_003 + i)
         greedy.append(runtime.reward.score(batch, captions).segmentation["mask_iou"])
         if args.prefixes:
-            iou, cut = _best_prefixes(runtime.reward, batch, captions.ids)
-            best_prefix.append(iou)
-            best_cut.append(cut)
+            prefix_ious += _prefix_ious(runtime.reward, batch, captions.ids)
+            greedy_logprobs += [lp.cpu() for lp in captions.logprobs]
         captions = runtime.rollout.describe(batch, sampled_plan, args.seed * 1_000_003 + i)
         ious = runtime.reward.score(batch, captions, args.g).segmentation["mask_iou"]
         sampled.append(ious.view(-1, args.g))
@@ -90,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         "best_of_g_cycle_miou": sampled_all.max(1).values.mean().item(),
     }
     if args.prefixes:
-        cuts = torch.cat(best_cut)
-        result["best_prefix_cycle_miou"] = torch.cat(best_prefix).mean().item()
+        cuts = torch.stack([iou.argmax() for iou in prefix_ious])  # longest first: ties keep the longest
+        result["best_prefix_cycle_miou"] = torch.stack([iou.max() for iou in prefix_ious]).mean().item()
         result["best_prefix_is_whole"] = (cuts == 0).float().mean().item()
         result["best_prefix_tokens_cut_mean"] = cuts.float().mean().item()
+        for p in args.cut_below:
+            kept = [_kept_above(lp, p) for lp in greedy_logprobs]
+            ious = [iou[len(iou) - k] for iou, k in zip(prefix_ious, kept)]
+            result[f"cut_below_{p}_cycle_miou"] = torch.stack(ious).mean().item()
+            result[f"cut_below_{p}_tokens_cut_mean"] = sum(len(i) - k for i, k in zip(prefix_ious, kept)) / len(kept)
     for key, value in result.items():
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     if args.out:
@@ -102,15 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _best_prefixes(reward, batch: dict, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per region, the best cycle IoU over the non-empty prefixes of its caption, and how many tokens that prefix
-    leaves out (0: the whole caption; ties go to the longest)."""
+def _prefix_ious(reward, batch: dict, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per region, the cycle IoUs of its caption's non-empty prefixes, longest (the whole caption) first."""
     if any(len(c) == 0 for c in ids):
         raise ValueError("an empty greedy caption has no prefix to segment")
     prefixes = [c[:k] for c in ids for k in range(len(c), 0, -1)]
     region = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(ids)])
-    ious = reward.segment(batch, prefixes, region)["mask_iou"].split([len(c) for c in ids])
-    return torch.stack([x.max() for x in ious]), torch.stack([x.argmax() for x in ious])
+    return list(reward.segment(batch, prefixes, region)["mask_iou"].split([len(c) for c in ids]))
+
+
+def _kept_above(logprobs: torch.Tensor, p: float) -> int:
+    """How many tokens precede the first one chosen with a probability under `p` (at least 1)."""
+    low = (logprobs.exp() < p).nonzero()
+    return len(logprobs) if len(low) == 0 else max(1, int(low[0]))
 
 
 if __name__ == "__main__":
