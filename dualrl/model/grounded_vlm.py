@@ -432,14 +432,14 @@ class GroundedVLM(nn.Module):
         """lm_head on selected hidden states only (vocab 150k x full sequence would waste memory)."""
         return self.vlm.lm_head(hidden)
 
-    def lm_loss(self, hidden: Tensor, seq: Sequences, rows: slice | None = None) -> Tensor:
-        """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100. `rows`: over
-        those prompts' labels only (a batch that holds two terms, each with its weight)."""
+    def lm_loss(self, hidden: Tensor, seq: Sequences, prompts: slice | None = None) -> Tensor:
+        """Mean next-token cross-entropy over labelled positions (answers); prompt labels are -100. `prompts`: over
+        the labels of those rows only (a batch that holds two terms, each with its weight)."""
         labels = seq.labels[:, 1:]
         host = seq.host_labels[:, 1:]
-        if rows is not None:
+        if prompts is not None:
             among = torch.zeros(len(host), dtype=torch.bool)
-            among[rows] = True
+            among[prompts] = True
             host = host.masked_fill(~among[:, None], -100)
         rows, cols = (host != -100).nonzero(as_tuple=True)  # positions known on the host: no device wait
         if rows.numel() == 0:

@@ -84,16 +84,17 @@ class SftDualSpec(Section):
         description="Weight of the where-to-stop term (0: off). Every prefix of each EMA caption (its first 1, 2, "
         "... tokens) is segmented by the student's current weights without gradient; the student learns the end "
         "token after the prefix whose mask agrees best with the region (the whole caption unless a shorter one "
-        "gains stop_margin of IoU), on every region, with or without an expression. It teaches the captioner to "
-        "leave out what the segmenter reads wrongly. Costs a no-gradient segmentation of about caption-length "
-        "prompts per region.",
+        "gains stop_margin of IoU), on every region, with or without an expression: the captioner is to leave out "
+        "what the segmenter reads wrongly. Costs a no-gradient segmentation of caption-length prompts per region "
+        "(about twice the step's time on the CPU). On the shapes data it cut captions everywhere or not at all and "
+        "did not raise the cycle IoU (docs/experiments.md, Where to stop).",
     )
     stop_margin: float = Field(
         0.02,
         ge=0,
         le=1,
-        description="IoU by which a shorter prefix must beat every longer one to become where the caption ends "
-        "(a few pixels' difference is noise, not a reason to drop words).",
+        description="IoU by which a shorter prefix must beat the longer one chosen so far (from the whole caption "
+        "down) to become where the caption ends: a few pixels' difference is noise, not a reason to drop words.",
     )
 
 
