@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from dualrl.algo.objectives import caption_prefixes
 from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.data.loader import DataError, EvalBatches
 from dualrl.recipe import RecipeError, load_recipe
@@ -113,8 +114,7 @@ def _prefix_ious(reward, batch: dict, ids: list[torch.Tensor]) -> list[torch.Ten
     """Per region, the cycle IoUs of its caption's non-empty prefixes, longest (the whole caption) first."""
     if any(len(c) == 0 for c in ids):
         raise ValueError("an empty greedy caption has no prefix to segment")
-    prefixes = [c[:k] for c in ids for k in range(len(c), 0, -1)]
-    region = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(ids)])
+    prefixes, region = caption_prefixes(ids)
     return list(reward.segment(batch, prefixes, region)["mask_iou"].split([len(c) for c in ids]))
 
 

@@ -222,9 +222,8 @@ class SftDual:
         tried = [r for r, c in enumerate(captions) if len(c)]
         if not tried:
             return [0] * len(captions)
-        prefixes = [Ids(captions[r][:k]) for r in tried for k in range(len(captions[r]), 0, -1)]
-        region = torch.tensor([r for r in tried for _ in range(len(captions[r]))], dtype=torch.long)
-        logits = model.segment(None, prefixes, feats=feats, image_index=region)[0]
+        prefixes, region = caption_prefixes(captions)
+        logits = model.segment(None, [Ids(p) for p in prefixes], feats=feats, image_index=region)[0]
         ious = mask_iou(logits, masks[upload(region, masks.device)]).cpu()
         keep = [0] * len(captions)
         for r, iou in zip(tried, ious.split([len(captions[r]) for r in tried])):
@@ -234,6 +233,14 @@ class SftDual:
                     best = j
             keep[r] = len(captions[r]) - best
         return keep
+
+
+def caption_prefixes(captions: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Every non-empty prefix of each caption, the whole caption first, and the index of the caption each belongs
+    to (an empty caption has none)."""
+    prefixes = [c[:k] for c in captions for k in range(len(c), 0, -1)]
+    region = torch.tensor([r for r, c in enumerate(captions) for _ in range(len(c))], dtype=torch.long)
+    return prefixes, region
 
 
 @contextlib.contextmanager

@@ -183,7 +183,7 @@ def test_stops_keep_the_prefix_the_segmenter_reads_best_by_the_margin(tiny_spec,
 def test_the_stop_term_learns_the_end_token_alone(tiny_spec, region_batch, monkeypatch):
     """With `stop_weight`, each region's cut caption is the input and only the end token after it a target: the
     captioning term is the references' as without it, the stop term is the cross-entropy of that end token, and
-    its gradient reaches the captioner."""
+    alone (every other weight 0) it is the loss and its gradient reaches the captioner's LoRA."""
     from dualrl.recipe import AlgoSpec
 
     model = build_model(tiny_spec).eval()
@@ -192,8 +192,8 @@ def test_the_stop_term_learns_the_end_token_alone(tiny_spec, region_batch, monke
     keep = [max(1, len(c) - 1) for c in rollout.ids]
     monkeypatch.setattr(SftDual, "stops", lambda self, *args: keep)
 
-    def step(stop_weight: float):
-        algo = AlgoSpec(sft_dual={"stop_weight": stop_weight}, loss={"num_points": 128})
+    def step(stop_weight: float, loss: dict | None = None, **weights):
+        algo = AlgoSpec(sft_dual={"stop_weight": stop_weight, **weights}, loss={"num_points": 128, **(loss or {})})
         return SftDual(algo, model)(model, region_batch, rollout, torch.Generator().manual_seed(0))
 
     plain, stopped = step(0.0), step(1.0)
@@ -220,4 +220,6 @@ def test_the_stop_term_learns_the_end_token_alone(tiny_spec, region_batch, monke
     assert stopped.metrics["train/stop_tokens_cut"] == pytest.approx(
         sum(len(c) - k for c, k in zip(rollout.ids, keep)) / 4
     )
-    assert _grads(model, stopped.loss - plain.loss)  # the term is connected to trainable weights
+    alone = step(1.0, dual_weight=0.0, ref_weight=0.0, caption_weight=0.0, loss={"llm_weight": 0.0})
+    torch.testing.assert_close(alone.loss, alone.metrics["train/stop_loss"])
+    assert any("lora_B" in n and g.abs().sum() > 0 for n, g in _grads(model, alone.loss).items())
