@@ -11,6 +11,7 @@ visible and its position word is never borderline. Everything derives from a num
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
@@ -135,6 +136,21 @@ def draw_scene(
         if all(layout.add(rng) for _ in range(n)):
             return layout.render(rng, noise)
     raise RuntimeError(f"could not place {min_objects}-{max_objects} objects at image_size={image_size}")
+
+
+def fade(image: np.ndarray, contrast: float) -> np.ndarray:
+    """`image` (uint8 [H, W, C]) with its contrast scaled by `contrast` about its mean grey: 1 leaves it as it is,
+    less washes it out, as a camera with another exposure or a hazy scene would."""
+    if contrast == 1.0:
+        return image
+    mean = float(image.mean())
+    faded = np.rint(mean + contrast * (image.astype(np.float32) - mean))
+    return np.clip(faded, 0, 255).astype(np.uint8)
+
+
+def _check_contrast(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
 
 
 def _check_scene_args(image_size: int, min_objects: int, max_objects: int, noise: int) -> None:
@@ -307,6 +323,9 @@ class ShapesDataset(Dataset):
     `expression_fraction` of the items carry the canonical expression and its references; the rest are
     mask-only (expression None, references []), like SA-1B. Which items carry text is fixed per index, and
     the set only grows with the fraction, so the scene and object of an item never depend on it.
+
+    `contrast` washes every image out (`fade`); `referred_contrast`, when given, is the contrast of the items
+    that carry text instead, so that text and mask-only items can come from two looks of the same scenes.
     """
 
     def __init__(
@@ -320,6 +339,8 @@ class ShapesDataset(Dataset):
         expression_fraction: float = 1.0,
         noise: int = 8,
         regions_per_scene: int = 1,
+        contrast: float = 1.0,
+        referred_contrast: float | None = None,
     ) -> None:
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -332,6 +353,9 @@ class ShapesDataset(Dataset):
         if regions_per_scene < 1:
             raise ValueError(f"regions_per_scene must be >= 1, got {regions_per_scene}")
         _check_scene_args(image_size, min_objects, max_objects, noise)
+        _check_contrast("contrast", contrast)
+        _check_contrast("referred_contrast", referred_contrast)
+        self.contrast, self.referred_contrast = contrast, referred_contrast
         self.regions_per_scene = regions_per_scene
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self.min_objects, self.max_objects, self.noise = min_objects, max_objects, noise
@@ -348,10 +372,11 @@ class ShapesDataset(Dataset):
         return np.random.default_rng(seq)
 
     def scene(self, index: int) -> Scene:
-        """The whole scene behind item `index`."""
-        return draw_scene(
+        """The whole scene behind item `index`, at the dataset's `contrast`."""
+        scene = draw_scene(
             self._rng(index // self.regions_per_scene), self.image_size, self.min_objects, self.max_objects, self.noise
         )
+        return dataclasses.replace(scene, image=fade(scene.image, self.contrast))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:
@@ -367,8 +392,10 @@ class ShapesDataset(Dataset):
         obj = int(order[(index % k) % len(order)])
         has_text = text_draws[index % k] < self.expression_fraction
         target = scene.objects[obj]
+        referred = has_text and self.referred_contrast is not None
+        image = fade(scene.image, self.referred_contrast if referred else self.contrast)
         return {
-            "image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),
+            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "mask": torch.from_numpy(scene.masks[obj]),
             "expression": target.canonical if has_text else None,
             "references": list(target.references) if has_text else [],

@@ -58,6 +58,22 @@ class ShapesSpec(SourceSpec):
         description="Consecutive training regions drawn from one scene (Sa2VA packs several referred objects per "
         "image).",
     )
+    contrast: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Contrast of every scene about its mean grey, held-out splits included: 1 as drawn, less a "
+        "washed-out look (a camera of another exposure, a hazy scene).",
+    )
+    referred_contrast: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Contrast of the train split's regions that carry an expression; null: contrast. With "
+        "contrast < 1 and this 1, the expressions come from clean scenes while the mask-only regions and the "
+        "held-out splits are washed out: a look the expressions do not cover, as when RefCOCO's expressions are "
+        "mixed with another dataset's masks.",
+    )
 
 
 RefCocoSplit = Literal["train", "val", "testA", "testB", "test"]

@@ -13,6 +13,7 @@ from dualrl.data.scenes import (
     ShapesDataset,
     collate_regions,
     draw_scene,
+    fade,
     render_expression,
 )
 
@@ -214,6 +215,38 @@ def test_expression_fraction_is_honoured():
         assert all((ds[i]["expression"] is not None) == (fraction == 1.0) for i in range(100))
 
 
+def test_fade_scales_the_contrast_about_the_mean():
+    """Contrast 1 returns the image itself; contrast c keeps the mean grey and scales every pixel's distance
+    from it by c (to rounding), so the image's spread shrinks by c."""
+    image = ShapesDataset("val", 1).scene(0).image
+    assert fade(image, 1.0) is image
+    faded = fade(image, 0.4)
+    assert faded.dtype == np.uint8 and faded.shape == image.shape
+    mean = image.mean()
+    assert abs(faded.mean() - mean) < 0.5
+    np.testing.assert_allclose(faded.astype(float) - mean, 0.4 * (image.astype(float) - mean), atol=0.51)
+    assert faded.std() == pytest.approx(0.4 * image.std(), rel=0.01)
+
+
+def test_referred_contrast_fades_only_the_regions_without_text():
+    """With contrast 0.5 and referred_contrast 1, the items that carry text are the plain dataset's items and
+    the mask-only ones are its items faded; scenes, objects, masks and texts stay the plain dataset's."""
+    plain = ShapesDataset("train", 40, image_size=64, expression_fraction=0.5)
+    mixed = ShapesDataset("train", 40, image_size=64, expression_fraction=0.5, contrast=0.5, referred_contrast=1.0)
+    kinds = set()
+    for i in range(40):
+        a, b = plain[i], mixed[i]
+        assert torch.equal(a["mask"], b["mask"]) and a["expression"] == b["expression"]
+        assert a["references"] == b["references"] and a["attributes"] == b["attributes"]
+        has_text = a["expression"] is not None
+        kinds.add(has_text)
+        want = a["image"] if has_text else torch.from_numpy(fade(a["image"].permute(1, 2, 0).numpy(), 0.5))
+        assert torch.equal(b["image"], want if has_text else want.permute(2, 0, 1))
+    assert kinds == {True, False}  # both kinds were checked
+    faded = ShapesDataset("val", 4, contrast=0.5)
+    assert np.array_equal(faded.scene(2).image, fade(ShapesDataset("val", 4).scene(2).image, 0.5))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -228,6 +261,9 @@ def test_expression_fraction_is_honoured():
         {"min_objects": 4, "max_objects": 3},
         {"max_objects": 7},
         {"noise": -1},
+        {"contrast": 0.0},
+        {"contrast": 1.5},
+        {"referred_contrast": float("nan")},
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs):

@@ -284,3 +284,19 @@ def test_data_seed_moves_the_shapes_train_stream_not_its_held_out_splits():
         data = load_recipe("recipes/sft_dual.yaml", [*TINY, f"data.seed={seed}", "output_dir=unused"]).data
         images.append(next(iter(EvalBatches(data, 128, 4, "val")))["images"])
     assert torch.equal(images[0], images[1])
+
+
+def test_referred_contrast_reaches_the_train_split_only():
+    """data.shapes.contrast fades every split; referred_contrast sets the look of the train split's regions with
+    text alone (held-out regions all carry text and stay at contrast); a contrast out of (0, 1] is refused."""
+    from dualrl.data.loader import build_source
+    from dualrl.recipe import RecipeError, load_recipe
+    from tests.conftest import TINY
+
+    shift = ["data.shapes.contrast=0.5", "data.shapes.referred_contrast=1.0", "output_dir=unused"]
+    data = load_recipe("recipes/sft_dual.yaml", [*TINY, *shift]).data
+    for split, want in (("train", (0.5, 1.0)), ("val", (0.5, None)), ("select", (0.5, None))):
+        dataset = build_source("shapes", data.shapes, data, 128, split=split).dataset
+        assert (dataset.contrast, dataset.referred_contrast) == want
+    with pytest.raises(RecipeError, match="contrast"):
+        load_recipe("recipes/sft_dual.yaml", [*TINY, "data.shapes.contrast=0", "output_dir=unused"])

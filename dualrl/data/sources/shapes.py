@@ -48,6 +48,8 @@ class ShapesSource(Source):
             max_objects=spec.max_objects,
             expression_fraction=expression_fraction,
             regions_per_scene=spec.regions_per_scene if split == "train" else 1,
+            contrast=spec.contrast,
+            referred_contrast=spec.referred_contrast if split == "train" else None,
         )
         self.cache_dir = None  # nothing to index
         self.offset = (order_seed * ORDER_STRIDE) % n if split == "train" and n else 0
