@@ -57,25 +57,41 @@ class Pretrain:
         self.mask_terms = MaskTerms(algo_spec.loss)
 
     def __call__(self, model: GroundedVLM, batch: dict, rollout, generator: torch.Generator) -> StepOutput:
-        device = model.device
         rows = ref_rows(batch)
-        if not rows:  # nothing supervised in this batch: a zero loss still connected to the graph
+        every = self.spec.point_weight > 0 and self.spec.point_regions == "all"
+        if not rows and not every:  # nothing supervised in this batch: a zero loss still connected to the graph
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(zero, {})
         images, masks = batch["images"], batch["masks"]
-        if len(rows) < len(images):  # the regions with an expression; all of them: the batch's own (pinned) tensors
+        if every or len(rows) == len(images):  # every image encoded: the batch's own (pinned) tensors
+            image_index = torch.tensor(rows, dtype=torch.long)
+        else:  # only the regions with an expression
             index = torch.tensor(rows)
             images, masks = images[index], masks[index]
+            image_index = torch.arange(len(rows))
         feats = model.encode_images(images)
-        local = torch.arange(len(rows))
+        loss, metrics = self.supervised(model, batch, rows, feats, image_index, generator) if rows else (0.0, {})
+        if self.spec.point_weight > 0:
+            gt = upload(masks, model.device)
+            clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
+            point_logits, _ = model.decode_prompts(feats.sam, None, points=clicks)
+            p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
+            loss = loss + self.spec.point_weight * (p_mask + p_dice)
+            metrics["train/point_iou"] = p_iou
+        return StepOutput(loss, metrics)
+
+    def supervised(
+        self, model: GroundedVLM, batch: dict, rows: list[int], feats: ImageFeatures, image_index: Tensor, generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Referring segmentation and captioning of the regions `rows` (images `image_index` of `feats`)."""
+        masks = batch["masks"][torch.tensor(rows)] if len(rows) < len(batch["masks"]) else batch["masks"]
         logits, hidden, seq, image_tokens = model.segment(
-            None, pick_references(batch, rows, generator), feats=feats, image_index=local
+            None, pick_references(batch, rows, generator), feats=feats, image_index=image_index
         )
-        gt = upload(masks, device)
-        loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, upload(masks, model.device), generator)
         llm_loss = model.lm_loss(hidden, seq)
         # region prompts from the host masks: their cells are picked without a device round trip
-        cap_seq = model.assemble(model.region_prompts(image_tokens, masks, local, canonical(batch, rows)))
+        cap_seq = model.assemble(model.region_prompts(image_tokens, masks, image_index, canonical(batch, rows)))
         caption_loss = model.lm_loss(model.lm_hidden(cap_seq), cap_seq)
         loss = (
             self.spec.ref_weight * (loss_mask + loss_dice)
@@ -89,13 +105,7 @@ class Pretrain:
             "train/caption_loss": caption_loss.detach(),
             "train/ref_iou": iou,
         }
-        if self.spec.point_weight > 0:
-            clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
-            point_logits, _ = model.decode_prompts(feats.sam, None, points=clicks)
-            p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
-            loss = loss + self.spec.point_weight * (p_mask + p_dice)
-            metrics["train/point_iou"] = p_iou
-        return StepOutput(loss, metrics)
+        return loss, metrics
 
 
 @register("sft_dual")

@@ -121,6 +121,11 @@ class PretrainSpec(Section):
         description="Mask loss of SAM2 prompted by one click inside each region (SAM's interactive training): "
         "teaches the from-scratch mask head to segment whatever it is pointed at, as pretrained SAM2 already can.",
     )
+    point_regions: Literal["referred", "all"] = Field(
+        "referred",
+        description="Which regions the click term trains on: those with an expression, or all, mask-only ones "
+        "too (clicks need no text): a control that uses the mask-only regions without the dual loop.",
+    )
 
 
 class GrpoSpec(Section):
