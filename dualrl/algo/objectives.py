@@ -63,14 +63,17 @@ class Pretrain:
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return StepOutput(zero, {})
         images, masks = batch["images"], batch["masks"]
+        index = torch.tensor(rows, dtype=torch.long)
+        ref_masks = masks if len(rows) == len(masks) else masks[index]
         if every or len(rows) == len(images):  # every image encoded: the batch's own (pinned) tensors
-            image_index = torch.tensor(rows, dtype=torch.long)
+            image_index = index
         else:  # only the regions with an expression
-            index = torch.tensor(rows)
-            images, masks = images[index], masks[index]
+            images, masks = images[index], ref_masks
             image_index = torch.arange(len(rows))
         feats = model.encode_images(images)
-        loss, metrics = self.supervised(model, batch, rows, feats, image_index, generator) if rows else (0.0, {})
+        loss, metrics = 0.0, {}
+        if rows:
+            loss, metrics = self.supervised(model, batch, rows, ref_masks, feats, image_index, generator)
         if self.spec.point_weight > 0:
             gt = upload(masks, model.device)
             clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
@@ -81,10 +84,17 @@ class Pretrain:
         return StepOutput(loss, metrics)
 
     def supervised(
-        self, model: GroundedVLM, batch: dict, rows: list[int], feats: ImageFeatures, image_index: Tensor, generator
+        self,
+        model: GroundedVLM,
+        batch: dict,
+        rows: list[int],
+        masks: Tensor,
+        feats: ImageFeatures,
+        image_index: Tensor,
+        generator: torch.Generator,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Referring segmentation and captioning of the regions `rows` (images `image_index` of `feats`)."""
-        masks = batch["masks"][torch.tensor(rows)] if len(rows) < len(batch["masks"]) else batch["masks"]
+        """Referring segmentation and captioning of the regions `rows` (their host `masks`; images `image_index`
+        of `feats`)."""
         logits, hidden, seq, image_tokens = model.segment(
             None, pick_references(batch, rows, generator), feats=feats, image_index=image_index
         )
