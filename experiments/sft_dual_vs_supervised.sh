@@ -5,7 +5,8 @@
 #   bash experiments/sft_dual_vs_supervised.sh [OUT=outputs/compare] [SEEDS="0 1 2"] [EXTRA="key=value ..."] [RECIPE=recipes/sft_dual.yaml]
 #       [CONTROL=supervised CONTROL_EXTRA="key=value ..."]  (another control: its run name and its own overrides,
 #       e.g. CONTROL=clicks CONTROL_EXTRA="algo.pretrain.point_weight=1.0 algo.pretrain.point_regions=all")
-# then: python -m dualrl.plot $OUT/sft_dual_seed*/ $OUT/supervised_seed*/ --out $OUT/sft_dual_vs_supervised.png
+# A run already in $OUT (its summary.json) is kept, so give another control its own CONTROL name.
+# It ends with: python -m dualrl.plot $OUT/sft_dual_seed*/ $OUT/${CONTROL}_seed*/ --out $OUT/sft_dual_vs_$CONTROL.png
 set -euo pipefail
 OUT=${OUT:-outputs/compare}
 SEEDS=${SEEDS:-0 1 2}

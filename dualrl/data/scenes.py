@@ -372,7 +372,8 @@ class ShapesDataset(Dataset):
         return np.random.default_rng(seq)
 
     def scene(self, index: int) -> Scene:
-        """The whole scene behind item `index`, at the dataset's `contrast`."""
+        """The whole scene behind item `index`, at the dataset's `contrast` (an item with text under
+        `referred_contrast` shows it at that contrast instead)."""
         scene = draw_scene(
             self._rng(index // self.regions_per_scene), self.image_size, self.min_objects, self.max_objects, self.noise
         )

@@ -127,6 +127,12 @@ class PretrainSpec(Section):
         "too (clicks need no text): a control that uses the mask-only regions without the dual loop.",
     )
 
+    @model_validator(mode="after")
+    def _clicks_everywhere_need_a_weight(self) -> PretrainSpec:
+        if self.point_regions == "all" and self.point_weight == 0:
+            raise ValueError("point_regions: all needs point_weight > 0 (the click term it widens is off)")
+        return self
+
 
 class GrpoSpec(Section):
     """GRPO on the captioner (knob names as TRL's GRPOConfig); the segmenter keeps its SFT mask loss. Read when

@@ -121,11 +121,12 @@ def test_pretrain_terms(tiny_spec, region_batch):
 
 def test_clicks_on_every_region_train_the_segmenter_on_mask_only_regions(tiny_spec, region_batch):
     """algo.pretrain.point_regions=all: the click term covers the mask-only regions too, so a batch without any
-    expression still trains SAM2's decoder (and only through the click term), where `referred` leaves it at zero;
-    with expressions on half the regions the supervised terms are those of `referred`."""
-    from dualrl.recipe import AlgoSpec
+    expression still trains SAM2's decoder (and only through the click term: nothing reaches the LLM's LoRA), where
+    `referred` leaves it at zero; with expressions on half the regions the supervised terms are those of `referred`.
+    In eval mode, so that LoRA dropout draws nothing between the two objectives' steps."""
+    from dualrl.recipe import AlgoSpec, RecipeError
 
-    model = build_model(tiny_spec).train()
+    model = build_model(tiny_spec).eval()
 
     def step(batch, regions):
         algo = AlgoSpec(
@@ -139,6 +140,7 @@ def test_clicks_on_every_region_train_the_segmenter_on_mask_only_regions(tiny_sp
     assert set(out.metrics) == {"train/point_iou"} and float(out.loss) > 0
     grads = _grads(model, out.loss)
     assert any("sam.sam_mask_decoder" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert not any("lora" in n and g.abs().sum() > 0 for n, g in grads.items())
     half = dict(region_batch)
     half["expression"] = [e if i % 2 else None for i, e in enumerate(region_batch["expression"])]
     half["references"] = [r if i % 2 else [] for i, r in enumerate(region_batch["references"])]
@@ -146,6 +148,8 @@ def test_clicks_on_every_region_train_the_segmenter_on_mask_only_regions(tiny_sp
     for key in ("train/loss_mask", "train/loss_dice", "train/llm_loss", "train/caption_loss", "train/ref_iou"):
         assert torch.allclose(referred.metrics[key], every.metrics[key], atol=1e-6), key
     assert not torch.allclose(referred.loss, every.loss)  # the click term covers twice the regions
+    with pytest.raises((ValueError, RecipeError), match="point_weight > 0"):
+        AlgoSpec(name="pretrain", pretrain={"point_regions": "all"})
 
 
 def test_objectives_are_found_by_name_and_declare_what_a_step_needs():

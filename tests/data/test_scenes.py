@@ -243,8 +243,11 @@ def test_referred_contrast_fades_only_the_regions_without_text():
         want = a["image"] if has_text else torch.from_numpy(fade(a["image"].permute(1, 2, 0).numpy(), 0.5))
         assert torch.equal(b["image"], want if has_text else want.permute(2, 0, 1))
     assert kinds == {True, False}  # both kinds were checked
-    faded = ShapesDataset("val", 4, contrast=0.5)
-    assert np.array_equal(faded.scene(2).image, fade(ShapesDataset("val", 4).scene(2).image, 0.5))
+    held_out, faded = ShapesDataset("val", 4), ShapesDataset("val", 4, contrast=0.5)
+    for i in range(4):  # every held-out item (all carry text) at `contrast`, and its scene too
+        want = fade(held_out[i]["image"].permute(1, 2, 0).numpy(), 0.5)
+        assert np.array_equal(faded[i]["image"].permute(1, 2, 0).numpy(), want)
+        assert np.array_equal(faded.scene(i).image, fade(held_out.scene(i).image, 0.5))
 
 
 @pytest.mark.parametrize(
