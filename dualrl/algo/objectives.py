@@ -72,10 +72,11 @@ class Pretrain:
             image_index = torch.arange(len(rows))
         feats = model.encode_images(images)
         loss, metrics = 0.0, {}
+        ref_gt = upload(ref_masks, model.device) if rows else None
         if rows:
-            loss, metrics = self.supervised(model, batch, rows, ref_masks, feats, image_index, generator)
-        if self.spec.point_weight > 0:
-            gt = upload(masks, model.device)
+            loss, metrics = self.supervised(model, batch, rows, ref_masks, ref_gt, feats, image_index, generator)
+        if self.spec.point_weight > 0:  # the masks of the encoded images: the referred ones' unless every region
+            gt = ref_gt if ref_masks is masks else upload(masks, model.device)
             clicks = samlib.click_inside(gt, model.spec.sam.image_size, generator)
             point_logits, _ = model.decode_prompts(feats.sam, None, points=clicks)
             p_mask, p_dice, p_iou = self.mask_terms(point_logits, gt, generator)
@@ -89,16 +90,17 @@ class Pretrain:
         batch: dict,
         rows: list[int],
         masks: Tensor,
+        gt: Tensor,
         feats: ImageFeatures,
         image_index: Tensor,
         generator: torch.Generator,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Referring segmentation and captioning of the regions `rows` (their host `masks`; images `image_index`
-        of `feats`)."""
+        """Referring segmentation and captioning of the regions `rows` (their `masks` on the host, `gt` on the
+        device; images `image_index` of `feats`)."""
         logits, hidden, seq, image_tokens = model.segment(
             None, pick_references(batch, rows, generator), feats=feats, image_index=image_index
         )
-        loss_mask, loss_dice, iou = self.mask_terms(logits, upload(masks, model.device), generator)
+        loss_mask, loss_dice, iou = self.mask_terms(logits, gt, generator)
         llm_loss = model.lm_loss(hidden, seq)
         # region prompts from the host masks: their cells are picked without a device round trip
         cap_seq = model.assemble(model.region_prompts(image_tokens, masks, image_index, canonical(batch, rows)))
