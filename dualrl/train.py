@@ -26,6 +26,7 @@ from dualrl.recipe import Recipe, dump_recipe
 from dualrl.recipe.resume import Change, check_resume
 from dualrl.runtime import ActorLost, ActorTimeout, resolve_device, set_intra_op_threads, start_runtime
 from dualrl.runtime.stream import RolloutStream
+from dualrl.workers.collector import PauseClock
 
 log = logging.getLogger("dualrl")
 
@@ -66,10 +67,12 @@ def diverged_message(recipe: Recipe, step: int, report: list[str], last_saved: i
 class StepWindow:
     """The steps since the last log line, for `step/mean/ms`: the wall time from that line (or the loop's start) to
     this one, evaluations and checkpoints left out, over their number. On a GPU it is the true time a step takes, where
-    `step/ms` at a step that reads no figures back times only the launches."""
+    `step/ms` at a step that reads no figures back times only the launches. `step/gc/ms`: the time this process spent
+    in Python's cyclic collector over the same window, per step (evaluations and checkpoints included)."""
 
     def __init__(self):
         self.start, self.steps, self.aside_s = time.perf_counter(), 0, 0.0
+        self.pauses = PauseClock()
 
     @contextlib.contextmanager
     def aside(self):
@@ -80,12 +83,14 @@ class StepWindow:
         finally:
             self.aside_s += time.perf_counter() - t0
 
-    def close(self) -> float:
-        """The window's mean step time in ms; the next window starts now."""
+    def close(self) -> dict[str, float]:
+        """The window's mean step time and collector time per step, in ms; the next window starts now."""
         now = time.perf_counter()
-        mean = 1000 * (now - self.start - self.aside_s) / max(self.steps, 1)
+        steps = max(self.steps, 1)
+        out = {"step/mean/ms": 1000 * (now - self.start - self.aside_s) / steps}
+        out["step/gc/ms"] = 1000 * self.pauses.take()[0] / steps
         self.start, self.steps, self.aside_s = now, 0, 0.0
-        return mean
+        return out
 
 
 def save_if_finite(runtime, out: Path, step: int, run_state: dict, keep: int, ahead: dict | None = None) -> bool:
@@ -204,6 +209,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
     deadline = t_start + 60 * recipe.train.max_minutes if recipe.train.max_minutes else None
     train = recipe.train
     window = StepWindow()
+    stack.callback(window.pauses.close)
     for step in range(start_step + 1, stop + 1):
         runtime.step, t_step = step, time.perf_counter()  # the step is named if a remote call times out
         # batch, captions, rewards (with async_rollout: made during the last step, and the next one started, also
@@ -232,7 +238,7 @@ def _train(recipe: Recipe, stack: contextlib.ExitStack) -> dict:
             failure = diverged_message(recipe, step, runtime.learner.nonfinite_report(), last_saved)
             stop = step
         if step % train.log_every == 0 or step == stop:
-            metrics["step/mean/ms"] = window.close()
+            metrics.update(window.close())
             logger.log(step, metrics)
         if failure is not None:
             break  # no evaluation and no checkpoint of these weights

@@ -34,6 +34,8 @@ def test_run_writes_the_output_contract(tmp_path):
         assert m["step/rollout/ms"] > 0 and m["step/reward/ms"] > 0 and m["step/learn/ms"] > 0
         assert m["step/rollout/ms"] + m["step/reward/ms"] <= m["step/wait/ms"] <= m["step/ms"] - m["step/learn/ms"]
         assert m["step/mean/ms"] >= m["step/ms"]  # the window of one step: from the last log line to this one
+        assert m["step/gc/ms"] >= 0
+    assert train[0]["step/gc/ms"] > 0  # at least the collection before the first step's survivors are frozen
     evals = [m for m in lines if "eval/ref_miou" in m]
     assert [m["step"] for m in evals] == [0, 3] and "eval/cycle_miou" in evals[0]
     assert evals[0]["eval/reward_total"] == pytest.approx(evals[0]["eval/reward/mask_iou"])  # mask_iou alone, weight 1

@@ -32,6 +32,9 @@
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
 #   bash benchmarks/gpu/issue11.sh fused     # the 4B sft_dual learner as in steady (fewer steps), then its timed
 #                                            # updates again with the LLM's sibling projections one by one and grouped
+#   bash benchmarks/gpu/issue11.sh gc        # the grouped loop with Python's collector as it comes, then settled
+#                                            # (train.gc_freeze), each update's collector time
+#   bash benchmarks/gpu/issue11.sh gc_tiny   # pretrain_tiny through the driver: collector as it comes, settled, as it comes
 #   bash benchmarks/gpu/issue11.sh gaps      # the 4B sft_dual learner as in steady (${STEPS:-12} steps), then the last
 #                                            # batch's update under the profiler: where the GPU waits, and for what
 #   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
@@ -51,23 +54,28 @@ run() {  # name, seconds, command...: one benchmark, its log under $OUT, never p
   tail -n 12 "$OUT/$name.log"
 }
 steps=benchmarks/gpu/sa2va_steps.py
-recipe_run() {  # steps, seconds: recipes/pretrain_tiny.yaml through the driver (12 workers, evaluations at step 0
-  # and at the end), its summary and metrics under $OUT, and its steps/s (batch 64) over the loop (the evaluation at
-  # step 0 and the build left out; the last evaluation and the checkpoint in)
+recipe_run() {  # steps, seconds[, name, overrides...]: recipes/pretrain_tiny.yaml through the driver (12 workers,
+  # evaluations at step 0 and at the end), its summary and metrics under $OUT, and its steps/s (batch 64) over the
+  # loop (the evaluation at step 0 and the build left out; the last evaluation and the checkpoint in)
+  local steps=$1 limit=$2 name=${3:-pretrain_tiny_run}
+  shift $(($# < 3 ? $# : 3))
   rm -rf /tmp/pretrain_tiny_run  # a run left there would be resumed
-  run pretrain_tiny_run "$2" python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
-    data.num_workers=12 train.steps="$1" eval.every="$1" train.save_every="$1" train.log_every=100 \
-    output_dir=/tmp/pretrain_tiny_run
-  cp /tmp/pretrain_tiny_run/summary.json "$OUT/pretrain_tiny_run_summary.json"
-  cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/pretrain_tiny_run_metrics.jsonl"
-  python3 -c "import json; s = json.load(open('$OUT/pretrain_tiny_run_summary.json')); \
-print('pretrain_tiny run:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) over \
+  run "$name" "$limit" python3 -m dualrl.launch recipes/pretrain_tiny.yaml train.device=cuda \
+    data.num_workers=12 train.steps="$steps" eval.every="$steps" train.save_every="$steps" train.log_every=100 \
+    output_dir=/tmp/pretrain_tiny_run "$@"
+  cp /tmp/pretrain_tiny_run/summary.json "$OUT/${name}_summary.json"
+  cp /tmp/pretrain_tiny_run/metrics.jsonl "$OUT/${name}_metrics.jsonl"
+  python3 -c "import json; s = json.load(open('$OUT/${name}_summary.json')); \
+print('$name:', s['steps_this_run'], 'steps,', round(s['samples_per_s'] / 64, 2), 'steps/s (batch 64) over \
 the loop, the last evaluation and save included;', round(s['wall_time_s'], 1), 's in all; final', \
 s['final'])"
-  python3 -c "import json, statistics; m = [json.loads(l) for l in open('$OUT/pretrain_tiny_run_metrics.jsonl')]; \
-w = [x['step/mean/ms'] for x in m if 'step/mean/ms' in x][1:]; \
-print('pretrain_tiny run: steady', round(1000 / statistics.median(w), 2), 'steps/s (median step/mean/ms of', len(w), \
-'windows after the first:', round(statistics.median(w), 2), 'ms; range', round(min(w), 2), '-', round(max(w), 2), ')')"
+  python3 -c "import json, statistics; m = [json.loads(l) for l in open('$OUT/${name}_metrics.jsonl')]; \
+m = [x for x in m if 'step/mean/ms' in x][1:]; w = [x['step/mean/ms'] for x in m]; \
+g = [x.get('step/gc/ms', float('nan')) for x in m]; \
+print('$name: steady', round(1000 / statistics.median(w), 2), 'steps/s (median step/mean/ms of', len(w), \
+'windows after the first:', round(statistics.median(w), 2), 'ms; range', round(min(w), 2), '-', round(max(w), 2), \
+'); in the collector', round(statistics.median(g), 3), 'ms a step (median; range', round(min(g), 3), '-', \
+round(max(g), 3), ')')"
 }
 tiny_loops() {  # "label [tiny_steps options]"...: the graphed tiny loop (12 workers), one process each, in turn
   local i=0 spec label extra
@@ -364,6 +372,23 @@ PY
       --steps "${STEPS:-28}" --warmup "${WARMUP:-12}" --flops-each --compare-projections \
       --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp ${SETS:-} \
       --out "$OUT/fused_sft_dual${TAG:+_$TAG}.json"
+    ;;
+  gc)  # the grouped loop as in fused (its 28 steps and batches, the last 16 timed), Python's collector as it comes
+    # (train.gc_freeze=false), then settled after the first step (the default); each update's collector time logged;
+    # one process each, back to back on one machine
+    for freeze in false true; do
+      # shellcheck disable=SC2086  # SETS holds several overrides
+      run "gc_sft_dual_freeze_$freeze${TAG:+_$TAG}" "${LIMIT:-285}" python3 $steps --algos sft_dual --batch-size 8 \
+        --accumulation 1 --steps 28 --warmup 12 --set model.gradient_checkpointing=false model.train_compile=true \
+        model.train_compile_wrapper=cpp model.train_fuse_projections=true train.gc_freeze=$freeze ${SETS:-} \
+        --out "$OUT/gc_sft_dual_freeze_$freeze${TAG:+_$TAG}.json"
+    done
+    ;;
+  gc_tiny)  # pretrain_tiny through the driver, Python's collector as it comes, settled after the first step (the
+    # default), as it comes again: steps/s and the collector's time a step (step/gc/ms)
+    recipe_run 1200 150 pretrain_tiny_gc_false_1 train.gc_freeze=false
+    recipe_run 1200 150 pretrain_tiny_gc_true_2 train.gc_freeze=true
+    recipe_run 1200 150 pretrain_tiny_gc_false_3 train.gc_freeze=false
     ;;
   gaps)  # steady's settings, fewer steps; the profiled update is the last batch's again (its sizes met)
     # shellcheck disable=SC2086  # SETS holds several overrides

@@ -70,6 +70,7 @@ from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device, set_intra_op_threads, start_runtime
 from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
+from dualrl.workers.collector import PauseClock
 
 # Dense bf16 matrix peak of the card by its datasheet (H100 / H200 SXM), for MFU
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
@@ -219,9 +220,11 @@ def run_algo(
     batches = train_batches(recipe.data, recipe.model.sam.image_size, pin=torch.cuda.is_available())  # as the driver
     phases: list[dict] = []  # per step: seconds per phase, counts, and the update's sizes
     kept: list[tuple[dict, Rollout, int]] = []  # the timed steps' inputs, for their FLOPs (--flops-each)
+    pauses = PauseClock()  # Python's cyclic collector: its time in each update and in the rest of each step
     for step in range(1, args.steps + 1):
         batch = next(batches)
         sync()
+        pauses.take()
         t = time.perf_counter()
         captions = runtime.rollout.describe(batch, plan, ROLLOUT_SEED + step_seed(recipe.train.seed, step))
         sync()
@@ -232,6 +235,7 @@ def run_algo(
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
         segments = cuda_segments()
         rollout = Rollout(captions, plan.group_size, scored.total)
+        gc_before_s, _ = pauses.take()
         shapes: dict = {}
         with sizes.update(shapes):
             metrics = runtime.learner.step(batch, rollout, step_generator(recipe.train.seed, step))
@@ -239,6 +243,7 @@ def run_algo(
             kept.append((batch, rollout, step))
         sync()
         t_update = time.perf_counter()
+        gc_update_s, gc_update_full = pauses.take()
         segments = cuda_segments() - segments  # the update's own (the sync below allocates nothing new)
         runtime.sync()
         sync()
@@ -262,6 +267,9 @@ def run_algo(
                 "alloc_retries": float(retries),
                 "new_segments": float(segments),
                 "mask_cover": float(batch["masks"].float().mean()),
+                "gc_update_s": gc_update_s,
+                "gc_update_full": float(gc_update_full),
+                "gc_rest_s": gc_before_s + pauses.take()[0],
                 "caption_tokens": sum(len(i) for i in captions.ids) / len(captions),
                 **shapes,
             }
@@ -272,6 +280,7 @@ def run_algo(
             flush=True,
         )
     batches.close()
+    pauses.close()
     timed = phases[args.warmup :]
     median = {
         k: statistics.median(p[k] for p in timed)
@@ -290,7 +299,7 @@ def run_algo(
         )
     }
     steps_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    partial = {"algo": algo, "partial": True, "steps": phases, "median": median}
+    partial = {"algo": algo, "partial": True, "steps": phases, "median": median, "collector": collection_costs()}
     save(partial)  # the timed steps, kept if a later stage does not finish
     rollout = Rollout(captions, plan.group_size, scored.total)
     compiled = None
@@ -555,6 +564,27 @@ def compare_host(learner, batch: dict, rollout: Rollout, seed: int, steps: int, 
 def cuda_segments() -> int:
     """How many memory segments the caching allocator has taken from the driver so far (each a cudaMalloc)."""
     return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
+
+
+def collection_costs() -> dict:
+    """What a full collection of Python's cyclic collector costs in this process now: the objects it tracks, a full
+    collection's time (the second of two in a row, so the walk alone), and, where nothing was frozen yet
+    (train.gc_freeze=false), the same after freezing the survivors, which are then unfrozen again."""
+    import gc
+
+    def full() -> float:
+        t = time.perf_counter()
+        gc.collect()
+        return time.perf_counter() - t
+
+    full()
+    out = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count(), "full_collection_s": full()}
+    if not out["frozen"]:
+        gc.freeze()
+        out["full_collection_after_freeze_s"] = full()
+        gc.unfreeze()
+    print(f"collector: {json.dumps(out)}", flush=True)
+    return out
 
 
 def replay(learner, kept: list, seed: int) -> dict:
