@@ -32,9 +32,9 @@
 #                                            # (CONFS); SETS: more recipe overrides, TAG: a name for them in the outputs
 #   bash benchmarks/gpu/issue11.sh fused     # the 4B sft_dual learner as in steady (fewer steps), then its timed
 #                                            # updates again with the LLM's sibling projections one by one and grouped
-#   bash benchmarks/gpu/issue11.sh gc        # the grouped loop with Python's collector as it comes, then settled
-#                                            # (train.gc_freeze), each update's collector time
-#   bash benchmarks/gpu/issue11.sh gc_tiny   # pretrain_tiny through the driver: collector as it comes, settled, as it comes
+#   bash benchmarks/gpu/issue11.sh gc        # the grouped loop: each update's time in Python's collector, a full
+#                                            # collection's cost
+#   bash benchmarks/gpu/issue11.sh gc_tiny   # pretrain_tiny through the driver: steps/s, the collector's time a step
 #   bash benchmarks/gpu/issue11.sh gaps      # the 4B sft_dual learner as in steady (${STEPS:-12} steps), then the last
 #                                            # batch's update under the profiler: where the GPU waits, and for what
 #   bash benchmarks/gpu/issue11.sh encodings # the 4B updates in 2 micro-batches: the teacher's encoding reused or not
@@ -373,22 +373,16 @@ PY
       --set model.gradient_checkpointing=false model.train_compile=true model.train_compile_wrapper=cpp ${SETS:-} \
       --out "$OUT/fused_sft_dual${TAG:+_$TAG}.json"
     ;;
-  gc)  # the grouped loop as in fused (its 28 steps and batches, the last 16 timed), Python's collector as it comes
-    # (train.gc_freeze=false), then settled after the first step (the default); each update's collector time logged;
-    # one process each, back to back on one machine
-    for freeze in false true; do
-      # shellcheck disable=SC2086  # SETS holds several overrides
-      run "gc_sft_dual_freeze_$freeze${TAG:+_$TAG}" "${LIMIT:-285}" python3 $steps --algos sft_dual --batch-size 8 \
-        --accumulation 1 --steps 28 --warmup 12 --set model.gradient_checkpointing=false model.train_compile=true \
-        model.train_compile_wrapper=cpp model.train_fuse_projections=true train.gc_freeze=$freeze ${SETS:-} \
-        --out "$OUT/gc_sft_dual_freeze_$freeze${TAG:+_$TAG}.json"
-    done
+  gc)  # the grouped loop as in fused (its 28 steps and batches, the last 16 timed), each update's time in Python's
+    # collector, then what a full collection costs in that process (2026-12-05 this ran twice, with and without the
+    # former train.gc_freeze of commit 4a77f5a)
+    # shellcheck disable=SC2086  # SETS holds several overrides
+    run "gc_sft_dual${TAG:+_$TAG}" "${LIMIT:-300}" python3 $steps --algos sft_dual --batch-size 8 --accumulation 1 \
+      --steps "${STEPS:-28}" --warmup "${WARMUP:-12}" --set model.gradient_checkpointing=false model.train_compile=true \
+      model.train_compile_wrapper=cpp model.train_fuse_projections=true ${SETS:-} --out "$OUT/gc_sft_dual${TAG:+_$TAG}.json"
     ;;
-  gc_tiny)  # pretrain_tiny through the driver, Python's collector as it comes, settled after the first step (the
-    # default), as it comes again: steps/s and the collector's time a step (step/gc/ms)
-    recipe_run 1200 150 pretrain_tiny_gc_false_1 train.gc_freeze=false
-    recipe_run 1200 150 pretrain_tiny_gc_true_2 train.gc_freeze=true
-    recipe_run 1200 150 pretrain_tiny_gc_false_3 train.gc_freeze=false
+  gc_tiny)  # pretrain_tiny through the driver: steps/s and the collector's time a step (step/gc/ms)
+    recipe_run 1200 150 pretrain_tiny_gc
     ;;
   gaps)  # steady's settings, fewer steps; the profiled update is the last batch's again (its sizes met)
     # shellcheck disable=SC2086  # SETS holds several overrides

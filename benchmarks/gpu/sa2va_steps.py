@@ -69,8 +69,7 @@ from dualrl.model.sequence import Assembler, Ids
 from dualrl.model.token_rows import TokenRowsLayer
 from dualrl.recipe import load_recipe
 from dualrl.runtime import resolve_device, set_intra_op_threads, start_runtime
-from dualrl.train import ROLLOUT_SEED, step_generator, step_seed
-from dualrl.workers.collector import PauseClock
+from dualrl.train import ROLLOUT_SEED, PauseClock, step_generator, step_seed
 
 # Dense bf16 matrix peak of the card by its datasheet (H100 / H200 SXM), for MFU
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}
@@ -568,8 +567,8 @@ def cuda_segments() -> int:
 
 def collection_costs() -> dict:
     """What a full collection of Python's cyclic collector costs in this process now: the objects it tracks, a full
-    collection's time (the second of two in a row, so the walk alone), and, where nothing was frozen yet
-    (train.gc_freeze=false), the same after freezing the survivors, which are then unfrozen again."""
+    collection's time (the second of two in a row, so the walk alone), and, where nothing is frozen, the same with the
+    survivors frozen (`gc.freeze`, then unfrozen again): what a frozen heap would pay."""
     import gc
 
     def full() -> float:

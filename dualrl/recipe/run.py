@@ -75,13 +75,6 @@ class TrainSpec(Section):
         "torchrun sets them for several processes a node, so that idle pool threads leave the cores to the loader "
         "workers; on a CPU, torch's default in the driver's process and every core in Ray actors).",
     )
-    gc_freeze: bool = Field(
-        True,
-        description="Once the first step has run (and compiled what it compiles), collect Python's garbage once "
-        "and move every object alive into the collector's permanent generation (gc.freeze), in each process that "
-        "trains or captions: later full collections walk only newer objects instead of pausing a step for "
-        "hundreds of milliseconds (dualrl/workers/collector.py). false: Python's collector as it comes.",
-    )
     stop_at_step: int | None = Field(
         None,
         gt=0,

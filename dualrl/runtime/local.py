@@ -33,9 +33,7 @@ class LocalRuntime:
         if freed:
             log.info("teacher and learner share their frozen image encoders (%.1f MiB held once)", freed / 2**20)
         on_policy = objective_class(recipe.algo).rollout_weights == "policy"
-        self.rollout = RolloutWorker(
-            recipe.model, device, model=self.learner.model if on_policy else teacher, gc_freeze=recipe.train.gc_freeze
-        )
+        self.rollout = RolloutWorker(recipe.model, device, model=self.learner.model if on_policy else teacher)
         self.reward = RewardWorker(recipe.model, recipe.rewards, device, model=teacher)
 
     def sync(self) -> dict[str, float]:

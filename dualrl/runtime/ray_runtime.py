@@ -154,8 +154,7 @@ class RayRuntime:
             learners = start(
                 "learner", Learner, spec.learners, recipe.model, recipe.algo, recipe.optim, recipe.train, device
             )
-            freeze = recipe.train.gc_freeze  # RolloutWorker(model_spec, device, model, gc_freeze)
-            rollouts = start("rollout worker", RolloutWorker, spec.rollout_workers, recipe.model, device, None, freeze)
+            rollouts = start("rollout worker", RolloutWorker, spec.rollout_workers, recipe.model, device)
             rewards = start("reward worker", RewardWorker, spec.reward_workers, recipe.model, recipe.rewards, device)
             places = self.deadlines.results([a.submit("whereabouts") for a in self._actors])
             log.info("layout:\n%s", layout(self._actors, places))

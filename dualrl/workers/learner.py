@@ -33,8 +33,8 @@ from dualrl.model.train_compile import CompiledBlocks
 from dualrl.model.train_graphs import TrainGraphs
 from dualrl.model.train_projections import TrainProjections
 from dualrl.recipe import AlgoSpec, ModelSpec, OptimSpec, TrainSpec
-from dualrl.workers import collector, sharding
 from dualrl.workers import data_parallel as dp
+from dualrl.workers import sharding
 from dualrl.workers.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ class Learner:
         self.optim_spec = optim
         self.device = device
         self.seed = train.seed
-        self.gc_freeze = train.gc_freeze  # collector.settle() after the first step
         self.rank = dp.Rank()  # one learner; `join_group` makes it one rank of several
         # The learner's process owns the randomness of training (LoRA init and dropout): seeded here, and
         # saved with its checkpoints, so a run is the same in-process or in a Ray actor, and on resume.
@@ -165,9 +164,6 @@ class Learner:
         for _ in range(self.objective.iterations):
             self._update(parts, generator, step)
         self.scheduler.step()
-        if self.gc_freeze:
-            self.gc_freeze = False
-            collector.settle()  # the first update built (and compiled) what updates use
         metrics = {"train/lr": self.scheduler.get_last_lr()[0]}
         if read or not self.checks_on_device:
             metrics.update(self._read())

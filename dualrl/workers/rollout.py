@@ -9,30 +9,22 @@ from dualrl.algo.rollout_data import RolloutPlan
 from dualrl.model.build import build_model
 from dualrl.model.grounded_vlm import Captions, GroundedVLM
 from dualrl.recipe import ModelSpec
-from dualrl.workers import collector
 
 
 class RolloutWorker:
-    def __init__(self, model_spec: ModelSpec, device: str, model: GroundedVLM | None = None, gc_freeze: bool = False):
+    def __init__(self, model_spec: ModelSpec, device: str, model: GroundedVLM | None = None):
         self.model = model if model is not None else build_model(model_spec, device)
         self.model.eval()
         self.max_new_tokens = model_spec.max_caption_tokens
-        self.gc_freeze = gc_freeze  # train.gc_freeze: collector.settle() after the first captions
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_trainable(state)
 
+    @torch.no_grad()
     def describe(self, batch: dict, plan: RolloutPlan | None = None, seed: int | None = None) -> Captions:
         """Captions for every region of the batch as `plan` says. With `seed`, sampling draws from its own
         seeded generator state, so a step samples the same captions in any process and after a resume."""
-        captions = self._describe(batch, plan or RolloutPlan(), seed)
-        if self.gc_freeze:
-            self.gc_freeze = False
-            collector.settle()  # the first captions built (and compiled) the decoder
-        return captions
-
-    @torch.no_grad()
-    def _describe(self, batch: dict, plan: RolloutPlan, seed: int | None) -> Captions:
+        plan = plan or RolloutPlan()
         self.model.eval()  # the in-process grpo rollout shares the learner's model, which trains between calls
         cuda = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda, enabled=seed is not None), self.model.autocast():
