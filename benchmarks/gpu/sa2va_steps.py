@@ -378,6 +378,7 @@ def run_algo(
         "warmup_steps": phases[: args.warmup],
         "median": median,
         "steps": phases,
+        "collector": partial["collector"],
         "mfu": mfu,
         **speed,
         "naive": naive,
