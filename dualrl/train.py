@@ -68,8 +68,8 @@ class PauseClock:
     """The time this process spends in Python's cyclic garbage collector, by `gc.callbacks`: `take()` returns the
     seconds and the full (generation-2) collections since the last take (or since the clock was made) and starts
     counting again. A process that has built and compiled a model tracks about a million objects, and a full
-    collection walks them all (0.35-0.6 s on a 2-core CPU, 0.4 s in `pretrain_tiny` on an H200's host), so the driver
-    logs the collector's share of a step (`step/gc/ms`) beside the step's time."""
+    collection walks them all (0.35-0.6 s on a 2-core CPU; on an H200's host 0.4 s in `pretrain_tiny`, 0.6 s in the 4B
+    learner's process), so the driver logs the collector's share of a step (`step/gc/ms`) beside the step's time."""
 
     def __init__(self):
         self._start = 0.0
